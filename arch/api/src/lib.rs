@@ -1,0 +1,2 @@
+#![no_std]
+//! The architecture interface of klp (work in progress).
