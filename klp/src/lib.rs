@@ -1,2 +1,5 @@
 #![no_std]
 extern crate alloc;
+
+pub mod arch;
+pub mod shadow;

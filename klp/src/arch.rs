@@ -1,0 +1,1 @@
+//! Build-time selection of the native architecture back-end (owned by the arch work).

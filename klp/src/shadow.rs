@@ -1,0 +1,1 @@
+//! Shadow variables (owned by the shadow-variable work).
