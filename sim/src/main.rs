@@ -1,1 +1,74 @@
-fn main() {}
+//! `klp-sim run FILE…`: runs scenario files on the simulated kernel.
+
+use std::process::ExitCode;
+
+use klp_sim::scenario::{Outcome, Runner, parse};
+
+fn usage() -> ExitCode {
+    eprintln!("usage: klp-sim run [--log] FILE...");
+    eprintln!("  Runs each .klpt scenario on a fresh simulated kernel and prints PASS, FAIL");
+    eprintln!("  (with a diff of the expected and the actual log) or SKIP for each.");
+    eprintln!("  --log  also print each scenario's filtered kernel log");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        return usage();
+    };
+    if cmd != "run" {
+        return usage();
+    }
+    let show_log = rest.iter().any(|a| a == "--log");
+    let files: Vec<&String> = rest.iter().filter(|a| *a != "--log").collect();
+    if files.is_empty() {
+        return usage();
+    }
+    let (mut pass, mut fail, mut skip) = (0, 0, 0);
+    for f in files {
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("FAIL {f}: cannot read: {e}");
+                fail += 1;
+                continue;
+            }
+        };
+        let sc = match parse(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("FAIL {f}: malformed scenario: {e}");
+                fail += 1;
+                continue;
+            }
+        };
+        let mut r = Runner::new();
+        let out = r.run(&sc);
+        match &out {
+            Outcome::Pass => {
+                pass += 1;
+                println!("PASS {f}");
+            }
+            Outcome::Skip(m) => {
+                skip += 1;
+                println!("SKIP {f}: {m}");
+            }
+            Outcome::Fail(m) => {
+                fail += 1;
+                println!("FAIL {f}: {m}");
+            }
+        }
+        if show_log {
+            for l in r.filtered_log() {
+                println!("    | {l}");
+            }
+        }
+    }
+    println!("{pass} passed, {fail} failed, {skip} skipped");
+    if fail > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,188 @@
+//! What the core needs from the world it acts on.
+//!
+//! The core owns every livepatch *decision*; a [`Host`] owns the *world*: tasks and their
+//! stacks, symbol tables, the entry hook of each function (ftrace in the kernel), work
+//! items and the clock, the log. The simulated kernel (`klp-sim`) and the user-space host
+//! implement this trait; an in-kernel host would map it onto the kernel's own facilities.
+//!
+//! Per-task livepatch state (`patch_state` and the pending flag) is stored by the host,
+//! next to its tasks, and read and written through this trait: the host's redirect path
+//! and safe points must reach it without taking the core's lock.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::errno::Errno;
+use crate::log::Record;
+use crate::redirect::RedirectView;
+
+/// Identity of a patch inside one [`crate::Klp`] (never reused).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct PatchId(pub u64);
+
+/// An address in the patched world (kernel or process).
+pub type Addr = u64;
+
+/// Host-chosen identity of a task (a thread). Idle tasks get their own ids.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct TaskId(pub u64);
+
+/// A task's livepatch state (`task->patch_state`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
+pub enum PatchState {
+    /// No transition is running (`KLP_TRANSITION_IDLE`, -1).
+    Idle,
+    /// Runs the previous code of the transition patch's functions (0).
+    Unpatched,
+    /// Runs the transition patch's new code (1).
+    Patched,
+}
+
+impl PatchState {
+    /// The kernel's integer value (-1, 0, 1), as `/proc/<pid>/patch_state` shows it.
+    pub const fn as_i32(self) -> i32 {
+        match self {
+            PatchState::Idle => -1,
+            PatchState::Unpatched => 0,
+            PatchState::Patched => 1,
+        }
+    }
+
+    /// The opposite target (`!S`); `Idle` stays `Idle`.
+    pub const fn inverted(self) -> PatchState {
+        match self {
+            PatchState::Idle => PatchState::Idle,
+            PatchState::Unpatched => PatchState::Patched,
+            PatchState::Patched => PatchState::Unpatched,
+        }
+    }
+
+    /// `"patching"` / `"unpatching"`, as the transition messages print it.
+    pub const fn verb(self) -> &'static str {
+        match self {
+            PatchState::Patched => "patching",
+            _ => "unpatching",
+        }
+    }
+}
+
+/// The idle task of one possible CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdleTask {
+    /// The task.
+    pub task: TaskId,
+    /// Its CPU.
+    pub cpu: u32,
+    /// Whether the CPU is online.
+    pub online: bool,
+}
+
+/// Why a reliable stack trace could not be taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceError {
+    /// The walker could not guarantee that it saw every return address.
+    Unreliable,
+    /// The trace would have more than [`crate::MAX_STACK_ENTRIES`] entries.
+    TooDeep,
+}
+
+/// A failure of the entry hook (ftrace) layer when a redirect is set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookError {
+    /// Restricting the registration to the site failed.
+    Filter(Errno),
+    /// Registering the handler failed (for example `-EBUSY`: another IP-modifying user
+    /// holds the function, or the hook layer is globally disabled).
+    Register(Errno),
+}
+
+/// The world the core acts on. See the module documentation.
+///
+/// Methods that observe tasks are called with the core's lock held, exactly where the
+/// kernel holds the task-list lock; a host with real concurrency must give them the
+/// same guarantees (a task created during a loop either shows up in it or inherits the
+/// state the loop has already set, see [`crate::Klp::fork_inherit`]).
+pub trait Host {
+    // ----- log -----
+    /// Emits one log line. The host applies its dynamic-debug policy to debug records.
+    fn log(&mut self, rec: Record<'_>);
+    /// Reports an internal-consistency failure (the kernel's `WARN`). The core always takes
+    /// the documented fallback afterwards; the host decides how loud this is.
+    fn warn(&mut self, what: &str);
+
+    // ----- configuration -----
+    /// Whether this world has a reliable stack walker (`HAVE_RELIABLE_STACKTRACE`).
+    fn reliable_stacktrace(&self) -> bool;
+
+    // ----- the modules that carry patches -----
+    /// Whether the patch module is marked as a livepatch module (`livepatch=Y`).
+    fn module_is_livepatch(&self, patch_module: &str) -> bool;
+    /// Takes a reference on the patch module; `false` if it is going away.
+    fn module_get(&mut self, patch_module: &str) -> bool;
+    /// Drops the reference taken by [`Host::module_get`].
+    fn module_put(&mut self, patch_module: &str);
+
+    // ----- symbols -----
+    /// Every symbol named exactly `name` in object `obj` (`None` = vmlinux), in symbol
+    /// table order, as addresses. A module object that is not loaded has none.
+    fn symbol_candidates(&self, obj: Option<&str>, name: &str) -> Vec<Addr>;
+    /// Size of the symbol that contains `addr` (`kallsyms_lookup_size_offset`).
+    fn symbol_size(&self, addr: Addr) -> Option<u64>;
+
+    // ----- the entry hook (ftrace) -----
+    /// The patchable entry site of the function containing `addr`, if it has one.
+    fn hook_site(&self, addr: Addr) -> Option<Addr>;
+    /// Installs the livepatch handler on `site` (filter + register).
+    fn hook_register(&mut self, site: Addr) -> Result<(), HookError>;
+    /// Removes the handler from `site`. Must not return while a handler call that began
+    /// before it can still be running.
+    fn hook_unregister(&mut self, site: Addr);
+    /// Publishes what the handler of `site` must decide from now on (`None`: the record
+    /// is gone). The core calls this after every change of the record.
+    fn hook_publish(&mut self, site: Addr, view: Option<RedirectView>);
+
+    // ----- tasks -----
+    /// Every task except the idle tasks, in a stable order.
+    fn tasks(&self) -> Vec<TaskId>;
+    /// The idle task of every possible CPU.
+    fn idle_tasks(&self) -> Vec<IdleTask>;
+    /// The task on whose behalf the core runs now.
+    fn current(&self) -> TaskId;
+    /// `task->patch_state`.
+    fn patch_state(&self, t: TaskId) -> PatchState;
+    /// Sets `task->patch_state`.
+    fn set_patch_state(&mut self, t: TaskId, s: PatchState);
+    /// `TIF_PATCH_PENDING`.
+    fn patch_pending(&self, t: TaskId) -> bool;
+    /// Sets or clears `TIF_PATCH_PENDING`.
+    fn set_patch_pending(&mut self, t: TaskId, pending: bool);
+    /// Command name (`comm`) and pid, for messages.
+    fn task_ident(&self, t: TaskId) -> (String, i64);
+    /// Whether the task is a kernel thread.
+    fn is_kthread(&self, t: TaskId) -> bool;
+    /// Whether the task runs on a CPU right now and is not [`Host::current`] (it cannot be
+    /// checked: `is running`). Otherwise the host keeps it off the CPUs until the check
+    /// ends.
+    fn task_running_elsewhere(&self, t: TaskId) -> bool;
+    /// A reliable trace of the task's stack: every return address, innermost first, at
+    /// most `max` of them. A task without a stack (a zombie) has an empty trace.
+    fn stack_trace_reliable(&mut self, t: TaskId, max: usize) -> Result<Vec<Addr>, TraceError>;
+    /// Sends the fake signal to a user task (it leaves interruptible waits and system
+    /// calls and passes the return-to-user safe point).
+    fn fake_signal(&mut self, t: TaskId);
+    /// Wakes a kernel thread if it sleeps interruptibly.
+    fn wake_kthread(&mut self, t: TaskId);
+    /// Wakes `cpu` if it is idle, so that its idle task passes the idle loop.
+    fn wake_cpu(&mut self, cpu: u32);
+    /// Waits until every CPU has passed through the scheduler (`klp_synchronize_transition`).
+    fn synchronize(&mut self);
+
+    // ----- deferred work -----
+    /// Schedules the retry work (`klp_transition_work`) about one second from now. The
+    /// host later calls [`crate::Klp::retry_work`]. Scheduling it again while it is
+    /// pending is a no-op.
+    fn schedule_retry(&mut self);
+    /// Schedules the end of freeing `patch` (`free_work`). The host later calls
+    /// [`crate::Klp::free_work`] with the same id.
+    fn schedule_free(&mut self, patch: PatchId);
+}
