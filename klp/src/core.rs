@@ -110,6 +110,17 @@ pub(crate) struct Ops {
     pub(crate) stack: Vec<FuncRef>,
 }
 
+/// A redirect record as tools see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordInfo {
+    /// The patched function.
+    pub old_func: Addr,
+    /// Its entry site.
+    pub site: Addr,
+    /// The stack: (patch, implementation), bottom first; the last entry is active.
+    pub stack: Vec<(PatchId, Target)>,
+}
+
 /// Which callback to run.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Cb {
@@ -1185,18 +1196,18 @@ impl<H: Host> Klp<H> {
             .and_then(|o| self.view_of(o))
     }
 
-    /// Every redirect record: `(old_func, site, stack of (patch, new implementation))`,
-    /// bottom first.
-    pub fn records(&self) -> Vec<(Addr, Addr, Vec<(PatchId, Target)>)> {
+    /// Every redirect record, for tests and tools.
+    pub fn records(&self) -> Vec<RecordInfo> {
         self.ops
             .iter()
-            .map(|o| {
-                let st = o
+            .map(|o| RecordInfo {
+                old_func: o.old_func,
+                site: o.site,
+                stack: o
                     .stack
                     .iter()
                     .filter_map(|r| self.func(*r).map(|f| (r.patch, f.target())))
-                    .collect();
-                (o.old_func, o.site, st)
+                    .collect(),
             })
             .collect()
     }

@@ -30,7 +30,9 @@ mod states;
 pub mod sysfs;
 mod transition;
 
-pub use crate::core::{KSYM_NAME_LEN, Klp, MAX_STACK_ENTRIES, MODULE_NAME_LEN, SIGNALS_TIMEOUT};
+pub use crate::core::{
+    KSYM_NAME_LEN, Klp, MAX_STACK_ENTRIES, MODULE_NAME_LEN, RecordInfo, SIGNALS_TIMEOUT,
+};
 pub use errno::{Errno, KResult};
 pub use host::{Addr, HookError, Host, IdleTask, PatchId, PatchState, TaskId, TraceError};
 pub use log::{Level, Record};

@@ -254,7 +254,7 @@ impl<H: Host> Klp<H> {
             }
         }
         if !complete {
-            if self.signals_cnt > 0 && self.signals_cnt % SIGNALS_TIMEOUT == 0 {
+            if self.signals_cnt > 0 && self.signals_cnt.is_multiple_of(SIGNALS_TIMEOUT) {
                 self.send_signals(host);
             }
             self.signals_cnt += 1;

@@ -435,7 +435,12 @@ impl Kernel {
             // Every record's stack matches the listed patches, in list order, and only
             // patched functions of listed patches are on it; no nops survive.
             let listed = self.klp.listed();
-            for (old, site, stack) in self.klp.records() {
+            for klp::RecordInfo {
+                old_func: old,
+                site,
+                stack,
+            } in self.klp.records()
+            {
                 if stack.is_empty() {
                     return Err(format!("empty redirect record at {old:#x}"));
                 }

@@ -27,7 +27,7 @@ pub fn module() -> ModuleDef {
         livepatch: false,
         params: vec![],
         define_funcs: |_, _| {},
-        init: init,
+        init,
         exit: |_| {},
     }
 }

@@ -367,14 +367,13 @@ impl World {
         body: Body,
     ) -> Addr {
         let addr = match obj {
-            None => {
-                let a = self
-                    .funcs
-                    .range(VMLINUX_BASE..MODULES_BASE)
-                    .next_back()
-                    .map_or(VMLINUX_BASE, |(a, f)| a + f.size.max(0x10).next_multiple_of(0x10));
-                a
-            }
+            None => self
+                .funcs
+                .range(VMLINUX_BASE..MODULES_BASE)
+                .next_back()
+                .map_or(VMLINUX_BASE, |(a, f)| {
+                    a + f.size.max(0x10).next_multiple_of(0x10)
+                }),
             Some(_) => {
                 let a = self.next_text;
                 self.next_text += size.max(0x10).next_multiple_of(0x10);
@@ -446,16 +445,15 @@ impl World {
         if self.record_calls {
             self.call_log.push((t, addr, target));
         }
+        // The function tracer sees the entry site of the called function, and, when the
+        // call was redirected, the replacement's own entry site as well.
+        self.trace_entry(addr);
+        if target != addr {
+            self.trace_entry(target);
+        }
         let Some(f) = self.funcs.get(&target).cloned() else {
             return String::new();
         };
-        if self.tracer.on
-            && self.tracer.function
-            && f.traceable
-            && (self.tracer.filter.is_empty() || self.tracer.filter.contains(&f.name))
-        {
-            self.tracer.trace.push(f.name.clone());
-        }
         let ret = target + 0x1c;
         if let Some(task) = self.task_mut(t) {
             task.stack.push(ret);
@@ -465,6 +463,21 @@ impl World {
             task.stack.pop();
         }
         out
+    }
+
+    fn trace_entry(&mut self, addr: Addr) {
+        let Some(f) = self.funcs.get(&addr) else {
+            return;
+        };
+        if self.ftrace_enabled
+            && self.tracer.on
+            && self.tracer.function
+            && f.traceable
+            && (self.tracer.filter.is_empty() || self.tracer.filter.contains(&f.name))
+        {
+            let n = f.name.clone();
+            self.tracer.trace.push(n);
+        }
     }
 
     /// Calls function `name` (vmlinux first) on behalf of `t`.

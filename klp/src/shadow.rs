@@ -1,1 +1,0 @@
-//! Shadow variables (owned by the shadow-variable work).

@@ -1,0 +1,124 @@
+//! The kernel's livepatch selftests (`scenarios/*.klpt`, copied from the spec) and
+//! klp's own scenarios (`scenarios/extra/*.klpt`) on the simulated kernel.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use klp_sim::scenario::{Outcome, run_text};
+
+fn files(dir: &str) -> Vec<PathBuf> {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&d)
+        .unwrap_or_else(|e| panic!("{}: {e}", d.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "klpt"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn run_all(dir: &str, min: usize) {
+    let fs = files(dir);
+    assert!(fs.len() >= min, "expected at least {min} scenarios in {dir}");
+    let mut failed = Vec::new();
+    for f in &fs {
+        let text = std::fs::read_to_string(f).expect("read scenario");
+        match run_text(&text) {
+            Ok(Outcome::Pass) => {}
+            other => failed.push(format!("{}: {other:?}", f.display())),
+        }
+    }
+    assert!(failed.is_empty(), "failing scenarios:\n{}", failed.join("\n"));
+}
+
+#[test]
+fn shipped_kselftest_scenarios_pass() {
+    run_all("tests/scenarios", 19);
+}
+
+#[test]
+fn klp_extra_scenarios_pass() {
+    run_all("tests/scenarios/extra", 16);
+}
+
+/// Every shipped scenario, with one expected line changed, fails with a diff that shows
+/// both the expected and the actual line.
+#[test]
+fn altered_expectations_fail_with_a_diff() {
+    for f in files("tests/scenarios") {
+        let text = std::fs::read_to_string(&f).expect("read");
+        let Some(pos) = text.find("\n> ") else {
+            continue;
+        };
+        let mut altered = text.clone();
+        altered.insert_str(pos + 3, "CHANGED ");
+        match run_text(&altered) {
+            Ok(Outcome::Fail(msg)) => {
+                assert!(msg.contains("- CHANGED "), "{}: {msg}", f.display());
+                assert!(msg.contains("\n+ "), "{}: {msg}", f.display());
+            }
+            other => panic!("{}: altered scenario did not fail: {other:?}", f.display()),
+        }
+    }
+}
+
+/// A scenario whose command fails its own check (here a wrong sysfs value) fails.
+#[test]
+fn failing_command_fails_the_scenario() {
+    let text = "#! wrong value\n$ load_lp test_klp_livepatch\n$ check_sysfs_value test_klp_livepatch enabled 0\n$ check_result\n";
+    match run_text(text) {
+        Ok(Outcome::Fail(m)) => assert!(m.contains("Unexpected value"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn malformed_scenarios_are_rejected() {
+    assert!(run_text("no title\n").is_err());
+    assert!(run_text("#! t\n> stray expectation\n").is_err());
+    assert!(run_text("#! t\n$ load_lp \"unterminated\n").is_err());
+    assert!(run_text("#! t\nrandom line\n").is_err());
+}
+
+#[test]
+fn unknown_verbs_and_modules_fail() {
+    for text in [
+        "#! t\n$ frobnicate\n",
+        "#! t\n$ load_lp test_klp_nonexistent\n",
+        "#! t\n$ load_mod test_klp_livepatch\n",
+        "#! t\n$ load_lp test_klp_callbacks_mod\n",
+    ] {
+        assert!(matches!(run_text(text), Ok(Outcome::Fail(_))), "{text}");
+    }
+}
+
+/// The binary: PASS and exit 0 on a shipped scenario; FAIL, a diff and a non-zero exit
+/// on an altered one.
+#[test]
+fn binary_reports_pass_and_fail() {
+    let bin = env!("CARGO_BIN_EXE_klp-sim");
+    let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/livepatch-1.klpt");
+    let out = Command::new(bin).arg("run").arg(&good).output().expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("PASS"), "{stdout}");
+
+    let text = std::fs::read_to_string(&good).expect("read");
+    let bad = text.replace("patching complete", "patching completed");
+    let dir = std::env::temp_dir().join(format!("klp-sim-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let badf = dir.join("altered.klpt");
+    std::fs::write(&badf, bad).expect("write");
+    let out = Command::new(bin)
+        .arg("run")
+        .arg(&good)
+        .arg(&badf)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("FAIL"), "{stdout}");
+    assert!(stdout.contains("- livepatch: 'test_klp_livepatch': patching completed"), "{stdout}");
+    assert!(stdout.contains("+ livepatch: 'test_klp_livepatch': patching complete"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
