@@ -12,7 +12,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::errno::{Errno, KResult};
-use crate::host::{Addr, Host, HookError, PatchId, PatchState};
+use crate::host::{Addr, HookError, Host, PatchId, PatchState};
 use crate::log::{Level, PREFIX, Record};
 use crate::model::{CallbackCx, Callbacks, PatchDesc, State};
 use crate::redirect::{RedirectView, Target};
@@ -178,6 +178,15 @@ pub(crate) fn log<H: Host>(host: &mut H, level: Level, func: &'static str, text:
         level,
         func,
         text: &line,
+    });
+}
+
+/// The sysfs layer's own warning about a duplicate name (no `livepatch: ` prefix).
+fn sysfs_warn_dup<H: Host>(host: &mut H, text: &str) {
+    host.log(Record {
+        level: Level::Warn,
+        func: "sysfs_warn_dup",
+        text,
     });
 }
 
@@ -356,7 +365,12 @@ impl<H: Host> Klp<H> {
     }
 
     /// `klp_init_object_loaded`: resolve every function of a present object.
-    pub(crate) fn init_object_loaded(&mut self, host: &mut H, id: PatchId, oi: usize) -> KResult<()> {
+    pub(crate) fn init_object_loaded(
+        &mut self,
+        host: &mut H,
+        id: PatchId,
+        oi: usize,
+    ) -> KResult<()> {
         let Some(obj) = self.patch(id).and_then(|p| p.objs.get(oi)) else {
             return Err(Errno::EINVAL);
         };
@@ -736,7 +750,9 @@ impl<H: Host> Klp<H> {
             dir: false,
             module_ref: true,
         });
-        let r = self.init_patch(host, id).and_then(|()| self.enable_inner(host, id));
+        let r = self
+            .init_patch(host, id)
+            .and_then(|()| self.enable_inner(host, id));
         match r {
             Ok(()) => Ok(id),
             Err(e) => {
@@ -751,9 +767,10 @@ impl<H: Host> Klp<H> {
     fn init_patch(&mut self, host: &mut H, id: PatchId) -> KResult<()> {
         let name = self.patch_name(id);
         if self.patches.iter().any(|p| p.dir && p.name == name) {
-            host.warn(&format!(
-                "sysfs: cannot create duplicate filename '/kernel/livepatch/{name}'"
-            ));
+            sysfs_warn_dup(
+                host,
+                &format!("sysfs: cannot create duplicate filename '/kernel/livepatch/{name}'"),
+            );
             return Err(Errno::EEXIST);
         }
         if let Some(p) = self.patch_mut(id) {
@@ -859,9 +876,12 @@ impl<H: Host> Klp<H> {
         };
         let dname = obj.display_name().to_string();
         if earlier.contains(&dname) {
-            host.warn(&format!(
-                "sysfs: cannot create duplicate filename '/kernel/livepatch/{pname}/{dname}'"
-            ));
+            sysfs_warn_dup(
+                host,
+                &format!(
+                    "sysfs: cannot create duplicate filename '/kernel/livepatch/{pname}/{dname}'"
+                ),
+            );
             return Err(Errno::EEXIST);
         }
         let mut seen: Vec<String> = Vec::new();
@@ -879,9 +899,12 @@ impl<H: Host> Klp<H> {
             f.transition = false;
             let d = f.dir_name();
             if seen.contains(&d) {
-                host.warn(&format!(
-                    "sysfs: cannot create duplicate filename '/kernel/livepatch/{pname}/{dname}/{d}'"
-                ));
+                sysfs_warn_dup(
+                    host,
+                    &format!(
+                        "sysfs: cannot create duplicate filename '/kernel/livepatch/{pname}/{dname}/{d}'"
+                    ),
+                );
                 return Err(Errno::EEXIST);
             }
             seen.push(d);
@@ -1098,7 +1121,12 @@ impl<H: Host> Klp<H> {
         self.cleanup_module_patches_limited(host, module, None);
     }
 
-    fn cleanup_module_patches_limited(&mut self, host: &mut H, module: &str, limit: Option<PatchId>) {
+    fn cleanup_module_patches_limited(
+        &mut self,
+        host: &mut H,
+        module: &str,
+        limit: Option<PatchId>,
+    ) {
         let list = self.list.clone();
         for pid in list {
             if Some(pid) == limit {

@@ -109,7 +109,8 @@ impl<H: Host> CallbackCx<'_, H> {
     pub fn prev_state(&mut self, id: u64) -> Option<&State> {
         match self.prev {
             None => {
-                self.host.warn("klp_get_prev_state() called with no transition");
+                self.host
+                    .warn("klp_get_prev_state() called with no transition");
                 None
             }
             Some(prev) => prev.iter().rev().find(|s| s.id == id),

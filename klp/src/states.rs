@@ -34,7 +34,10 @@ impl<H: Host> Klp<H> {
 
     /// `klp_get_state` for writing the state's data.
     pub fn get_state_mut(&mut self, patch: PatchId, id: u64) -> Option<&mut State> {
-        self.patch_mut(patch)?.states.iter_mut().find(|s| s.id == id)
+        self.patch_mut(patch)?
+            .states
+            .iter_mut()
+            .find(|s| s.id == id)
     }
 
     /// `klp_get_prev_state(id)`: the state of the last patch listed before the patch in

@@ -1,8 +1,8 @@
 //! The consistency model: moving every task from one version of the patched code to
 //! the other, only when that is safe for the task.
 
-use alloc::format;
 use alloc::borrow::ToOwned;
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -38,7 +38,12 @@ impl<H: Host> Klp<H> {
     }
 
     /// `klp_init_transition`.
-    pub(crate) fn init_transition(&mut self, host: &mut H, id: crate::host::PatchId, state: PatchState) {
+    pub(crate) fn init_transition(
+        &mut self,
+        host: &mut H,
+        id: crate::host::PatchId,
+        state: PatchState,
+    ) {
         if self.target != PatchState::Idle {
             host.warn("klp_init_transition: a transition is already set up");
         }
@@ -75,7 +80,11 @@ impl<H: Host> Klp<H> {
         if self.target == PatchState::Idle {
             host.warn("klp_start_transition: no target");
         }
-        let name = self.transition.and_then(|id| self.name_of(id)).unwrap_or("").to_owned();
+        let name = self
+            .transition
+            .and_then(|id| self.name_of(id))
+            .unwrap_or("")
+            .to_owned();
         log(
             host,
             Level::Notice,
@@ -266,7 +275,9 @@ impl<H: Host> Klp<H> {
             return true;
         };
         self.complete_transition(host);
-        let (enabled, replace) = self.patch(id).map_or((false, false), |p| (p.enabled, p.replace));
+        let (enabled, replace) = self
+            .patch(id)
+            .map_or((false, false), |p| (p.enabled, p.replace));
         if !enabled {
             self.free_patch_async(host, id);
         } else if replace {
@@ -362,7 +373,11 @@ impl<H: Host> Klp<H> {
             host.warn("klp_cancel_transition: not patching");
             return;
         }
-        let name = self.transition.and_then(|id| self.name_of(id)).unwrap_or("").to_owned();
+        let name = self
+            .transition
+            .and_then(|id| self.name_of(id))
+            .unwrap_or("")
+            .to_owned();
         log(
             host,
             Level::Debug,

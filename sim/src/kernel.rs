@@ -8,8 +8,8 @@ use klp::{Errno, Host, Klp, PatchState, TaskId};
 
 use crate::modules::{self, ModuleDef, ParamKind};
 use crate::world::{
-    Activity, Body, Kind, LoadedModule, ModState, NSEC_PER_SEC, ParamValue, Sleep, TICK_NS,
-    World, Work,
+    Activity, Body, Kind, LoadedModule, ModState, NSEC_PER_SEC, ParamValue, Sleep, TICK_NS, Work,
+    World,
 };
 
 /// The boot command line (`/proc/cmdline`).
@@ -33,7 +33,9 @@ pub struct Kernel {
 
 impl std::fmt::Debug for Kernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kernel").field("klp", &self.klp).finish_non_exhaustive()
+        f.debug_struct("Kernel")
+            .field("klp", &self.klp)
+            .finish_non_exhaustive()
     }
 }
 
@@ -125,7 +127,13 @@ impl Kernel {
                 w.ret_in("do_idle"),
                 w.ret_in("schedule"),
             ];
-            let id = w.spawn(None, &format!("swapper/{cpu}"), Kind::Idle(cpu), st, Activity::IdleLoop);
+            let id = w.spawn(
+                None,
+                &format!("swapper/{cpu}"),
+                Kind::Idle(cpu),
+                st,
+                Activity::IdleLoop,
+            );
             if let Some(t) = w.task_mut(id) {
                 t.comm = format!("swapper/{cpu}");
             }
@@ -138,15 +146,26 @@ impl Kernel {
             w.ret_in("schedule"),
         ];
         w.spawn(None, "init", Kind::User, init_stack, Activity::Sleep);
-        let kt = vec![w.ret_in("ret_from_fork"), w.ret_in("kthread"), w.ret_in("schedule")];
-        w.spawn(None, "kthreadd", Kind::Kthread, kt, Activity::Sleep);
+        let kt = vec![
+            w.ret_in("ret_from_fork"),
+            w.ret_in("kthread"),
+            w.ret_in("schedule"),
+        ];
+        let kthreadd = w.spawn(None, "kthreadd", Kind::Kthread, kt, Activity::Sleep);
+        w.kthreadd = Some(kthreadd);
         let kw_stack = vec![
             w.ret_in("ret_from_fork"),
             w.ret_in("kthread"),
             w.ret_in("worker_thread"),
             w.ret_in("schedule"),
         ];
-        let kworker = w.spawn(None, "kworker/0:1", Kind::Kthread, kw_stack, Activity::Sleep);
+        let kworker = w.spawn(
+            Some(kthreadd),
+            "kworker/0:1",
+            Kind::Kthread,
+            kw_stack,
+            Activity::Sleep,
+        );
         let sh_stack = init_stack_of(&w);
         let shell = w.spawn(None, "bash", Kind::User, sh_stack, Activity::Sleep);
         w.current = shell;
@@ -381,7 +400,9 @@ impl Kernel {
 
     fn unlink_module(&mut self, name: &str) {
         self.world.modules.remove(name);
-        self.world.funcs.retain(|_, f| f.obj.as_deref() != Some(name));
+        self.world
+            .funcs
+            .retain(|_, f| f.obj.as_deref() != Some(name));
         self.world.files.retain(|_, (m, _)| m != name);
         self.world.kprobes.retain(|(m, _, _)| m != name);
         self.world
@@ -412,6 +433,68 @@ impl Kernel {
     /// The patch-state value of a task, as `/proc/<pid>/patch_state` shows it.
     pub fn patch_state_of(&self, pid: i64) -> Option<PatchState> {
         self.world.task_by_pid(pid).map(|t| t.patch_state)
+    }
+
+    /// Everything observable about the livepatch state of the machine, except the log
+    /// and the clock: patches, redirect records, views, the sysfs tree, tasks' states,
+    /// modules, ftrace registrations and pending work. Tests compare snapshots taken
+    /// before and after a failed operation.
+    pub fn snapshot(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(s, "listed: {:?}", self.klp.listed());
+        let _ = writeln!(
+            s,
+            "transition: {:?} target {:?} key {}",
+            self.klp.transition_patch(),
+            self.klp.target(),
+            self.klp.sched_key()
+        );
+        for r in self.klp.records() {
+            let _ = writeln!(s, "record: {r:?}");
+        }
+        let _ = writeln!(s, "views: {:?}", self.world.views);
+        fn walk(k: &Kernel, path: &mut Vec<String>, out: &mut String) {
+            let refs: Vec<&str> = path.iter().map(String::as_str).collect();
+            let Some(entries) = k.klp.sysfs_list(&refs) else {
+                return;
+            };
+            for e in entries {
+                path.push(e);
+                let refs: Vec<&str> = path.iter().map(String::as_str).collect();
+                let node = k.klp.sysfs_node(&refs);
+                let val = k.klp.sysfs_read(&refs).ok();
+                let _ = writeln!(out, "sysfs: {} {node:?} {val:?}", path.join("/"));
+                walk(k, path, out);
+                path.pop();
+            }
+        }
+        walk(self, &mut Vec::new(), &mut s);
+        for t in &self.world.tasks {
+            let _ = writeln!(
+                s,
+                "task {} {} {:?} pending {}",
+                t.pid, t.comm, t.patch_state, t.pending
+            );
+        }
+        for (n, m) in &self.world.modules {
+            let _ = writeln!(
+                s,
+                "module {n} {:?} refcnt {} alive {} params {:?}",
+                m.state,
+                m.refcnt,
+                self.klp.module_alive(n),
+                m.params
+            );
+        }
+        let _ = writeln!(
+            s,
+            "ftrace: {:?} enabled {}",
+            self.world.ftrace, self.world.ftrace_enabled
+        );
+        let _ = writeln!(s, "works: {:?}", self.world.works);
+        let _ = writeln!(s, "funcs: {}", self.world.funcs.len());
+        s
     }
 
     /// Checks the core's invariants against the world (for tests).
@@ -461,10 +544,42 @@ impl Kernel {
                     return Err(format!("bad published view at {site:#x}"));
                 }
             }
+            let on_records: usize = self.klp.records().iter().map(|r| r.stack.len()).sum();
+            let mut patched = 0;
             for p in &listed {
                 if !self.klp.is_enabled(*p) {
                     return Err("a listed patch is not enabled while idle".into());
                 }
+                let name = self.klp.name_of(*p).unwrap_or("").to_string();
+                // Every object whose target is present is patched; the others are not.
+                for o in self.klp.sysfs_list(&[&name]).unwrap_or_default() {
+                    if matches!(
+                        self.klp.sysfs_node(&[&name, &o]),
+                        Some(klp::sysfs::Node::Dir)
+                    ) {
+                        let loaded = o == "vmlinux" || self.klp.module_alive(&o);
+                        let want = if loaded { "1\n" } else { "0\n" };
+                        if self.klp.sysfs_read(&[&name, &o, "patched"]).as_deref() != Ok(want) {
+                            return Err(format!("{name}/{o}/patched out of step"));
+                        }
+                    }
+                }
+                for (_, fname, old, _) in self.klp.patched_funcs(*p) {
+                    patched += 1;
+                    let ok = self
+                        .klp
+                        .records()
+                        .iter()
+                        .any(|r| r.old_func == old && r.stack.iter().any(|(q, _)| q == p));
+                    if !ok {
+                        return Err(format!("{name}: {fname} is not on its record"));
+                    }
+                }
+            }
+            if patched != on_records {
+                return Err(format!(
+                    "{on_records} record entries for {patched} patched functions"
+                ));
             }
         }
         if self.klp.sched_key() != self.klp.transition_patch().is_some() {

@@ -115,9 +115,8 @@ pub fn catalog() -> BTreeMap<String, ModuleDef> {
             init: |k| {
                 let m = "test_klp_livepatch";
                 let new = func_addr(k, m, "livepatch_cmdline_proc_show").unwrap_or(0);
-                let desc = PatchDesc::new(m).object(
-                    ObjectDesc::vmlinux().func(FuncDesc::new("cmdline_proc_show", new)),
-                );
+                let desc = PatchDesc::new(m)
+                    .object(ObjectDesc::vmlinux().func(FuncDesc::new("cmdline_proc_show", new)));
                 enable(k, m, desc)
             },
             exit: no_exit,
@@ -287,8 +286,7 @@ pub fn catalog() -> BTreeMap<String, ModuleDef> {
                             if let Some(mm) = w.modules.get_mut(m)
                                 && let Some((ParamValue::IntArray(pids), _)) =
                                     mm.params.get_mut("klp_pids")
-                                && let Some(slot) =
-                                    pids.iter_mut().take(npids).find(|x| **x == pid)
+                                && let Some(slot) = pids.iter_mut().take(npids).find(|x| **x == pid)
                             {
                                 *slot = 0;
                                 w.set_var(m, "npids_pending", pending - 1);
@@ -315,8 +313,8 @@ pub fn catalog() -> BTreeMap<String, ModuleDef> {
                 );
                 let new = func_addr(k, m, "lp_sys_getpid").unwrap_or(0);
                 let old = format!("{}sys_getpid", k.arch_prefix);
-                let desc = PatchDesc::new(m)
-                    .object(ObjectDesc::vmlinux().func(FuncDesc::new(&old, new)));
+                let desc =
+                    PatchDesc::new(m).object(ObjectDesc::vmlinux().func(FuncDesc::new(&old, new)));
                 enable(k, m, desc)
             },
             exit: no_exit,
@@ -427,7 +425,9 @@ fn callback_info(cx: &mut CallbackCx<'_, World>, module: &str, cb: &str) {
             let st = cx
                 .host
                 .mod_state(o)
-                .map_or("[MODULE_STATE_UNFORMED] Still setting it up", |s| s.describe());
+                .map_or("[MODULE_STATE_UNFORMED] Still setting it up", |s| {
+                    s.describe()
+                });
             format!("{cb}: {o} -> {st}")
         }
     };
@@ -463,9 +463,11 @@ fn busy_init(k: &mut Kernel) -> Result<(), Errno> {
     let m = "test_klp_callbacks_busy";
     k.world.pr_mod(m, "test_klp_callbacks_busy_init");
     let idle = worker_idle_stack(&k.world);
+    // A new kworker: forked by kthreadd, it inherits kthreadd's livepatch state.
+    let parent = k.world.kthreadd;
     let worker = k
         .world
-        .spawn(None, "kworker/1:1", Kind::Kthread, idle, Activity::Sleep);
+        .spawn(parent, "kworker/1:1", Kind::Kthread, idle, Activity::Sleep);
     k.world.set_var(m, "worker", worker.0 as i64);
     let f = k.world.addr_of(Some(m), "busymod_work_func").unwrap_or(0);
     // schedule_work(): the worker runs busymod_work_func (through the entry hook).
@@ -546,7 +548,10 @@ fn busy_exit(k: &mut Kernel) {
         *v = ParamValue::Bool(false);
     }
     let worker = TaskId(k.world.var(m, "worker") as u64);
-    if matches!(k.world.task(worker).map(|t| &t.activity), Some(Activity::BusyWork { .. })) {
+    if matches!(
+        k.world.task(worker).map(|t| &t.activity),
+        Some(Activity::BusyWork { .. })
+    ) {
         busy_work_leave(k, worker, m.to_string());
     }
     k.world.pr_mod(m, "test_klp_callbacks_busy_exit");

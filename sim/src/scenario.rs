@@ -224,7 +224,9 @@ pub struct Runner {
 
 impl std::fmt::Debug for Runner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runner").field("capture", &self.capture).finish_non_exhaustive()
+        f.debug_struct("Runner")
+            .field("capture", &self.capture)
+            .finish_non_exhaustive()
     }
 }
 
@@ -300,9 +302,7 @@ impl Runner {
 
     fn is_livepatch(&mut self, m: &str) -> Result<bool, Stop> {
         match self.k.catalog.get(m) {
-            None => Err(self.die(&format!(
-                "Can't find \"test_modules/{m}.ko\", try \"make\""
-            ))),
+            None => Err(self.die(&format!("Can't find \"test_modules/{m}.ko\", try \"make\""))),
             Some(d) => Ok(d.livepatch),
         }
     }
@@ -355,9 +355,7 @@ impl Runner {
         match r {
             Ok(()) => {}
             Err(ModError::NotLoaded) => {
-                return Err(self.die(&format!(
-                    "rmmod: ERROR: Module {m} is not currently loaded"
-                )));
+                return Err(self.die(&format!("rmmod: ERROR: Module {m} is not currently loaded")));
             }
             Err(ModError::InUse) => {
                 return Err(self.die(&format!("rmmod: ERROR: Module {m} is in use")));
@@ -401,7 +399,9 @@ impl Runner {
                 need(1)?;
                 let m = &args[0];
                 if self.is_livepatch(m)? {
-                    return Err(self.die(&format!("use load_lp() to load the livepatch module {m}")));
+                    return Err(
+                        self.die(&format!("use load_lp() to load the livepatch module {m}"))
+                    );
                 }
                 self.load_mod_common(m, &args[1..])
             }
@@ -494,7 +494,11 @@ impl Runner {
             "check_sysfs_rights" => {
                 need(3)?;
                 let path = format!("/sys/kernel/livepatch/{}/{}", args[0], args[1]);
-                let actual = self.k.stat(&path).map(|s| s.access_string()).unwrap_or_default();
+                let actual = self
+                    .k
+                    .stat(&path)
+                    .map(|s| s.access_string())
+                    .unwrap_or_default();
                 if actual != args[2] {
                     return Err(self.die(&format!(
                         "Unexpected access rights of {path}: {} vs. {actual}",
@@ -508,10 +512,9 @@ impl Runner {
                 let path = format!("/sys/kernel/livepatch/{}/{}", args[0], args[1]);
                 let v = self.cat(&path);
                 if v != args[2] {
-                    return Err(self.die(&format!(
-                        "Unexpected value in {path}: {} vs. {v}",
-                        args[2]
-                    )));
+                    return Err(
+                        self.die(&format!("Unexpected value in {path}: {} vs. {v}", args[2]))
+                    );
                 }
                 Ok(())
             }
@@ -527,9 +530,13 @@ impl Runner {
             "check_traced_functions" => {
                 let trace = self.cat("/sys/kernel/tracing/trace");
                 for f in args {
-                    let found = trace.split(|c: char| !(c.is_alphanumeric() || c == '_')).any(|w| w == f);
+                    let found = trace
+                        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .any(|w| w == f);
                     if !found {
-                        return Err(self.die(&format!("Function ({f}) did not appear in the trace")));
+                        return Err(
+                            self.die(&format!("Function ({f}) did not appear in the trace"))
+                        );
                     }
                 }
                 self.cleanup_tracing();
@@ -549,7 +556,8 @@ impl Runner {
             }
             "kmsg_grep" => {
                 need(2)?;
-                let re = bre_to_regex(&args[0]).map_err(|e| Stop::Die(format!("kmsg_grep: {e}")))?;
+                let re =
+                    bre_to_regex(&args[0]).map_err(|e| Stop::Die(format!("kmsg_grep: {e}")))?;
                 let text = self.k.read_file(&args[1]).unwrap_or_default();
                 for l in text.lines() {
                     if re.is_match(l) {
@@ -663,18 +671,16 @@ impl Runner {
                         "write of '{}' to {} unexpectedly succeeded",
                         rest[1], rest[0]
                     ))),
-                    (Err(e), false) => Err(self.die(&format!(
-                        "echo: write error: {} ({})",
-                        strerror(e),
-                        rest[0]
-                    ))),
+                    (Err(e), false) => {
+                        Err(self.die(&format!("echo: write error: {} ({})", strerror(e), rest[0])))
+                    }
                 }
             }
             "sleep" => {
                 need(1)?;
-                let s: f64 = args[0]
-                    .parse()
-                    .map_err(|_| Stop::Die(format!("sleep: invalid time interval '{}'", args[0])))?;
+                let s: f64 = args[0].parse().map_err(|_| {
+                    Stop::Die(format!("sleep: invalid time interval '{}'", args[0]))
+                })?;
                 self.sleep(s);
                 Ok(())
             }
@@ -735,7 +741,9 @@ impl Runner {
                     return Outcome::Fail(format!("line {line}: {}: {m}", words.join(" ")));
                 }
                 Err(Stop::Mismatch(d)) => {
-                    return Outcome::Fail(format!("line {line}: log mismatch (- expected, + actual):\n{d}"));
+                    return Outcome::Fail(format!(
+                        "line {line}: log mismatch (- expected, + actual):\n{d}"
+                    ));
                 }
             }
         }

@@ -66,7 +66,11 @@ fn shadow_create(
         }
         let mut ids = ids.borrow_mut();
         let sd = data.as_ptr() as u64;
-        lines.push(format!("shadow_ctor: PTR{} -> PTR{}", ids.id(sd), ids.id(v)));
+        lines.push(format!(
+            "shadow_ctor: PTR{} -> PTR{}",
+            ids.id(sd),
+            ids.id(v)
+        ));
         Ok(())
     };
     let r = if get_or {
@@ -107,11 +111,16 @@ fn init(k: &mut Kernel) -> Result<(), Errno> {
     ids.borrow_mut().id(0);
     let objs: Vec<u64> = (0..NUM_OBJS as u64).map(|i| STACK + 8 * i).collect();
     let nfields1: Vec<u64> = (0..NUM_OBJS as u64).map(|i| STACK + 0x100 + i).collect();
-    let nfields2: Vec<u64> = (0..NUM_OBJS as u64).map(|i| STACK + 0x200 + 4 * i).collect();
+    let nfields2: Vec<u64> = (0..NUM_OBJS as u64)
+        .map(|i| STACK + 0x200 + 4 * i)
+        .collect();
     let say = |w: &mut World, s: String| w.pr_mod(MOD, &s);
 
     let get = |w: &mut World, obj: u64, id: u64| -> u64 {
-        let sv = w.shadow.get(obj as usize, id).map_or(0, |a| a.addr() as u64);
+        let sv = w
+            .shadow
+            .get(obj as usize, id)
+            .map_or(0, |a| a.addr() as u64);
         let line = {
             let mut i = ids.borrow_mut();
             format!(
@@ -216,7 +225,10 @@ fn init(k: &mut Kernel) -> Result<(), Errno> {
         ok &= sv == sv2[i] && expect_ptr(w, sv, objs[i], SV_ID2, nfields2[i]);
     }
     w.shadow.free_all(SV_ID2);
-    say(w, format!("klp_shadow_free_all(id=0x{SV_ID2:x}, dtor=PTR0)"));
+    say(
+        w,
+        format!("klp_shadow_free_all(id=0x{SV_ID2:x}, dtor=PTR0)"),
+    );
     for obj in objs.iter().copied() {
         let sv = get(w, obj, SV_ID2);
         ok &= expect_null(w, sv);

@@ -50,12 +50,10 @@ impl Kernel {
         let file = |mode| Some(Stat { dir: false, mode });
         match c.as_slice() {
             [] | ["proc"] | ["sys"] | ["sys", "kernel"] | ["sys", "module"] => dir(0o755),
-            ["sys", "kernel", "livepatch", rest @ ..] => {
-                self.klp.sysfs_node(rest).map(|n| Stat {
-                    dir: matches!(n, klp::sysfs::Node::Dir),
-                    mode: klp::sysfs::mode_of(n),
-                })
-            }
+            ["sys", "kernel", "livepatch", rest @ ..] => self.klp.sysfs_node(rest).map(|n| Stat {
+                dir: matches!(n, klp::sysfs::Node::Dir),
+                mode: klp::sysfs::mode_of(n),
+            }),
             ["sys", "module", m] => self.world.modules.get(*m).and_then(|_| dir(0o755)),
             ["sys", "module", m, "refcnt"] => self.world.modules.get(*m).and_then(|_| file(0o444)),
             ["sys", "module", m, "parameters"] => {
@@ -131,14 +129,17 @@ impl Kernel {
             )),
             ["sys", "module", m, "parameters", p] => Ok(format!(
                 "{}\n",
-                self.world.param(m, p).map(ParamValue::show).unwrap_or_default()
+                self.world
+                    .param(m, p)
+                    .map(ParamValue::show)
+                    .unwrap_or_default()
             )),
-            ["proc", "cmdline"] => Ok(self.in_process("cat", |k, t| {
-                k.world.call_name(t, "cmdline_proc_show")
-            })),
-            ["proc", "meminfo"] => Ok(self.in_process("cat", |k, t| {
-                k.world.call_name(t, "meminfo_proc_show")
-            })),
+            ["proc", "cmdline"] => {
+                Ok(self.in_process("cat", |k, t| k.world.call_name(t, "cmdline_proc_show")))
+            }
+            ["proc", "meminfo"] => {
+                Ok(self.in_process("cat", |k, t| k.world.call_name(t, "meminfo_proc_show")))
+            }
             ["proc", "kallsyms"] => Ok(self.kallsyms()),
             ["proc", pid, "patch_state"] | ["proc", pid, "task", _, "patch_state"] => {
                 let pid: i64 = pid.parse().map_err(|_| Errno::ENOENT)?;
@@ -159,7 +160,11 @@ impl Kernel {
                 match tracing_file(path) {
                     Some("trace") => {
                         let mut s = String::from("# tracer: ");
-                        s.push_str(if self.world.tracer.function { "function" } else { "nop" });
+                        s.push_str(if self.world.tracer.function {
+                            "function"
+                        } else {
+                            "nop"
+                        });
                         s.push('\n');
                         for f in &self.world.tracer.trace {
                             s.push_str(&format!("             cat-1     [000] .....  0.000000: {f} <-seq_read_iter\n"));
@@ -169,7 +174,11 @@ impl Kernel {
                     Some("tracing_on") => Ok(format!("{}\n", self.world.tracer.on as i32)),
                     Some("current_tracer") => Ok(format!(
                         "{}\n",
-                        if self.world.tracer.function { "function" } else { "nop" }
+                        if self.world.tracer.function {
+                            "function"
+                        } else {
+                            "nop"
+                        }
                     )),
                     Some("set_ftrace_filter") => {
                         let mut s = String::new();
@@ -264,8 +273,7 @@ impl Kernel {
                     _ => Err(Errno::EINVAL),
                 },
                 Some("set_ftrace_filter") => {
-                    let names: Vec<String> =
-                        data.split_whitespace().map(str::to_string).collect();
+                    let names: Vec<String> = data.split_whitespace().map(str::to_string).collect();
                     for n in &names {
                         if self.world.lookup_any(n).is_none() {
                             return Err(Errno::EINVAL);

@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use klp::{
     Addr, Errno, HookError, Host, IdleTask, Level, PatchId, PatchState, Record, RedirectView,
-    TaskId, Target, TraceError,
+    Target, TaskId, TraceError,
 };
 
 /// Virtual nanoseconds per second.
@@ -275,6 +275,8 @@ pub struct World {
     pub record_calls: bool,
     /// Shadow-variable store of the simulated kernel.
     pub shadow: klp::shadow::ShadowStore,
+    /// kthreadd, the parent of every kernel thread.
+    pub kthreadd: Option<TaskId>,
     /// Module-private variables: (module, name) → value.
     pub vars: BTreeMap<(String, String), i64>,
 }
@@ -327,6 +329,7 @@ impl World {
             record_calls: false,
             shadow: klp::shadow::ShadowStore::new(),
             vars: BTreeMap::new(),
+            kthreadd: None,
         }
     }
 
@@ -404,12 +407,8 @@ impl World {
 
     /// Address of a function by name in any object (vmlinux first).
     pub fn lookup_any(&self, name: &str) -> Option<Addr> {
-        self.addr_of(None, name).or_else(|| {
-            self.funcs
-                .values()
-                .find(|f| f.name == name)
-                .map(|f| f.addr)
-        })
+        self.addr_of(None, name)
+            .or_else(|| self.funcs.values().find(|f| f.name == name).map(|f| f.addr))
     }
 
     /// The function containing `addr`.
@@ -848,11 +847,7 @@ impl Host for World {
     }
 
     fn wake_cpu(&mut self, cpu: u32) {
-        if let Some(x) = self
-            .tasks
-            .iter_mut()
-            .find(|x| x.kind == Kind::Idle(cpu))
-        {
+        if let Some(x) = self.tasks.iter_mut().find(|x| x.kind == Kind::Idle(cpu)) {
             x.woken = true;
         }
     }

@@ -19,7 +19,10 @@ fn files(dir: &str) -> Vec<PathBuf> {
 
 fn run_all(dir: &str, min: usize) {
     let fs = files(dir);
-    assert!(fs.len() >= min, "expected at least {min} scenarios in {dir}");
+    assert!(
+        fs.len() >= min,
+        "expected at least {min} scenarios in {dir}"
+    );
     let mut failed = Vec::new();
     for f in &fs {
         let text = std::fs::read_to_string(f).expect("read scenario");
@@ -28,7 +31,11 @@ fn run_all(dir: &str, min: usize) {
             other => failed.push(format!("{}: {other:?}", f.display())),
         }
     }
-    assert!(failed.is_empty(), "failing scenarios:\n{}", failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "failing scenarios:\n{}",
+        failed.join("\n")
+    );
 }
 
 #[test]
@@ -98,7 +105,11 @@ fn unknown_verbs_and_modules_fail() {
 fn binary_reports_pass_and_fail() {
     let bin = env!("CARGO_BIN_EXE_klp-sim");
     let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/livepatch-1.klpt");
-    let out = Command::new(bin).arg("run").arg(&good).output().expect("run");
+    let out = Command::new(bin)
+        .arg("run")
+        .arg(&good)
+        .output()
+        .expect("run");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("PASS"), "{stdout}");
@@ -118,7 +129,13 @@ fn binary_reports_pass_and_fail() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
     assert!(stdout.contains("FAIL"), "{stdout}");
-    assert!(stdout.contains("- livepatch: 'test_klp_livepatch': patching completed"), "{stdout}");
-    assert!(stdout.contains("+ livepatch: 'test_klp_livepatch': patching complete"), "{stdout}");
+    assert!(
+        stdout.contains("- livepatch: 'test_klp_livepatch': patching completed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("+ livepatch: 'test_klp_livepatch': patching complete"),
+        "{stdout}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
