@@ -6,6 +6,7 @@
 //! runs exactly as it would in the kernel. The kernel's own livepatch selftests run on
 //! it as `.klpt` scenario files and must produce the kernel's log lines.
 
+pub mod demo;
 pub mod kernel;
 pub mod modules;
 pub mod scenario;

@@ -6,6 +6,7 @@ use klp_sim::scenario::{Outcome, Runner, parse};
 
 fn usage() -> ExitCode {
     eprintln!("usage: klp-sim run [--log] FILE...");
+    eprintln!("       klp-sim demo");
     eprintln!("  Runs each .klpt scenario on a fresh simulated kernel and prints PASS, FAIL");
     eprintln!("  (with a diff of the expected and the actual log) or SKIP for each.");
     eprintln!("  --log  also print each scenario's filtered kernel log");
@@ -17,6 +18,16 @@ fn main() -> ExitCode {
     let Some((cmd, rest)) = args.split_first() else {
         return usage();
     };
+    if cmd == "demo" {
+        let mut out = std::io::stdout().lock();
+        return match klp_sim::demo::run(&mut out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("klp-sim: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if cmd != "run" {
         return usage();
     }

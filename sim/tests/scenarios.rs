@@ -139,3 +139,22 @@ fn binary_reports_pass_and_fail() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The demo runs and shows the live change, the blocking task and the reversal.
+#[test]
+fn demo_shows_the_live_change() {
+    let mut out = Vec::new();
+    klp_sim::demo::run(&mut out).expect("demo");
+    let s = String::from_utf8(out).expect("utf8");
+    for want in [
+        "test_klp_livepatch: this has been live patched",
+        "blocked: kworker/1:1",
+        "sleeping in busymod_work_func (frame #3",
+        "livepatch: signaling remaining tasks",
+        "reversing transition from patching to unpatching",
+        "test_klp_atomic_replace: this has been live patched",
+        "MemTotal:",
+    ] {
+        assert!(s.contains(want), "missing {want:?} in:\n{s}");
+    }
+}
