@@ -196,3 +196,21 @@ impl<H: Host> Klp<H> {
         Ok(data.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kstrtobool() {
+        for t in ["1", "y", "Y", "yes", "t", "true", "e", "on", "On", "1\n"] {
+            assert_eq!(parse_bool(t), Ok(true), "{t}");
+        }
+        for f in ["0", "n", "N", "no", "f", "false", "d", "off", "OFF", "0\n"] {
+            assert_eq!(parse_bool(f), Ok(false), "{f}");
+        }
+        for bad in ["", "\n", "2", "x", "o", "ox", " 1"] {
+            assert_eq!(parse_bool(bad), Err(Errno::EINVAL), "{bad:?}");
+        }
+    }
+}

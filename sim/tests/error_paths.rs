@@ -674,3 +674,93 @@ impl Cands for World {
         <World as klp::Host>::symbol_candidates(self, None, name)
     }
 }
+
+/// A patch for a module function the arriving module does not have: the module is
+/// refused with the kernel's messages, and nothing changes.
+#[test]
+fn arriving_module_without_the_patched_function_is_refused() {
+    let log = fails_cleanly(
+        |k| {
+            let new = lp_module(k, "p");
+            enable(
+                k,
+                PatchDesc::new("p").object(
+                    ObjectDesc::module("test_klp_callbacks_mod")
+                        .func(FuncDesc::new("missing_fn", new)),
+                ),
+            )
+            .expect("patch for a module that is not loaded");
+        },
+        |k| match k.in_process("insmod", |k, _| k.insmod("test_klp_callbacks_mod", &[])) {
+            Err(ModError::Errno(e)) => Err(e),
+            other => panic!("{other:?}"),
+        },
+        Errno::EINVAL,
+    );
+    assert_eq!(
+        log,
+        vec![
+            "livepatch: symbol 'missing_fn' not found in symbol table",
+            "livepatch: failed to initialize patch 'p' for module 'test_klp_callbacks_mod' (-22)",
+            "livepatch: patch 'p' failed for module 'test_klp_callbacks_mod', refusing to load module 'test_klp_callbacks_mod'",
+        ]
+    );
+}
+
+/// A module function without an entry site: patching it at arrival fails, the earlier
+/// patches that did patch the module are reverted.
+#[test]
+fn arriving_module_that_cannot_be_patched_is_reverted_from_earlier_patches() {
+    let mut k = boot();
+    // The earlier patch: test_klp_mod_patch, for test_klp_mod_target_show.
+    k.in_process("insmod", |k, _| k.insmod("test_klp_mod_patch", &[]))
+        .expect("mod_patch");
+    k.sleep_secs(2.0);
+    // The later patch wants a function of the same module that has no site.
+    let new = lp_module(&mut k, "p");
+    enable(
+        &mut k,
+        PatchDesc::new("p").object(
+            ObjectDesc::module("test_klp_mod_target").func(FuncDesc::new("notrace_in_mod", new)),
+        ),
+    )
+    .expect("p");
+    k.sleep_secs(2.0);
+    k.catalog
+        .get_mut("test_klp_mod_target")
+        .expect("target")
+        .define_funcs = |w, m| {
+        w.define(
+            Some(m),
+            "test_klp_mod_target_show",
+            0x40,
+            true,
+            Rc::new(|_, _| "test_klp_mod_target: original output\n".into()),
+        );
+        w.define(
+            Some(m),
+            "notrace_in_mod",
+            0x20,
+            false,
+            Rc::new(|_, _| String::new()),
+        );
+    };
+    let before = k.snapshot();
+    let n = k.world.dmesg.len();
+    let r = k.in_process("insmod", |k, _| k.insmod("test_klp_mod_target", &[]));
+    assert_eq!(r, Err(ModError::Errno(Errno::EINVAL)));
+    k.run_due_works();
+    assert_eq!(k.snapshot(), before);
+    let log: Vec<&str> = k.world.dmesg[n..].iter().map(|(_, l)| l.as_str()).collect();
+    assert_eq!(
+        log,
+        vec![
+            "livepatch: applying patch 'test_klp_mod_patch' to loading module 'test_klp_mod_target'",
+            "livepatch: applying patch 'p' to loading module 'test_klp_mod_target'",
+            "livepatch: failed to find location for function 'notrace_in_mod'",
+            "livepatch: failed to apply patch 'p' to module 'test_klp_mod_target' (-22)",
+            "livepatch: patch 'p' failed for module 'test_klp_mod_target', refusing to load module 'test_klp_mod_target'",
+            "livepatch: reverting patch 'test_klp_mod_patch' on unloading module 'test_klp_mod_target'",
+        ]
+    );
+}
