@@ -1,2 +1,98 @@
 #![no_std]
-//! klp back-end for aarch64 (work in progress).
+//! klp back-end for aarch64.
+//!
+//! * [`site`]: two nops from `-fpatchable-function-entry=2`, optionally after `bti c`
+//!   (and the kernel's boot-time form `mov x9, x30; nop`).
+//! * [`insn`]: `b`/`bl`, `mov x9, x30`, and the immediate fields relocations patch.
+//! * [`reloc`]: `apply_relocate_add` for the types a livepatch object uses.
+//! * [`unwind`]: the frame-record reliable walker (final record = success).
+//! * `live` (aarch64 builds only): text writes with `dc cvau; dsb ish; ic ivau;
+//!   dsb ish; isb`, register capture.
+
+pub mod insn;
+pub mod reloc;
+pub mod site;
+pub mod unwind;
+
+#[cfg(target_arch = "aarch64")]
+pub mod live;
+
+use klp_arch::model::HandStack;
+use klp_arch::{
+    Arch, CacheStep, EncodeError, Endian, FuncInfo, InsnBytes, Redirect, Reloc, RelocCtx,
+    RelocError, SafePointHook, Site, SiteError, StackMemory, TraceSink, UnwindError, UnwindStart,
+};
+
+/// The aarch64 back-end (a marker type: it has no values).
+#[derive(Debug)]
+pub enum Aarch64 {}
+
+/// The kernel's sequence after writing text (`caches_clean_inval_pou`): clean each
+/// data-cache line to the point of unification, wait, invalidate each
+/// instruction-cache line, wait, and resynchronise the fetch.
+pub const CACHE_SYNC: &[CacheStep] = &[
+    CacheStep::DcCvauEachLine,
+    CacheStep::DsbIsh,
+    CacheStep::IcIvauEachLine,
+    CacheStep::DsbIsh,
+    CacheStep::Isb,
+];
+
+impl Arch for Aarch64 {
+    const NAME: &'static str = "aarch64";
+    const ELF_MACHINE: u16 = 183;
+    const ENDIAN: Endian = Endian::Little;
+    const HAVE_RELIABLE_STACKTRACE: bool = true;
+    const SYSCALL_PREFIX: &'static str = "__arm64_";
+    const MAX_SITE_LEN: usize = site::LEN;
+    const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
+    const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
+
+    fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
+        site::find(code, func)
+    }
+
+    fn encode_redirect(site: &Site, redirect: Redirect) -> Result<InsnBytes, EncodeError> {
+        site::encode(site, redirect)
+    }
+
+    fn apply_relocation(
+        section: &mut [u8],
+        section_addr: u64,
+        reloc: &Reloc,
+        _ctx: &RelocCtx,
+    ) -> Result<(), RelocError> {
+        reloc::apply(section, section_addr, reloc)
+    }
+
+    fn unwind_reliable(
+        mem: &dyn StackMemory,
+        start: &UnwindStart,
+        sink: &mut dyn TraceSink,
+    ) -> Result<usize, UnwindError> {
+        unwind::walk(mem, start, sink)
+    }
+
+    fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
+        unwind::model_stack(mem, trace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use klp_arch::conformance::{Sample, check};
+
+    #[test]
+    fn conformance() {
+        let sample = Sample {
+            code: &[
+                0x5f, 0x24, 0x03, 0xd5, 0x1f, 0x20, 0x03, 0xd5, 0x1f, 0x20, 0x03, 0xd5,
+            ],
+            func: FuncInfo::at(0xffff_8000_8010_0000),
+            near: 0xffff_8000_8110_0000,
+            far: 0xffff_8000_9010_0000,
+        };
+        assert_eq!(check::<Aarch64>(&sample), Ok(()));
+    }
+}

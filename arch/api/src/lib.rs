@@ -1,2 +1,182 @@
 #![no_std]
-//! The architecture interface of klp (work in progress).
+//! The architecture interface of klp.
+//!
+//! The generic core owns every livepatch *decision*; an architecture back-end owns the
+//! *mechanism*: how a function entry is recognised and redirected, how relocations of
+//! a livepatch object are written, how a stack is walked reliably, how the instruction
+//! cache is kept coherent. This crate is the contract between the two.
+//!
+//! A back-end is one crate (`klp-arch-<arch>`) with one uninhabited marker type
+//! (`pub enum X86_64 {}`, …) that implements [`Arch`]. Everything in the trait is pure
+//! *knowledge*: it compiles and is tested on every host, whatever the build target.
+//! Code that only works on the real machine (text writes with the cache-coherence
+//! sequence, register capture) lives in each back-end's `live` module, compiled only
+//! for that target.
+//!
+//! Nothing here panics on bad input: every problem is a small `#[non_exhaustive]` error
+//! enum that carries the values involved and maps to the errno the kernel would use.
+
+mod bytes;
+pub mod conformance;
+pub mod model;
+mod reloc;
+mod site;
+mod unwind;
+
+pub use bytes::{InsnBytes, read_u16, read_u32};
+pub use reloc::{Reloc, RelocCtx, RelocError, field};
+pub use site::{
+    EncodeError, FuncInfo, Redirect, RedirectKind, Site, SiteError, SiteForm, displacement,
+};
+pub use unwind::{
+    MAX_STACK_ENTRIES, StackBounds, StackMemory, Trace, TraceSink, UnwindError, UnwindStart, check,
+};
+
+/// The errno values the errors map to (positive; the kernel returns them negated).
+pub mod errno {
+    /// Invalid argument.
+    pub const EINVAL: i32 = 22;
+    /// Result out of range.
+    pub const ERANGE: i32 = 34;
+    /// Exec format error (what `apply_relocate_add` returns).
+    pub const ENOEXEC: i32 = 8;
+    /// Function not implemented (no back-end for this architecture).
+    pub const ENOSYS: i32 = 38;
+}
+
+/// Byte order of the architecture's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endian {
+    /// Least significant byte first.
+    Little,
+    /// Most significant byte first (s390x).
+    Big,
+}
+
+/// One step of an instruction-cache coherence sequence, as the back-end's live code
+/// performs it after writing text. QEMU cannot catch a missing step, so the sequence
+/// is data that tests assert, and the live code is checked against it in CI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheStep {
+    /// aarch64 `dc cvau` on every data-cache line of the range.
+    DcCvauEachLine,
+    /// aarch64 `ic ivau` on every instruction-cache line of the range.
+    IcIvauEachLine,
+    /// aarch64 `dsb ish`.
+    DsbIsh,
+    /// aarch64 `isb`.
+    Isb,
+    /// ppc64le `dcbst` on every data-cache block of the range.
+    DcbstEachLine,
+    /// ppc64le `icbi` on every instruction-cache block of the range.
+    IcbiEachLine,
+    /// ppc64le `sync`.
+    Sync,
+    /// ppc64le `isync`.
+    Isync,
+    /// s390x `bcr 15,0`: a serialising instruction.
+    Serialize,
+}
+
+impl CacheStep {
+    /// The instruction as binutils' `objdump` names it (mnemonic and first operand),
+    /// which `ci/objdump-check` looks for in the live code.
+    pub const fn mnemonic(self) -> &'static str {
+        match self {
+            CacheStep::DcCvauEachLine => "dc cvau",
+            CacheStep::IcIvauEachLine => "ic ivau",
+            CacheStep::DsbIsh => "dsb ish",
+            CacheStep::Isb => "isb",
+            CacheStep::DcbstEachLine => "dcbst",
+            CacheStep::IcbiEachLine => "icbi",
+            CacheStep::Sync => "sync",
+            CacheStep::Isync => "isync",
+            CacheStep::Serialize => "bcr 15",
+        }
+    }
+}
+
+/// Where an architecture adds something to the core's safe-point update
+/// (`klp_update_patch_state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SafePointHook {
+    /// Nothing beyond the generic hooks (exit to user mode, idle loop).
+    Generic,
+    /// ppc64le: the thread's livepatch stack must be consistent (every frame carries
+    /// its marker); a thread at a safe point reached from user mode has it empty.
+    LivepatchStackCheck,
+}
+
+/// What every architecture back-end provides. Implemented by an uninhabited marker
+/// type, so all items are associated functions and constants.
+pub trait Arch: 'static {
+    /// Short name (`"x86_64"`, `"aarch64"`, `"ppc64le"`, `"s390x"`).
+    const NAME: &'static str;
+    /// ELF `e_machine` (`EM_X86_64` = 62, `EM_AARCH64` = 183, `EM_PPC64` = 21,
+    /// `EM_S390` = 22).
+    const ELF_MACHINE: u16;
+    /// Byte order.
+    const ENDIAN: Endian;
+    /// Whether the arch has a reliable stack walker (`HAVE_RELIABLE_STACKTRACE`).
+    /// When false, tasks switch only at safe points or by force.
+    const HAVE_RELIABLE_STACKTRACE: bool;
+    /// The kernel's syscall symbol prefix (`__x64_`, `__arm64_`, `""`, `__s390x_`).
+    const SYSCALL_PREFIX: &'static str;
+    /// Bytes a redirect rewrites at most.
+    const MAX_SITE_LEN: usize;
+    /// The instruction-cache coherence sequence after a text write.
+    const CACHE_SYNC: &'static [CacheStep];
+    /// What the arch adds to the safe-point update.
+    const SAFE_POINT_HOOK: SafePointHook;
+
+    /// Recognises the unpatched patch site of the function `func` whose first bytes are
+    /// `code` (from the symbol address on). Anything that is not one of the arch's
+    /// unpatched entry forms is refused with the bytes found.
+    fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError>;
+
+    /// The bytes that replace `site.original` to perform `redirect`. Always exactly
+    /// `site.len()` bytes; a target out of reach is an error, never truncated.
+    fn encode_redirect(site: &Site, redirect: Redirect) -> Result<InsnBytes, EncodeError>;
+
+    /// The bytes that undo a redirect: the site as it was found.
+    fn restore(site: &Site) -> InsnBytes {
+        site.original
+    }
+
+    /// Writes one relocation into `section`, which is loaded at `section_addr`
+    /// (`apply_relocate_add` for one entry). On error the section is unchanged.
+    fn apply_relocation(
+        section: &mut [u8],
+        section_addr: u64,
+        reloc: &Reloc,
+        ctx: &RelocCtx,
+    ) -> Result<(), RelocError>;
+
+    /// Walks the stack reliably from `start`, handing every return address (innermost
+    /// first, starting with `start.pc`) to `sink`. Returns the number of entries, or
+    /// why the trace cannot be trusted.
+    fn unwind_reliable(
+        mem: &dyn StackMemory,
+        start: &UnwindStart,
+        sink: &mut dyn TraceSink,
+    ) -> Result<usize, UnwindError>;
+
+    /// Lays out on `mem` a task stack in this arch's format (the kernel's, ending at
+    /// the arch's `kernel_stack_end`) whose reliable trace is exactly `trace`
+    /// (innermost first; `trace[0]` is where the task stopped), and returns where a
+    /// walk starts. `None` when `trace` is empty or does not fit. For tests and
+    /// simulators: the core's stack check can then be fed real traces of every arch.
+    fn model_stack(mem: &mut model::HandStack, trace: &[u64]) -> Option<UnwindStart>;
+}
+
+/// Convenience: a reliable trace into a fresh [`Trace`].
+pub fn trace_reliable<A: Arch>(
+    mem: &dyn StackMemory,
+    start: &UnwindStart,
+) -> Result<Trace, UnwindError> {
+    let mut t = Trace::new();
+    A::unwind_reliable(mem, start, &mut t)?;
+    Ok(t)
+}

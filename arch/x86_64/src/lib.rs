@@ -1,2 +1,88 @@
 #![no_std]
-//! klp back-end for x86_64 (work in progress).
+//! klp back-end for x86_64.
+//!
+//! * [`site`]: the entry forms compilers emit (`-mfentry` call or 5-byte nop,
+//!   `-fpatchable-function-entry` nops, LLVM's byte-counted nops, optional `endbr64`).
+//! * [`insn`]: `call`/`jmp rel32` encoders and the recommended multi-byte nops.
+//! * [`reloc`]: `apply_relocate_add` for the types a livepatch object uses.
+//! * [`unwind`]: the frame-pointer reliable walker.
+//! * `live` (x86_64 builds only): text writes and register capture.
+//!
+//! x86 keeps its instruction cache coherent with stores, so a text write needs no
+//! flush on the writing CPU; other CPUs must execute a serialising instruction before
+//! running the new bytes (the kernel's `text_poke_sync`), which the host provides.
+
+pub mod insn;
+pub mod reloc;
+pub mod site;
+pub mod unwind;
+
+#[cfg(target_arch = "x86_64")]
+pub mod live;
+
+use klp_arch::model::HandStack;
+use klp_arch::{
+    Arch, CacheStep, EncodeError, Endian, FuncInfo, InsnBytes, Redirect, Reloc, RelocCtx,
+    RelocError, SafePointHook, Site, SiteError, StackMemory, TraceSink, UnwindError, UnwindStart,
+};
+
+/// The x86_64 back-end (a marker type: it has no values).
+#[derive(Debug)]
+pub enum X86_64 {}
+
+impl Arch for X86_64 {
+    const NAME: &'static str = "x86_64";
+    const ELF_MACHINE: u16 = 62;
+    const ENDIAN: Endian = Endian::Little;
+    const HAVE_RELIABLE_STACKTRACE: bool = true;
+    const SYSCALL_PREFIX: &'static str = "__x64_";
+    const MAX_SITE_LEN: usize = site::MAX_LEN;
+    const CACHE_SYNC: &'static [CacheStep] = &[];
+    const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
+
+    fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
+        site::find(code, func)
+    }
+
+    fn encode_redirect(site: &Site, redirect: Redirect) -> Result<InsnBytes, EncodeError> {
+        site::encode(site, redirect)
+    }
+
+    fn apply_relocation(
+        section: &mut [u8],
+        section_addr: u64,
+        reloc: &Reloc,
+        _ctx: &RelocCtx,
+    ) -> Result<(), RelocError> {
+        reloc::apply(section, section_addr, reloc)
+    }
+
+    fn unwind_reliable(
+        mem: &dyn StackMemory,
+        start: &UnwindStart,
+        sink: &mut dyn TraceSink,
+    ) -> Result<usize, UnwindError> {
+        unwind::walk(mem, start, sink)
+    }
+
+    fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
+        unwind::model_stack(mem, trace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use klp_arch::conformance::{Sample, check};
+
+    #[test]
+    fn conformance() {
+        let sample = Sample {
+            code: &[0xf3, 0x0f, 0x1e, 0xfa, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0x55],
+            func: FuncInfo::at(0xffff_ffff_8100_0000),
+            near: 0xffff_ffff_8200_0000,
+            far: 0xffff_ffff_0000_0000,
+        };
+        assert_eq!(check::<X86_64>(&sample), Ok(()));
+    }
+}

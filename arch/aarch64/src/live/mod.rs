@@ -1,0 +1,118 @@
+//! What only runs on aarch64: register capture and text writes with the cache
+//! maintenance the architecture requires ([`crate::CACHE_SYNC`]).
+
+use core::arch::asm;
+
+use klp_arch::UnwindStart;
+
+/// The caller's own registers: the address of this code, `sp` and `x29`.
+#[inline(always)]
+pub fn capture() -> UnwindStart {
+    let (pc, sp, fp): (u64, u64, u64);
+    // SAFETY: the asm only copies registers into outputs; no memory, no flags, no
+    // stack change.
+    unsafe {
+        asm!(
+            "adr {pc}, .",
+            "mov {sp}, sp",
+            "mov {fp}, x29",
+            pc = out(reg) pc,
+            sp = out(reg) sp,
+            fp = out(reg) fp,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    UnwindStart { pc, sp, fp }
+}
+
+/// Data- and instruction-cache line sizes from `CTR_EL0` (readable at EL0 on Linux).
+pub fn cache_lines() -> (usize, usize) {
+    let ctr: u64;
+    // SAFETY: reading CTR_EL0 has no side effect; Linux allows (or emulates) it at EL0.
+    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    let dline = 4usize << ((ctr >> 16) & 0xf);
+    let iline = 4usize << (ctr & 0xf);
+    (dline, iline)
+}
+
+/// The coherence sequence of [`crate::CACHE_SYNC`] over `addr..addr + len`:
+/// `dc cvau` per data line, `dsb ish`, `ic ivau` per instruction line, `dsb ish`,
+/// `isb`. One `asm!` block, so the instructions stay in program order; kept out of
+/// line under a fixed name so CI can disassemble it and check that order.
+#[inline(never)]
+#[unsafe(no_mangle)]
+pub extern "C" fn klp_aarch64_sync_icache(addr: usize, len: usize) {
+    let (dline, iline) = cache_lines();
+    let end = addr.saturating_add(len.max(1));
+    // SAFETY: `dc cvau` and `ic ivau` maintain caches by address without changing
+    // memory contents; they need mapped addresses, which the range is (the caller just
+    // wrote it; the loops start at the line containing `addr` and stop before `end`).
+    // The barriers have no operands. Only the declared scratch registers and the
+    // condition flags (no `preserves_flags`) are changed.
+    unsafe {
+        asm!(
+            "2:",
+            "dc cvau, {d}",
+            "add {d}, {d}, {dline}",
+            "cmp {d}, {end}",
+            "b.lo 2b",
+            "dsb ish",
+            "3:",
+            "ic ivau, {i}",
+            "add {i}, {i}, {iline}",
+            "cmp {i}, {end}",
+            "b.lo 3b",
+            "dsb ish",
+            "isb",
+            d = inout(reg) addr & !(dline - 1) => _,
+            i = inout(reg) addr & !(iline - 1) => _,
+            dline = in(reg) dline,
+            iline = in(reg) iline,
+            end = in(reg) end,
+            options(nostack),
+        );
+    }
+}
+
+/// Writes `bytes` to text at `dst` and makes them visible to instruction fetch.
+///
+/// # Safety
+///
+/// 1. `dst..dst + bytes.len()` is valid for writes (the host made the text writable).
+/// 2. No thread executes those bytes while they are written, or each written word is
+///    one aligned 4-byte store of an instruction that is safe to execute in either
+///    state (the architecture's concurrent-modification rule for `b`/`bl`/`nop`).
+/// 3. Text writes are serialised by the caller (one writer at a time).
+pub unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
+    // SAFETY: conditions 1–3 of this function cover the destination.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+    klp_aarch64_sync_icache(dst as usize, bytes.len());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_sees_this_stack() {
+        let local = 0u64;
+        let here = &local as *const u64 as u64;
+        let r = capture();
+        assert!(r.sp <= here && here - r.sp < 1 << 20, "{r:?} vs {here:#x}");
+    }
+
+    #[test]
+    fn cache_lines_are_sane() {
+        let (d, i) = cache_lines();
+        assert!(d.is_power_of_two() && (4..=2048).contains(&d), "{d}");
+        assert!(i.is_power_of_two() && (4..=2048).contains(&i), "{i}");
+    }
+
+    #[test]
+    fn write_text_copies_and_syncs() {
+        let mut buf = [0u8; 64];
+        // SAFETY: `buf` is a writable local buffer that no thread executes (1, 2, 3).
+        unsafe { write_text(buf.as_mut_ptr().wrapping_add(4), &[0x1f, 0x20, 0x03, 0xd5]) };
+        assert_eq!(&buf[4..8], &[0x1f, 0x20, 0x03, 0xd5]);
+    }
+}

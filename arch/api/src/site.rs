@@ -1,0 +1,275 @@
+//! Patch sites and redirects: the types shared by every architecture.
+
+use core::fmt;
+
+use crate::InsnBytes;
+
+/// What the core knows about a function whose entry it wants to patch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FuncInfo {
+    /// Address of the function symbol (on ppc64le: the global entry point).
+    pub addr: u64,
+    /// The symbol's `st_other` byte (ppc64le keeps the local-entry offset there).
+    pub st_other: u8,
+}
+
+impl FuncInfo {
+    /// A function at `addr` with `st_other == 0`.
+    pub const fn at(addr: u64) -> Self {
+        FuncInfo { addr, st_other: 0 }
+    }
+}
+
+/// The unpatched entry forms the back-ends recognise.
+///
+/// Which variants an architecture produces is documented in its `site.rs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SiteForm {
+    /// x86_64: a run of nops (`0f 1f 44 00 00`, `66 90`, `90`, …), optionally after
+    /// `endbr64`. `endbr` tells whether the landing pad precedes the site.
+    X86Nops { endbr: bool },
+    /// x86_64: `call __fentry__` (`e8 rel32`), optionally after `endbr64`.
+    X86Fentry { endbr: bool, target: u64 },
+    /// aarch64: two nops, optionally after `bti c`.
+    A64Nops { bti: bool },
+    /// aarch64: `mov x9, x30; nop`, the form the kernel leaves after boot.
+    A64MovX9Nop { bti: bool },
+    /// ppc64le: `mflr r0; bl _mcount` at the local entry (`-mprofile-kernel`).
+    PpcProfileKernel { mcount: u64 },
+    /// ppc64le: two nops at the local entry.
+    PpcNops,
+    /// s390x: `brcl 0,<any>` (6 bytes, a nop).
+    S390Brcl,
+    /// s390x: a run of hotpatch nops (`nopr`, `nop`) of at least 6 bytes.
+    S390Nops,
+}
+
+/// A recognised, unpatched patch site.
+///
+/// # Invariants
+///
+/// `original.len() == len` and `offset + len` bytes of code were present at `func.addr`
+/// when the site was recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Site {
+    /// The function the site belongs to.
+    pub func: FuncInfo,
+    /// Offset of the first byte that a redirect rewrites, from `func.addr`
+    /// (past `endbr64`/`bti c`; on ppc64le: the local entry point).
+    pub offset: u8,
+    /// Which form was found.
+    pub form: SiteForm,
+    /// The bytes a redirect rewrites, as found; writing them back restores the site.
+    pub original: InsnBytes,
+}
+
+impl Site {
+    /// Address of the first byte a redirect rewrites.
+    pub fn addr(&self) -> u64 {
+        self.func.addr.wrapping_add(u64::from(self.offset))
+    }
+
+    /// Number of bytes a redirect rewrites.
+    pub fn len(&self) -> usize {
+        self.original.len()
+    }
+
+    /// Always false for a recognised site.
+    pub fn is_empty(&self) -> bool {
+        self.original.is_empty()
+    }
+}
+
+/// How a redirect reaches its target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectKind {
+    /// Branch-and-link to a trampoline, which later resumes either after the site or at
+    /// the implementation the core chose (the ftrace model; the caller's return address
+    /// is kept where the arch's trampoline contract says).
+    Call,
+    /// A plain branch straight to the new function: the steady state once a function
+    /// has a single live implementation. The caller's return address stays untouched.
+    Jump,
+}
+
+/// A request to redirect a site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// Call a trampoline, or jump to the new function.
+    pub kind: RedirectKind,
+    /// The trampoline or the new function (on ppc64le: its local entry).
+    pub target: u64,
+    /// Whether the target runs with the same TOC as the patched function. Only ppc64le
+    /// cares: a `Jump` to code with another TOC needs the livepatch handler instead.
+    pub same_toc: bool,
+}
+
+impl Redirect {
+    /// A call to a trampoline at `target`.
+    pub const fn call(target: u64) -> Self {
+        Redirect {
+            kind: RedirectKind::Call,
+            target,
+            same_toc: true,
+        }
+    }
+
+    /// A direct jump to a new function at `target` that shares the caller's TOC.
+    pub const fn jump(target: u64) -> Self {
+        Redirect {
+            kind: RedirectKind::Jump,
+            target,
+            same_toc: true,
+        }
+    }
+}
+
+/// Why code at a function entry is not a patch site we can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SiteError {
+    /// The bytes at `at` are none of the arch's unpatched entry forms.
+    Unrecognised { at: u64, found: InsnBytes },
+    /// A run of nops was found but is shorter than the redirect needs.
+    TooShort {
+        at: u64,
+        found: InsnBytes,
+        needed: u8,
+    },
+    /// Fewer bytes of code were supplied than the form needs.
+    Truncated { at: u64, have: usize, needed: usize },
+    /// ppc64le: `st_other` encodes a local-entry offset we do not support.
+    LocalEntry { st_other: u8 },
+    /// ppc64le: the global entry does not hold the TOC setup its `st_other` promises.
+    NoTocSetup { at: u64, found: InsnBytes },
+    /// The build has no back-end for this architecture.
+    Unsupported,
+}
+
+impl SiteError {
+    /// The errno the kernel would return (`-EINVAL` for every site problem).
+    pub const fn errno(&self) -> i32 {
+        match self {
+            SiteError::Unsupported => crate::errno::ENOSYS,
+            _ => crate::errno::EINVAL,
+        }
+    }
+}
+
+impl fmt::Display for SiteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SiteError::Unrecognised { at, found } => {
+                write!(f, "no patch site at {at:#x}: found {found}")
+            }
+            SiteError::TooShort { at, found, needed } => write!(
+                f,
+                "patch site at {at:#x} too short: found {found}, need {needed} bytes"
+            ),
+            SiteError::Truncated { at, have, needed } => write!(
+                f,
+                "code at {at:#x} truncated: have {have} bytes, need {needed}"
+            ),
+            SiteError::LocalEntry { st_other } => {
+                write!(f, "unsupported local entry (st_other {st_other:#x})")
+            }
+            SiteError::NoTocSetup { at, found } => {
+                write!(f, "no TOC setup at global entry {at:#x}: found {found}")
+            }
+            SiteError::Unsupported => f.write_str("no architecture back-end in this build"),
+        }
+    }
+}
+
+/// A branch displacement that does not fit, or a target that is misaligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// `to - from` is outside `[-limit, limit)`.
+    OutOfRange { from: u64, to: u64, limit: u64 },
+    /// The target (or the displacement) is not a multiple of `align`.
+    Misaligned { from: u64, to: u64, align: u64 },
+    /// ppc64le: a direct jump to code with another TOC; use the livepatch handler.
+    NeedsTocHandler { to: u64 },
+    /// The build has no back-end for this architecture.
+    Unsupported,
+}
+
+impl EncodeError {
+    /// The errno the kernel would return.
+    pub const fn errno(&self) -> i32 {
+        match self {
+            EncodeError::Unsupported => crate::errno::ENOSYS,
+            _ => crate::errno::ERANGE,
+        }
+    }
+}
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EncodeError::OutOfRange { from, to, limit } => write!(
+                f,
+                "branch from {from:#x} to {to:#x} out of range (limit ±{limit:#x})"
+            ),
+            EncodeError::Misaligned { from, to, align } => write!(
+                f,
+                "branch from {from:#x} to {to:#x} not aligned to {align} bytes"
+            ),
+            EncodeError::NeedsTocHandler { to } => write!(
+                f,
+                "direct jump to {to:#x} would lose the TOC; use the livepatch handler"
+            ),
+            EncodeError::Unsupported => f.write_str("no architecture back-end in this build"),
+        }
+    }
+}
+
+/// Checks that `to - from` lies in `[-limit, limit)` and is a multiple of `align`,
+/// and returns it. Shared by every arch's branch encoder.
+pub fn displacement(from: u64, to: u64, limit: u64, align: u64) -> Result<i64, EncodeError> {
+    let d = i128::from(to) - i128::from(from);
+    let lim = i128::from(limit);
+    if d < -lim || d >= lim {
+        return Err(EncodeError::OutOfRange { from, to, limit });
+    }
+    if align > 1 && d % i128::from(align) != 0 {
+        return Err(EncodeError::Misaligned { from, to, align });
+    }
+    // |d| < limit <= u64::MAX fits only if limit <= i64::MAX; every arch's limit does.
+    i64::try_from(d).map_err(|_| EncodeError::OutOfRange { from, to, limit })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn displacement_edges() {
+        let lim = 1 << 27;
+        assert_eq!(
+            displacement(0x1000, 0x1000 + lim - 4, lim, 4),
+            Ok(lim as i64 - 4)
+        );
+        assert!(matches!(
+            displacement(0x1000, 0x1000 + lim, lim, 4),
+            Err(EncodeError::OutOfRange { .. })
+        ));
+        assert_eq!(
+            displacement(lim + 0x10, 0x10, lim, 4),
+            Ok(-(lim as i64)),
+            "the negative limit itself is reachable"
+        );
+        assert!(displacement(lim + 0x10, 0xc, lim, 4).is_err());
+        assert_eq!(
+            displacement(0, 2, 16, 4),
+            Err(EncodeError::Misaligned {
+                from: 0,
+                to: 2,
+                align: 4
+            })
+        );
+        assert!(displacement(u64::MAX, 0, lim, 1).is_err(), "no wrap-around");
+    }
+}

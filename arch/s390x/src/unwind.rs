@@ -1,0 +1,270 @@
+//! s390x reliable walk over the back chain.
+//!
+//! A frame (160 bytes, `STACK_FRAME_OVERHEAD`) starts with the back chain (the
+//! caller's r15) and holds the register save area where a *callee* stores r6–r15; its
+//! r14 slot ([`FRAME_R14`]) is the return address into the frame's owner. A zero back
+//! chain means a register frame (`pt_regs`) follows the frame.
+//!
+//! The walk, following the kernel's unwinder and `arch_stack_walk_reliable`, reports
+//! `start.pc`, then for each back-chain step the r14 slot of the *next* frame, and
+//! * **succeeds** when the frame is [`StackBounds::end`](klp_arch::StackBounds) (the
+//!   task's last frame, see [`kernel_stack_end`]) or when a zero back chain is followed
+//!   by a *user-mode* register frame (the normal bottom of a user task's stack);
+//! * **fails** when a zero back chain is followed by a kernel-mode register frame
+//!   (interrupt or exception), a frame is off the stack, not 8-byte aligned or not
+//!   above the previous one, a return address is zero, unknown or the trampoline, or
+//!   the buffer is full.
+
+use core::mem::{offset_of, size_of};
+
+use klp_arch::model::HandStack;
+use klp_arch::{StackMemory, TraceSink, UnwindError, UnwindStart, check};
+
+/// `STACK_FRAME_OVERHEAD`: the size of a standard frame.
+pub const STACK_FRAME_OVERHEAD: u64 = 160;
+/// Offset of the saved r14 in a frame (`gprs[8]`, r6 being `gprs[0]` at 48).
+pub const FRAME_R14: u64 = 48 + 8 * 8;
+
+/// The s390x PSW.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Psw {
+    /// PSW mask; [`PSW_MASK_PSTATE`] set means problem state (user mode).
+    pub mask: u64,
+    /// Instruction address.
+    pub addr: u64,
+}
+
+/// The head of the kernel's `struct pt_regs` on s390x.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PtRegs {
+    /// `args[0]`.
+    pub args: [u64; 1],
+    /// The interrupted PSW.
+    pub psw: Psw,
+    /// r0–r15.
+    pub gprs: [u64; 16],
+}
+
+/// Offset of the PSW mask in [`PtRegs`].
+pub const PT_REGS_PSW_MASK: u64 = (offset_of!(PtRegs, psw) + offset_of!(Psw, mask)) as u64;
+/// Size of the part of [`PtRegs`] the walker reads.
+pub const PT_REGS_HEAD: u64 = size_of::<PtRegs>() as u64;
+const _: () = assert!(PT_REGS_PSW_MASK == 8 && PT_REGS_HEAD == 152);
+
+/// Problem-state bit of the PSW mask.
+pub const PSW_MASK_PSTATE: u64 = 0x0001_0000_0000_0000;
+
+/// Size of the full kernel `pt_regs` (with the fields the walker does not read).
+pub const PT_REGS_SIZE: u64 = 200;
+
+/// The kernel's last frame of a task whose stack ends at `high`: the frame just below
+/// the user entry's `pt_regs` at the top.
+pub const fn kernel_stack_end(high: u64) -> u64 {
+    high.wrapping_sub(PT_REGS_SIZE)
+        .wrapping_sub(STACK_FRAME_OVERHEAD)
+}
+
+/// The reliable walk (see the module docs).
+pub fn walk(
+    mem: &dyn StackMemory,
+    start: &UnwindStart,
+    sink: &mut dyn TraceSink,
+) -> Result<usize, UnwindError> {
+    let end = mem.bounds().end;
+    let mut sp = start.sp;
+    check::frame(mem, sp, STACK_FRAME_OVERHEAD, 8)?;
+    check::report(mem, sink, start.pc)?;
+    let mut n = 1;
+    loop {
+        if sp == end {
+            return Ok(n);
+        }
+        let chain = check::word(mem, sp)?;
+        if chain == 0 {
+            let regs = sp + STACK_FRAME_OVERHEAD;
+            check::frame(mem, regs, PT_REGS_HEAD, 8)?;
+            let mask = check::word(mem, regs + PT_REGS_PSW_MASK)?;
+            if mask & PSW_MASK_PSTATE != 0 {
+                return Ok(n);
+            }
+            return Err(UnwindError::ExceptionFrame { frame: regs });
+        }
+        check::progress(sp, chain)?;
+        check::frame(mem, chain, STACK_FRAME_OVERHEAD, 8)?;
+        let ip = check::word(mem, chain + FRAME_R14)?;
+        check::report(mem, sink, ip)?;
+        n += 1;
+        sp = chain;
+    }
+}
+
+/// Lays out a back-chain stack whose reliable trace is `trace` (see
+/// `Arch::model_stack`): frames 32 bytes apart below the last frame (real frames are
+/// at least 160 bytes; the walker reads only the back chain and the r14 slot).
+pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
+    let (&pc, rets) = trace.split_first()?;
+    let end = kernel_stack_end(mem.high());
+    mem.set_end(end);
+    let k = rets.len() as u64;
+    // Frames 0 (innermost) ..= k, frame k being `end`; frame i's r14 slot holds
+    // rets[i - 1], the return into its owner.
+    let lowest = end.checked_sub(0x20 * k)?;
+    if lowest < mem.bounds().low {
+        return None;
+    }
+    for i in 0..=k {
+        let sp = lowest + 0x20 * i;
+        let r14 = match i.checked_sub(1) {
+            Some(r) => *rets.get(usize::try_from(r).ok()?)?,
+            None => 0x57a1e,
+        };
+        if !mem.set(sp + FRAME_R14, r14) || (i < k && !mem.set(sp, sp + 0x20)) {
+            return None;
+        }
+    }
+    Some(UnwindStart {
+        pc,
+        sp: lowest,
+        fp: lowest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::S390x;
+    use klp_arch::model::HandStack;
+    use klp_arch::trace_reliable;
+
+    const LOW: u64 = 0x3ff_c000_0000;
+    const TEXT: u64 = 0x10_0000;
+
+    /// `depth` frames `gap` bytes apart below the last frame. Real frames are at least
+    /// 160 bytes; the walker reads only the back chain and the r14 slot, so smaller
+    /// gaps let 99 frames fit in the 4 KiB model stack.
+    fn stack(depth: u64, gap: u64) -> (HandStack, UnwindStart) {
+        let mut s = HandStack::new(LOW, TEXT..TEXT + 0x10_0000);
+        let end = kernel_stack_end(s.high());
+        s.set_end(end);
+        let mut upper = end;
+        for i in 1..=depth {
+            let sp = end - gap * i;
+            assert!(s.set(sp, upper));
+            upper = sp;
+        }
+        // The r14 slot of frame k (k = 1 at the top) returns into its owner; the walk
+        // reads it when stepping into frame k, so the innermost frame's is never read.
+        for i in 0..depth {
+            let frame = end - gap * i;
+            s.set(frame + FRAME_R14, TEXT + 0x100 * (depth - i));
+        }
+        s.set(upper + FRAME_R14, 0xbad);
+        (
+            s,
+            UnwindStart {
+                pc: TEXT + 0x10,
+                sp: upper,
+                fp: 0,
+            },
+        )
+    }
+
+    fn walk(s: &HandStack, st: &UnwindStart) -> Result<std::vec::Vec<u64>, UnwindError> {
+        trace_reliable::<S390x>(s, st).map(|t| t.as_slice().to_vec())
+    }
+
+    #[test]
+    fn clean_walk() {
+        let (s, st) = stack(3, 0xa0);
+        assert_eq!(
+            walk(&s, &st),
+            Ok(std::vec![
+                TEXT + 0x10,
+                TEXT + 0x100,
+                TEXT + 0x200,
+                TEXT + 0x300
+            ])
+        );
+    }
+
+    #[test]
+    fn user_regs_end_the_walk_and_kernel_regs_fail_it() {
+        let (mut s, st) = stack(3, 0xa0);
+        let f2 = st.sp + 0xa0;
+        // Make frame 2 the bottom: zero back chain, user-mode pt_regs after it.
+        s.set(f2, 0);
+        s.set(
+            f2 + STACK_FRAME_OVERHEAD + PT_REGS_PSW_MASK,
+            0x0705_0001_8000_0000,
+        );
+        assert_eq!(walk(&s, &st), Ok(std::vec![TEXT + 0x10, TEXT + 0x100]));
+        s.set(
+            f2 + STACK_FRAME_OVERHEAD + PT_REGS_PSW_MASK,
+            0x0404_c001_8000_0000,
+        );
+        assert_eq!(
+            walk(&s, &st),
+            Err(UnwindError::ExceptionFrame {
+                frame: f2 + STACK_FRAME_OVERHEAD
+            })
+        );
+    }
+
+    #[test]
+    fn each_unreliable_reason() {
+        let (s0, st0) = stack(3, 0xa0);
+        let f1 = st0.sp;
+        let f2 = f1 + 0xa0;
+        let mut s = s0.clone();
+        s.set(f2 + FRAME_R14, 0);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::UnknownReturnAddress { addr: 0 })
+        );
+        let mut s = s0.clone();
+        s.set_trampoline(TEXT + 0x200..TEXT + 0x208);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::Trampoline { addr: TEXT + 0x200 })
+        );
+        let mut s = s0.clone();
+        s.set(f1, f1 - 0xa0);
+        assert!(matches!(
+            walk(&s, &st0),
+            Err(UnwindError::NoProgress { .. })
+        ));
+        let mut s = s0.clone();
+        s.set(f1, f1 + 0xa4);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::Misaligned { frame: f1 + 0xa4 })
+        );
+        let mut s = s0.clone();
+        let high = s.high();
+        s.set(f1, high - 8);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::FrameOutsideStack { frame: high - 8 })
+        );
+        let st = UnwindStart {
+            sp: LOW - 0xa0,
+            ..st0
+        };
+        assert!(matches!(
+            walk(&s0, &st),
+            Err(UnwindError::FrameOutsideStack { .. })
+        ));
+    }
+
+    #[test]
+    fn hundred_frames_are_unreliable() {
+        let (s, st) = stack(98, 0x20);
+        assert_eq!(walk(&s, &st).map(|t| t.len()), Ok(99));
+        let (s, st) = stack(99, 0x20);
+        assert_eq!(walk(&s, &st), Err(UnwindError::BufferFull));
+    }
+
+    extern crate std;
+}

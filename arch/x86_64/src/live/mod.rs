@@ -1,0 +1,75 @@
+//! What only runs on x86_64: register capture and text writes.
+//!
+//! x86 instruction fetch is coherent with stores, so [`sync_icache`] has nothing to do
+//! on the writing CPU ([`crate::X86_64`]'s `CACHE_SYNC` is empty). Another CPU that may
+//! run the modified bytes must execute a serialising instruction first; the host does
+//! that (the kernel's `text_poke_sync`).
+
+use core::arch::asm;
+
+use klp_arch::UnwindStart;
+
+/// The caller's own registers: the address of this call, `rsp` and `rbp`.
+#[inline(always)]
+pub fn capture() -> UnwindStart {
+    let (pc, sp, fp): (u64, u64, u64);
+    // SAFETY: the asm only copies registers into outputs; it touches no memory and no
+    // flags, and leaves the stack unchanged.
+    unsafe {
+        asm!(
+            "lea {pc}, [rip]",
+            "mov {sp}, rsp",
+            "mov {fp}, rbp",
+            pc = out(reg) pc,
+            sp = out(reg) sp,
+            fp = out(reg) fp,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    UnwindStart { pc, sp, fp }
+}
+
+/// Makes `len` bytes at `addr` ready to execute after a write: nothing on x86_64
+/// beyond a compiler fence.
+pub fn sync_icache(_addr: *const u8, _len: usize) {
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Writes `bytes` to text at `dst` and makes them ready to execute.
+///
+/// # Safety
+///
+/// 1. `dst..dst + bytes.len()` is valid for writes (the host made the text writable).
+/// 2. No thread executes those bytes while they are written, or the write follows
+///    the cross-modification protocol of the host (one aligned store of a whole
+///    instruction, or a breakpoint first).
+/// 3. Text writes are serialised by the caller (one writer at a time).
+pub unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
+    // SAFETY: conditions 1–3 of this function cover the destination; `bytes` is a
+    // valid slice that cannot overlap text being written under condition 2.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+    sync_icache(dst, bytes.len());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_sees_this_stack() {
+        let local = 0u64;
+        let here = &local as *const u64 as u64;
+        let r = capture();
+        assert!(r.sp <= here && here - r.sp < 1 << 20, "{r:?} vs {here:#x}");
+        let f = capture_sees_this_stack as *const () as u64;
+        assert!(r.pc >= f && r.pc - f < 4096, "{r:?} vs fn at {f:#x}");
+    }
+
+    #[test]
+    fn write_text_copies() {
+        let mut buf = [0u8; 8];
+        // SAFETY: `buf` is a writable local buffer no other thread sees (1, 2, 3).
+        unsafe { write_text(buf.as_mut_ptr().wrapping_add(2), &[0xe9, 1, 2, 3, 4]) };
+        assert_eq!(buf, [0, 0, 0xe9, 1, 2, 3, 4, 0]);
+    }
+}

@@ -1,0 +1,286 @@
+//! x86_64 reliable walk over frame pointers.
+//!
+//! Frame record at `rbp`: `[rbp]` = caller's `rbp`, `[rbp + 8]` = return address.
+//! The kernel's entry code marks a register frame by storing its address with bit 0
+//! set in `rbp` (`ENCODE_FRAME_POINTER`).
+//!
+//! The walk reports `start.pc`, then each frame's return address, and
+//! * **succeeds** when `rbp` reaches [`StackBounds::end`](klp_arch::StackBounds) (the
+//!   task's last frame: for the kernel, two words below the `pt_regs` at the top of
+//!   the stack, see [`kernel_stack_end`]), or reaches a *user-mode* register frame;
+//! * **fails** on a kernel-mode register frame (an interrupt or exception: the frame
+//!   pointer unwinder cannot know whether the interrupted code had set up its frame),
+//!   a frame off the stack or misaligned, a chain that does not go up, a return
+//!   address that is zero, unknown or the trampoline, or a full buffer.
+
+use core::mem::{offset_of, size_of};
+
+use klp_arch::model::HandStack;
+use klp_arch::{StackMemory, TraceSink, UnwindError, UnwindStart, check};
+
+/// The kernel's `struct pt_regs` on x86_64, as the walker reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct PtRegs {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub bp: u64,
+    pub bx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub ax: u64,
+    pub cx: u64,
+    pub dx: u64,
+    pub si: u64,
+    pub di: u64,
+    pub orig_ax: u64,
+    pub ip: u64,
+    pub cs: u64,
+    pub flags: u64,
+    pub sp: u64,
+    pub ss: u64,
+}
+
+/// Size of [`PtRegs`].
+pub const PT_REGS_SIZE: u64 = size_of::<PtRegs>() as u64;
+/// Offset of `cs` in [`PtRegs`] (its low two bits are the privilege level).
+pub const PT_REGS_CS: u64 = offset_of!(PtRegs, cs) as u64;
+/// Offset of `ip` in [`PtRegs`].
+pub const PT_REGS_IP: u64 = offset_of!(PtRegs, ip) as u64;
+const _: () = assert!(PT_REGS_SIZE == 21 * 8 && PT_REGS_CS == 17 * 8 && PT_REGS_IP == 16 * 8);
+
+/// Size and alignment of a frame record.
+pub const FRAME_SIZE: u64 = 16;
+
+/// The kernel's last frame of a task whose stack is `[_, high)`: the `pt_regs` sits at
+/// the top and the entry code's frame record two words below it.
+pub const fn kernel_stack_end(high: u64) -> u64 {
+    high.wrapping_sub(PT_REGS_SIZE).wrapping_sub(FRAME_SIZE)
+}
+
+/// The reliable walk (see the module docs).
+pub fn walk(
+    mem: &dyn StackMemory,
+    start: &UnwindStart,
+    sink: &mut dyn TraceSink,
+) -> Result<usize, UnwindError> {
+    let end = mem.bounds().end;
+    check::report(mem, sink, start.pc)?;
+    let mut n = 1;
+    let mut bp = start.fp;
+    loop {
+        if bp == end {
+            return Ok(n);
+        }
+        if bp & 1 == 1 {
+            let regs = bp & !1;
+            check::frame(mem, regs, PT_REGS_SIZE, 8)?;
+            let cs = check::word(mem, regs + PT_REGS_CS)?;
+            if cs & 3 == 3 {
+                return Ok(n);
+            }
+            return Err(UnwindError::ExceptionFrame { frame: regs });
+        }
+        if bp == 0 {
+            return Err(UnwindError::UnexpectedEnd { frame: bp });
+        }
+        check::frame(mem, bp, FRAME_SIZE, 8)?;
+        let next = check::word(mem, bp)?;
+        let ret = check::word(mem, bp + 8)?;
+        check::report(mem, sink, ret)?;
+        n += 1;
+        if next == 0 {
+            return Err(UnwindError::UnexpectedEnd { frame: bp });
+        }
+        check::progress(bp, next & !1)?;
+        bp = next;
+    }
+}
+
+/// Lays out a frame-pointer stack whose reliable trace is `trace` (see
+/// `Arch::model_stack`): frame records 32 bytes apart below the last frame.
+pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
+    let (&pc, rets) = trace.split_first()?;
+    let end = kernel_stack_end(mem.high());
+    mem.set_end(end);
+    let k = rets.len() as u64;
+    let lowest = end.checked_sub(0x20 * k)?;
+    if lowest < mem.bounds().low.checked_add(0x20)? {
+        return None;
+    }
+    // Frame j (1 = innermost) at end - 0x20 * (k + 1 - j), returning to rets[j - 1].
+    for (j, &ret) in (1..=k).zip(rets) {
+        let fp = end - 0x20 * (k + 1 - j);
+        let up = fp + 0x20;
+        if !(mem.set(fp, up) && mem.set(fp + 8, ret)) {
+            return None;
+        }
+    }
+    Some(UnwindStart {
+        pc,
+        sp: lowest - 8,
+        fp: lowest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::X86_64;
+    use klp_arch::model::HandStack;
+    use klp_arch::{UnwindStart, trace_reliable};
+
+    const LOW: u64 = 0xffff_c900_0000_0000;
+    const TEXT: u64 = 0xffff_ffff_8100_0000;
+
+    /// A task stack: pt_regs at the top, the entry frame below it, and `depth`
+    /// frames below that, each returning into `TEXT + 0x100 * i`.
+    fn stack(depth: u64) -> (HandStack, UnwindStart) {
+        let mut s = HandStack::new(LOW, TEXT..TEXT + 0x10_0000);
+        let end = kernel_stack_end(s.high());
+        s.set_end(end);
+        let mut upper = end;
+        for i in 1..=depth {
+            let fp = end - 0x20 * i;
+            assert!(s.set(fp, upper));
+            assert!(s.set(fp + 8, TEXT + 0x100 * (depth - i + 1)));
+            upper = fp;
+        }
+        let start = UnwindStart {
+            pc: TEXT + 0x10,
+            sp: upper - 8,
+            fp: upper,
+        };
+        (s, start)
+    }
+
+    fn walk(s: &HandStack, st: &UnwindStart) -> Result<std::vec::Vec<u64>, UnwindError> {
+        trace_reliable::<X86_64>(s, st).map(|t| t.as_slice().to_vec())
+    }
+
+    #[test]
+    fn clean_walk_reaches_the_last_frame() {
+        let (s, st) = stack(3);
+        assert_eq!(
+            walk(&s, &st),
+            Ok(std::vec![
+                TEXT + 0x10,
+                TEXT + 0x100,
+                TEXT + 0x200,
+                TEXT + 0x300
+            ])
+        );
+    }
+
+    #[test]
+    fn user_mode_register_frame_ends_the_walk() {
+        let (mut s, mut st) = stack(1);
+        let regs = LOW + 0x800;
+        s.set(regs + PT_REGS_CS, 0x33);
+        let fp = regs - 0x20;
+        s.set(fp, regs | 1);
+        s.set(fp + 8, TEXT + 0x500);
+        st.fp = fp;
+        assert_eq!(walk(&s, &st), Ok(std::vec![TEXT + 0x10, TEXT + 0x500]));
+    }
+
+    #[test]
+    fn kernel_mode_register_frame_is_unreliable() {
+        let (mut s, mut st) = stack(2);
+        let regs = LOW + 0x800;
+        s.set(regs + PT_REGS_CS, 0x10);
+        let fp = regs - 0x20;
+        s.set(fp, regs | 1);
+        s.set(fp + 8, TEXT + 0x500);
+        st.fp = fp;
+        assert_eq!(
+            walk(&s, &st),
+            Err(UnwindError::ExceptionFrame { frame: regs })
+        );
+    }
+
+    #[test]
+    fn each_unreliable_reason() {
+        let (s0, st0) = stack(3);
+        let f1 = st0.fp;
+        // Unknown return address.
+        let mut s = s0.clone();
+        s.set(f1 + 8, 0x1234);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::UnknownReturnAddress { addr: 0x1234 })
+        );
+        s.set(f1 + 8, 0);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::UnknownReturnAddress { addr: 0 })
+        );
+        // The start pc itself.
+        let st = UnwindStart { pc: 7, ..st0 };
+        assert_eq!(
+            walk(&s0, &st),
+            Err(UnwindError::UnknownReturnAddress { addr: 7 })
+        );
+        // Frame outside the stack.
+        let mut s = s0.clone();
+        s.set(f1, LOW + HandStack::SIZE + 0x100);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::FrameOutsideStack {
+                frame: LOW + HandStack::SIZE + 0x100
+            })
+        );
+        // No progress: a frame pointing at itself, and one pointing down.
+        let mut s = s0.clone();
+        s.set(f1, f1);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::NoProgress {
+                frame: f1,
+                next: f1
+            })
+        );
+        s.set(f1, f1 - 0x20);
+        assert!(matches!(
+            walk(&s, &st0),
+            Err(UnwindError::NoProgress { .. })
+        ));
+        // Misaligned.
+        let mut s = s0.clone();
+        s.set(f1, f1 + 0x44);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::Misaligned { frame: f1 + 0x44 })
+        );
+        // Chain ends (zero) before the last frame.
+        let mut s = s0.clone();
+        s.set(f1, 0);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::UnexpectedEnd { frame: f1 })
+        );
+        // The trampoline on the stack.
+        let mut s = s0.clone();
+        s.set_trampoline(TEXT + 0x200..TEXT + 0x280);
+        assert_eq!(
+            walk(&s, &st0),
+            Err(UnwindError::Trampoline { addr: TEXT + 0x200 })
+        );
+    }
+
+    #[test]
+    fn hundred_frames_are_unreliable() {
+        // start.pc + 98 frames = 99 entries: reliable; one more frame: buffer full.
+        let (s, st) = stack(98);
+        assert_eq!(walk(&s, &st).map(|t| t.len()), Ok(99));
+        let (s, st) = stack(99);
+        assert_eq!(walk(&s, &st), Err(UnwindError::BufferFull));
+    }
+
+    extern crate std;
+}
