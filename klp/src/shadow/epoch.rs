@@ -1,0 +1,381 @@
+//! Epoch-based deferred reclamation: the store's stand-in for RCU.
+//!
+//! A reader *pins* the store before it reads the tables. Pinning writes the current
+//! global epoch into a free participant slot; unpinning clears the slot. A writer that
+//! unlinks a node or a table does not free it: it *retires* it, tagged with the global
+//! epoch read after the unlink. The global epoch only moves from `e` to `e + 1` when no
+//! slot is pinned at an epoch other than `e`, so once it has moved two steps past a
+//! tag, every reader that could still see the retired item has unpinned: the item can be
+//! freed. This is the classic protocol (the one `crossbeam-epoch` uses), with two
+//! differences that suit the store: slots are claimed per guard rather than per thread
+//! (no thread registration, works the same in `no_std`), and retired items are linked
+//! through a header inside them, so retiring never allocates.
+
+use core::alloc::Layout;
+use core::ptr;
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering, fence};
+
+/// Participant slots per chunk.
+const SLOTS_PER_CHUNK: usize = 64;
+
+/// Value of a slot nobody holds.
+const FREE: usize = 0;
+
+/// Aligns its content on its own pair of cache lines (the x86 prefetcher pulls lines in
+/// pairs), so that two slots written by different CPUs never share a line.
+#[repr(align(128))]
+#[derive(Debug)]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+/// The slot value of a guard pinned at global epoch `epoch`: always odd, never [`FREE`].
+#[inline]
+fn pinned(epoch: usize) -> usize {
+    (epoch << 1) | 1
+}
+
+/// A fixed block of participant slots, and the link to the next block.
+///
+/// # Invariants
+///
+/// 1. Once non-null, `next` never changes, and the chunk it points to lives (allocated
+///    with [`Layout::new::<Chunk>()`]) until the owning [`Epochs`] is dropped.
+/// 2. An all-zero `Chunk` is valid: every slot [`FREE`], `next` null.
+#[derive(Debug)]
+struct Chunk {
+    slots: [Padded<AtomicUsize>; SLOTS_PER_CHUNK],
+    next: AtomicPtr<Chunk>,
+}
+
+impl Chunk {
+    const fn new() -> Self {
+        Chunk {
+            slots: [const { Padded(AtomicUsize::new(FREE)) }; SLOTS_PER_CHUNK],
+            next: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+}
+
+/// The global epoch and the participant slots of one store.
+#[derive(Debug)]
+pub(crate) struct Epochs {
+    global: Padded<AtomicUsize>,
+    first: Chunk,
+}
+
+impl Epochs {
+    pub(crate) const fn new() -> Self {
+        Epochs {
+            global: Padded(AtomicUsize::new(0)),
+            first: Chunk::new(),
+        }
+    }
+
+    /// Iterates over the chunks, first to last.
+    fn chunks(&self) -> impl Iterator<Item = &Chunk> {
+        let mut next: *const Chunk = &self.first;
+        core::iter::from_fn(move || {
+            // SAFETY: `next` is null, `&self.first`, or a chunk published in a `next`
+            // field, which lives as long as `self` (Chunk invariant 1).
+            let chunk = unsafe { next.as_ref() }?;
+            next = chunk.next.load(Ordering::Acquire);
+            Some(chunk)
+        })
+    }
+
+    /// Claims a free slot and pins it at the current epoch. Never fails: when all slots
+    /// are taken it appends a chunk, and if even that allocation fails it retries until
+    /// some other guard unpins.
+    pub(crate) fn pin(&self) -> &AtomicUsize {
+        let start = start_hint();
+        loop {
+            let mut chunk: &Chunk = &self.first;
+            loop {
+                for i in 0..SLOTS_PER_CHUNK {
+                    let slot = &chunk.slots[(start + i) % SLOTS_PER_CHUNK].0;
+                    if slot.load(Ordering::Relaxed) != FREE {
+                        continue;
+                    }
+                    let value = pinned(self.global.0.load(Ordering::Relaxed));
+                    if slot
+                        .compare_exchange(FREE, value, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        // Orders the slot store before every load of the critical section,
+                        // against the fence in `try_advance`.
+                        fence(Ordering::SeqCst);
+                        return slot;
+                    }
+                }
+                let next = chunk.next.load(Ordering::Acquire);
+                // SAFETY: a non-null `next` is a live chunk (Chunk invariant 1).
+                match unsafe { next.as_ref() } {
+                    Some(n) => chunk = n,
+                    None => match self.append(chunk) {
+                        Some(n) => chunk = n,
+                        None => break,
+                    },
+                }
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Appends a chunk after `last` (or returns the one another thread appended).
+    /// `None` when the allocation fails.
+    fn append<'a>(&'a self, last: &'a Chunk) -> Option<&'a Chunk> {
+        let layout = Layout::new::<Chunk>();
+        // SAFETY: `Chunk` is not zero-sized.
+        let new = unsafe { alloc::alloc::alloc_zeroed(layout) }.cast::<Chunk>();
+        if new.is_null() {
+            return None;
+        }
+        match last
+            .next
+            .compare_exchange(ptr::null_mut(), new, Ordering::AcqRel, Ordering::Acquire)
+        {
+            // SAFETY: an all-zero chunk is valid (Chunk invariant 2) and, now published,
+            // lives as long as `self` (invariant 1).
+            Ok(_) => Some(unsafe { &*new }),
+            Err(other) => {
+                // SAFETY: `new` came from `alloc_zeroed(layout)` and was never published.
+                unsafe { alloc::alloc::dealloc(new.cast(), layout) };
+                // SAFETY: `other` is a published, live chunk (invariant 1).
+                Some(unsafe { &*other })
+            }
+        }
+    }
+
+    /// Releases a slot returned by [`Epochs::pin`].
+    #[inline]
+    pub(crate) fn unpin(slot: &AtomicUsize) {
+        slot.store(FREE, Ordering::Release);
+    }
+
+    /// The epoch to tag an item with, read after the item was unlinked.
+    #[inline]
+    pub(crate) fn retire_epoch(&self) -> usize {
+        fence(Ordering::SeqCst);
+        self.global.0.load(Ordering::Relaxed)
+    }
+
+    /// Moves the global epoch one step if every pinned slot has seen the current one.
+    /// Returns the global epoch after the attempt.
+    pub(crate) fn try_advance(&self) -> usize {
+        let global = self.global.0.load(Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let current = pinned(global);
+        for chunk in self.chunks() {
+            for slot in &chunk.slots {
+                let value = slot.0.load(Ordering::Relaxed);
+                if value != FREE && value != current {
+                    return global;
+                }
+            }
+        }
+        fence(Ordering::Acquire);
+        let next = global.wrapping_add(1);
+        match self
+            .global
+            .0
+            .compare_exchange(global, next, Ordering::Release, Ordering::Relaxed)
+        {
+            Ok(_) => next,
+            Err(now) => now,
+        }
+    }
+}
+
+impl Drop for Epochs {
+    fn drop(&mut self) {
+        let mut next = *self.first.next.get_mut();
+        while !next.is_null() {
+            // SAFETY: `next` is a chunk allocated by `append` with `Layout::new::<Chunk>()`
+            // (Chunk invariant 1); `&mut self` means nobody else uses it, and each chunk is
+            // freed once since we read its link before freeing it.
+            unsafe {
+                let after = (*next).next.load(Ordering::Relaxed);
+                alloc::alloc::dealloc(next.cast(), Layout::new::<Chunk>());
+                next = after;
+            }
+        }
+    }
+}
+
+/// A starting slot index that differs between threads without knowing about threads:
+/// derived from the address of the caller's stack.
+#[inline]
+fn start_hint() -> usize {
+    let marker = 0u8;
+    let addr = ptr::addr_of!(marker) as usize;
+    ((addr >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as usize) >> 58) % SLOTS_PER_CHUNK
+}
+
+/// Whether an item retired at epoch `tag` can be freed when the global epoch is `global`.
+///
+/// `global` may be older than `tag`: a caller can read the epoch, lose the race to other
+/// threads that advance it and retire more items, and only then look at the list. The
+/// difference is therefore taken as signed (epochs wrap, but never by half their range
+/// between two looks), so a tag from the caller's future is never expired.
+#[inline]
+fn expired(tag: usize, global: usize) -> bool {
+    (global.wrapping_sub(tag) as isize) >= 2
+}
+
+/// The header every retirable allocation starts with (`#[repr(C)]`, first field).
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct Retired {
+    next: *mut Retired,
+    epoch: usize,
+    /// Frees the whole allocation this header starts.
+    free: unsafe fn(*mut Retired),
+}
+
+impl Retired {
+    pub(crate) const fn new(free: unsafe fn(*mut Retired)) -> Self {
+        Retired {
+            next: ptr::null_mut(),
+            epoch: 0,
+            free,
+        }
+    }
+}
+
+/// A FIFO of retired items, oldest first, so tags never decrease along the list.
+///
+/// # Invariants
+///
+/// 1. Every item in the list is a live allocation starting with a [`Retired`] header,
+///    owned by the list alone (nothing reachable from the tables points to it any more),
+///    whose `free` function may be called once on it.
+/// 2. `head` is null iff `tail` is null iff `len == 0`; `tail.next` is null.
+#[derive(Debug)]
+pub(crate) struct RetireList {
+    head: *mut Retired,
+    tail: *mut Retired,
+    len: usize,
+}
+
+// SAFETY: the list owns its items (invariant 1). The items are shadow nodes, whose data is
+// `Send` (untyped bytes or a `T: Send`), and tables, which hold only atomics; freeing them
+// from another thread is fine.
+unsafe impl Send for RetireList {}
+
+impl RetireList {
+    pub(crate) const fn new() -> Self {
+        RetireList {
+            head: ptr::null_mut(),
+            tail: ptr::null_mut(),
+            len: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends `item`, tagged with `epoch`.
+    ///
+    /// # Safety
+    ///
+    /// 1. `item` points to a live allocation that starts with a [`Retired`] header whose
+    ///    `free` function frees it.
+    /// 2. `item` is unreachable from the tables (unlinked before `epoch` was read by
+    ///    [`Epochs::retire_epoch`]), is in no list, and nobody else will free it.
+    pub(crate) unsafe fn push(&mut self, item: *mut Retired, epoch: usize) {
+        // SAFETY: `item` is live and exclusively ours (conditions 1, 2).
+        unsafe {
+            (*item).next = ptr::null_mut();
+            (*item).epoch = epoch;
+        }
+        if self.tail.is_null() {
+            self.head = item;
+        } else {
+            // SAFETY: a non-null tail is a live item of this list (invariant 1).
+            unsafe { (*self.tail).next = item };
+        }
+        self.tail = item;
+        self.len += 1;
+    }
+
+    /// Detaches the items that can be freed at global epoch `global`.
+    pub(crate) fn take_expired(&mut self, global: usize) -> RetireList {
+        let mut out = RetireList::new();
+        while !self.head.is_null() {
+            let item = self.head;
+            // SAFETY: `item` is a live item of this list (invariant 1).
+            let (tag, next) = unsafe { ((*item).epoch, (*item).next) };
+            if !expired(tag, global) {
+                break;
+            }
+            self.head = next;
+            if next.is_null() {
+                self.tail = ptr::null_mut();
+            }
+            self.len -= 1;
+            // SAFETY: `item` left this list and goes to `out`, keeping its tag; it stays
+            // exclusively owned and unreachable.
+            unsafe { out.push(item, tag) };
+        }
+        out
+    }
+
+    /// Frees every item.
+    ///
+    /// # Safety
+    ///
+    /// 1. No reader can still hold a reference into any item: either the items came from
+    ///    [`RetireList::take_expired`], or the store is being dropped.
+    pub(crate) unsafe fn free_all(mut self) {
+        let mut item = self.head;
+        self.head = ptr::null_mut();
+        self.tail = ptr::null_mut();
+        self.len = 0;
+        while !item.is_null() {
+            // SAFETY: `item` is live and owned by the list (invariant 1); we read its link
+            // before freeing it, and no reader uses it (condition 1).
+            unsafe {
+                let next = (*item).next;
+                ((*item).free)(item);
+                item = next;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_epoch_advances_only_when_pins_caught_up() {
+        let e = Epochs::new();
+        assert_eq!(e.try_advance(), 1);
+        let slot = e.pin();
+        assert_eq!(
+            e.try_advance(),
+            2,
+            "a pin at the current epoch does not block"
+        );
+        assert_eq!(e.try_advance(), 2, "a pin at an older epoch blocks");
+        Epochs::unpin(slot);
+        assert_eq!(e.try_advance(), 3);
+        assert!(expired(1, 3));
+        assert!(!expired(2, 3));
+        // A tag newer than the caller's (stale) view of the epoch is not expired.
+        assert!(!expired(5, 3));
+        assert!(!expired(4, 3));
+        assert!(expired(usize::MAX, 1), "epochs wrap");
+    }
+
+    #[test]
+    fn shadow_epoch_grows_beyond_one_chunk() {
+        let e = Epochs::new();
+        let slots: alloc::vec::Vec<&AtomicUsize> =
+            (0..SLOTS_PER_CHUNK * 2 + 3).map(|_| e.pin()).collect();
+        assert_eq!(e.chunks().count(), 3);
+        for s in slots {
+            Epochs::unpin(s);
+        }
+    }
+}
