@@ -1,0 +1,891 @@
+//! The process as the core's world: [`ProcessHost`] implements [`klp::Host`], and
+//! [`Process`] owns the core and serialises every operation on it.
+//!
+//! There is one [`Process`] per process ([`Process::global`]), as there is one
+//! livepatch core per kernel: the threads' patch states are process-wide.
+//!
+//! What maps to what:
+//!
+//! | kernel | here |
+//! |---|---|
+//! | tasks | registered threads ([`crate::thread`]); no idle tasks |
+//! | vmlinux / modules | the executable / loaded shared objects ([`crate::symbols`]) |
+//! | kallsyms | the symbol index |
+//! | `stack_trace_save_tsk_reliable` | a stop by signal and the arch unwinder ([`crate::stack`]) |
+//! | a task running on another CPU | a thread that blocks klp's signal (read from `/proc`; qemu-user keeps guest masks to itself, so there such a thread shows as not answering the stack check instead) |
+//! | fake signal | klp's signal plus a wake-up of [`crate::thread::idle_wait`] |
+//! | `klp_synchronize_transition` | a signal round every thread acknowledges |
+//! | `klp_transition_work`, `free_work` | klp's worker thread (every ~1 s / at once) |
+//! | livepatch module refs | patches registered through [`Process::enable_patch`] |
+//! | module coming / going | [`Process::dlopen`], [`Library::close`], [`Process::refresh_modules`] |
+//! | ftrace (the entry hook) | **not yet**: [`Host::hook_site`] finds no site, so enabling a patch of a loaded function fails with `-EINVAL` |
+//! | dmesg | a ring buffer ([`Process::log`]), optionally copied to stderr |
+//!
+//! Dynamic debug starts as in the kernel: `pr_debug` lines are dropped unless
+//! [`Config::dyndbg`] is set.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use klp::{
+    Addr, Blocked, Errno, HookError, Host, IdleTask, Klp, Level, PatchDesc, PatchId, PatchState,
+    Record, RedirectView, TaskId, TraceError,
+};
+
+use crate::stack::{self, CheckOptions, TraceFailure};
+use crate::symbols::{Changes, SymbolIndex};
+use crate::thread::{self, ForkGate, ThreadRecord};
+
+/// Settings of the process host.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Copy every log line to stderr.
+    pub log_stderr: bool,
+    /// Emit the core's `pr_debug` lines (the kernel's default is off).
+    pub dyndbg: bool,
+    /// Functions whose debug lines stay off even with `dyndbg` (the selftests switch off
+    /// `klp_try_switch_task`).
+    pub dyndbg_off: Vec<&'static str>,
+    /// Lines kept in the log ring.
+    pub log_capacity: usize,
+    /// How stack checks are done (handshake timeouts, walk policy).
+    pub checks: CheckOptions,
+    /// Delay of the retry work (the kernel's `round_jiffies_relative(HZ)`).
+    pub retry_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            log_stderr: false,
+            dyndbg: false,
+            dyndbg_off: Vec::new(),
+            log_capacity: 4096,
+            checks: CheckOptions::default(),
+            retry_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The log ring.
+#[derive(Debug, Default)]
+pub struct LogRing {
+    lines: VecDeque<String>,
+    total: u64,
+    cap: usize,
+}
+
+impl LogRing {
+    fn push(&mut self, line: String) {
+        if self.lines.len() >= self.cap.max(1) {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(line);
+        self.total += 1;
+    }
+}
+
+#[derive(Debug, Default)]
+struct PatchModule {
+    refcnt: u32,
+}
+
+/// The world of the core inside this process. See the module documentation.
+#[derive(Debug)]
+pub struct ProcessHost {
+    config: Config,
+    log: Arc<Mutex<LogRing>>,
+    index: Arc<SymbolIndex>,
+    modules: BTreeMap<String, PatchModule>,
+    views: HashMap<Addr, RedirectView>,
+    cache: HashMap<TaskId, Arc<ThreadRecord>>,
+    failures: HashMap<TaskId, TraceFailure>,
+    retry_due: Option<Instant>,
+    free_queue: Vec<PatchId>,
+    warnings: u64,
+}
+
+impl ProcessHost {
+    fn rec(&self, t: TaskId) -> Option<Arc<ThreadRecord>> {
+        match self.cache.get(&t) {
+            Some(r) => Some(r.clone()),
+            None => thread::find(t),
+        }
+    }
+
+    fn line(&self, text: String) {
+        if self.config.log_stderr {
+            eprintln!("{text}");
+        }
+        lock(&self.log).push(text);
+    }
+
+    /// The symbol index in use.
+    pub fn symbols(&self) -> &Arc<SymbolIndex> {
+        &self.index
+    }
+
+    /// The view published for `site`, if any.
+    pub fn view(&self, site: Addr) -> Option<RedirectView> {
+        self.views.get(&site).copied()
+    }
+
+    /// Number of `WARN`s the core reported.
+    pub fn warnings(&self) -> u64 {
+        self.warnings
+    }
+
+    /// Why the last stack check of `t` failed, if it did.
+    pub fn last_failure(&self, t: TaskId) -> Option<TraceFailure> {
+        self.failures.get(&t).copied()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether `sig` is blocked in thread `tid` (`SigBlk` of its status file).
+fn signal_blocked(tid: i32, sig: libc::c_int) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
+        return false;
+    };
+    sigblk_has(&s, sig)
+}
+
+/// Whether the `SigBlk:` mask of a `/proc/.../status` text contains `sig`.
+fn sigblk_has(status: &str, sig: libc::c_int) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|mask| sig >= 1 && mask & (1u64 << (sig - 1)) != 0)
+}
+
+impl Host for ProcessHost {
+    fn log(&mut self, rec: Record<'_>) {
+        if rec.level == Level::Debug
+            && (!self.config.dyndbg || self.config.dyndbg_off.contains(&rec.func))
+        {
+            return;
+        }
+        self.line(rec.text.to_string());
+    }
+
+    fn warn(&mut self, what: &str) {
+        self.warnings += 1;
+        self.line(format!("WARNING: {what}"));
+    }
+
+    fn reliable_stacktrace(&self) -> bool {
+        klp::arch::SUPPORTED && <klp::arch::Native as klp::arch::Arch>::HAVE_RELIABLE_STACKTRACE
+    }
+
+    fn module_is_livepatch(&self, patch_module: &str) -> bool {
+        self.modules.contains_key(patch_module)
+    }
+
+    fn module_get(&mut self, patch_module: &str) -> bool {
+        match self.modules.get_mut(patch_module) {
+            Some(m) => {
+                m.refcnt += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn module_put(&mut self, patch_module: &str) {
+        if let Some(m) = self.modules.get_mut(patch_module) {
+            m.refcnt = m.refcnt.saturating_sub(1);
+            if m.refcnt == 0 {
+                self.modules.remove(patch_module);
+            }
+        }
+    }
+
+    fn symbol_candidates(&self, obj: Option<&str>, name: &str) -> Vec<Addr> {
+        self.index.candidates(obj, name).to_vec()
+    }
+
+    fn symbol_size(&self, addr: Addr) -> Option<u64> {
+        self.index.size_of(addr)
+    }
+
+    /// No entry trampolines exist yet: no function has a usable site.
+    fn hook_site(&self, _addr: Addr) -> Option<Addr> {
+        None
+    }
+
+    /// Never reached while [`Host::hook_site`] finds no site; refuses if it is.
+    fn hook_register(&mut self, _site: Addr) -> Result<(), HookError> {
+        Err(HookError::Register(Errno::ENOSYS))
+    }
+
+    fn hook_unregister(&mut self, _site: Addr) {}
+
+    fn hook_publish(&mut self, site: Addr, view: Option<RedirectView>) {
+        match view {
+            Some(v) => {
+                self.views.insert(site, v);
+            }
+            None => {
+                self.views.remove(&site);
+            }
+        }
+    }
+
+    fn tasks(&self) -> Vec<TaskId> {
+        thread::threads()
+            .iter()
+            .filter(|r| r.alive())
+            .map(|r| r.id)
+            .collect()
+    }
+
+    fn idle_tasks(&self) -> Vec<IdleTask> {
+        Vec::new()
+    }
+
+    fn current(&self) -> TaskId {
+        thread::register_current().id
+    }
+
+    fn patch_state(&self, t: TaskId) -> PatchState {
+        self.rec(t).map_or(PatchState::Idle, |r| r.patch_state())
+    }
+
+    fn set_patch_state(&mut self, t: TaskId, s: PatchState) {
+        if let Some(r) = self.rec(t) {
+            r.set_patch_state(s);
+        }
+    }
+
+    fn patch_pending(&self, t: TaskId) -> bool {
+        self.rec(t).is_some_and(|r| r.pending())
+    }
+
+    fn set_patch_pending(&mut self, t: TaskId, pending: bool) {
+        if let Some(r) = self.rec(t) {
+            r.set_pending(pending);
+        }
+    }
+
+    fn task_ident(&self, t: TaskId) -> (String, i64) {
+        self.rec(t)
+            .map_or((String::new(), 0), |r| (r.comm(), i64::from(r.tid())))
+    }
+
+    fn is_kthread(&self, t: TaskId) -> bool {
+        self.rec(t).is_some_and(|r| r.is_kthread())
+    }
+
+    fn task_running_elsewhere(&self, t: TaskId) -> bool {
+        self.rec(t).is_some_and(|r| {
+            r.alive() && r.tid() != 0 && signal_blocked(r.tid(), stack::signal_number())
+        })
+    }
+
+    fn stack_trace_reliable(&mut self, t: TaskId, max: usize) -> Result<Vec<Addr>, TraceError> {
+        let Some(r) = self.rec(t) else {
+            return Ok(Vec::new());
+        };
+        match stack::trace_of(&r, &self.index, self.config.checks, max) {
+            Ok(v) => {
+                self.failures.remove(&t);
+                Ok(v)
+            }
+            Err(TraceFailure::Gone) => Ok(Vec::new()),
+            Err(e) => {
+                self.failures.insert(t, e);
+                Err(match e {
+                    TraceFailure::TooDeep => TraceError::TooDeep,
+                    _ => TraceError::Unreliable,
+                })
+            }
+        }
+    }
+
+    fn fake_signal(&mut self, t: TaskId) {
+        if let Some(r) = self.rec(t) {
+            thread::wake(&r);
+            stack::signal(&r);
+        }
+    }
+
+    fn wake_kthread(&mut self, t: TaskId) {
+        self.fake_signal(t);
+    }
+
+    fn wake_cpu(&mut self, _cpu: u32) {}
+
+    fn synchronize(&mut self) {
+        stack::sync_round(self.config.checks.answer);
+    }
+
+    fn schedule_retry(&mut self) {
+        if self.retry_due.is_none() {
+            self.retry_due = Some(Instant::now() + self.config.retry_interval);
+        }
+    }
+
+    fn schedule_free(&mut self, patch: PatchId) {
+        self.free_queue.push(patch);
+    }
+}
+
+struct Core {
+    klp: Klp<ProcessHost>,
+    host: ProcessHost,
+}
+
+/// A loaded shared object, opened through [`Process::dlopen`].
+#[derive(Debug)]
+pub struct Library {
+    handle: usize,
+    /// Its module name.
+    pub name: String,
+}
+
+impl Library {
+    /// `dlclose`s the library, then tells the core that the module went away (if it
+    /// did: the object may stay loaded for other users).
+    pub fn close(self, p: &Process) -> Changes {
+        // SAFETY: `handle` came from a successful `dlopen` and is closed once (`self` is
+        // consumed).
+        unsafe { libc::dlclose(self.handle as *mut libc::c_void) };
+        p.refresh_modules().0
+    }
+}
+
+/// One patch as `/sys/kernel/livepatch/<name>` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatchInfo {
+    /// Directory name.
+    pub name: String,
+    /// `enabled`.
+    pub enabled: bool,
+    /// `transition`.
+    pub transition: bool,
+    /// Whether a forced transition involved it (`force` itself is write-only).
+    pub forced: bool,
+    /// `replace`.
+    pub replace: bool,
+    /// `stack_order`.
+    pub stack_order: u64,
+    /// The objects: (name, `patched`, function directories).
+    pub objects: Vec<(String, bool, Vec<String>)>,
+}
+
+/// One thread as the control interface shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadInfo {
+    /// Task id.
+    pub task: TaskId,
+    /// Kernel thread id.
+    pub tid: i32,
+    /// Command name.
+    pub comm: String,
+    /// `patch_state`.
+    pub state: PatchState,
+    /// Pending flag.
+    pub pending: bool,
+    /// klp's own service thread.
+    pub kthread: bool,
+}
+
+/// What blocks one thread of the running transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blocker {
+    /// The thread.
+    pub thread: ThreadInfo,
+    /// The core's reason.
+    pub reason: Blocked,
+    /// The host's detail when the stack could not be checked.
+    pub detail: Option<String>,
+    /// The blocking frame's address described with the symbol index.
+    pub frame_symbol: Option<String>,
+}
+
+/// A running transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransitionStatus {
+    /// The patch in transition.
+    pub patch: String,
+    /// The target state.
+    pub target: PatchState,
+    /// Threads (tasks) in total.
+    pub total: usize,
+    /// Threads already at the target.
+    pub switched: usize,
+    /// What blocks the others.
+    pub blockers: Vec<Blocker>,
+}
+
+/// The process host and its core. See the module documentation.
+pub struct Process {
+    core: Mutex<Core>,
+    log: Arc<Mutex<LogRing>>,
+    stop: AtomicBool,
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process").finish_non_exhaustive()
+    }
+}
+
+static GLOBAL: OnceLock<Process> = OnceLock::new();
+
+impl Process {
+    /// Creates the process's host with `config`, unless it exists already (then the
+    /// existing one is returned and `config` is ignored: see [`Process::configured`]).
+    pub fn init(config: Config) -> &'static Process {
+        let mut fresh = false;
+        let p = GLOBAL.get_or_init(|| {
+            fresh = true;
+            Process::new(config)
+        });
+        if fresh {
+            p.boot();
+        }
+        p
+    }
+
+    /// The process's host (created with the default configuration on first use).
+    pub fn global() -> &'static Process {
+        Self::init(Config::default())
+    }
+
+    /// The configuration in force.
+    pub fn configured(&self) -> Config {
+        lock(&self.core).host.config.clone()
+    }
+
+    fn new(config: Config) -> Process {
+        let log = Arc::new(Mutex::new(LogRing {
+            cap: config.log_capacity,
+            ..LogRing::default()
+        }));
+        Process {
+            core: Mutex::new(Core {
+                klp: Klp::new(),
+                host: ProcessHost {
+                    config,
+                    log: log.clone(),
+                    index: Arc::new(SymbolIndex::default()),
+                    modules: BTreeMap::new(),
+                    views: HashMap::new(),
+                    cache: HashMap::new(),
+                    failures: HashMap::new(),
+                    retry_due: None,
+                    free_queue: Vec::new(),
+                    warnings: 0,
+                },
+            }),
+            log,
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// Indexes the loaded objects (every shared object loaded now is a live module)
+    /// and starts the worker thread.
+    fn boot(&'static self) {
+        stack::install_handler();
+        self.refresh_modules();
+        let spawned = std::thread::Builder::new()
+            .name("klp-worker".into())
+            .spawn(move || {
+                thread::mark_kthread();
+                while !self.stop.load(Ordering::Acquire) {
+                    thread::idle_wait(Duration::from_millis(50));
+                    self.run_due_work();
+                }
+            });
+        if spawned.is_err() {
+            self.with_core(|_, h| h.line("klp-user: cannot start the worker thread".into()));
+        }
+    }
+
+    /// Runs one core operation: registers the caller, holds the fork gate and the core
+    /// lock, and publishes the target for late-registering threads.
+    pub fn with_core<R>(&self, f: impl FnOnce(&mut Klp<ProcessHost>, &mut ProcessHost) -> R) -> R {
+        thread::register_current();
+        let _gate = ForkGate::exclusive();
+        let mut c = lock(&self.core);
+        let Core { klp, host } = &mut *c;
+        host.cache = thread::threads().into_iter().map(|r| (r.id, r)).collect();
+        let r = f(klp, host);
+        thread::publish_target(klp.target());
+        r
+    }
+
+    /// Runs the retry work if it is due and the pending free work.
+    pub fn run_due_work(&self) {
+        let due = {
+            let c = lock(&self.core);
+            !c.host.free_queue.is_empty() || c.host.retry_due.is_some_and(|d| Instant::now() >= d)
+        };
+        if due {
+            self.with_core(|klp, host| {
+                for id in std::mem::take(&mut host.free_queue) {
+                    klp.free_work(host, id);
+                }
+                if host.retry_due.is_some_and(|d| Instant::now() >= d) {
+                    host.retry_due = None;
+                    klp.retry_work(host);
+                }
+            });
+        }
+    }
+
+    /// Runs the retry work now (one completion attempt), then the free work.
+    pub fn retry_now(&self) {
+        self.with_core(|klp, host| {
+            host.retry_due = None;
+            klp.retry_work(host);
+            for id in std::mem::take(&mut host.free_queue) {
+                klp.free_work(host, id);
+            }
+        });
+    }
+
+    /// Loads a patch: registers its module as a livepatch module and enables it
+    /// (`insmod` of a livepatch module). On error nothing of it remains. Callbacks run
+    /// on whichever thread performs the core operation, with the core locked: they must
+    /// not call into [`Process`].
+    pub fn enable_patch(&self, desc: PatchDesc<ProcessHost>) -> Result<PatchId, Errno> {
+        self.with_core(|klp, host| {
+            let name = desc.module.clone();
+            if host.modules.contains_key(&name) {
+                host.line(format!("klp-user: patch module '{name}' is already loaded"));
+                return Err(Errno::EEXIST);
+            }
+            host.modules.insert(name.clone(), PatchModule::default());
+            let r = klp.enable_patch(host, desc);
+            if r.is_err() && host.modules.get(&name).is_some_and(|m| m.refcnt == 0) {
+                host.modules.remove(&name);
+            }
+            r
+        })
+    }
+
+    /// Re-indexes the loaded objects; tells the core about modules that went away and
+    /// modules that arrived. Returns what changed and the modules the core refused
+    /// (a patch could not be applied to them), with the error.
+    pub fn refresh_modules(&self) -> (Changes, Vec<(String, Errno)>) {
+        self.with_core(|klp, host| {
+            let (idx, ch) = host.index.refresh();
+            host.index = Arc::new(idx);
+            for m in &ch.removed {
+                klp.module_going(host, m);
+            }
+            let mut refused = Vec::new();
+            for m in &ch.added {
+                if m == "vmlinux" {
+                    continue;
+                }
+                if let Err(e) = klp.module_coming(host, m) {
+                    refused.push((m.clone(), e));
+                }
+            }
+            (ch, refused)
+        })
+    }
+
+    /// `dlopen`s a shared object and announces it to the core (patches for it apply
+    /// now). If the core refuses it, the library is closed again and the error
+    /// returned, like a module whose load fails.
+    pub fn dlopen(&self, path: &str) -> Result<Library, Errno> {
+        let c = CString::new(path).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: `c` is a NUL-terminated path; loading runs the object's constructors,
+        // which is what the caller asks for.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if h.is_null() {
+            lock(&self.log).push(format!("klp-user: dlopen '{path}' failed"));
+            return Err(Errno::ENOENT);
+        }
+        let name = crate::symbols::module_name(path);
+        let (_, refused) = self.refresh_modules();
+        if let Some((_, e)) = refused.into_iter().find(|(m, _)| *m == name) {
+            // SAFETY: `h` came from the successful `dlopen` above and is closed once.
+            unsafe { libc::dlclose(h) };
+            self.refresh_modules();
+            return Err(e);
+        }
+        Ok(Library {
+            handle: h as usize,
+            name,
+        })
+    }
+
+    /// Reads a sysfs attribute under `/sys/kernel/livepatch`.
+    pub fn sysfs_read(&self, path: &[&str]) -> Result<String, Errno> {
+        lock(&self.core).klp.sysfs_read(path)
+    }
+
+    /// Writes a sysfs attribute under `/sys/kernel/livepatch`.
+    pub fn sysfs_write(&self, path: &[&str], data: &str) -> Result<usize, Errno> {
+        self.with_core(|klp, host| klp.sysfs_write(host, path, data))
+    }
+
+    /// `echo 1 > enabled` (only meaningful to reverse a disabling transition, as in
+    /// the kernel).
+    pub fn enable(&self, patch: &str) -> Result<(), Errno> {
+        self.sysfs_write(&[patch, "enabled"], "1").map(drop)
+    }
+
+    /// `echo 0 > enabled`.
+    pub fn disable(&self, patch: &str) -> Result<(), Errno> {
+        self.sysfs_write(&[patch, "enabled"], "0").map(drop)
+    }
+
+    /// `echo 1 > force`.
+    pub fn force(&self, patch: &str) -> Result<(), Errno> {
+        self.sysfs_write(&[patch, "force"], "1").map(drop)
+    }
+
+    /// The patches, as the sysfs tree shows them.
+    pub fn list(&self) -> Vec<PatchInfo> {
+        let c = lock(&self.core);
+        let klp = &c.klp;
+        let attr = |p: &str, a: &str| -> u64 {
+            klp.sysfs_read(&[p, a])
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let mut out = Vec::new();
+        for name in klp.sysfs_list(&[]).unwrap_or_default() {
+            let Some(id) = klp.find_patch(&name) else {
+                continue;
+            };
+            let entries = klp.sysfs_list(&[&name]).unwrap_or_default();
+            let mut objects = Vec::new();
+            for o in entries.iter().skip(5) {
+                let patched = klp
+                    .sysfs_read(&[&name, o, "patched"])
+                    .is_ok_and(|s| s.trim() == "1");
+                let funcs = klp
+                    .sysfs_list(&[&name, o])
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|f| f != "patched")
+                    .collect();
+                objects.push((o.clone(), patched, funcs));
+            }
+            out.push(PatchInfo {
+                enabled: attr(&name, "enabled") == 1,
+                transition: attr(&name, "transition") == 1,
+                forced: klp.is_forced(id),
+                replace: attr(&name, "replace") == 1,
+                stack_order: attr(&name, "stack_order"),
+                name,
+                objects,
+            });
+        }
+        out
+    }
+
+    /// Every registered thread with its patch state.
+    pub fn threads(&self) -> Vec<ThreadInfo> {
+        thread::threads()
+            .iter()
+            .filter(|r| r.alive())
+            .map(|r| info(r))
+            .collect()
+    }
+
+    /// The running transition and what blocks it (stops each unswitched thread for a
+    /// stack check), or `None`.
+    pub fn status(&self) -> Option<TransitionStatus> {
+        self.with_core(|klp, host| {
+            let id = klp.transition_patch()?;
+            let patch = klp.name_of(id).unwrap_or("").to_string();
+            let target = klp.target();
+            let recs: Vec<_> = host.cache.values().filter(|r| r.alive()).cloned().collect();
+            let total = recs.len();
+            let switched = recs.iter().filter(|r| r.patch_state() == target).count();
+            let blockers = klp
+                .blockers(host)
+                .into_iter()
+                .filter_map(|(t, reason)| {
+                    let r = host.rec(t)?;
+                    let frame_symbol = match &reason {
+                        Blocked::SleepingOn { addr, .. } => Some(host.index.describe(*addr)),
+                        _ => None,
+                    };
+                    let detail = host.failures.get(&t).map(|f| format!("{f:?}"));
+                    Some(Blocker {
+                        thread: info(&r),
+                        reason,
+                        detail,
+                        frame_symbol,
+                    })
+                })
+                .collect();
+            Some(TransitionStatus {
+                patch,
+                target,
+                total,
+                switched,
+                blockers,
+            })
+        })
+    }
+
+    /// Waits until no transition runs (the worker retries every ~1 s), at most
+    /// `timeout`. Returns whether the transition ended.
+    pub fn wait_transition(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if lock(&self.core).klp.transition_patch().is_none() {
+                return true;
+            }
+            if start.elapsed() >= timeout {
+                return false;
+            }
+            thread::safe_point();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The log ring's lines, oldest first, and the number of lines ever logged.
+    pub fn log(&self) -> (Vec<String>, u64) {
+        let l = lock(&self.log);
+        (l.lines.iter().cloned().collect(), l.total)
+    }
+
+    /// The lines logged after the first `since` lines (if still in the ring).
+    pub fn log_since(&self, since: u64) -> Vec<String> {
+        let l = lock(&self.log);
+        let first = l.total - l.lines.len() as u64;
+        let skip = since.saturating_sub(first) as usize;
+        l.lines.iter().skip(skip).cloned().collect()
+    }
+
+    /// The current symbol index.
+    pub fn symbols(&self) -> Arc<SymbolIndex> {
+        lock(&self.core).host.index.clone()
+    }
+
+    /// The names of the listed patches, in stack order.
+    pub fn listed(&self) -> Vec<String> {
+        let c = lock(&self.core);
+        c.klp
+            .listed()
+            .into_iter()
+            .filter_map(|id| c.klp.name_of(id).map(str::to_string))
+            .collect()
+    }
+
+    /// Whether a patch module is still referenced.
+    pub fn patch_module_loaded(&self, name: &str) -> bool {
+        lock(&self.core).host.modules.contains_key(name)
+    }
+
+    /// Number of core `WARN`s so far.
+    pub fn warnings(&self) -> u64 {
+        lock(&self.core).host.warnings
+    }
+}
+
+fn info(r: &ThreadRecord) -> ThreadInfo {
+    ThreadInfo {
+        task: r.id,
+        tid: r.tid(),
+        comm: r.comm(),
+        state: r.patch_state(),
+        pending: r.pending(),
+        kthread: r.is_kthread(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_debug_starts_off_as_in_the_kernel() {
+        let p = Process::new(Config::default());
+        let mut c = lock(&p.core);
+        let h = &mut c.host;
+        h.log(Record {
+            level: Level::Debug,
+            func: "klp_init_transition",
+            text: "livepatch: 'x': initializing patching transition",
+        });
+        h.log(Record {
+            level: Level::Notice,
+            func: "klp_start_transition",
+            text: "livepatch: 'x': starting patching transition",
+        });
+        h.warn("something odd");
+        drop(c);
+        assert_eq!(
+            p.log().0,
+            vec![
+                "livepatch: 'x': starting patching transition".to_string(),
+                "WARNING: something odd".to_string()
+            ]
+        );
+        assert_eq!(p.warnings(), 1);
+
+        let p = Process::new(Config {
+            dyndbg: true,
+            dyndbg_off: vec!["klp_try_switch_task"],
+            ..Config::default()
+        });
+        let mut c = lock(&p.core);
+        for f in ["klp_init_transition", "klp_try_switch_task"] {
+            c.host.log(Record {
+                level: Level::Debug,
+                func: f,
+                text: f,
+            });
+        }
+        drop(c);
+        assert_eq!(p.log().0, vec!["klp_init_transition".to_string()]);
+    }
+
+    #[test]
+    fn the_log_ring_keeps_the_last_lines() {
+        let p = Process::new(Config {
+            log_capacity: 3,
+            ..Config::default()
+        });
+        for i in 0..5 {
+            lock(&p.log).push(format!("l{i}"));
+        }
+        assert_eq!(p.log(), (vec!["l2".into(), "l3".into(), "l4".into()], 5));
+        assert_eq!(p.log_since(3), vec!["l3".to_string(), "l4".to_string()]);
+        assert_eq!(p.log_since(0).len(), 3, "older lines are gone");
+        assert!(p.log_since(5).is_empty());
+    }
+
+    #[test]
+    fn sigblk_parsing() {
+        let st = "Name:\tx\nSigPnd:\t0000000000000000\nSigBlk:\t0000000400000002\n";
+        assert!(sigblk_has(st, 2));
+        assert!(sigblk_has(st, 35));
+        assert!(!sigblk_has(st, 1));
+        assert!(!sigblk_has(st, 0));
+        assert!(!sigblk_has("Name: x\n", 2));
+    }
+
+    #[test]
+    fn the_host_has_no_entry_sites_yet() {
+        let p = Process::new(Config::default());
+        let mut c = lock(&p.core);
+        let f = sigblk_has as *const () as u64;
+        assert_eq!(c.host.hook_site(f), None);
+        assert_eq!(
+            c.host.hook_register(f),
+            Err(HookError::Register(Errno::ENOSYS))
+        );
+        assert!(c.host.idle_tasks().is_empty());
+    }
+}
