@@ -8,13 +8,12 @@
 use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::{String, ToString};
-use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::errno::{Errno, KResult};
 use crate::host::{Addr, HookError, Host, PatchId, PatchState};
 use crate::log::{Level, PREFIX, Record};
-use crate::model::{CallbackCx, Callbacks, PatchDesc, State};
+use crate::model::{CallbackCx, PatchDesc, SharedCallbacks, State};
 use crate::redirect::{RedirectView, Target};
 
 /// Size of the stack-check buffer: a trace with this many entries is unreliable.
@@ -61,7 +60,7 @@ impl Func {
 pub(crate) struct Object<H> {
     pub(crate) name: Option<String>,
     pub(crate) funcs: Vec<Func>,
-    pub(crate) callbacks: Option<Arc<dyn Callbacks<H>>>,
+    pub(crate) callbacks: Option<SharedCallbacks<H>>,
     /// `obj->mod != NULL` (always true for vmlinux once initialised).
     pub(crate) loaded: bool,
     pub(crate) dynamic: bool,

@@ -36,6 +36,8 @@ pub use crate::core::{
 pub use errno::{Errno, KResult};
 pub use host::{Addr, HookError, Host, IdleTask, PatchId, PatchState, TaskId, TraceError};
 pub use log::{Level, Record};
-pub use model::{CallbackCx, Callbacks, FuncDesc, ObjectDesc, PatchDesc, State, StateData};
+pub use model::{
+    CallbackCx, Callbacks, FuncDesc, ObjectDesc, PatchDesc, SharedCallbacks, State, StateData,
+};
 pub use redirect::{Anomaly, RedirectView, Target, decide};
 pub use transition::Blocked;

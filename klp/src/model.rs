@@ -149,6 +149,10 @@ pub trait Callbacks<H> {
     }
 }
 
+/// Callbacks as a patch holds them: shared, and usable from whichever thread performs
+/// the core operation (a kernel runs them on any CPU).
+pub type SharedCallbacks<H> = Arc<dyn Callbacks<H> + Send + Sync>;
+
 /// One patched binary (`struct klp_object`).
 pub struct ObjectDesc<H> {
     /// `None` for vmlinux (the main program), else the module's name.
@@ -156,7 +160,7 @@ pub struct ObjectDesc<H> {
     /// The functions; `None` (no array at all) is refused with `-EINVAL`.
     pub funcs: Option<Vec<FuncDesc>>,
     /// Optional callbacks.
-    pub callbacks: Option<Arc<dyn Callbacks<H>>>,
+    pub callbacks: Option<SharedCallbacks<H>>,
 }
 
 impl<H> ObjectDesc<H> {
@@ -185,7 +189,7 @@ impl<H> ObjectDesc<H> {
     }
 
     /// Sets the callbacks.
-    pub fn callbacks(mut self, cb: Arc<dyn Callbacks<H>>) -> ObjectDesc<H> {
+    pub fn callbacks(mut self, cb: SharedCallbacks<H>) -> ObjectDesc<H> {
         self.callbacks = Some(cb);
         self
     }

@@ -59,8 +59,16 @@ fn body(f: impl Fn(&mut World, TaskId) -> String + 'static) -> Body {
 impl Kernel {
     /// Boots a kernel with `ncpus` CPUs and the selftest modules available.
     pub fn boot(ncpus: u32) -> Kernel {
+        Kernel::boot_with(ncpus, None)
+    }
+
+    /// Boots a kernel whose stacks are laid out and walked as on `model` (its syscall
+    /// names follow that architecture too); `None`: the native architecture's names and
+    /// directly read traces.
+    pub fn boot_with(ncpus: u32, model: Option<crate::stackmodel::ArchModel>) -> Kernel {
         let mut w = World::empty(ncpus);
-        let prefix = syscall_prefix();
+        w.stack_model = model;
+        let prefix = model.map_or_else(syscall_prefix, |m| m.syscall_prefix());
         // vmlinux text: the functions that show up on stacks and that patches target.
         let nop = || body(|_, _| String::new());
         for name in [
@@ -410,6 +418,17 @@ impl Kernel {
             .retain(|o| !matches!(&o.owner, crate::world::FtraceOwner::Kprobe(m) if m == name));
     }
 
+    /// `insmod` as the shell runs it: in a short-lived child process.
+    pub fn insmod_cmd(&mut self, name: &str, params: &[&str]) -> Result<(), ModError> {
+        let params: Vec<String> = params.iter().map(|p| p.to_string()).collect();
+        self.in_process("insmod", |k, _| k.insmod(name, &params))
+    }
+
+    /// `rmmod` as the shell runs it: in a short-lived child process.
+    pub fn rmmod_cmd(&mut self, name: &str) -> Result<(), ModError> {
+        self.in_process("rmmod", |k, _| k.rmmod(name))
+    }
+
     /// `rmmod`.
     pub fn rmmod(&mut self, name: &str) -> Result<(), ModError> {
         let Some(m) = self.world.modules.get(name) else {
@@ -592,15 +611,7 @@ impl Kernel {
 /// The kernel's syscall symbol prefix on the architecture the simulator runs on
 /// (`__x64_sys_getpid` on x86_64, …), so that test_klp_syscall patches the same name.
 pub fn syscall_prefix() -> &'static str {
-    if cfg!(target_arch = "x86_64") {
-        "__x64_"
-    } else if cfg!(target_arch = "aarch64") {
-        "__arm64_"
-    } else if cfg!(target_arch = "s390x") {
-        "__s390x_"
-    } else {
-        ""
-    }
+    <klp::arch::Native as klp_arch::Arch>::SYSCALL_PREFIX
 }
 
 /// The kernel stack of a user task blocked in `wait4` (the shell, init).

@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod modules;
 pub mod scenario;
 mod shadow_fixture;
+pub mod stackmodel;
 pub mod vfs;
 pub mod world;
 

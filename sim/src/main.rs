@@ -3,13 +3,16 @@
 use std::process::ExitCode;
 
 use klp_sim::scenario::{Outcome, Runner, parse};
+use klp_sim::stackmodel::ArchModel;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: klp-sim run [--log] FILE...");
+    eprintln!("usage: klp-sim run [--log] [--arch x86_64|aarch64|ppc64le|s390x] FILE...");
     eprintln!("       klp-sim demo");
     eprintln!("  Runs each .klpt scenario on a fresh simulated kernel and prints PASS, FAIL");
     eprintln!("  (with a diff of the expected and the actual log) or SKIP for each.");
-    eprintln!("  --log  also print each scenario's filtered kernel log");
+    eprintln!("  --log   also print each scenario's filtered kernel log");
+    eprintln!("  --arch  lay task stacks out as on that architecture and check them with its");
+    eprintln!("          reliable unwinder (default: read the simulated frames directly)");
     ExitCode::from(2)
 }
 
@@ -31,8 +34,22 @@ fn main() -> ExitCode {
     if cmd != "run" {
         return usage();
     }
-    let show_log = rest.iter().any(|a| a == "--log");
-    let files: Vec<&String> = rest.iter().filter(|a| *a != "--log").collect();
+    let mut show_log = false;
+    let mut arch = None;
+    let mut files: Vec<&String> = Vec::new();
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--log" => show_log = true,
+            "--arch" => {
+                let Some(m) = it.next().and_then(|n| ArchModel::from_name(n)) else {
+                    return usage();
+                };
+                arch = Some(m);
+            }
+            _ => files.push(a),
+        }
+    }
     if files.is_empty() {
         return usage();
     }
@@ -54,7 +71,7 @@ fn main() -> ExitCode {
                 continue;
             }
         };
-        let mut r = Runner::new();
+        let mut r = Runner::with_arch(arch);
         let out = r.run(&sc);
         match &out {
             Outcome::Pass => {

@@ -164,7 +164,7 @@ pub fn catalog() -> BTreeMap<String, ModuleDef> {
             init: |k| {
                 let m = "test_klp_callbacks_demo";
                 let new = func_addr(k, m, "patched_work_func").unwrap_or(0);
-                let cb: Arc<dyn Callbacks<World>> = Arc::new(DemoCallbacks {
+                let cb: klp::SharedCallbacks<World> = Arc::new(DemoCallbacks {
                     module: m,
                     pre_patch_ret_param: true,
                 });
@@ -187,7 +187,7 @@ pub fn catalog() -> BTreeMap<String, ModuleDef> {
             define_funcs: no_funcs,
             init: |k| {
                 let m = "test_klp_callbacks_demo2";
-                let cb: Arc<dyn Callbacks<World>> = Arc::new(DemoCallbacks {
+                let cb: klp::SharedCallbacks<World> = Arc::new(DemoCallbacks {
                     module: m,
                     pre_patch_ret_param: false,
                 });
@@ -563,7 +563,7 @@ const CONSOLE_LOGLEVEL_STATE: u64 = 1;
 const CONSOLE_LOGLEVEL_MOTORMOUTH: i32 = 15;
 
 fn state_init(k: &mut Kernel, m: &'static str, version: u32) -> Result<(), Errno> {
-    let cb: Arc<dyn Callbacks<World>> = Arc::new(StateCallbacks { module: m, version });
+    let cb: klp::SharedCallbacks<World> = Arc::new(StateCallbacks { module: m, version });
     let desc = PatchDesc::new(m)
         .object(ObjectDesc::vmlinux().callbacks(cb))
         .state(CONSOLE_LOGLEVEL_STATE, version)

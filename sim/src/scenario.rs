@@ -239,7 +239,12 @@ impl Default for Runner {
 impl Runner {
     /// A runner on a freshly booted kernel, with the selftest preamble applied.
     pub fn new() -> Runner {
-        let mut k = Kernel::boot(NCPUS);
+        Runner::with_arch(None)
+    }
+
+    /// A runner whose kernel walks stacks with `model`'s reliable unwinder.
+    pub fn with_arch(model: Option<crate::stackmodel::ArchModel>) -> Runner {
+        let mut k = Kernel::boot_with(NCPUS, model);
         // setup_config: set_ftrace_enabled 1 logs its line before any capture.
         k.world.printk("livepatch: kernel.ftrace_enabled = 1");
         Runner {
@@ -759,8 +764,16 @@ impl Runner {
 
 /// Runs the scenario text on a fresh kernel.
 pub fn run_text(text: &str) -> Result<Outcome, ParseError> {
+    run_text_on(text, None)
+}
+
+/// Runs the scenario text on a fresh kernel that walks stacks as on `model`.
+pub fn run_text_on(
+    text: &str,
+    model: Option<crate::stackmodel::ArchModel>,
+) -> Result<Outcome, ParseError> {
     let sc = parse(text)?;
-    let mut r = Runner::new();
+    let mut r = Runner::with_arch(model);
     Ok(r.run(&sc))
 }
 

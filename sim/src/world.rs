@@ -275,6 +275,9 @@ pub struct World {
     pub record_calls: bool,
     /// Shadow-variable store of the simulated kernel.
     pub shadow: klp::shadow::ShadowStore,
+    /// The architecture whose stack format and reliable unwinder the stack checks use;
+    /// `None`: the trace is read directly from the simulated frames.
+    pub stack_model: Option<crate::stackmodel::ArchModel>,
     /// kthreadd, the parent of every kernel thread.
     pub kthreadd: Option<TaskId>,
     /// Module-private variables: (module, name) → value.
@@ -330,6 +333,7 @@ impl World {
             shadow: klp::shadow::ShadowStore::new(),
             vars: BTreeMap::new(),
             kthreadd: None,
+            stack_model: None,
         }
     }
 
@@ -820,6 +824,9 @@ impl Host for World {
         };
         if x.dead {
             return Ok(Vec::new());
+        }
+        if let Some(model) = self.stack_model {
+            return model.trace(&x.stack, x.unreliable, max);
         }
         if x.unreliable {
             return Err(TraceError::Unreliable);

@@ -39,6 +39,14 @@ fn lp_module(k: &mut Kernel, name: &str) -> u64 {
     )
 }
 
+/// insmod that must fail with an errno.
+fn insmod_errno(k: &mut Kernel, m: &str, params: &[&str]) -> Result<(), Errno> {
+    match k.insmod_cmd(m, params) {
+        Err(ModError::Errno(e)) => Err(e),
+        other => panic!("insmod {m}: {other:?}"),
+    }
+}
+
 fn log_tail(k: &Kernel, n: usize) -> Vec<String> {
     let d = &k.world.dmesg;
     d[d.len().saturating_sub(n)..]
@@ -303,15 +311,10 @@ fn second_function_fails_after_first_was_patched() {
 fn ip_modify_conflict_and_ftrace_disabled() {
     let log = fails_cleanly(
         |k| {
-            k.in_process("insmod", |k, _| {
-                k.insmod("test_klp_kprobe", &["has_post_handler=true".into()])
-            })
-            .expect("kprobe");
+            k.insmod_cmd("test_klp_kprobe", &["has_post_handler=true"])
+                .expect("kprobe");
         },
-        |k| match k.in_process("insmod", |k, _| k.insmod("test_klp_livepatch", &[])) {
-            Err(ModError::Errno(e)) => Err(e),
-            other => panic!("{other:?}"),
-        },
+        |k| insmod_errno(k, "test_klp_livepatch", &[]),
         Errno::EBUSY,
     );
     assert!(
@@ -324,10 +327,7 @@ fn ip_modify_conflict_and_ftrace_disabled() {
         |k| {
             k.world.set_ftrace_enabled(false).expect("sysctl");
         },
-        |k| match k.in_process("insmod", |k, _| k.insmod("test_klp_livepatch", &[])) {
-            Err(ModError::Errno(e)) => Err(e),
-            other => panic!("{other:?}"),
-        },
+        |k| insmod_errno(k, "test_klp_livepatch", &[]),
         Errno::EBUSY,
     );
 }
@@ -336,15 +336,9 @@ fn ip_modify_conflict_and_ftrace_disabled() {
 fn failing_pre_patch_refuses_the_patch() {
     let log = fails_cleanly(
         |k| {
-            k.in_process("insmod", |k, _| k.insmod("test_klp_callbacks_mod", &[]))
-                .expect("mod");
+            k.insmod_cmd("test_klp_callbacks_mod", &[]).expect("mod");
         },
-        |k| match k.in_process("insmod", |k, _| {
-            k.insmod("test_klp_callbacks_demo", &["pre_patch_ret=-19".into()])
-        }) {
-            Err(ModError::Errno(e)) => Err(e),
-            other => panic!("{other:?}"),
-        },
+        |k| insmod_errno(k, "test_klp_callbacks_demo", &["pre_patch_ret=-19"]),
         Errno::ENODEV,
     );
     assert!(log.contains(&"livepatch: pre-patch callback failed for object 'vmlinux'".to_string()));
@@ -367,8 +361,7 @@ fn failing_pre_patch_on_a_later_object_runs_post_unpatch_for_earlier_ones() {
     let log = fails_cleanly(
         |k| {
             lp_module(k, "p");
-            k.in_process("insmod", |k, _| k.insmod("test_klp_mod_target", &[]))
-                .expect("target");
+            k.insmod_cmd("test_klp_mod_target", &[]).expect("target");
         },
         |k| {
             let new = k.world.addr_of(Some("p"), "new_fn").unwrap_or(0);
@@ -400,14 +393,10 @@ fn failing_pre_patch_on_a_later_object_runs_post_unpatch_for_earlier_ones() {
 fn incompatible_states_refused_before_anything() {
     let log = fails_cleanly(
         |k| {
-            k.in_process("insmod", |k, _| k.insmod("test_klp_state2", &[]))
-                .expect("state2");
+            k.insmod_cmd("test_klp_state2", &[]).expect("state2");
             k.sleep_secs(2.0);
         },
-        |k| match k.in_process("insmod", |k, _| k.insmod("test_klp_state", &[])) {
-            Err(ModError::Errno(e)) => Err(e),
-            other => panic!("{other:?}"),
-        },
+        |k| insmod_errno(k, "test_klp_state", &[]),
         Errno::EINVAL,
     );
     assert_eq!(
@@ -423,8 +412,7 @@ fn cumulative_patch_must_carry_every_state() {
     // A replace patch without state 1 over test_klp_state (which has it).
     fails_cleanly(
         |k| {
-            k.in_process("insmod", |k, _| k.insmod("test_klp_state", &[]))
-                .expect("state");
+            k.insmod_cmd("test_klp_state", &[]).expect("state");
             k.sleep_secs(2.0);
             lp_module(k, "p");
         },
@@ -436,8 +424,7 @@ fn cumulative_patch_must_carry_every_state() {
     );
     // A non-replace patch may touch the state with the same or a higher version only.
     let mut k = boot();
-    k.in_process("insmod", |k, _| k.insmod("test_klp_state2", &[]))
-        .expect("state2");
+    k.insmod_cmd("test_klp_state2", &[]).expect("state2");
     k.sleep_secs(2.0);
     lp_module(&mut k, "p");
     let new = k.world.addr_of(Some("p"), "new_fn").unwrap_or(0);
@@ -453,12 +440,9 @@ fn cumulative_patch_must_carry_every_state() {
 
 /// A stalled transition: the busy worker sleeps in busymod_work_func.
 fn stalled(k: &mut Kernel) {
-    k.in_process("insmod", |k, _| {
-        k.insmod("test_klp_callbacks_busy", &["block_transition=Y".into()])
-    })
-    .expect("busy");
-    k.in_process("insmod", |k, _| k.insmod("test_klp_callbacks_demo", &[]))
-        .expect("demo");
+    k.insmod_cmd("test_klp_callbacks_busy", &["block_transition=Y"])
+        .expect("busy");
+    k.insmod_cmd("test_klp_callbacks_demo", &[]).expect("demo");
     k.sleep_secs(3.0);
     assert_eq!(
         k.klp
@@ -485,8 +469,7 @@ fn second_transition_is_busy_and_silent() {
     // Disabling another patch during the transition is busy too.
     fails_cleanly(
         |k| {
-            k.in_process("insmod", |k, _| k.insmod("test_klp_livepatch", &[]))
-                .expect("lp");
+            k.insmod_cmd("test_klp_livepatch", &[]).expect("lp");
             k.sleep_secs(2.0);
             stalled(k);
         },
@@ -502,8 +485,7 @@ fn second_transition_is_busy_and_silent() {
 #[test]
 fn bad_sysfs_writes() {
     let setup = |k: &mut Kernel| {
-        k.in_process("insmod", |k, _| k.insmod("test_klp_livepatch", &[]))
-            .expect("lp");
+        k.insmod_cmd("test_klp_livepatch", &[]).expect("lp");
         k.sleep_secs(2.0);
     };
     let p = "test_klp_livepatch";
@@ -542,8 +524,7 @@ fn bad_sysfs_writes() {
 fn refused_module_leaves_no_trace() {
     let log = fails_cleanly(
         |k| {
-            k.in_process("insmod", |k, _| k.insmod("test_klp_callbacks_demo", &[]))
-                .expect("demo");
+            k.insmod_cmd("test_klp_callbacks_demo", &[]).expect("demo");
             k.sleep_secs(2.0);
             if let Some(p) = k
                 .world
@@ -554,10 +535,7 @@ fn refused_module_leaves_no_trace() {
                 p.0 = klp_sim::world::ParamValue::Int(-19);
             }
         },
-        |k| match k.in_process("insmod", |k, _| k.insmod("test_klp_callbacks_mod", &[])) {
-            Err(ModError::Errno(e)) => Err(e),
-            other => panic!("{other:?}"),
-        },
+        |k| insmod_errno(k, "test_klp_callbacks_mod", &[]),
         Errno::ENODEV,
     );
     assert!(
@@ -582,10 +560,7 @@ fn module_named_vmlinux_is_refused() {
                 },
             );
         },
-        |k| match k.in_process("insmod", |k, _| k.insmod("vmlinux", &[])) {
-            Err(ModError::Errno(e)) => Err(e),
-            other => panic!("{other:?}"),
-        },
+        |k| insmod_errno(k, "vmlinux", &[]),
         Errno::EINVAL,
     );
     assert_eq!(log, vec!["livepatch: vmlinux.ko: invalid module name"]);
@@ -594,8 +569,7 @@ fn module_named_vmlinux_is_refused() {
 #[test]
 fn disabled_patch_cannot_come_back_and_replaced_ones_are_gone() {
     let mut k = boot();
-    k.in_process("insmod", |k, _| k.insmod("test_klp_livepatch", &[]))
-        .expect("lp");
+    k.insmod_cmd("test_klp_livepatch", &[]).expect("lp");
     k.sleep_secs(2.0);
     k.klp
         .sysfs_write(&mut k.world, &["test_klp_livepatch", "enabled"], "0\n")
@@ -615,8 +589,7 @@ fn disabled_patch_cannot_come_back_and_replaced_ones_are_gone() {
 #[test]
 fn forced_unpatching_keeps_the_module() {
     let mut k = boot();
-    k.in_process("insmod", |k, _| k.insmod("test_klp_livepatch", &[]))
-        .expect("lp");
+    k.insmod_cmd("test_klp_livepatch", &[]).expect("lp");
     k.sleep_secs(2.0);
     let newf = k
         .world
@@ -655,10 +628,7 @@ fn forced_unpatching_keeps_the_module() {
     k.sleep_secs(2.0);
     assert!(k.klp.transition_patch().is_none());
     assert_eq!(k.world.modules["test_klp_livepatch"].refcnt, 1);
-    assert_eq!(
-        k.in_process("rmmod", |k, _| k.rmmod("test_klp_livepatch")),
-        Err(ModError::InUse)
-    );
+    assert_eq!(k.rmmod_cmd("test_klp_livepatch"), Err(ModError::InUse));
     assert!(
         log_tail(&k, 20)
             .iter()
@@ -691,10 +661,7 @@ fn arriving_module_without_the_patched_function_is_refused() {
             )
             .expect("patch for a module that is not loaded");
         },
-        |k| match k.in_process("insmod", |k, _| k.insmod("test_klp_callbacks_mod", &[])) {
-            Err(ModError::Errno(e)) => Err(e),
-            other => panic!("{other:?}"),
-        },
+        |k| insmod_errno(k, "test_klp_callbacks_mod", &[]),
         Errno::EINVAL,
     );
     assert_eq!(
@@ -713,8 +680,7 @@ fn arriving_module_without_the_patched_function_is_refused() {
 fn arriving_module_that_cannot_be_patched_is_reverted_from_earlier_patches() {
     let mut k = boot();
     // The earlier patch: test_klp_mod_patch, for test_klp_mod_target_show.
-    k.in_process("insmod", |k, _| k.insmod("test_klp_mod_patch", &[]))
-        .expect("mod_patch");
+    k.insmod_cmd("test_klp_mod_patch", &[]).expect("mod_patch");
     k.sleep_secs(2.0);
     // The later patch wants a function of the same module that has no site.
     let new = lp_module(&mut k, "p");
@@ -747,7 +713,7 @@ fn arriving_module_that_cannot_be_patched_is_reverted_from_earlier_patches() {
     };
     let before = k.snapshot();
     let n = k.world.dmesg.len();
-    let r = k.in_process("insmod", |k, _| k.insmod("test_klp_mod_target", &[]));
+    let r = k.insmod_cmd("test_klp_mod_target", &[]);
     assert_eq!(r, Err(ModError::Errno(Errno::EINVAL)));
     k.run_due_works();
     assert_eq!(k.snapshot(), before);

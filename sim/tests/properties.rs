@@ -16,6 +16,7 @@ use std::rc::Rc;
 use klp::{FuncDesc, ObjectDesc, PatchDesc, TaskId};
 use klp_sim::Kernel;
 use klp_sim::modules::ModuleDef;
+use klp_sim::stackmodel::ArchModel;
 use klp_sim::world::{Activity, Kind, ParamValue, Sleep, World};
 use proptest::prelude::*;
 
@@ -53,7 +54,11 @@ fn chain_init(k: &mut Kernel, m: &str, replace: bool) -> Result<(), klp::Errno> 
 }
 
 fn boot() -> Kernel {
-    let mut k = Kernel::boot(2);
+    boot_on(None)
+}
+
+fn boot_on(model: Option<ArchModel>) -> Kernel {
+    let mut k = Kernel::boot_with(2, model);
     for f in ["chain_a", "chain_b"] {
         k.world
             .define(None, f, 0x40, true, Rc::new(|_, _| "orig".to_string()));
@@ -280,8 +285,8 @@ fn apply(
     Ok(())
 }
 
-fn run(ops: &[Op]) -> Result<(), String> {
-    let mut k = boot();
+fn run(ops: &[Op], model: Option<ArchModel>) -> Result<(), String> {
+    let mut k = boot_on(model);
     let mut tasks = Vec::new();
     for i in 0..3 {
         let st = vec![
@@ -306,8 +311,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_operations_keep_the_invariants(ops in proptest::collection::vec(op(), 1..60)) {
-        if let Err(e) = run(&ops) {
+    fn random_operations_keep_the_invariants(
+        ops in proptest::collection::vec(op(), 1..60),
+        arch in 0..5usize,
+    ) {
+        // Stacks read directly, or laid out and walked as on one of the architectures.
+        let model = arch.checked_sub(1).and_then(|i| ArchModel::ALL.get(i).copied());
+        if let Err(e) = run(&ops, model) {
             prop_assert!(false, "{}", e);
         }
     }

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use klp_sim::scenario::{Outcome, run_text};
+use klp_sim::scenario::{Outcome, run_text, run_text_on};
+use klp_sim::stackmodel::ArchModel;
 
 fn files(dir: &str) -> Vec<PathBuf> {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
@@ -24,11 +25,15 @@ fn run_all(dir: &str, min: usize) {
         "expected at least {min} scenarios in {dir}"
     );
     let mut failed = Vec::new();
-    for f in &fs {
-        let text = std::fs::read_to_string(f).expect("read scenario");
-        match run_text(&text) {
-            Ok(Outcome::Pass) => {}
-            other => failed.push(format!("{}: {other:?}", f.display())),
+    // Stacks read directly, then laid out and walked as on each architecture.
+    let models = std::iter::once(None).chain(ArchModel::ALL.into_iter().map(Some));
+    for model in models {
+        for f in &fs {
+            let text = std::fs::read_to_string(f).expect("read scenario");
+            match run_text_on(&text, model) {
+                Ok(Outcome::Pass) => {}
+                other => failed.push(format!("{} ({model:?}): {other:?}", f.display())),
+            }
         }
     }
     assert!(
@@ -99,17 +104,28 @@ fn unknown_verbs_and_modules_fail() {
     }
 }
 
+/// The `klp-sim` binary, through the emulator when the tests run under QEMU
+/// (`ci/test` sets `KLP_TEST_RUNNER`, e.g. `qemu-s390x -L /usr/s390x-linux-gnu`).
+fn klp_sim() -> Command {
+    let bin = env!("CARGO_BIN_EXE_klp-sim");
+    let runner = std::env::var("KLP_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(emu) => {
+            let mut c = Command::new(emu);
+            c.args(words).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
 /// The binary: PASS and exit 0 on a shipped scenario; FAIL, a diff and a non-zero exit
 /// on an altered one.
 #[test]
 fn binary_reports_pass_and_fail() {
-    let bin = env!("CARGO_BIN_EXE_klp-sim");
     let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/livepatch-1.klpt");
-    let out = Command::new(bin)
-        .arg("run")
-        .arg(&good)
-        .output()
-        .expect("run");
+    let out = klp_sim().arg("run").arg(&good).output().expect("run");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("PASS"), "{stdout}");
@@ -120,7 +136,7 @@ fn binary_reports_pass_and_fail() {
     std::fs::create_dir_all(&dir).expect("tmp");
     let badf = dir.join("altered.klpt");
     std::fs::write(&badf, bad).expect("write");
-    let out = Command::new(bin)
+    let out = klp_sim()
         .arg("run")
         .arg(&good)
         .arg(&badf)
