@@ -139,60 +139,64 @@ impl<H: Host> Klp<H> {
         v
     }
 
-    /// `klp_try_switch_task`: switches `t` to the target if that is safe now.
-    pub fn try_switch_task(&mut self, host: &mut H, t: TaskId) -> Result<(), Blocked> {
-        if host.patch_state(t) == self.target {
-            return Ok(());
-        }
+    /// Why `t` cannot switch to the target now, if anything blocks it: the checks of
+    /// `klp_try_switch_task` (reliable stacks at all, not running elsewhere, a reliable
+    /// trace of fewer than [`MAX_STACK_ENTRIES`] entries, no forbidden code on it).
+    fn examine(
+        &self,
+        host: &mut H,
+        t: TaskId,
+        ranges: &[(Addr, u64, String)],
+    ) -> Result<(), Blocked> {
         if !host.reliable_stacktrace() {
             return Err(Blocked::NoReliableStacks);
         }
-        let (comm, pid) = host.task_ident(t);
         if t != host.current() && host.task_running_elsewhere(t) {
-            log(
-                host,
-                Level::Debug,
-                "klp_try_switch_task",
-                &format!("klp_try_switch_task: {comm}:{pid} is running"),
-            );
             return Err(Blocked::Running);
         }
         let trace = match host.stack_trace_reliable(t, MAX_STACK_ENTRIES) {
             Ok(tr) if tr.len() < MAX_STACK_ENTRIES => tr,
-            Ok(_) => return Err(self.unreliable(host, &comm, pid, TraceError::TooDeep)),
-            Err(e) => return Err(self.unreliable(host, &comm, pid, e)),
+            Ok(_) => return Err(Blocked::Unreliable(TraceError::TooDeep)),
+            Err(e) => return Err(Blocked::Unreliable(e)),
         };
-        for (start, size, name) in self.forbidden_ranges() {
-            if let Some(frame) = trace
-                .iter()
-                .position(|&a| a >= start && a < start.saturating_add(size))
-            {
-                log(
-                    host,
-                    Level::Debug,
-                    "klp_try_switch_task",
-                    &format!("klp_try_switch_task: {comm}:{pid} is sleeping on function {name}"),
-                );
+        for (start, size, name) in ranges {
+            let hit = |a: &Addr| *a >= *start && *a < start.saturating_add(*size);
+            if let Some(frame) = trace.iter().position(hit) {
                 return Err(Blocked::SleepingOn {
-                    func: name,
+                    func: name.clone(),
                     addr: trace.get(frame).copied().unwrap_or(0),
                     frame,
                 });
             }
         }
-        host.set_patch_pending(t, false);
-        host.set_patch_state(t, self.target);
         Ok(())
     }
 
-    fn unreliable(&self, host: &mut H, comm: &str, pid: i64, e: TraceError) -> Blocked {
-        log(
-            host,
-            Level::Debug,
-            "klp_try_switch_task",
-            &format!("klp_try_switch_task: {comm}:{pid} has an unreliable stack"),
-        );
-        Blocked::Unreliable(e)
+    /// `klp_try_switch_task`: switches `t` to the target if that is safe now.
+    pub fn try_switch_task(&mut self, host: &mut H, t: TaskId) -> Result<(), Blocked> {
+        if host.patch_state(t) == self.target {
+            return Ok(());
+        }
+        let ranges = self.forbidden_ranges();
+        if let Err(b) = self.examine(host, t, &ranges) {
+            let (comm, pid) = host.task_ident(t);
+            let why = match &b {
+                Blocked::NoReliableStacks => return Err(b),
+                Blocked::Running => String::from("is running"),
+                Blocked::Unreliable(_) => String::from("has an unreliable stack"),
+                Blocked::SleepingOn { func, .. } => format!("is sleeping on function {func}"),
+            };
+            log(
+                host,
+                Level::Debug,
+                "klp_try_switch_task",
+                &format!("klp_try_switch_task: {comm}:{pid} {why}"),
+            );
+            return Err(b);
+        }
+        host.set_patch_pending(t, false);
+        host.set_patch_state(t, self.target);
+        Ok(())
     }
 
     /// What blocks each task that has not switched yet, without changing anything: the
@@ -207,34 +211,9 @@ impl<H: Host> Klp<H> {
             if host.patch_state(t) == self.target {
                 continue;
             }
-            let b = if !host.reliable_stacktrace() {
-                Blocked::NoReliableStacks
-            } else if t != host.current() && host.task_running_elsewhere(t) {
-                Blocked::Running
-            } else {
-                match host.stack_trace_reliable(t, MAX_STACK_ENTRIES) {
-                    Err(e) => Blocked::Unreliable(e),
-                    Ok(tr) if tr.len() >= MAX_STACK_ENTRIES => {
-                        Blocked::Unreliable(TraceError::TooDeep)
-                    }
-                    Ok(tr) => {
-                        let hit = ranges.iter().find_map(|(s, z, n)| {
-                            tr.iter()
-                                .position(|&a| a >= *s && a < s.saturating_add(*z))
-                                .map(|frame| Blocked::SleepingOn {
-                                    func: n.clone(),
-                                    addr: tr.get(frame).copied().unwrap_or(0),
-                                    frame,
-                                })
-                        });
-                        match hit {
-                            Some(b) => b,
-                            None => continue,
-                        }
-                    }
-                }
-            };
-            v.push((t, b));
+            if let Err(b) = self.examine(host, t, &ranges) {
+                v.push((t, b));
+            }
         }
         v
     }
