@@ -13,12 +13,18 @@
 //!   arrival, sysfs);
 //! * [`ctl`]: the control socket and the client side of `klpctl`.
 //!
-//! What is not here yet: the redirect trampolines and the steady-state direct branch.
-//! Until they exist, no function has a patchable site ([`klp::Host::hook_site`] finds
-//! none), so enabling a patch that touches a *loaded* function fails exactly like the
-//! kernel without an ftrace location: `failed to find location for function '…'` and
-//! `-EINVAL`. Patches whose objects are not loaded, atomic replace of such patches,
-//! transitions, sysfs and module arrival all work.
+//! * [`redirect`]: [`patchable!`] functions, the published views and the entry
+//!   trampoline's decision (x86_64).
+//!
+//! What is not here yet: the trampolines of aarch64, ppc64le and s390x, and the
+//! steady-state direct branch. On x86_64 a [`patchable!`] function (or any function
+//! whose entry is an unpatched nop site) is redirected through the trampoline of
+//! `klp_arch_x86_64::live::trampoline`. On the other arches no function has a
+//! patchable site yet ([`klp::Host::hook_site`] finds none), so enabling a patch that
+//! touches a *loaded* function fails exactly like the kernel without an ftrace
+//! location: `failed to find location for function '…'` and `-EINVAL`; patches whose
+//! objects are not loaded, atomic replace of such patches, transitions, sysfs and
+//! module arrival all work there.
 //!
 //! ## Building a program whose threads can be checked
 //!
@@ -31,6 +37,7 @@
 
 pub mod ctl;
 pub mod process;
+pub mod redirect;
 pub mod stack;
 pub mod symbols;
 pub mod thread;

@@ -18,7 +18,7 @@
 //! | `klp_transition_work`, `free_work` | klp's worker thread (every ~1 s / at once) |
 //! | livepatch module refs | patches registered through [`Process::enable_patch`] |
 //! | module coming / going | [`Process::dlopen`], [`Library::close`], [`Process::refresh_modules`] |
-//! | ftrace (the entry hook) | **not yet**: [`Host::hook_site`] finds no site, so enabling a patch of a loaded function fails with `-EINVAL` |
+//! | ftrace (the entry hook) | x86_64: the site of a [`crate::patchable!`] function (or any function entered by an unpatched nop site) rewritten to call the entry trampoline, whose decision reads the published views ([`crate::redirect`]); other arches: **not yet**, [`Host::hook_site`] finds no site, so enabling a patch of a loaded function fails with `-EINVAL` |
 //! | dmesg | a ring buffer ([`Process::log`]), optionally copied to stderr |
 //!
 //! Dynamic debug starts as in the kernel: `pr_debug` lines are dropped unless
@@ -101,6 +101,10 @@ pub struct ProcessHost {
     index: Arc<SymbolIndex>,
     modules: BTreeMap<String, PatchModule>,
     views: HashMap<Addr, RedirectView>,
+    /// Registered sites, as found (their original bytes).
+    sites: HashMap<Addr, klp::arch::Site>,
+    /// The bodies of registered `patchable!` wrappers: `(start, end, wrapper site)`.
+    bodies: Vec<(Addr, Addr, Addr)>,
     cache: HashMap<TaskId, Arc<ThreadRecord>>,
     failures: HashMap<TaskId, TraceFailure>,
     retry_due: Option<Instant>,
@@ -131,6 +135,20 @@ impl ProcessHost {
     /// The view published for `site`, if any.
     pub fn view(&self, site: Addr) -> Option<RedirectView> {
         self.views.get(&site).copied()
+    }
+
+    /// Folds addresses inside the body of a registered `patchable!` function into its
+    /// wrapper (the function the core knows), so that a thread running the body is seen
+    /// inside the function.
+    fn fold_bodies(&self, trace: &mut [Addr]) {
+        if self.bodies.is_empty() {
+            return;
+        }
+        for a in trace.iter_mut() {
+            if let Some(&(_, _, site)) = self.bodies.iter().find(|b| *a >= b.0 && *a < b.1) {
+                *a = site + 5;
+            }
+        }
     }
 
     /// Number of `WARN`s the core reported.
@@ -215,19 +233,83 @@ impl Host for ProcessHost {
         self.index.size_of(addr)
     }
 
-    /// No entry trampolines exist yet: no function has a usable site.
-    fn hook_site(&self, _addr: Addr) -> Option<Addr> {
-        None
+    /// x86_64: the nop site at the entry of a function the symbol index knows (a
+    /// [`crate::patchable!`] wrapper). Elsewhere no entry trampolines exist yet: no
+    /// function has a usable site.
+    fn hook_site(&self, addr: Addr) -> Option<Addr> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            crate::redirect::x86::find(&self.index, addr).map(|s| s.addr())
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = addr;
+            None
+        }
     }
 
-    /// Never reached while [`Host::hook_site`] finds no site; refuses if it is.
-    fn hook_register(&mut self, _site: Addr) -> Result<(), HookError> {
-        Err(HookError::Register(Errno::ENOSYS))
+    /// x86_64: rewrites the site to call the entry trampoline (the view is published
+    /// already). Elsewhere never reached while [`Host::hook_site`] finds no site;
+    /// refuses if it is.
+    fn hook_register(&mut self, site: Addr) -> Result<(), HookError> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let func = self.index.lookup(site).map(|(_, s)| s.addr);
+            let Some(found) = func.and_then(|f| crate::redirect::x86::find(&self.index, f)) else {
+                return Err(HookError::Register(Errno::EINVAL));
+            };
+            if found.addr() != site {
+                return Err(HookError::Register(Errno::EINVAL));
+            }
+            if crate::redirect::view(site).is_none() {
+                self.line(format!("klp-user: no redirect slot for site {site:#x}"));
+                return Err(HookError::Register(Errno::EBUSY));
+            }
+            let answer = self.config.checks.answer;
+            crate::redirect::x86::install(&found, &mut || {
+                stack::sync_round(answer);
+            })?;
+            if let Some((start, end)) = crate::redirect::x86::body_of(&self.index, &found) {
+                self.bodies.push((start, end, site));
+            }
+            self.sites.insert(site, found);
+            Ok(())
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = site;
+            Err(HookError::Register(Errno::ENOSYS))
+        }
     }
 
-    fn hook_unregister(&mut self, _site: Addr) {}
+    /// Restores the site's original bytes, then waits until no thread still runs the
+    /// trampoline's decision (bounded; a timeout is logged).
+    fn hook_unregister(&mut self, site: Addr) {
+        let Some(found) = self.sites.remove(&site) else {
+            return;
+        };
+        self.bodies.retain(|b| b.2 != site);
+        #[cfg(target_arch = "x86_64")]
+        if let Err(e) = crate::redirect::x86::restore(&found, &mut || {
+            stack::sync_round(self.config.checks.answer);
+        }) {
+            self.warn(&format!(
+                "klp-user: cannot restore site {site:#x} ({})",
+                e.to_kernel()
+            ));
+        }
+        let _ = found;
+        if !crate::redirect::wait_deciders(Duration::from_secs(1)) {
+            self.line(format!(
+                "klp-user: a thread is still deciding at site {site:#x} after 1 s"
+            ));
+        }
+    }
 
     fn hook_publish(&mut self, site: Addr, view: Option<RedirectView>) {
+        if !crate::redirect::publish(site, view) {
+            self.line(format!("klp-user: redirect table full, site {site:#x}"));
+        }
         match view {
             Some(v) => {
                 self.views.insert(site, v);
@@ -294,8 +376,9 @@ impl Host for ProcessHost {
             return Ok(Vec::new());
         };
         match stack::trace_of(&r, &self.index, self.config.checks, max) {
-            Ok(v) => {
+            Ok(mut v) => {
                 self.failures.remove(&t);
+                self.fold_bodies(&mut v);
                 Ok(v)
             }
             Err(TraceFailure::Gone) => Ok(Vec::new()),
@@ -479,6 +562,8 @@ impl Process {
                     index: Arc::new(SymbolIndex::default()),
                     modules: BTreeMap::new(),
                     views: HashMap::new(),
+                    sites: HashMap::new(),
+                    bodies: Vec::new(),
                     cache: HashMap::new(),
                     failures: HashMap::new(),
                     retry_due: None,
@@ -877,15 +962,17 @@ mod tests {
     }
 
     #[test]
-    fn the_host_has_no_entry_sites_yet() {
+    fn functions_without_a_site_are_refused() {
         let p = Process::new(Config::default());
         let mut c = lock(&p.core);
         let f = sigblk_has as *const () as u64;
         assert_eq!(c.host.hook_site(f), None);
-        assert_eq!(
-            c.host.hook_register(f),
-            Err(HookError::Register(Errno::ENOSYS))
-        );
+        let e = if cfg!(target_arch = "x86_64") {
+            Errno::EINVAL
+        } else {
+            Errno::ENOSYS
+        };
+        assert_eq!(c.host.hook_register(f), Err(HookError::Register(e)));
         assert!(c.host.idle_tasks().is_empty());
     }
 }

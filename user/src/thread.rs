@@ -3,7 +3,7 @@
 //! Every thread of the process is a task of the core. Its livepatch state
 //! (`patch_state` and the pending flag) is one atomic byte in its [`ThreadRecord`],
 //! reachable from the thread itself through a thread-local pointer without any lock
-//! (for [`safe_point`] and, later, the redirect trampoline).
+//! (for [`safe_point`] and the redirect decision of [`crate::redirect`]).
 //!
 //! ## How threads register
 //!
@@ -109,6 +109,9 @@ pub struct ThreadRecord {
     pub(crate) signals: AtomicU64,
     /// Set by a fake signal; [`idle_wait`] sleeps on it.
     wake: AtomicU32,
+    /// Non-zero while the thread runs the redirect decision ([`crate::redirect`]);
+    /// `hook_unregister` waits for it to drop.
+    pub(crate) in_decide: AtomicU32,
 }
 
 impl ThreadRecord {
@@ -128,6 +131,7 @@ impl ThreadRecord {
             sync_ack: AtomicU64::new(0),
             signals: AtomicU64::new(0),
             wake: AtomicU32::new(0),
+            in_decide: AtomicU32::new(0),
         }
     }
 
@@ -344,6 +348,13 @@ fn late_state() -> u8 {
     } else {
         encode(t.inverted()) | PENDING
     }
+}
+
+/// The state a thread that is not registered runs in (the redirect decision of a thread
+/// created behind klp's back): `!target` during a transition — the code every thread
+/// ran before it began — and idle otherwise. Lock-free, no allocation.
+pub(crate) fn unregistered_state() -> PatchState {
+    decode(TARGET.load(Ordering::Acquire)).inverted()
 }
 
 /// The calling thread's record, registering the thread if it is not registered yet

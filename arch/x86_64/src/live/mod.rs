@@ -7,6 +7,9 @@
 
 use core::arch::asm;
 
+pub mod trampoline;
+pub use trampoline::{entry_trampoline, write_site};
+
 use klp_arch::UnwindStart;
 
 /// The caller's own registers: the address of this call, `rsp` and `rbp`.

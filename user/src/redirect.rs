@@ -1,0 +1,632 @@
+//! Redirection of the process's functions: patchable functions, the published views
+//! and the trampoline's decision.
+//!
+//! ## Patchable functions ([`patchable!`](crate::patchable))
+//!
+//! Stable Rust has no `-Zpatchable-function-entry`, so a patchable function is made of
+//! two: a `#[unsafe(naked)]` wrapper that carries the function's (unmangled) name and
+//! whose whole body is the patch site followed by a tail jump, and an `#[inline(never)]`
+//! inner function holding the body:
+//!
+//! ```text
+//! name:      0f 1f 44 00 00     nopl 0x0(%rax,%rax,1)    <- the site
+//!            e9 xx xx xx xx     jmp  name::body
+//! ```
+//!
+//! Both use the `extern "C"` ABI, so the wrapper leaves every argument register and the
+//! stack exactly as the caller set them and the body (or a replacement with the same
+//! signature) receives them untouched. Argument and return types should therefore be
+//! FFI-safe (the compiler warns otherwise). The wrapper is `#[unsafe(no_mangle)]`: its
+//! symbol is the function's name, which is what a patch names (two patchable functions
+//! with one name in one program clash at link time). The inner function is
+//! `name::body`, in a module named like the function (modules and functions live in
+//! different namespaces); it sees the enclosing module's items through `use super::*`.
+//! On architectures without a trampoline yet the macro produces a plain
+//! `#[unsafe(no_mangle)] extern "C"` function, which has no site.
+//!
+//! A thread inside the body has return addresses in `name::body`, not in the wrapper;
+//! the host folds them into the wrapper when it reports stack traces
+//! ([`crate::ProcessHost`]), so the consistency model sees the function.
+//!
+//! ## Published views
+//!
+//! [`klp::Host::hook_publish`] stores each site's [`RedirectView`] in a fixed table of
+//! slots (open addressing, keyed by the site address; a slot, once given to a site,
+//! stays that site's for the life of the process, so a reader never races with a
+//! reuse). A slot is a seqlock of plain atomics: the writer (serialised by a lock)
+//! makes the sequence odd, stores the fields, makes it even; a reader retries while the
+//! sequence is odd or changed. Readers never lock and never allocate.
+//!
+//! ## The decision (x86_64)
+//!
+//! A registered site is rewritten to `call` the trampoline of
+//! `klp_arch_x86_64::live::trampoline`, which calls [`decide_entry`] with the site.
+//! The decision reads the site's view and the calling thread's state from its
+//! [`crate::thread::ThreadRecord`] (through the thread-local pointer of [`crate::thread`]; no lock, no
+//! allocation) and returns `klp::decide`'s choice. A thread that is not registered (only
+//! threads created without `pthread_create`, or the main thread before it first used
+//! klp) is not registered from the trampoline — that would allocate and lock: it runs
+//! [`crate::thread`]'s `!target` state, the code every thread ran before the transition
+//! began. Such a thread is not a task of the core, so the consistency model does not
+//! cover it; [`unregistered_calls`] counts its decisions so that a program can see it.
+//! Call [`crate::thread::register_current`] early on such threads.
+//!
+//! While it decides, a thread marks itself (`in_decide` in its record, a counter for
+//! unregistered threads); `hook_unregister` waits for the marks to clear after
+//! restoring the site, so no decision that began before it is still running when it
+//! returns. Not covered: a thread that has executed the site's `call` but not yet
+//! entered the decision (the trampoline's prologue, a few instructions) is not waited
+//! for; it then decides with whatever view is published. That is harmless while patch
+//! code is never unmapped (patches are linked into the process); closing it needs a
+//! mark set by the trampoline itself.
+//!
+//! ## Text writes (x86_64)
+//!
+//! Serialised by one lock; the site's pages are made writable *and* executable for the
+//! write (other threads keep running them), then read + execute again. A site that lies
+//! within one aligned 8-byte word is written with one atomic store. Any other site (the
+//! naked wrappers are only 4-byte aligned, so most straddle a word) is written with the
+//! kernel's `text_poke_bp` protocol: `int3` on the first byte, the rest, the first
+//! byte, with a synchronisation round after each step; a thread that reaches the
+//! breakpoint meanwhile is moved past the site by klp's `SIGTRAP` handler (it runs the
+//! original body, which is what every thread runs while the core installs or removes a
+//! site: all tasks are unpatched then). Other `SIGTRAP`s go to the previous disposition.
+//!
+//! The table has 4096 slots; a site that finds none is refused (`-EBUSY`).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use klp::{RedirectView, Target};
+
+/// Declares a live-patchable `extern "C"` function (see the [module
+/// documentation](crate::redirect)).
+///
+/// ```
+/// klp_user::patchable! {
+///     /// Adds one.
+///     pub fn klp_doc_add_one(x: u64) -> u64 {
+///         x + 1
+///     }
+/// }
+/// assert_eq!(klp_doc_add_one(1), 2);
+/// ```
+#[macro_export]
+macro_rules! patchable {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        #[cfg(target_arch = "x86_64")]
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        #[unsafe(naked)]
+        $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
+            ::core::arch::naked_asm!(
+                ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+                "jmp {body}",
+                body = sym $name::body,
+            )
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[doc(hidden)]
+        #[allow(non_snake_case, unused_imports)]
+        mod $name {
+            use super::*;
+            #[inline(never)]
+            pub(super) extern "C" fn body($($arg: $ty),*) $(-> $ret)? $body
+        }
+
+        #[cfg(not(target_arch = "x86_64"))]
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        #[inline(never)]
+        $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? $body
+    };
+}
+
+// ------------------------------------------------------------------ the slot table
+
+const SLOTS: usize = 4096;
+const SLOT_BITS: u32 = 12;
+const _: () = assert!(1 << SLOT_BITS == SLOTS);
+
+const F_PRESENT: u64 = 1;
+const F_TRANSITION: u64 = 2;
+
+/// One site's published view (see the module documentation).
+#[derive(Debug)]
+struct Slot {
+    site: AtomicU64,
+    seq: AtomicU64,
+    flags: AtomicU64,
+    top: AtomicU64,
+    below: AtomicU64,
+}
+
+impl Slot {
+    const fn new() -> Slot {
+        Slot {
+            site: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            flags: AtomicU64::new(0),
+            top: AtomicU64::new(0),
+            below: AtomicU64::new(0),
+        }
+    }
+}
+
+static TABLE: [Slot; SLOTS] = [const { Slot::new() }; SLOTS];
+static WRITERS: Mutex<()> = Mutex::new(());
+
+fn home(site: u64) -> usize {
+    ((site >> 2).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SLOT_BITS)) as usize
+}
+
+fn target_word(t: Target) -> u64 {
+    match t {
+        Target::Original => 0,
+        Target::Func(a) => a,
+    }
+}
+
+fn word_target(w: u64) -> Target {
+    if w == 0 {
+        Target::Original
+    } else {
+        Target::Func(w)
+    }
+}
+
+/// The slot of `site`; with `insert`, claims a free one (writers only).
+fn slot(site: u64, insert: bool) -> Option<&'static Slot> {
+    if site == 0 {
+        return None;
+    }
+    let mut i = home(site);
+    for _ in 0..SLOTS {
+        let s = TABLE.get(i)?;
+        let k = s.site.load(Ordering::Acquire);
+        if k == site {
+            return Some(s);
+        }
+        if k == 0 {
+            if !insert {
+                return None;
+            }
+            match s
+                .site
+                .compare_exchange(0, site, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(s),
+                Err(k) if k == site => return Some(s),
+                Err(_) => {}
+            }
+        }
+        i = (i + 1) % SLOTS;
+    }
+    None
+}
+
+/// Publishes `view` for `site` (`None`: no record). Returns `false` if the table is
+/// full (the site then decides "original").
+pub(crate) fn publish(site: u64, view: Option<RedirectView>) -> bool {
+    let _w = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(s) = slot(site, view.is_some()) else {
+        return view.is_none();
+    };
+    let seq = s.seq.load(Ordering::Relaxed);
+    s.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+    std::sync::atomic::fence(Ordering::Release);
+    match view {
+        Some(v) => {
+            s.top.store(target_word(v.top), Ordering::Relaxed);
+            s.below.store(target_word(v.below), Ordering::Relaxed);
+            let f = F_PRESENT | if v.top_transition { F_TRANSITION } else { 0 };
+            s.flags.store(f, Ordering::Relaxed);
+        }
+        None => s.flags.store(0, Ordering::Relaxed),
+    }
+    s.seq.store(seq.wrapping_add(2), Ordering::Release);
+    true
+}
+
+/// The view published for `site`. Lock-free, no allocation.
+pub fn view(site: u64) -> Option<RedirectView> {
+    let s = slot(site, false)?;
+    loop {
+        let a = s.seq.load(Ordering::Acquire);
+        if a & 1 != 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let flags = s.flags.load(Ordering::Relaxed);
+        let top = s.top.load(Ordering::Relaxed);
+        let below = s.below.load(Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Acquire);
+        if s.seq.load(Ordering::Relaxed) != a {
+            continue;
+        }
+        return (flags & F_PRESENT != 0).then_some(RedirectView {
+            top: word_target(top),
+            top_transition: flags & F_TRANSITION != 0,
+            below: word_target(below),
+        });
+    }
+}
+
+/// Decisions taken for threads that are not registered (see the module documentation).
+static UNREGISTERED_CALLS: AtomicU64 = AtomicU64::new(0);
+/// Unregistered threads inside the decision now.
+static UNREGISTERED_IN: AtomicU64 = AtomicU64::new(0);
+/// Decisions that found an idle thread in a transition (the kernel's `WARN_ON_ONCE`).
+static ANOMALIES: AtomicU64 = AtomicU64::new(0);
+
+/// How many redirect decisions were taken for threads klp does not know.
+pub fn unregistered_calls() -> u64 {
+    UNREGISTERED_CALLS.load(Ordering::Relaxed)
+}
+
+/// How many decisions found an idle thread while the function was in transition.
+pub fn anomalies() -> u64 {
+    ANOMALIES.load(Ordering::Relaxed)
+}
+
+/// The decision the trampoline calls for `site`: 0 to run the original body, else the
+/// replacement's address. No lock, no allocation, no panic.
+pub extern "C" fn decide_entry(site: u64) -> u64 {
+    let p = crate::thread::current_raw();
+    // SAFETY: a non-null `CURRENT` points to this thread's record, which the registry
+    // keeps alive until this thread's exit guard clears `CURRENT` first.
+    let rec = unsafe { p.as_ref() };
+    let prev = match rec {
+        Some(r) => r.in_decide.swap(1, Ordering::SeqCst),
+        None => {
+            UNREGISTERED_IN.fetch_add(1, Ordering::SeqCst);
+            0
+        }
+    };
+    let out = match view(site) {
+        None => 0,
+        Some(v) => {
+            let state = rec.map_or_else(crate::thread::unregistered_state, |r| r.patch_state());
+            let (t, anomaly) = klp::decide(&v, state);
+            if anomaly != klp::Anomaly::None {
+                ANOMALIES.fetch_add(1, Ordering::Relaxed);
+            }
+            target_word(t)
+        }
+    };
+    match rec {
+        Some(r) => r.in_decide.store(prev, Ordering::Release),
+        None => {
+            UNREGISTERED_CALLS.fetch_add(1, Ordering::Relaxed);
+            UNREGISTERED_IN.fetch_sub(1, Ordering::Release);
+        }
+    }
+    out
+}
+
+/// Waits (at most `limit`) until no thread is inside [`decide_entry`]; returns whether
+/// none is. Called after a site was restored.
+pub(crate) fn wait_deciders(limit: std::time::Duration) -> bool {
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let me = crate::thread::current_raw();
+    let start = std::time::Instant::now();
+    loop {
+        let busy = crate::thread::with_registry(|recs| {
+            recs.iter()
+                .any(|r| !std::ptr::eq(&**r, me) && r.in_decide.load(Ordering::Acquire) != 0)
+        }) || UNREGISTERED_IN.load(Ordering::Acquire) != 0;
+        if !busy {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
+// ------------------------------------------------------------------ sites (x86_64)
+
+/// Site recognition and text writes on x86_64.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+
+    use klp::arch::{Arch, FuncInfo, Redirect, Site, SiteForm};
+    use klp::{Errno, HookError};
+    use klp_arch_x86_64::X86_64;
+    use klp_arch_x86_64::live::trampoline;
+
+    use crate::symbols::SymbolIndex;
+
+    static TEXT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// The site at the entry of the function that starts at `addr` (a function symbol
+    /// of the index, whose bytes are an unpatched x86 nop site).
+    pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {
+        let (_, sym) = index.lookup(addr)?;
+        if sym.addr != addr || !sym.func {
+            return None;
+        }
+        let len = (sym.size as usize).clamp(1, X86_64::MAX_SITE_LEN);
+        if !index.is_text(addr) || !index.is_text(addr + len as u64 - 1) {
+            return None;
+        }
+        // SAFETY: `addr..addr + len` lies in an executable (hence mapped and readable)
+        // segment of a loaded object, inside the function's symbol.
+        let code = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+        let site = X86_64::find_site(code, FuncInfo::at(addr)).ok()?;
+        matches!(site.form, SiteForm::X86Nops { .. }).then_some(site)
+    }
+
+    /// The body a `patchable!` wrapper jumps to: the `jmp` right after the site.
+    pub(crate) fn body_of(index: &SymbolIndex, site: &Site) -> Option<(u64, u64)> {
+        let at = site.addr() + site.len() as u64;
+        if !index.is_text(at) {
+            return None;
+        }
+        let size = index.size_of(site.func.addr)?;
+        if size < (at - site.func.addr) + 2 {
+            return None;
+        }
+        // SAFETY: `at` is in an executable segment, inside the wrapper's symbol (its
+        // size covers at least 2 bytes past the site, checked above).
+        let op = unsafe { *(at as *const u8) };
+        let target = match op {
+            0xe9 if size >= (at - site.func.addr) + 5 => {
+                // SAFETY: the symbol holds the 5 bytes of the jmp (checked).
+                let b = unsafe { std::slice::from_raw_parts(at as *const u8, 5) };
+                klp_arch_x86_64::insn::rel32_target(b, at, 0xe9)?
+            }
+            0xeb => {
+                // SAFETY: the symbol holds the 2 bytes of the short jmp (checked).
+                let d = unsafe { *((at + 1) as *const i8) };
+                (at + 2).wrapping_add(d as i64 as u64)
+            }
+            _ => return None,
+        };
+        let (_, s) = index.lookup(target)?;
+        (s.addr == target).then_some((target, target + s.size.max(1)))
+    }
+
+    /// The site being rewritten with the breakpoint protocol (0: none), and its length.
+    static PATCHING: AtomicU64 = AtomicU64::new(0);
+    static PATCHING_LEN: AtomicU64 = AtomicU64::new(0);
+    /// The `SIGTRAP` disposition found when klp installed its handler.
+    static OLD_TRAP: AtomicUsize = AtomicUsize::new(0);
+    static OLD_TRAP_FLAGS: AtomicUsize = AtomicUsize::new(0);
+
+    /// A thread that reaches the breakpoint of a site being rewritten skips the site:
+    /// it continues after it, in the original body. That is what every thread must run
+    /// at the moments the core installs or removes a site (installing: every task is
+    /// still unpatched; removing: the unpatching transition is complete, every task is
+    /// unpatched). Any other `SIGTRAP` goes to the previous disposition.
+    extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+        let site = PATCHING.load(Ordering::Acquire);
+        // SAFETY: with `SA_SIGINFO` the kernel passes the interrupted context as the
+        // third argument, valid for the duration of the handler.
+        let ctx = unsafe { &mut *(uc as *mut libc::ucontext_t) };
+        let rip_slot = ctx.uc_mcontext.gregs.get_mut(libc::REG_RIP as usize);
+        if let Some(rip) = rip_slot
+            && site != 0
+            && *rip as u64 == site + 1
+        {
+            *rip = (site + PATCHING_LEN.load(Ordering::Acquire)) as i64;
+            return;
+        }
+        let old = OLD_TRAP.load(Ordering::Acquire);
+        if old == libc::SIG_DFL || old == libc::SIG_IGN {
+            // SAFETY: restoring the default disposition and re-raising the signal (it
+            // is delivered once this handler returns) is async-signal-safe.
+            unsafe {
+                libc::signal(libc::SIGTRAP, libc::SIG_DFL);
+                libc::raise(libc::SIGTRAP);
+            }
+        } else if OLD_TRAP_FLAGS.load(Ordering::Acquire) & libc::SA_SIGINFO as usize != 0 {
+            // SAFETY: the previous handler was installed with `SA_SIGINFO`, so it has
+            // this signature.
+            let f = unsafe {
+                std::mem::transmute::<
+                    usize,
+                    extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+                >(old)
+            };
+            f(sig, info, uc);
+        } else {
+            // SAFETY: the previous handler was installed without `SA_SIGINFO`.
+            let f = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(old) };
+            f(sig);
+        }
+    }
+
+    fn install_trap_handler() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: all-zero `sigaction`s are valid; `on_trap` has the `SA_SIGINFO`
+            // signature and only touches atomics and the context.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                let mut old: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_trap as *const () as usize;
+                sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                if libc::sigaction(libc::SIGTRAP, &sa, &mut old) == 0 {
+                    OLD_TRAP.store(old.sa_sigaction, Ordering::Release);
+                    OLD_TRAP_FLAGS.store(old.sa_flags as usize, Ordering::Release);
+                }
+            }
+        });
+    }
+
+    /// Writes `bytes` over `site` while other threads may run it: one aligned 8-byte
+    /// store when the site lies in one aligned word; otherwise the kernel's
+    /// `text_poke_bp` protocol: a breakpoint on the first byte, the other bytes, then
+    /// the first byte, with a synchronisation round (`sync`, every thread passes a
+    /// serialising kernel entry and exit) after each step.
+    fn write(site: &Site, bytes: &[u8], sync: &mut dyn FnMut()) -> Result<(), Errno> {
+        let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: `sysconf` has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let addr = site.addr();
+        let start = addr & !(page - 1);
+        let end = (addr + bytes.len() as u64 + page - 1) & !(page - 1);
+        let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+        // SAFETY: the range covers whole pages of a loaded object's text; it stays
+        // executable while writable, so threads running it are not disturbed.
+        if unsafe { libc::mprotect(start as *mut libc::c_void, (end - start) as usize, rwx) } != 0 {
+            return Err(Errno::EPERM);
+        }
+        // SAFETY: the site's word is mapped and writable now (1) and text writes are
+        // serialised by `TEXT` (2).
+        let atomic = unsafe { trampoline::write_site(addr as *mut u8, bytes) };
+        if !atomic && let Some((first, rest)) = bytes.split_first() {
+            install_trap_handler();
+            PATCHING_LEN.store(bytes.len() as u64, Ordering::Release);
+            PATCHING.store(addr, Ordering::Release);
+            // SAFETY: `addr` is mapped and writable; a one-byte store is atomic.
+            let b0 = unsafe { &*(addr as *const AtomicU8) };
+            b0.store(0xcc, Ordering::SeqCst);
+            sync();
+            // SAFETY: the rest of the site is mapped and writable (1); a thread
+            // that reaches the site stops at the breakpoint and skips it, so no one
+            // executes these bytes while they are written (2); `TEXT` (3).
+            unsafe { klp_arch_x86_64::live::write_text((addr + 1) as *mut u8, rest) };
+            sync();
+            b0.store(*first, Ordering::SeqCst);
+            klp_arch_x86_64::live::sync_icache(addr as *const u8, 1);
+            sync();
+            PATCHING.store(0, Ordering::Release);
+        }
+        // SAFETY: as for the first `mprotect`; text is read + execute again.
+        unsafe {
+            libc::mprotect(
+                start as *mut libc::c_void,
+                (end - start) as usize,
+                libc::PROT_READ | libc::PROT_EXEC,
+            )
+        };
+        Ok(())
+    }
+
+    /// Rewrites `site` to call the trampoline.
+    pub(crate) fn install(site: &Site, sync: &mut dyn FnMut()) -> Result<(), HookError> {
+        trampoline::set_decision(super::decide_entry);
+        let bytes = X86_64::encode_redirect(site, Redirect::call(trampoline::address()))
+            .map_err(|_| HookError::Register(Errno::EINVAL))?;
+        write(site, bytes.as_slice(), sync).map_err(HookError::Register)
+    }
+
+    /// Restores the site's original bytes.
+    pub(crate) fn restore(site: &Site, sync: &mut dyn FnMut()) -> Result<(), Errno> {
+        write(site, X86_64::restore(site).as_slice(), sync)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_round_trip_through_the_table() {
+        let site = 0x7777_0000_1230;
+        assert_eq!(view(site), None);
+        let v = RedirectView {
+            top: Target::Func(0x1000),
+            top_transition: true,
+            below: Target::Original,
+        };
+        assert!(publish(site, Some(v)));
+        assert_eq!(view(site), Some(v));
+        assert_eq!(view(site + 16), None);
+        assert!(publish(site, None));
+        assert_eq!(view(site), None);
+        assert!(publish(
+            site,
+            Some(RedirectView {
+                top_transition: false,
+                ..v
+            })
+        ));
+        assert_eq!(view(site).map(|v| v.top_transition), Some(false));
+        assert!(publish(site, None));
+    }
+
+    #[test]
+    fn the_decision_reads_the_view_and_the_threads_state() {
+        std::thread::spawn(|| {
+            let site = 0x7777_0000_3000;
+            let rec = crate::thread::register_current();
+            assert_eq!(decide_entry(site), 0, "no view: the original");
+            let v = RedirectView {
+                top: Target::Func(0x2000),
+                top_transition: true,
+                below: Target::Func(0x1000),
+            };
+            publish(site, Some(v));
+            rec.set_patch_state(klp::PatchState::Unpatched);
+            assert_eq!(decide_entry(site), 0x1000, "unpatched: the entry below");
+            rec.set_patch_state(klp::PatchState::Patched);
+            assert_eq!(decide_entry(site), 0x2000, "patched: the top");
+            publish(
+                site,
+                Some(RedirectView {
+                    below: Target::Original,
+                    ..v
+                }),
+            );
+            rec.set_patch_state(klp::PatchState::Unpatched);
+            assert_eq!(decide_entry(site), 0, "below is the original");
+            rec.set_patch_state(klp::PatchState::Idle);
+            publish(
+                site,
+                Some(RedirectView {
+                    top_transition: false,
+                    ..v
+                }),
+            );
+            assert_eq!(decide_entry(site), 0x2000, "steady state: the top");
+            assert_eq!(rec.in_decide.load(Ordering::Relaxed), 0, "mark cleared");
+            publish(site, None);
+            assert_eq!(decide_entry(site), 0);
+            assert!(wait_deciders(std::time::Duration::from_secs(1)));
+        })
+        .join()
+        .expect("thread");
+    }
+
+    #[test]
+    fn readers_never_see_a_torn_view() {
+        let site = 0x7777_0000_2000;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let reader = std::thread::spawn(move || {
+            let mut seen = 0u64;
+            while !s2.load(Ordering::Acquire) || seen == 0 {
+                if let Some(v) = view(site) {
+                    // Every published view has below = top + 1 and transition = odd top.
+                    let (Target::Func(t), Target::Func(b)) = (v.top, v.below) else {
+                        panic!("{v:?}");
+                    };
+                    assert_eq!(b, t + 1);
+                    assert_eq!(v.top_transition, t % 2 == 1);
+                    seen += 1;
+                }
+            }
+            seen
+        });
+        for i in (1..20_000u64).chain([7]) {
+            publish(
+                site,
+                Some(RedirectView {
+                    top: Target::Func(i),
+                    top_transition: i % 2 == 1,
+                    below: Target::Func(i + 1),
+                }),
+            );
+        }
+        stop.store(true, Ordering::Release);
+        assert!(reader.join().expect("reader") > 0);
+        publish(site, None);
+    }
+}
