@@ -133,14 +133,13 @@ pub fn run(out: &mut dyn Write) -> io::Result<()> {
     let n = 4;
     let shell = d.k.shell;
     for _ in 0..n {
-        let t = d.k.world.spawn(
+        d.k.world.spawn(
             Some(shell),
             "test_klp-call_g",
             crate::world::Kind::User,
             Vec::new(),
             crate::world::Activity::GetpidLoop,
         );
-        let _ = t;
     }
     d.insmod("test_klp_callbacks_busy", &["block_transition=Y"])?;
     d.cat("/proc/cmdline")?;

@@ -371,7 +371,6 @@ impl Kernel {
             self.world
                 .printk(&format!("{name}: tainting kernel with TAINT_LIVEPATCH"));
         }
-        let base = self.world.addr_of(None, "ret_from_fork").unwrap_or(0);
         self.world.modules.insert(
             name.to_string(),
             LoadedModule {
@@ -381,16 +380,13 @@ impl Kernel {
                 params: values,
                 livepatch: def.livepatch,
                 patch: None,
-                base,
             },
         );
         (def.define_funcs)(&mut self.world, name);
-        let t = self.world.current;
         if let Err(e) = self.klp.module_coming(&mut self.world, name) {
             self.unlink_module(name);
             return Err(ModError::Errno(e));
         }
-        let _ = t;
         let r = (def.init)(self);
         if let Err(e) = r {
             if let Some(m) = self.world.modules.get_mut(name) {

@@ -483,7 +483,7 @@ fn busy_init(k: &mut Kernel) -> Result<(), Errno> {
     if out != "entered" {
         // The work function was redirected: the replacement ran instead and returned.
         if let Some(t) = k.world.task_mut(worker) {
-            t.stack = worker_idle_stack_vec(pow, t.stack.clone());
+            t.stack.retain(|a| *a != pow);
         }
         return Ok(());
     }
@@ -522,11 +522,6 @@ fn worker_idle_stack(w: &World) -> Vec<u64> {
         w.ret_in("worker_thread"),
         w.ret_in("schedule"),
     ]
-}
-
-fn worker_idle_stack_vec(pow: u64, mut st: Vec<u64>) -> Vec<u64> {
-    st.retain(|a| *a != pow);
-    st
 }
 
 /// The busy worker sees `block_transition` cleared and leaves `busymod_work_func`.

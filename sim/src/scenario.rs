@@ -211,6 +211,14 @@ pub fn strerror(e: Errno) -> String {
     }
 }
 
+/// `mods=($SYSFS_KLP_DIR/*); nmods=${#mods[@]}`: without nullglob an empty directory
+/// leaves the pattern itself, so bash counts 1.
+fn livepatch_count(k: &Kernel) -> usize {
+    k.list_dir("/sys/kernel/livepatch")
+        .map_or(0, |v| v.len())
+        .max(1)
+}
+
 /// Runs one scenario on a fresh simulated kernel.
 pub struct Runner {
     /// The kernel.
@@ -372,16 +380,6 @@ impl Runner {
             return Err(self.die(&format!("failed to unload module {m}")));
         }
         Ok(())
-    }
-
-    fn livepatch_count(&self) -> usize {
-        // `mods=(/sys/kernel/livepatch/*)`: without nullglob an empty directory leaves
-        // the pattern itself, so bash counts 1.
-        let n = self
-            .k
-            .list_dir("/sys/kernel/livepatch")
-            .map_or(0, |v| v.len());
-        n.max(1)
     }
 
     fn write(&mut self, path: &str, value: &str) -> Result<(), Errno> {
@@ -597,7 +595,7 @@ impl Runner {
             }
             "expect_livepatch_count" => {
                 need(1)?;
-                let n = self.livepatch_count();
+                let n = livepatch_count(&self.k);
                 if args[0].parse::<usize>().ok() != Some(n) {
                     return Err(self.die(&format!("Expecting three modules listed, found {n}")));
                 }
@@ -608,10 +606,7 @@ impl Runner {
                 let want = args[0].parse::<usize>().ok();
                 let mut n = 0;
                 let ok = self.loop_until(|k| {
-                    n = k
-                        .list_dir("/sys/kernel/livepatch")
-                        .map_or(0, |v| v.len())
-                        .max(1);
+                    n = livepatch_count(k);
                     Some(n) == want
                 });
                 if !ok {

@@ -191,8 +191,6 @@ pub struct LoadedModule {
     pub livepatch: bool,
     /// The patch it registered, if it is a livepatch module.
     pub patch: Option<PatchId>,
-    /// Text range.
-    pub base: Addr,
 }
 
 /// Deferred work.

@@ -27,7 +27,6 @@ fn lp_module(k: &mut Kernel, name: &str) -> u64 {
             params: BTreeMap::new(),
             livepatch: true,
             patch: None,
-            base: 0,
         },
     );
     k.world.define(
