@@ -33,6 +33,8 @@ impl Errno {
     pub const EISDIR: Errno = Errno(21);
     /// Invalid argument.
     pub const EINVAL: Errno = Errno(22);
+    /// Result out of range (a branch that cannot reach its target).
+    pub const ERANGE: Errno = Errno(34);
     /// Function not implemented.
     pub const ENOSYS: Errno = Errno(38);
     /// Address already in use (a task sleeps on patched code).
@@ -62,6 +64,7 @@ impl Errno {
             19 => "ENODEV",
             21 => "EISDIR",
             22 => "EINVAL",
+            34 => "ERANGE",
             38 => "ENOSYS",
             98 => "EADDRINUSE",
             _ => return None,

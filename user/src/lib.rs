@@ -43,6 +43,7 @@ pub mod symbols;
 pub mod thread;
 
 pub use process::{
-    Blocker, Config, Library, PatchInfo, Process, ProcessHost, ThreadInfo, TransitionStatus,
+    Blocker, Config, Library, PatchInfo, Process, ProcessHost, SiteKind, ThreadInfo,
+    TransitionStatus,
 };
 pub use thread::safe_point;

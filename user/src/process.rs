@@ -32,9 +32,10 @@ use std::time::{Duration, Instant};
 
 use klp::{
     Addr, Blocked, Errno, HookError, Host, IdleTask, Klp, Level, PatchDesc, PatchId, PatchState,
-    Record, RedirectView, TaskId, TraceError,
+    Record, RedirectView, Target, TaskId, TraceError,
 };
 
+use crate::redirect::{self, SiteState};
 use crate::stack::{self, CheckOptions, TraceFailure};
 use crate::symbols::{Changes, SymbolIndex};
 use crate::thread::{self, ForkGate, ThreadRecord};
@@ -70,6 +71,21 @@ impl Default for Config {
     }
 }
 
+/// Where a return address inside a `patchable!` body is reported: just past the
+/// wrapper's site, an address inside the wrapper's symbol on every architecture.
+const FOLD_OFFSET: u64 = 4;
+
+/// What a registered site holds (see [`ProcessHost::site_state`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SiteKind {
+    /// The original bytes (being removed).
+    Original,
+    /// A call of the entry trampoline: each thread's state decides.
+    Trampoline,
+    /// A direct branch to this implementation (the steady state).
+    Jump(Addr),
+}
+
 /// The log ring.
 #[derive(Debug, Default)]
 pub struct LogRing {
@@ -101,8 +117,8 @@ pub struct ProcessHost {
     index: Arc<SymbolIndex>,
     modules: BTreeMap<String, PatchModule>,
     views: HashMap<Addr, RedirectView>,
-    /// Registered sites, as found (their original bytes).
-    sites: HashMap<Addr, klp::arch::Site>,
+    /// Registered sites, as found (their original bytes), and what they hold now.
+    sites: HashMap<Addr, (klp::arch::Site, SiteState)>,
     /// The bodies of registered `patchable!` wrappers: `(start, end, wrapper site)`.
     bodies: Vec<(Addr, Addr, Addr)>,
     cache: HashMap<TaskId, Arc<ThreadRecord>>,
@@ -146,8 +162,66 @@ impl ProcessHost {
         }
         for a in trace.iter_mut() {
             if let Some(&(_, _, site)) = self.bodies.iter().find(|b| *a >= b.0 && *a < b.1) {
-                *a = site + 5;
+                *a = site + FOLD_OFFSET;
             }
+        }
+    }
+
+    /// What the registered site of the function at `func` holds now (`None`: not
+    /// registered).
+    pub fn site_state(&self, func: Addr) -> Option<SiteKind> {
+        let (_, (_, s)) = self.sites.iter().find(|(_, (f, _))| f.func.addr == func)?;
+        Some(match s {
+            SiteState::Original => SiteKind::Original,
+            SiteState::Trampoline => SiteKind::Trampoline,
+            SiteState::Jump(t) => SiteKind::Jump(*t),
+        })
+    }
+
+    /// Brings a registered site to what `view` asks: a direct jump to the one live
+    /// implementation when the view is steady (no transition, a replacement on top)
+    /// and the jump can be encoded, the trampoline otherwise. The view is published
+    /// before the site changes, so a thread that still takes the old jump runs what
+    /// its state allows: a transition only starts after this returns.
+    fn settle(&mut self, site: Addr, view: Option<RedirectView>) {
+        let Some(&(found, now)) = self.sites.get(&site) else {
+            return;
+        };
+        let want = match view {
+            Some(RedirectView {
+                top: Target::Func(to),
+                top_transition: false,
+                ..
+            }) => SiteState::Jump(to),
+            _ => SiteState::Trampoline,
+        };
+        if want == now {
+            return;
+        }
+        let answer = self.config.checks.answer;
+        let mut sync = || {
+            stack::sync_round(answer);
+        };
+        match redirect::native::set(&found, now, want, &mut sync) {
+            Ok(()) => {
+                self.sites.insert(site, (found, want));
+            }
+            Err(e) if want != SiteState::Trampoline => {
+                // A jump out of reach: the trampoline keeps deciding (same result).
+                self.line(format!(
+                    "klp-user: site {site:#x} stays on the trampoline ({})",
+                    e.to_kernel()
+                ));
+                if now != SiteState::Trampoline
+                    && redirect::native::set(&found, now, SiteState::Trampoline, &mut sync).is_ok()
+                {
+                    self.sites.insert(site, (found, SiteState::Trampoline));
+                }
+            }
+            Err(e) => self.warn(&format!(
+                "klp-user: cannot put site {site:#x} back on the trampoline ({})",
+                e.to_kernel()
+            )),
         }
     }
 
@@ -233,81 +307,74 @@ impl Host for ProcessHost {
         self.index.size_of(addr)
     }
 
-    /// x86_64: the nop site at the entry of a function the symbol index knows (a
-    /// [`crate::patchable!`] wrapper). Elsewhere no entry trampolines exist yet: no
-    /// function has a usable site.
+    /// The patch site at the entry of a function the symbol index knows (a
+    /// [`crate::patchable!`] wrapper, or a C function built with patchable entries), as
+    /// the architecture's part of [`crate::redirect`] recognises it.
     fn hook_site(&self, addr: Addr) -> Option<Addr> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            crate::redirect::x86::find(&self.index, addr).map(|s| s.addr())
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = addr;
-            None
-        }
+        redirect::native::find(&self.index, addr).map(|s| s.addr())
     }
 
-    /// x86_64: rewrites the site to call the entry trampoline (the view is published
-    /// already). Elsewhere never reached while [`Host::hook_site`] finds no site;
-    /// refuses if it is.
+    /// Rewrites the site to call the entry trampoline (the view is published already),
+    /// or to jump straight to the implementation if the view is a steady one.
     fn hook_register(&mut self, site: Addr) -> Result<(), HookError> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let func = self.index.lookup(site).map(|(_, s)| s.addr);
-            let Some(found) = func.and_then(|f| crate::redirect::x86::find(&self.index, f)) else {
-                return Err(HookError::Register(Errno::EINVAL));
-            };
-            if found.addr() != site {
-                return Err(HookError::Register(Errno::EINVAL));
-            }
-            if crate::redirect::view(site).is_none() {
-                self.line(format!("klp-user: no redirect slot for site {site:#x}"));
-                return Err(HookError::Register(Errno::EBUSY));
-            }
-            let answer = self.config.checks.answer;
-            crate::redirect::x86::install(&found, &mut || {
+        let func = self.index.lookup(site).map(|(_, s)| s.addr);
+        let Some(found) = func.and_then(|f| redirect::native::find(&self.index, f)) else {
+            return Err(HookError::Register(Errno::EINVAL));
+        };
+        if found.addr() != site {
+            return Err(HookError::Register(Errno::EINVAL));
+        }
+        if redirect::view(site).is_none() {
+            self.line(format!("klp-user: no redirect slot for site {site:#x}"));
+            return Err(HookError::Register(Errno::EBUSY));
+        }
+        let answer = self.config.checks.answer;
+        redirect::native::set(
+            &found,
+            SiteState::Original,
+            SiteState::Trampoline,
+            &mut || {
                 stack::sync_round(answer);
-            })?;
-            if let Some((start, end)) = crate::redirect::x86::body_of(&self.index, &found) {
-                self.bodies.push((start, end, site));
-            }
-            self.sites.insert(site, found);
-            Ok(())
+            },
+        )
+        .map_err(HookError::Register)?;
+        if let Some((start, end)) = redirect::native::body_of(&self.index, &found) {
+            self.bodies.push((start, end, site));
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = site;
-            Err(HookError::Register(Errno::ENOSYS))
+        self.sites.insert(site, (found, SiteState::Trampoline));
+        if let Some(v) = self.views.get(&site).copied() {
+            self.settle(site, Some(v));
         }
+        Ok(())
     }
 
     /// Restores the site's original bytes, then waits until no thread still runs the
     /// trampoline's decision (bounded; a timeout is logged).
     fn hook_unregister(&mut self, site: Addr) {
-        let Some(found) = self.sites.remove(&site) else {
+        let Some((found, state)) = self.sites.remove(&site) else {
             return;
         };
         self.bodies.retain(|b| b.2 != site);
-        #[cfg(target_arch = "x86_64")]
-        if let Err(e) = crate::redirect::x86::restore(&found, &mut || {
-            stack::sync_round(self.config.checks.answer);
+        let answer = self.config.checks.answer;
+        if let Err(e) = redirect::native::set(&found, state, SiteState::Original, &mut || {
+            stack::sync_round(answer);
         }) {
             self.warn(&format!(
                 "klp-user: cannot restore site {site:#x} ({})",
                 e.to_kernel()
             ));
         }
-        let _ = found;
-        if !crate::redirect::wait_deciders(Duration::from_secs(1)) {
+        if !redirect::wait_deciders(Duration::from_secs(1)) {
             self.line(format!(
                 "klp-user: a thread is still deciding at site {site:#x} after 1 s"
             ));
         }
     }
 
+    /// Publishes the view for the trampoline's decision, then settles the site: a
+    /// direct jump when the view is steady, the trampoline otherwise.
     fn hook_publish(&mut self, site: Addr, view: Option<RedirectView>) {
-        if !crate::redirect::publish(site, view) {
+        if !redirect::publish(site, view) {
             self.line(format!("klp-user: redirect table full, site {site:#x}"));
         }
         match view {
@@ -318,6 +385,7 @@ impl Host for ProcessHost {
                 self.views.remove(&site);
             }
         }
+        self.settle(site, view);
     }
 
     fn tasks(&self) -> Vec<TaskId> {
@@ -876,6 +944,12 @@ impl Process {
     pub fn warnings(&self) -> u64 {
         lock(&self.core).host.warnings
     }
+
+    /// What the patch site of the function at `func` holds now: the trampoline during
+    /// transitions, a direct jump in the steady state; `None` when it is not patched.
+    pub fn site_state(&self, func: Addr) -> Option<SiteKind> {
+        lock(&self.core).host.site_state(func)
+    }
 }
 
 fn info(r: &ThreadRecord) -> ThreadInfo {
@@ -967,12 +1041,10 @@ mod tests {
         let mut c = lock(&p.core);
         let f = sigblk_has as *const () as u64;
         assert_eq!(c.host.hook_site(f), None);
-        let e = if cfg!(target_arch = "x86_64") {
-            Errno::EINVAL
-        } else {
-            Errno::ENOSYS
-        };
-        assert_eq!(c.host.hook_register(f), Err(HookError::Register(e)));
+        assert_eq!(
+            c.host.hook_register(f),
+            Err(HookError::Register(Errno::EINVAL))
+        );
         assert!(c.host.idle_tasks().is_empty());
     }
 }

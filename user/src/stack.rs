@@ -280,6 +280,8 @@ fn on_signal(rec: &ThreadRecord, uc: *mut libc::c_void) {
     rec.signals.fetch_add(1, Ordering::Relaxed);
     let req = rec.sync_req.load(Ordering::Acquire);
     if rec.sync_ack.load(Ordering::Relaxed) != req {
+        // SAFETY: `uc` is the handler's third argument, on this thread.
+        unsafe { crate::redirect::on_sync(uc) };
         std::sync::atomic::fence(Ordering::SeqCst);
         rec.sync_ack.store(req, Ordering::Release);
     }

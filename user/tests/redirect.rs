@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use klp::{FuncDesc, ObjectDesc, PatchDesc, PatchState};
 use klp_user::stack::{CheckOptions, WalkPolicy};
-use klp_user::{Config, Process, ProcessHost};
+use klp_user::{Config, Process, ProcessHost, SiteKind};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -202,7 +202,17 @@ fn redirect_and_revert(p: &Process) {
     ))
     .expect("enable");
     assert!(p.wait_transition(WAIT), "{}", log_after(p, since));
-    assert_eq!(site_bytes(t)[0], 0xe8, "the site calls the trampoline");
+    let v2 = addr(target_v2 as *const ());
+    assert_eq!(
+        p.site_state(t),
+        Some(SiteKind::Jump(v2)),
+        "steady state: a direct jump"
+    );
+    assert_eq!(site_bytes(t)[0], 0xe9, "jmp rel32");
+    assert_eq!(
+        (t + 5).wrapping_add(i32::from_le_bytes(site_bytes(t)[1..5].try_into().unwrap()) as u64),
+        v2
+    );
     assert_eq!(klp_redirect_target(1), 102);
     assert_eq!(
         many(),
@@ -346,6 +356,9 @@ fn a_parked_thread_blocks_the_transition(p: &Process) {
         "{b:?}"
     );
     assert_eq!(b.thread.state, PatchState::Unpatched);
+    let f = addr(klp_redirect_parked as *const ());
+    assert_eq!(p.site_state(f), Some(SiteKind::Trampoline), "in transition");
+    assert_eq!(site_bytes(f)[0], 0xe8, "the site calls the trampoline");
     // The others are switched: new calls from this thread run the new code.
     assert_eq!(klp_redirect_parked(1), 102);
     // It leaves the old body with the old result; the transition completes.

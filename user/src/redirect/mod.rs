@@ -94,19 +94,10 @@ use klp::{RedirectView, Target};
 #[macro_export]
 macro_rules! patchable {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        #[cfg(target_arch = "x86_64")]
-        $(#[$m])*
-        #[unsafe(no_mangle)]
-        #[unsafe(naked)]
-        $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
-            ::core::arch::naked_asm!(
-                ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
-                "jmp {body}",
-                body = sym $name::body,
-            )
+        $crate::__patchable_wrapper! {
+            $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)?
         }
 
-        #[cfg(target_arch = "x86_64")]
         #[doc(hidden)]
         #[allow(non_snake_case, unused_imports)]
         mod $name {
@@ -114,13 +105,54 @@ macro_rules! patchable {
             #[inline(never)]
             pub(super) extern "C" fn body($($arg: $ty),*) $(-> $ret)? $body
         }
-
-        #[cfg(not(target_arch = "x86_64"))]
-        $(#[$m])*
-        #[unsafe(no_mangle)]
-        #[inline(never)]
-        $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? $body
     };
+}
+
+/// What a site holds (see [`native::set`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SiteState {
+    /// The unpatched bytes, as found.
+    Original,
+    /// A branch-and-link to the entry trampoline, which decides per thread.
+    Trampoline,
+    /// A direct branch to the one live implementation (the steady state).
+    Jump(u64),
+}
+
+// The architecture's part: `find`, `body_of`, `set`, `on_sync` and the
+// `__patchable_wrapper!` macro, one file per architecture with the same items.
+#[cfg(target_arch = "x86_64")]
+#[path = "x86_64.rs"]
+pub(crate) mod native;
+#[cfg(target_arch = "aarch64")]
+#[path = "aarch64.rs"]
+pub(crate) mod native;
+#[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+#[path = "ppc64le.rs"]
+pub(crate) mod native;
+#[cfg(target_arch = "s390x")]
+#[path = "s390x.rs"]
+pub(crate) mod native;
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    all(target_arch = "powerpc64", target_endian = "little"),
+    target_arch = "s390x"
+)))]
+#[path = "none.rs"]
+pub(crate) mod native;
+
+/// Called by klp's signal handler on every synchronisation round, before the thread
+/// acknowledges it: lets a site write in progress move a thread interrupted in the
+/// middle of a multi-instruction site (see the architecture's `on_sync`).
+///
+/// # Safety
+///
+/// 1. `uc` is the `ucontext_t` the kernel passed to an `SA_SIGINFO` handler running on
+///    the interrupted thread.
+pub(crate) unsafe fn on_sync(uc: *mut libc::c_void) {
+    // SAFETY: condition 1 is passed on.
+    unsafe { native::on_sync(uc) }
 }
 
 // ------------------------------------------------------------------ the slot table
@@ -323,203 +355,6 @@ pub(crate) fn wait_deciders(limit: std::time::Duration) -> bool {
             return false;
         }
         std::thread::yield_now();
-    }
-}
-
-// ------------------------------------------------------------------ sites (x86_64)
-
-/// Site recognition and text writes on x86_64.
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod x86 {
-    use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-
-    use klp::arch::{Arch, FuncInfo, Redirect, Site, SiteForm};
-    use klp::{Errno, HookError};
-    use klp_arch_x86_64::X86_64;
-    use klp_arch_x86_64::live::trampoline;
-
-    use crate::symbols::SymbolIndex;
-
-    static TEXT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    /// The site at the entry of the function that starts at `addr` (a function symbol
-    /// of the index, whose bytes are an unpatched x86 nop site).
-    pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {
-        let (_, sym) = index.lookup(addr)?;
-        if sym.addr != addr || !sym.func {
-            return None;
-        }
-        let len = (sym.size as usize).clamp(1, X86_64::MAX_SITE_LEN);
-        if !index.is_text(addr) || !index.is_text(addr + len as u64 - 1) {
-            return None;
-        }
-        // SAFETY: `addr..addr + len` lies in an executable (hence mapped and readable)
-        // segment of a loaded object, inside the function's symbol.
-        let code = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-        let site = X86_64::find_site(code, FuncInfo::at(addr)).ok()?;
-        matches!(site.form, SiteForm::X86Nops { .. }).then_some(site)
-    }
-
-    /// The body a `patchable!` wrapper jumps to: the `jmp` right after the site.
-    pub(crate) fn body_of(index: &SymbolIndex, site: &Site) -> Option<(u64, u64)> {
-        let at = site.addr() + site.len() as u64;
-        if !index.is_text(at) {
-            return None;
-        }
-        let size = index.size_of(site.func.addr)?;
-        if size < (at - site.func.addr) + 2 {
-            return None;
-        }
-        // SAFETY: `at` is in an executable segment, inside the wrapper's symbol (its
-        // size covers at least 2 bytes past the site, checked above).
-        let op = unsafe { *(at as *const u8) };
-        let target = match op {
-            0xe9 if size >= (at - site.func.addr) + 5 => {
-                // SAFETY: the symbol holds the 5 bytes of the jmp (checked).
-                let b = unsafe { std::slice::from_raw_parts(at as *const u8, 5) };
-                klp_arch_x86_64::insn::rel32_target(b, at, 0xe9)?
-            }
-            0xeb => {
-                // SAFETY: the symbol holds the 2 bytes of the short jmp (checked).
-                let d = unsafe { *((at + 1) as *const i8) };
-                (at + 2).wrapping_add(d as i64 as u64)
-            }
-            _ => return None,
-        };
-        let (_, s) = index.lookup(target)?;
-        (s.addr == target).then_some((target, target + s.size.max(1)))
-    }
-
-    /// The site being rewritten with the breakpoint protocol (0: none), and its length.
-    static PATCHING: AtomicU64 = AtomicU64::new(0);
-    static PATCHING_LEN: AtomicU64 = AtomicU64::new(0);
-    /// The `SIGTRAP` disposition found when klp installed its handler.
-    static OLD_TRAP: AtomicUsize = AtomicUsize::new(0);
-    static OLD_TRAP_FLAGS: AtomicUsize = AtomicUsize::new(0);
-
-    /// A thread that reaches the breakpoint of a site being rewritten skips the site:
-    /// it continues after it, in the original body. That is what every thread must run
-    /// at the moments the core installs or removes a site (installing: every task is
-    /// still unpatched; removing: the unpatching transition is complete, every task is
-    /// unpatched). Any other `SIGTRAP` goes to the previous disposition.
-    extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
-        let site = PATCHING.load(Ordering::Acquire);
-        // SAFETY: with `SA_SIGINFO` the kernel passes the interrupted context as the
-        // third argument, valid for the duration of the handler.
-        let ctx = unsafe { &mut *(uc as *mut libc::ucontext_t) };
-        let rip_slot = ctx.uc_mcontext.gregs.get_mut(libc::REG_RIP as usize);
-        if let Some(rip) = rip_slot
-            && site != 0
-            && *rip as u64 == site + 1
-        {
-            *rip = (site + PATCHING_LEN.load(Ordering::Acquire)) as i64;
-            return;
-        }
-        let old = OLD_TRAP.load(Ordering::Acquire);
-        if old == libc::SIG_DFL || old == libc::SIG_IGN {
-            // SAFETY: restoring the default disposition and re-raising the signal (it
-            // is delivered once this handler returns) is async-signal-safe.
-            unsafe {
-                libc::signal(libc::SIGTRAP, libc::SIG_DFL);
-                libc::raise(libc::SIGTRAP);
-            }
-        } else if OLD_TRAP_FLAGS.load(Ordering::Acquire) & libc::SA_SIGINFO as usize != 0 {
-            // SAFETY: the previous handler was installed with `SA_SIGINFO`, so it has
-            // this signature.
-            let f = unsafe {
-                std::mem::transmute::<
-                    usize,
-                    extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
-                >(old)
-            };
-            f(sig, info, uc);
-        } else {
-            // SAFETY: the previous handler was installed without `SA_SIGINFO`.
-            let f = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(old) };
-            f(sig);
-        }
-    }
-
-    fn install_trap_handler() {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            // SAFETY: all-zero `sigaction`s are valid; `on_trap` has the `SA_SIGINFO`
-            // signature and only touches atomics and the context.
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                let mut old: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_trap as *const () as usize;
-                sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
-                libc::sigemptyset(&mut sa.sa_mask);
-                if libc::sigaction(libc::SIGTRAP, &sa, &mut old) == 0 {
-                    OLD_TRAP.store(old.sa_sigaction, Ordering::Release);
-                    OLD_TRAP_FLAGS.store(old.sa_flags as usize, Ordering::Release);
-                }
-            }
-        });
-    }
-
-    /// Writes `bytes` over `site` while other threads may run it: one aligned 8-byte
-    /// store when the site lies in one aligned word; otherwise the kernel's
-    /// `text_poke_bp` protocol: a breakpoint on the first byte, the other bytes, then
-    /// the first byte, with a synchronisation round (`sync`, every thread passes a
-    /// serialising kernel entry and exit) after each step.
-    fn write(site: &Site, bytes: &[u8], sync: &mut dyn FnMut()) -> Result<(), Errno> {
-        let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: `sysconf` has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-        let addr = site.addr();
-        let start = addr & !(page - 1);
-        let end = (addr + bytes.len() as u64 + page - 1) & !(page - 1);
-        let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-        // SAFETY: the range covers whole pages of a loaded object's text; it stays
-        // executable while writable, so threads running it are not disturbed.
-        if unsafe { libc::mprotect(start as *mut libc::c_void, (end - start) as usize, rwx) } != 0 {
-            return Err(Errno::EPERM);
-        }
-        // SAFETY: the site's word is mapped and writable now (1) and text writes are
-        // serialised by `TEXT` (2).
-        let atomic = unsafe { trampoline::write_site(addr as *mut u8, bytes) };
-        if !atomic && let Some((first, rest)) = bytes.split_first() {
-            install_trap_handler();
-            PATCHING_LEN.store(bytes.len() as u64, Ordering::Release);
-            PATCHING.store(addr, Ordering::Release);
-            // SAFETY: `addr` is mapped and writable; a one-byte store is atomic.
-            let b0 = unsafe { &*(addr as *const AtomicU8) };
-            b0.store(0xcc, Ordering::SeqCst);
-            sync();
-            // SAFETY: the rest of the site is mapped and writable (1); a thread
-            // that reaches the site stops at the breakpoint and skips it, so no one
-            // executes these bytes while they are written (2); `TEXT` (3).
-            unsafe { klp_arch_x86_64::live::write_text((addr + 1) as *mut u8, rest) };
-            sync();
-            b0.store(*first, Ordering::SeqCst);
-            klp_arch_x86_64::live::sync_icache(addr as *const u8, 1);
-            sync();
-            PATCHING.store(0, Ordering::Release);
-        }
-        // SAFETY: as for the first `mprotect`; text is read + execute again.
-        unsafe {
-            libc::mprotect(
-                start as *mut libc::c_void,
-                (end - start) as usize,
-                libc::PROT_READ | libc::PROT_EXEC,
-            )
-        };
-        Ok(())
-    }
-
-    /// Rewrites `site` to call the trampoline.
-    pub(crate) fn install(site: &Site, sync: &mut dyn FnMut()) -> Result<(), HookError> {
-        trampoline::set_decision(super::decide_entry);
-        let bytes = X86_64::encode_redirect(site, Redirect::call(trampoline::address()))
-            .map_err(|_| HookError::Register(Errno::EINVAL))?;
-        write(site, bytes.as_slice(), sync).map_err(HookError::Register)
-    }
-
-    /// Restores the site's original bytes.
-    pub(crate) fn restore(site: &Site, sync: &mut dyn FnMut()) -> Result<(), Errno> {
-        write(site, X86_64::restore(site).as_slice(), sync)
     }
 }
 

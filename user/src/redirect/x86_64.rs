@@ -1,0 +1,284 @@
+//! x86_64: patchable wrappers, site recognition and text writes.
+//!
+//! A site is 5 bytes: the wrapper's `nopl 0x0(%rax,%rax,1)` or, in C built with
+//! `-fpatchable-function-entry=5`, five one-byte nops. Its states:
+//!
+//! | state | bytes |
+//! |---|---|
+//! | original | as found |
+//! | trampoline | `call entry_trampoline` ([`klp_arch_x86_64::live::trampoline`]) |
+//! | jump | `jmp new_function` (only when it is within ±2 GiB) |
+//!
+//! A write that lies in one aligned 8-byte word and replaces one whole instruction by
+//! another is one atomic store. Any other write follows the kernel's `text_poke_bp`:
+//! `int3` on the first byte, the other bytes, the first byte, with a synchronisation
+//! round after each step. A thread that reaches the breakpoint meanwhile is sent into
+//! the entry trampoline as if the site had called it (`SIGTRAP` handler): the
+//! trampoline's decision is right in every state of the site, because a site only ever
+//! jumps straight to the implementation the decision would choose. A thread interrupted
+//! in the middle of a run of one-byte nops is moved past the run by the first round
+//! after the breakpoint is in place ([`on_sync`]): it had begun the original function.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+
+use klp::Errno;
+use klp::arch::{Arch, FuncInfo, Redirect, Site, SiteForm};
+use klp_arch_x86_64::X86_64;
+use klp_arch_x86_64::live::trampoline;
+
+use super::SiteState;
+use crate::symbols::SymbolIndex;
+
+/// The wrapper of [`crate::patchable!`] on x86_64: the 5-byte nop site, then a tail
+/// jump to the body.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __patchable_wrapper {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        #[unsafe(naked)]
+        $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
+            ::core::arch::naked_asm!(
+                ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+                "jmp {body}",
+                body = sym $name::body,
+            )
+        }
+    };
+}
+
+static TEXT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The site at the entry of the function that starts at `addr` (a function symbol of
+/// the index, whose bytes are an unpatched x86 nop site).
+pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {
+    let (_, sym) = index.lookup(addr)?;
+    if sym.addr != addr || !sym.func {
+        return None;
+    }
+    let len = (sym.size as usize).clamp(1, X86_64::MAX_SITE_LEN);
+    if !index.is_text(addr) || !index.is_text(addr + len as u64 - 1) {
+        return None;
+    }
+    // SAFETY: `addr..addr + len` lies in an executable (hence mapped and readable)
+    // segment of a loaded object, inside the function's symbol.
+    let code = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+    let site = X86_64::find_site(code, FuncInfo::at(addr)).ok()?;
+    (matches!(site.form, SiteForm::X86Nops { .. }) && site.len() as u64 == trampoline::CALL_LEN)
+        .then_some(site)
+}
+
+/// The body a `patchable!` wrapper jumps to: the `jmp` right after the site.
+pub(crate) fn body_of(index: &SymbolIndex, site: &Site) -> Option<(u64, u64)> {
+    let at = site.addr() + site.len() as u64;
+    if !index.is_text(at) {
+        return None;
+    }
+    let size = index.size_of(site.func.addr)?;
+    if size < (at - site.func.addr) + 2 {
+        return None;
+    }
+    // SAFETY: `at` is in an executable segment, inside the wrapper's symbol (its size
+    // covers at least 2 bytes past the site, checked above).
+    let op = unsafe { *(at as *const u8) };
+    let target = match op {
+        0xe9 if size >= (at - site.func.addr) + 5 => {
+            // SAFETY: the symbol holds the 5 bytes of the jmp (checked).
+            let b = unsafe { std::slice::from_raw_parts(at as *const u8, 5) };
+            klp_arch_x86_64::insn::rel32_target(b, at, 0xe9)?
+        }
+        0xeb => {
+            // SAFETY: the symbol holds the 2 bytes of the short jmp (checked).
+            let d = unsafe { *((at + 1) as *const i8) };
+            (at + 2).wrapping_add(d as i64 as u64)
+        }
+        _ => return None,
+    };
+    let (_, s) = index.lookup(target)?;
+    (s.addr == target).then_some((target, target + s.size.max(1)))
+}
+
+/// The site being rewritten with the breakpoint protocol (0: none), and its length.
+static PATCHING: AtomicU64 = AtomicU64::new(0);
+static PATCHING_LEN: AtomicU64 = AtomicU64::new(0);
+/// The `SIGTRAP` disposition found when klp installed its handler.
+static OLD_TRAP: AtomicUsize = AtomicUsize::new(0);
+static OLD_TRAP_FLAGS: AtomicUsize = AtomicUsize::new(0);
+
+/// A thread that reaches the breakpoint of a site being rewritten is sent into the
+/// entry trampoline as if the site's `call` had run: the return address `site + 5` is
+/// pushed (into the red zone below the entry's `rsp`, which nothing uses yet at a
+/// function's first instruction) and `rip` becomes the trampoline. Any other `SIGTRAP`
+/// goes to the previous disposition.
+extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    let site = PATCHING.load(Ordering::Acquire);
+    // SAFETY: with `SA_SIGINFO` the kernel passes the interrupted context as the third
+    // argument, valid for the duration of the handler.
+    let ctx = unsafe { &mut *(uc as *mut libc::ucontext_t) };
+    let g = &mut ctx.uc_mcontext.gregs;
+    let (ri, si) = (libc::REG_RIP as usize, libc::REG_RSP as usize);
+    if site != 0 && g.get(ri).is_some_and(|r| *r as u64 == site + 1) {
+        let sp = g.get(si).copied().unwrap_or(0) as u64;
+        let ret = sp.wrapping_sub(8);
+        // SAFETY: `sp` is the interrupted thread's stack pointer at a function's first
+        // instruction; the 8 bytes below it are this thread's own stack (the red zone,
+        // unused before the function's first instruction runs) and are mapped.
+        unsafe { (ret as *mut u64).write(site + trampoline::CALL_LEN) };
+        if let Some(s) = g.get_mut(si) {
+            *s = ret as i64;
+        }
+        if let Some(r) = g.get_mut(ri) {
+            *r = trampoline::address() as i64;
+        }
+        return;
+    }
+    let old = OLD_TRAP.load(Ordering::Acquire);
+    if old == libc::SIG_DFL || old == libc::SIG_IGN {
+        // SAFETY: restoring the default disposition and re-raising the signal (it is
+        // delivered once this handler returns) is async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGTRAP, libc::SIG_DFL);
+            libc::raise(libc::SIGTRAP);
+        }
+    } else if OLD_TRAP_FLAGS.load(Ordering::Acquire) & libc::SA_SIGINFO as usize != 0 {
+        // SAFETY: the previous handler was installed with `SA_SIGINFO`, so it has this
+        // signature.
+        let f = unsafe {
+            std::mem::transmute::<
+                usize,
+                extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+            >(old)
+        };
+        f(sig, info, uc);
+    } else {
+        // SAFETY: the previous handler was installed without `SA_SIGINFO`.
+        let f = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(old) };
+        f(sig);
+    }
+}
+
+fn install_trap_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: all-zero `sigaction`s are valid; `on_trap` has the `SA_SIGINFO`
+        // signature and only touches atomics, the context and the interrupted stack.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            let mut old: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_trap as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGTRAP, &sa, &mut old) == 0 {
+                OLD_TRAP.store(old.sa_sigaction, Ordering::Release);
+                OLD_TRAP_FLAGS.store(old.sa_flags as usize, Ordering::Release);
+            }
+        }
+    });
+}
+
+/// A thread interrupted inside a site being rewritten (only possible in a run of
+/// one-byte nops: every other state is one instruction) is moved past the site: it
+/// had begun the original function, and the run's remaining bytes are nops.
+///
+/// # Safety
+///
+/// 1. `uc` is the `ucontext_t` of an `SA_SIGINFO` handler on the interrupted thread.
+pub(crate) unsafe fn on_sync(uc: *mut libc::c_void) {
+    let site = PATCHING.load(Ordering::Acquire);
+    if site == 0 {
+        return;
+    }
+    let end = site + PATCHING_LEN.load(Ordering::Acquire);
+    // SAFETY: condition 1.
+    let ctx = unsafe { &mut *(uc as *mut libc::ucontext_t) };
+    if let Some(r) = ctx.uc_mcontext.gregs.get_mut(libc::REG_RIP as usize) {
+        let pc = *r as u64;
+        if pc > site && pc < end {
+            *r = end as i64;
+        }
+    }
+}
+
+/// The bytes of `state` at `site`.
+fn bytes_of(site: &Site, state: SiteState) -> Result<klp::arch::InsnBytes, Errno> {
+    match state {
+        SiteState::Original => Ok(X86_64::restore(site)),
+        SiteState::Trampoline => {
+            X86_64::encode_redirect(site, Redirect::call(trampoline::address()))
+                .map_err(|_| Errno::ERANGE)
+        }
+        SiteState::Jump(to) => {
+            X86_64::encode_redirect(site, Redirect::jump(to)).map_err(|_| Errno::ERANGE)
+        }
+    }
+}
+
+/// Whether `site`'s original bytes are one instruction (the 5-byte nop).
+fn single_nop(site: &Site) -> bool {
+    site.original.as_slice() == [0x0f, 0x1f, 0x44, 0x00, 0x00]
+}
+
+/// Rewrites `site` from state `from` to state `to` (see the module documentation).
+/// `sync` runs a synchronisation round. Fails with `ERANGE` (nothing written) when
+/// `to` cannot be encoded at this site (a jump or the trampoline out of reach).
+pub(crate) fn set(
+    site: &Site,
+    from: SiteState,
+    to: SiteState,
+    sync: &mut dyn FnMut(),
+) -> Result<(), Errno> {
+    let bytes = bytes_of(site, to)?;
+    trampoline::set_decision(super::decide_entry);
+    let whole = from != SiteState::Original || single_nop(site);
+    write(site, bytes.as_slice(), whole, sync)
+}
+
+/// Writes `bytes` over `site` while other threads may run it (module documentation).
+/// `whole`: the current bytes are one instruction, so one atomic store may replace
+/// them.
+fn write(site: &Site, bytes: &[u8], whole: bool, sync: &mut dyn FnMut()) -> Result<(), Errno> {
+    let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: `sysconf` has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let addr = site.addr();
+    let start = addr & !(page - 1);
+    let end = (addr + bytes.len() as u64 + page - 1) & !(page - 1);
+    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+    // SAFETY: the range covers whole pages of a loaded object's text; it stays
+    // executable while writable, so threads running it are not disturbed.
+    if unsafe { libc::mprotect(start as *mut libc::c_void, (end - start) as usize, rwx) } != 0 {
+        return Err(Errno::EPERM);
+    }
+    // SAFETY: the site's word is mapped and writable now (1) and text writes are
+    // serialised by `TEXT` (2).
+    let atomic = whole && unsafe { trampoline::write_site(addr as *mut u8, bytes) };
+    if !atomic && let Some((first, rest)) = bytes.split_first() {
+        install_trap_handler();
+        PATCHING_LEN.store(bytes.len() as u64, Ordering::Release);
+        PATCHING.store(addr, Ordering::Release);
+        // SAFETY: `addr` is mapped and writable; a one-byte store is atomic.
+        let b0 = unsafe { &*(addr as *const AtomicU8) };
+        b0.store(0xcc, Ordering::SeqCst);
+        sync();
+        // SAFETY: the rest of the site is mapped and writable (1); a thread that
+        // reaches the site stops at the breakpoint and is sent to the trampoline, and
+        // the round above moved every thread out of the site's middle, so no one
+        // executes these bytes while they are written (2); `TEXT` (3).
+        unsafe { klp_arch_x86_64::live::write_text((addr + 1) as *mut u8, rest) };
+        sync();
+        b0.store(*first, Ordering::SeqCst);
+        klp_arch_x86_64::live::sync_icache(addr as *const u8, 1);
+        sync();
+        PATCHING.store(0, Ordering::Release);
+    }
+    // SAFETY: as for the first `mprotect`; text is read + execute again.
+    unsafe {
+        libc::mprotect(
+            start as *mut libc::c_void,
+            (end - start) as usize,
+            libc::PROT_READ | libc::PROT_EXEC,
+        )
+    };
+    Ok(())
+}
