@@ -374,7 +374,18 @@ impl Host for ProcessHost {
     /// Publishes the view for the trampoline's decision, then settles the site: a
     /// direct jump when the view is steady, the trampoline otherwise.
     fn hook_publish(&mut self, site: Addr, view: Option<RedirectView>) {
-        if !redirect::publish(site, view) {
+        let tag = |t: Target| match t {
+            Target::Func(a) => {
+                Target::Func(redirect::native::published_target(&self.index, site, a))
+            }
+            Target::Original => Target::Original,
+        };
+        let word_view = view.map(|v| RedirectView {
+            top: tag(v.top),
+            below: tag(v.below),
+            ..v
+        });
+        if !redirect::publish(site, word_view) {
             self.line(format!("klp-user: redirect table full, site {site:#x}"));
         }
         match view {

@@ -49,3 +49,9 @@ pub(crate) fn set(
 ///
 /// 1. `uc` is the `ucontext_t` of an `SA_SIGINFO` handler (unused).
 pub(crate) unsafe fn on_sync(_uc: *mut libc::c_void) {}
+
+/// The word the trampoline's decision returns for `target` at `site`: the address
+/// itself (this architecture needs no tag).
+pub(crate) fn published_target(_index: &SymbolIndex, _site: u64, target: u64) -> u64 {
+    target
+}
