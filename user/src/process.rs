@@ -364,7 +364,9 @@ impl Host for ProcessHost {
                 e.to_kernel()
             ));
         }
-        if !redirect::wait_deciders(Duration::from_secs(1)) {
+        if !redirect::wait_deciders(Duration::from_secs(1), &mut || {
+            stack::sync_round(answer);
+        }) {
             self.line(format!(
                 "klp-user: a thread is still deciding at site {site:#x} after 1 s"
             ));
@@ -735,6 +737,12 @@ impl Process {
             }
             r
         })
+    }
+
+    /// Whether the patch module `name` is still loaded (`lsmod`): from
+    /// [`Process::enable_patch`] until its patch is freed after being disabled.
+    pub fn loaded(&self, name: &str) -> bool {
+        lock(&self.core).host.modules.contains_key(name)
     }
 
     /// Re-indexes the loaded objects; tells the core about modules that went away and

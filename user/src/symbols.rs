@@ -53,6 +53,8 @@ pub struct Symbol {
     pub size: u64,
     /// Whether it is a function (`STT_FUNC`).
     pub func: bool,
+    /// `st_other` (ppc64le keeps the local-entry offset in its top three bits).
+    pub st_other: u8,
 }
 
 /// One loaded object.
@@ -174,11 +176,16 @@ pub fn parse_symbols(data: &[u8], bias: u64) -> Result<(Vec<Symbol>, &'static st
         if name.is_empty() {
             continue;
         }
+        let st_other = match s.flags() {
+            object::SymbolFlags::Elf { st_other, .. } => st_other.0,
+            _ => 0,
+        };
         out.push(Symbol {
             name: name.to_string(),
             addr: s.address().wrapping_add(bias),
             size: s.size(),
             func,
+            st_other,
         });
     }
     Ok((out, table))
@@ -365,6 +372,7 @@ mod tests {
                     addr: *a,
                     size: *s,
                     func: true,
+                    st_other: 0,
                 })
                 .collect(),
             table: ".symtab",

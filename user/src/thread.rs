@@ -429,7 +429,7 @@ pub fn idle_wait(timeout: std::time::Duration) -> bool {
 }
 
 /// Wakes `rec` from [`idle_wait`].
-pub(crate) fn wake(rec: &ThreadRecord) {
+pub fn wake(rec: &ThreadRecord) {
     rec.wake.store(1, Ordering::Release);
     crate::stack::futex_wake(&rec.wake);
 }

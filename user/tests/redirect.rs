@@ -1,6 +1,11 @@
 //! Functions of this process redirected through the architecture's entry trampoline:
 //! every scenario runs in sequence in one test, because the host is process-wide.
-#![cfg(target_arch = "x86_64")]
+#![cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    all(target_arch = "powerpc64", target_endian = "little"),
+    target_arch = "s390x"
+))]
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -163,6 +168,30 @@ fn site_bytes(f: u64) -> [u8; 8] {
 
 #[cfg(target_arch = "x86_64")]
 const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+#[cfg(target_arch = "aarch64")]
+const A64_NOPS: [u8; 8] = [0x1f, 0x20, 0x03, 0xd5, 0x1f, 0x20, 0x03, 0xd5];
+
+/// The two words of an aarch64 site.
+#[cfg(target_arch = "aarch64")]
+fn site_words(f: u64) -> [u32; 2] {
+    let b = site_bytes(f);
+    [
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+    ]
+}
+
+/// The two words of a ppc64le site: at the local entry, 8 bytes past the global
+/// entry's TOC setup.
+#[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+fn ppc_site_words(f: u64) -> [u32; 2] {
+    // SAFETY: `f` is a wrapper of this program: its first 16 bytes are mapped text.
+    let b = unsafe { std::ptr::read_volatile((f + 8) as *const [u8; 8]) };
+    [
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+    ]
+}
 
 fn many() -> f64 {
     klp_redirect_many(
@@ -193,6 +222,24 @@ fn redirect_and_revert(p: &Process) {
     let before = site_bytes(t);
     #[cfg(target_arch = "x86_64")]
     assert_eq!(before[..5], NOP5, "the wrapper starts with the site");
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(before, A64_NOPS, "the wrapper starts with the site");
+    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    {
+        let toc = u32::from_le_bytes([before[0], before[1], before[2], before[3]]);
+        assert_eq!(
+            toc & 0xffff_0000,
+            0x3c4c_0000,
+            "addis r2,r12: the global entry"
+        );
+        assert_eq!(
+            ppc_site_words(t),
+            [0x6000_0000; 2],
+            "nops at the local entry"
+        );
+    }
+    #[cfg(target_arch = "s390x")]
+    assert_eq!(before[..6], [0xc0, 0x04, 0, 0, 0, 0], "brcl 0,0: the site");
     assert_eq!(klp_redirect_target(1), 2);
     assert_eq!(many(), many_expected());
 
@@ -217,6 +264,32 @@ fn redirect_and_revert(p: &Process) {
         assert_eq!(site_bytes(t)[0], 0xe9, "jmp rel32");
         let rel = i32::from_le_bytes(site_bytes(t)[1..5].try_into().expect("4 bytes"));
         assert_eq!((t + 5).wrapping_add(rel as u64), v2);
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let [w0, _] = site_words(t);
+        assert_eq!(w0 >> 26, 0b00_0101, "b imm26: {w0:#x}");
+        let off = (((w0 & 0x03ff_ffff) << 6) as i32 >> 4) as i64;
+        assert_eq!(t.wrapping_add(off as u64), v2);
+    }
+    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    {
+        let [w0, _] = ppc_site_words(t);
+        assert_eq!(w0 & 0xfc00_0003, 0x4800_0000, "b: {w0:#x}");
+        let off = (((w0 & 0x03ff_fffc) << 6) as i32 >> 6) as i64;
+        let local = p.symbols().lookup(v2).map(|(_, s)| s.st_other >> 5);
+        let local = match local {
+            Some(3) => v2 + 8,
+            _ => v2,
+        };
+        assert_eq!((t + 8).wrapping_add(off as u64), local, "v2's local entry");
+    }
+    #[cfg(target_arch = "s390x")]
+    {
+        let b = site_bytes(t);
+        assert_eq!(b[..2], [0xc0, 0xf4], "jg");
+        let d = i32::from_be_bytes([b[2], b[3], b[4], b[5]]);
+        assert_eq!(t.wrapping_add((i64::from(d) * 2) as u64), v2);
     }
     assert_eq!(klp_redirect_target(1), 102);
     assert_eq!(
@@ -366,7 +439,29 @@ fn a_parked_thread_blocks_the_transition(p: &Process) {
     let f = addr(klp_redirect_parked as *const ());
     assert_eq!(p.site_state(f), Some(SiteKind::Trampoline), "in transition");
     #[cfg(target_arch = "x86_64")]
-    assert_eq!(site_bytes(f)[0], 0xe8, "the site calls the trampoline");
+    assert_eq!(site_bytes(f)[0], 0xe9, "the site jumps to its stub");
+    #[cfg(target_arch = "aarch64")]
+    {
+        let [w0, w1] = site_words(f);
+        assert_eq!(w0, 0xaa1e_03e9, "mov x9, x30");
+        assert_eq!(w1 >> 26, 0b10_0101, "bl imm26 (the trampoline): {w1:#x}");
+    }
+    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    {
+        let [w0, w1] = ppc_site_words(f);
+        assert_eq!(w0, 0x7c08_02a6, "mflr r0");
+        assert_eq!(
+            w1 & 0xfc00_0003,
+            0x4800_0001,
+            "bl (the trampoline): {w1:#x}"
+        );
+    }
+    #[cfg(target_arch = "s390x")]
+    assert_eq!(
+        site_bytes(f)[..2],
+        [0xc0, 0x05],
+        "brasl %r0 (the trampoline)"
+    );
     // The others are switched: new calls from this thread run the new code.
     assert_eq!(klp_redirect_parked(1), 102);
     // It leaves the old body with the old result; the transition completes.

@@ -52,9 +52,10 @@
 //! Call [`crate::thread::register_current`] early on such threads.
 //!
 //! While it decides, a thread marks itself (`in_decide` in its record, a counter for
-//! unregistered threads); `hook_unregister` waits for the marks to clear after
-//! restoring the site, so no decision that began before it is still running when it
-//! returns. Not covered: a thread that has executed the site's `call` but not yet
+//! unregistered threads); `hook_unregister` runs a synchronisation round after
+//! restoring the site and waits for the marks to clear, so no decision that began
+//! before it is still running when it returns (the mark is a plain store; the round is
+//! the barrier, see `wait_deciders`). Not covered: a thread that has executed the site's `call` but not yet
 //! entered the decision (the trampoline's prologue, a few instructions) is not waited
 //! for; it then decides with whatever view is published. That is harmless while patch
 //! code is never unmapped (patches are linked into the process); closing it needs a
@@ -310,7 +311,17 @@ pub extern "C" fn decide_entry(site: u64) -> u64 {
     // keeps alive until this thread's exit guard clears `CURRENT` first.
     let rec = unsafe { p.as_ref() };
     let prev = match rec {
-        Some(r) => r.in_decide.swap(1, Ordering::SeqCst),
+        Some(r) => {
+            // A plain store, ordered before the view's loads for this thread only: the
+            // waiter's side of the barrier is a synchronisation round, in which every
+            // registered thread runs a signal handler (a full barrier on that thread),
+            // as with `membarrier` (see `wait_deciders`). A locked `xchg` here would be
+            // the slowest instruction of the whole decision.
+            let prev = r.in_decide.load(Ordering::Relaxed);
+            r.in_decide.store(1, Ordering::Relaxed);
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+            prev
+        }
         None => {
             UNREGISTERED_IN.fetch_add(1, Ordering::SeqCst);
             0
@@ -338,9 +349,13 @@ pub extern "C" fn decide_entry(site: u64) -> u64 {
 }
 
 /// Waits (at most `limit`) until no thread is inside [`decide_entry`]; returns whether
-/// none is. Called after a site was restored.
-pub(crate) fn wait_deciders(limit: std::time::Duration) -> bool {
+/// none is. Called after a site was restored, with `sync` running a synchronisation
+/// round first: a registered thread that had marked itself before the round is seen
+/// marked after it (the round is a full barrier on every registered thread), and one
+/// that had not reached the site by then runs the restored bytes.
+pub(crate) fn wait_deciders(limit: std::time::Duration, sync: &mut dyn FnMut()) -> bool {
     std::sync::atomic::fence(Ordering::SeqCst);
+    sync();
     let me = crate::thread::current_raw();
     let start = std::time::Instant::now();
     loop {
@@ -424,7 +439,7 @@ mod tests {
             assert_eq!(rec.in_decide.load(Ordering::Relaxed), 0, "mark cleared");
             publish(site, None);
             assert_eq!(decide_entry(site), 0);
-            assert!(wait_deciders(std::time::Duration::from_secs(1)));
+            assert!(wait_deciders(std::time::Duration::from_secs(1), &mut || {}));
         })
         .join()
         .expect("thread");

@@ -1,57 +1,387 @@
-//! s390x: not yet — architectures without an entry trampoline: no function has a usable site, so
-//! enabling a patch of a loaded function fails like the kernel without an ftrace
-//! location (`failed to find location for function '…'`, `-EINVAL`).
+//! s390x: patchable wrappers, site recognition and text writes.
+//!
+//! LLVM cannot give Rust functions patchable entries on s390x, so the site is the
+//! first instruction of the `patchable!` wrapper: `brcl 0,0` (`c0 04 00 00 00 00`, a
+//! 6-byte nop), then `jg body`. C functions built with `-pg -mfentry -mnop-mcount` have
+//! the same site. Runs of `nopr` (`-fpatchable-function-entry`, `-mhotpatch`) are
+//! several instructions and are not used. A site is one instruction in every state:
+//!
+//! | state | bytes |
+//! |---|---|
+//! | original | `brcl 0,d` as found (`c0 04`, a nop whatever `d`) |
+//! | trampoline | `brasl %r0,entry_trampoline` (`c0 05`, [`klp_arch_s390x::live::trampoline`]) |
+//! | jump | `jg new_function` (`c0 f4`, only when it is within ±4 GiB) |
+//!
+//! Displacements count halfwords from the site (±4 GiB): a site in a shared object
+//! mapped far from the executable cannot reach the trampoline and is refused
+//! (`ERANGE`); far stubs are later work.
+//!
+//! ## Writes
+//!
+//! The first halfword (opcode and mask/register) and the 4-byte displacement are
+//! written with aligned halfword stores; each is block-concurrent, the instruction as a
+//! whole is not, so the displacement is only rewritten while the first halfword makes
+//! it irrelevant:
+//! * `c0 04`, `brcl 0`: a nop whatever the displacement;
+//! * `00 00`, the trap: operation code 00 is never assigned, so the instruction raises
+//!   an operation exception (`SIGILL`) whatever follows. (0x0001 and 0x0002 are avoided:
+//!   the kernel gives them to ptrace and uprobes.)
+//!
+//! With a synchronisation round after each step:
+//! 1. if the displacement changes while the site branches: the first halfword becomes
+//!    the nop when the new state is the original, the trap otherwise;
+//! 2. the displacement;
+//! 3. the new first halfword.
+//!
+//! A CPU runs the instructions it fetched until it serialises, and the round after each
+//! step serialises every thread (a signal interrupts it). So after step 1's round no
+//! thread can still combine the old branching halfword with a displacement being
+//! written, and after step 2's round every thread that sees the new first halfword
+//! sees the whole new displacement with it: a torn displacement is only ever seen under
+//! the nop or the trap. A site that is already the nop (installing the trampoline)
+//! skips step 1: the first halfword flips once, from `c0 04` to `c0 05`, the
+//! kernel's enabling of an ftrace site.
+//!
+//! The nop is not a safe intermediate everywhere: whoever calls the function while the
+//! site is the nop runs the original body. That is right while a site is being
+//! installed or removed (every thread runs the original then), but not between the
+//! trampoline and a jump, where threads run a replacement. There the trap stands in:
+//! a thread that reaches it is sent into the entry trampoline as if the site had called
+//! it (the `SIGILL` handler sets r0 = site + 6 and the pc to the trampoline), and the
+//! trampoline's decision is right in every state of the site, because a site only ever
+//! jumps straight to the implementation the decision would choose. The handler blocks
+//! klp's synchronisation signal while it runs, so a round cannot complete (and the
+//! write move on) while a thread is between the trap and its redirection. Other
+//! `SIGILL`s go to the previous disposition.
+//!
+//! [`on_sync`] has nothing to do: a site is one instruction, so an interrupted thread
+//! is before it or past it, never inside it.
+//!
+//! Instruction fetch is coherent with stores on s390x: the writer serialises after
+//! each store (`bcr 15,0`, [`klp_arch_s390x::live::klp_s390x_sync_icache`]) and the
+//! rounds serialise everyone else.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use klp::Errno;
-use klp::arch::Site;
+use klp::arch::{Arch, FuncInfo, Redirect, Site, SiteForm};
+use klp_arch_s390x::S390x;
+use klp_arch_s390x::live::trampoline;
 
 use super::SiteState;
 use crate::symbols::SymbolIndex;
 
-/// Without a trampoline a "patchable" function is a plain `extern "C"` function that
-/// calls its body.
+/// The wrapper of [`crate::patchable!`] on s390x: the `brcl 0,0` site, then a tail
+/// jump to the body.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __patchable_wrapper {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
         $(#[$m])*
         #[unsafe(no_mangle)]
-        #[inline(never)]
+        #[unsafe(naked)]
         $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
-            $name::body($($arg),*)
+            ::core::arch::naked_asm!(
+                ".byte 0xc0, 0x04, 0x00, 0x00, 0x00, 0x00",
+                "jg {body}",
+                body = sym $name::body,
+            )
         }
     };
 }
 
-/// No site on this architecture.
-pub(crate) fn find(_index: &SymbolIndex, _addr: u64) -> Option<Site> {
-    None
+/// Length of a site.
+const LEN: usize = trampoline::CALL_LEN as usize;
+/// First halfword of the nop (`brcl 0,…`).
+const NOP: [u8; 2] = klp_arch_s390x::insn::BRCL_0;
+/// First halfword of the trap.
+const TRAP: [u8; 2] = [0x00, 0x00];
+/// `HWCAP_S390_VXRS`: the vector facility, usable by this process.
+const HWCAP_S390_VXRS: u64 = 1 << 11;
+
+static TEXT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The site at the entry of the function that starts at `addr` (a function symbol of
+/// the index, whose first instruction is an unpatched `brcl 0,…`).
+pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {
+    let (_, sym) = index.lookup(addr)?;
+    if sym.addr != addr || !sym.func || (sym.size != 0 && sym.size < LEN as u64) {
+        return None;
+    }
+    let len = (sym.size as usize).clamp(LEN, S390x::MAX_SITE_LEN);
+    if !index.is_text(addr) || !index.is_text(addr + len as u64 - 1) {
+        return None;
+    }
+    // SAFETY: `addr..addr + len` lies in an executable (hence mapped and readable)
+    // segment of a loaded object, inside the function's symbol.
+    let code = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+    let site = S390x::find_site(code, FuncInfo::at(addr)).ok()?;
+    (site.form == SiteForm::S390Brcl && site.len() == LEN).then_some(site)
 }
 
-/// No wrapper bodies on this architecture.
-pub(crate) fn body_of(_index: &SymbolIndex, _site: &Site) -> Option<(u64, u64)> {
-    None
+/// The target of the `jg` (`brcl 15,…`) whose 6 bytes are `b`, placed at `at`.
+fn jg_target(b: &[u8], at: u64) -> Option<u64> {
+    let (op, d) = b.split_first_chunk::<2>()?;
+    if *op != klp_arch_s390x::insn::JG {
+        return None;
+    }
+    let d = i32::from_be_bytes(*d.first_chunk::<4>()?);
+    Some(at.wrapping_add((i64::from(d) * 2) as u64))
 }
 
-/// Never reached (no site is ever found); refuses.
-pub(crate) fn set(
-    _site: &Site,
-    _from: SiteState,
-    _to: SiteState,
-    _sync: &mut dyn FnMut(),
-) -> Result<(), Errno> {
-    Err(Errno::ENOSYS)
+/// The body a `patchable!` wrapper jumps to: the `jg` right after the site.
+pub(crate) fn body_of(index: &SymbolIndex, site: &Site) -> Option<(u64, u64)> {
+    let at = site.addr() + LEN as u64;
+    let size = index.size_of(site.func.addr)?;
+    if size < (at - site.func.addr) + LEN as u64 || !index.is_text(at + LEN as u64 - 1) {
+        return None;
+    }
+    // SAFETY: `at..at + 6` is in an executable segment, inside the wrapper's symbol
+    // (its size covers it, checked above).
+    let b = unsafe { std::slice::from_raw_parts(at as *const u8, LEN) };
+    let target = jg_target(b, at)?;
+    let (_, s) = index.lookup(target)?;
+    (s.addr == target).then_some((target, target + s.size.max(1)))
 }
 
-/// Nothing to fix up.
+/// The site whose first halfword is the trap now (0: none).
+static PATCHING: AtomicU64 = AtomicU64::new(0);
+/// The `SIGILL` disposition found when klp installed its handler.
+static OLD_ILL: AtomicUsize = AtomicUsize::new(0);
+static OLD_ILL_FLAGS: AtomicUsize = AtomicUsize::new(0);
+
+/// A thread that reaches the trap of a site being rewritten is sent into the entry
+/// trampoline as if the site's `brasl %r0` had run: r0 = site + 6, pc = the
+/// trampoline; r14 and r15 are still the caller's (the trap is the function's first
+/// instruction). The faulting address is `si_addr`; the PSW points past the 2-byte
+/// trap (or at it). Any other `SIGILL` goes to the previous disposition.
+extern "C" fn on_ill(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    let site = PATCHING.load(Ordering::Acquire);
+    // SAFETY: with `SA_SIGINFO` the kernel passes the signal's information and the
+    // interrupted context, valid for the duration of the handler.
+    let (addr, ctx) = unsafe {
+        (
+            (*info).si_addr() as u64,
+            &mut *(uc as *mut libc::ucontext_t),
+        )
+    };
+    let m = &mut ctx.uc_mcontext;
+    let pc = m.psw.addr;
+    if site != 0 && (addr == site || pc == site + TRAP.len() as u64 || pc == site) {
+        m.gregs[0] = site + LEN as u64;
+        m.psw.addr = trampoline::address();
+        return;
+    }
+    let old = OLD_ILL.load(Ordering::Acquire);
+    if old == libc::SIG_DFL || old == libc::SIG_IGN {
+        // SAFETY: restoring the default disposition and re-raising the signal (it is
+        // delivered once this handler returns) is async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGILL, libc::SIG_DFL);
+            libc::raise(libc::SIGILL);
+        }
+    } else if OLD_ILL_FLAGS.load(Ordering::Acquire) & libc::SA_SIGINFO as usize != 0 {
+        // SAFETY: the previous handler was installed with `SA_SIGINFO`, so it has this
+        // signature.
+        let f = unsafe {
+            std::mem::transmute::<
+                usize,
+                extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+            >(old)
+        };
+        f(sig, info, uc);
+    } else {
+        // SAFETY: the previous handler was installed without `SA_SIGINFO`.
+        let f = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(old) };
+        f(sig);
+    }
+}
+
+/// Installs [`on_ill`] once; returns whether it is installed.
+fn install_ill_handler() -> bool {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    ONCE.call_once(|| {
+        // SAFETY: all-zero `sigaction`s are valid; `on_ill` has the `SA_SIGINFO`
+        // signature and only touches atomics and the context. klp's signal is blocked
+        // while it runs (see the module documentation).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            let mut old: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_ill as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaddset(&mut sa.sa_mask, crate::stack::signal_number());
+            if libc::sigaction(libc::SIGILL, &sa, &mut old) == 0 {
+                OLD_ILL.store(old.sa_sigaction, Ordering::Release);
+                OLD_ILL_FLAGS.store(old.sa_flags as usize, Ordering::Release);
+                DONE.store(true, Ordering::Release);
+            }
+        }
+    });
+    DONE.load(Ordering::Acquire)
+}
+
+/// Nothing to fix up: a site is one instruction (see the module documentation).
 ///
 /// # Safety
 ///
 /// 1. `uc` is the `ucontext_t` of an `SA_SIGINFO` handler (unused).
 pub(crate) unsafe fn on_sync(_uc: *mut libc::c_void) {}
 
+/// The bytes of `state` at `site`.
+fn bytes_of(site: &Site, state: SiteState) -> Result<[u8; LEN], Errno> {
+    let b = match state {
+        SiteState::Original => S390x::restore(site),
+        SiteState::Trampoline => {
+            S390x::encode_redirect(site, Redirect::call(trampoline::address()))
+                .map_err(|_| Errno::ERANGE)?
+        }
+        SiteState::Jump(to) => {
+            S390x::encode_redirect(site, Redirect::jump(to)).map_err(|_| Errno::ERANGE)?
+        }
+    };
+    b.as_slice().try_into().map_err(|_| Errno::EINVAL)
+}
+
+/// Whether this process may use the vector registers (so the trampoline saves the
+/// vector argument registers).
+fn vector_facility() -> bool {
+    // SAFETY: `getauxval` has no preconditions.
+    let hwcap = unsafe { libc::getauxval(libc::AT_HWCAP) };
+    hwcap & HWCAP_S390_VXRS != 0
+}
+
+/// Rewrites `site` from state `from` to state `to` (see the module documentation).
+/// `sync` runs a synchronisation round. Fails, with nothing written, with `ERANGE`
+/// when `to` cannot be encoded at this site (a jump or the trampoline out of reach),
+/// `EINVAL` when the site is not a 6-byte `brcl` site or does not hold `from`'s bytes,
+/// `EPERM` when its page cannot be made writable or the `SIGILL` handler installed.
+pub(crate) fn set(
+    site: &Site,
+    from: SiteState,
+    to: SiteState,
+    sync: &mut dyn FnMut(),
+) -> Result<(), Errno> {
+    if site.form != SiteForm::S390Brcl || site.len() != LEN {
+        return Err(Errno::EINVAL);
+    }
+    let new = bytes_of(site, to)?;
+    let old = bytes_of(site, from)?;
+    trampoline::set_vector_facility(vector_facility());
+    trampoline::set_decision(super::decide_entry);
+    write(site.addr(), &old, &new, sync)
+}
+
+/// Stores `bytes` at `at` (halfword stores, then the serialisation).
+///
+/// # Safety
+///
+/// 1. `at..at + bytes.len()` lies in the site, whose page is writable now.
+/// 2. The caller holds `TEXT`.
+unsafe fn store(at: u64, bytes: &[u8]) {
+    // SAFETY: conditions 1 and 2 are the function's; sites are 2-aligned (checked by
+    // `find_site`), so the halfword stores cannot be refused.
+    let _ = unsafe { klp_arch_s390x::live::store_halfwords(at as *mut u8, bytes) };
+}
+
+/// Changes the site at `addr` from `old` to `new` while other threads may run it
+/// (module documentation).
+fn write(addr: u64, old: &[u8; LEN], new: &[u8; LEN], sync: &mut dyn FnMut()) -> Result<(), Errno> {
+    let (op_new, d_new) = new.split_at(2);
+    let (op_old, d_old) = old.split_at(2);
+    let hold = if op_new == NOP { NOP } else { TRAP };
+    let trap = d_old != d_new && op_old != NOP && hold == TRAP;
+    if trap && !install_ill_handler() {
+        return Err(Errno::EPERM);
+    }
+    let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: `addr..addr + 6` is the site, mapped text (`find`).
+    let now = unsafe { std::ptr::read_volatile(addr as *const [u8; LEN]) };
+    if now != *old {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: `sysconf` has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let start = addr & !(page - 1);
+    let end = (addr + LEN as u64 + page - 1) & !(page - 1);
+    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+    // SAFETY: the range covers whole pages of a loaded object's text; it stays
+    // executable while writable, so threads running it are not disturbed.
+    if unsafe { libc::mprotect(start as *mut libc::c_void, (end - start) as usize, rwx) } != 0 {
+        return Err(Errno::EPERM);
+    }
+    let mut op = op_old;
+    if d_old != d_new {
+        if op != NOP {
+            if trap {
+                PATCHING.store(addr, Ordering::SeqCst);
+            }
+            // SAFETY: the first halfword of the site, writable now (1); `TEXT` (2).
+            unsafe { store(addr, &hold) };
+            op = &hold;
+            sync();
+        }
+        // SAFETY: the displacement of the site (1); `TEXT` (2). The first halfword is
+        // the nop or the trap, and every thread has serialised since it became so.
+        unsafe { store(addr + 2, d_new) };
+        sync();
+    }
+    if op != op_new {
+        // SAFETY: the first halfword of the site (1); `TEXT` (2). Every thread has
+        // serialised since the new displacement was stored.
+        unsafe { store(addr, op_new) };
+        sync();
+    }
+    PATCHING.store(0, Ordering::SeqCst);
+    // SAFETY: as for the first `mprotect`; text is read + execute again.
+    unsafe {
+        libc::mprotect(
+            start as *mut libc::c_void,
+            (end - start) as usize,
+            libc::PROT_READ | libc::PROT_EXEC,
+        )
+    };
+    Ok(())
+}
+
 /// The word the trampoline's decision returns for `target` at `site`: the address
 /// itself (this architecture needs no tag).
 pub(crate) fn published_target(_index: &SymbolIndex, _site: u64, target: u64) -> u64 {
     target
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jg_targets() {
+        assert_eq!(jg_target(&[0xc0, 0xf4, 0, 0, 0, 8], 0x1000), Some(0x1010));
+        assert_eq!(
+            jg_target(&[0xc0, 0xf4, 0xff, 0xff, 0xff, 0xff], 0x1000),
+            Some(0x0ffe)
+        );
+        assert_eq!(jg_target(&[0xc0, 0x04, 0, 0, 0, 8], 0x1000), None);
+        assert_eq!(jg_target(&[0xc0, 0xf4, 0], 0x1000), None);
+    }
+
+    crate::patchable! {
+        fn klp_s390x_unit_site(x: u64) -> u64 {
+            x * 3
+        }
+    }
+
+    #[test]
+    fn the_wrapper_starts_with_the_site_and_jumps_to_the_body() {
+        let f = klp_s390x_unit_site as *const () as u64;
+        // SAFETY: the wrapper's 12 bytes are mapped text of this program.
+        let b = unsafe { std::ptr::read_volatile(f as *const [u8; 12]) };
+        assert_eq!(b[..6], klp_arch_s390x::insn::BRCL_0_0);
+        assert_eq!(
+            jg_target(&b[6..], f + 6),
+            Some(klp_s390x_unit_site::body as *const () as u64)
+        );
+        assert_eq!(klp_s390x_unit_site(5), 15);
+    }
 }

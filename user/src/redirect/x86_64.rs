@@ -6,14 +6,21 @@
 //! | state | bytes |
 //! |---|---|
 //! | original | as found |
-//! | trampoline | `call entry_trampoline` ([`klp_arch_x86_64::live::trampoline`]) |
+//! | trampoline | `jmp stub`; the site's stub sets `r11` = site and jumps to `entry_trampoline` ([`klp_arch_x86_64::live::trampoline`]) |
 //! | jump | `jmp new_function` (only when it is within ±2 GiB) |
+//!
+//! Stubs are 24 bytes, allocated once per site (and kept for the life of the process:
+//! a thread may still be on its way through one) in pages mapped within ±2 GiB of the
+//! site, so a function of a shared library mapped far from the executable reaches the
+//! trampoline as easily as one of the executable: these pages are the per-library
+//! trampolines. A page is written while no site jumps to the new stub yet, then made
+//! read + execute.
 //!
 //! A write that lies in one aligned 8-byte word and replaces one whole instruction by
 //! another is one atomic store. Any other write follows the kernel's `text_poke_bp`:
 //! `int3` on the first byte, the other bytes, the first byte, with a synchronisation
 //! round after each step. A thread that reaches the breakpoint meanwhile is sent into
-//! the entry trampoline as if the site had called it (`SIGTRAP` handler): the
+//! the site's stub, as if the site had jumped there (`SIGTRAP` handler): the
 //! trampoline's decision is right in every state of the site, because a site only ever
 //! jumps straight to the implementation the decision would choose. A thread interrupted
 //! in the middle of a run of one-byte nops is moved past the run by the first round
@@ -65,7 +72,7 @@ pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {
     // segment of a loaded object, inside the function's symbol.
     let code = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
     let site = X86_64::find_site(code, FuncInfo::at(addr)).ok()?;
-    (matches!(site.form, SiteForm::X86Nops { .. }) && site.len() as u64 == trampoline::CALL_LEN)
+    (matches!(site.form, SiteForm::X86Nops { .. }) && site.len() as u64 == trampoline::SITE_LEN)
         .then_some(site)
 }
 
@@ -102,35 +109,27 @@ pub(crate) fn body_of(index: &SymbolIndex, site: &Site) -> Option<(u64, u64)> {
 /// The site being rewritten with the breakpoint protocol (0: none), and its length.
 static PATCHING: AtomicU64 = AtomicU64::new(0);
 static PATCHING_LEN: AtomicU64 = AtomicU64::new(0);
+/// The stub of the site being rewritten.
+static PATCHING_STUB: AtomicU64 = AtomicU64::new(0);
 /// The `SIGTRAP` disposition found when klp installed its handler.
 static OLD_TRAP: AtomicUsize = AtomicUsize::new(0);
 static OLD_TRAP_FLAGS: AtomicUsize = AtomicUsize::new(0);
 
-/// A thread that reaches the breakpoint of a site being rewritten is sent into the
-/// entry trampoline as if the site's `call` had run: the return address `site + 5` is
-/// pushed (into the red zone below the entry's `rsp`, which nothing uses yet at a
-/// function's first instruction) and `rip` becomes the trampoline. Any other `SIGTRAP`
-/// goes to the previous disposition.
+/// A thread that reaches the breakpoint of a site being rewritten is sent to the
+/// site's stub, as if the site's `jmp` had run (the stub exists before any write that
+/// needs the breakpoint begins). Any other `SIGTRAP` goes to the previous disposition.
 extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     let site = PATCHING.load(Ordering::Acquire);
+    let stub = PATCHING_STUB.load(Ordering::Acquire);
     // SAFETY: with `SA_SIGINFO` the kernel passes the interrupted context as the third
     // argument, valid for the duration of the handler.
     let ctx = unsafe { &mut *(uc as *mut libc::ucontext_t) };
-    let g = &mut ctx.uc_mcontext.gregs;
-    let (ri, si) = (libc::REG_RIP as usize, libc::REG_RSP as usize);
-    if site != 0 && g.get(ri).is_some_and(|r| *r as u64 == site + 1) {
-        let sp = g.get(si).copied().unwrap_or(0) as u64;
-        let ret = sp.wrapping_sub(8);
-        // SAFETY: `sp` is the interrupted thread's stack pointer at a function's first
-        // instruction; the 8 bytes below it are this thread's own stack (the red zone,
-        // unused before the function's first instruction runs) and are mapped.
-        unsafe { (ret as *mut u64).write(site + trampoline::CALL_LEN) };
-        if let Some(s) = g.get_mut(si) {
-            *s = ret as i64;
-        }
-        if let Some(r) = g.get_mut(ri) {
-            *r = trampoline::address() as i64;
-        }
+    if let Some(r) = ctx.uc_mcontext.gregs.get_mut(libc::REG_RIP as usize)
+        && site != 0
+        && stub != 0
+        && *r as u64 == site + 1
+    {
+        *r = stub as i64;
         return;
     }
     let old = OLD_TRAP.load(Ordering::Acquire);
@@ -169,6 +168,10 @@ fn install_trap_handler() {
             sa.sa_sigaction = on_trap as *const () as usize;
             sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
             libc::sigemptyset(&mut sa.sa_mask);
+            // A synchronisation round must not be acknowledged while a thread is
+            // between the breakpoint and its redirect: the writer could clear
+            // `PATCHING` in between and the trap would reach the old disposition.
+            libc::sigaddset(&mut sa.sa_mask, crate::stack::signal_number());
             if libc::sigaction(libc::SIGTRAP, &sa, &mut old) == 0 {
                 OLD_TRAP.store(old.sa_sigaction, Ordering::Release);
                 OLD_TRAP_FLAGS.store(old.sa_flags as usize, Ordering::Release);
@@ -200,18 +203,116 @@ pub(crate) unsafe fn on_sync(uc: *mut libc::c_void) {
     }
 }
 
-/// The bytes of `state` at `site`.
-fn bytes_of(site: &Site, state: SiteState) -> Result<klp::arch::InsnBytes, Errno> {
-    match state {
-        SiteState::Original => Ok(X86_64::restore(site)),
-        SiteState::Trampoline => {
-            X86_64::encode_redirect(site, Redirect::call(trampoline::address()))
-                .map_err(|_| Errno::ERANGE)
-        }
-        SiteState::Jump(to) => {
-            X86_64::encode_redirect(site, Redirect::jump(to)).map_err(|_| Errno::ERANGE)
+/// The bytes of `state` at `site` (`stub`: the site's stub).
+fn bytes_of(site: &Site, state: SiteState, stub: u64) -> Result<klp::arch::InsnBytes, Errno> {
+    let to = match state {
+        SiteState::Original => return Ok(X86_64::restore(site)),
+        SiteState::Trampoline => stub,
+        SiteState::Jump(to) => to,
+    };
+    X86_64::encode_redirect(site, Redirect::jump(to)).map_err(|_| Errno::ERANGE)
+}
+
+/// Stubs by site, and the stub pages: `(start, bytes used)`.
+#[derive(Debug, Default)]
+struct Stubs {
+    by_site: std::collections::HashMap<u64, u64>,
+    pages: Vec<(u64, usize)>,
+}
+
+static STUBS: std::sync::Mutex<Option<Stubs>> = std::sync::Mutex::new(None);
+
+fn page_size() -> u64 {
+    // SAFETY: `sysconf` has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as u64
+}
+
+/// Whether a `jmp rel32` at `site` reaches `to`.
+fn reaches(site: &Site, to: u64) -> bool {
+    X86_64::encode_redirect(site, Redirect::jump(to)).is_ok()
+}
+
+/// Maps a read + execute page within reach of `site`: hints at growing distances
+/// below and above it, taking only a mapping that lands within reach.
+fn map_near(site: &Site, page: u64) -> Option<u64> {
+    const STEP: u64 = 1 << 20;
+    let base = site.addr() & !(page - 1);
+    for k in 1..2040u64 {
+        for hint in [base.wrapping_sub(k * STEP), base.wrapping_add(k * STEP)] {
+            // SAFETY: an anonymous private mapping at a hint (with
+            // `MAP_FIXED_NOREPLACE`, never over an existing mapping) has no memory
+            // preconditions.
+            let p = unsafe {
+                libc::mmap(
+                    hint as *mut libc::c_void,
+                    page as usize,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                continue;
+            }
+            let a = p as u64;
+            if reaches(site, a) && reaches(site, a + page - 1) {
+                return Some(a);
+            }
+            // SAFETY: `p` is the page just mapped, used by nobody.
+            unsafe { libc::munmap(p, page as usize) };
         }
     }
+    None
+}
+
+/// The stub of `site`, written on first use (`TEXT` held by the caller).
+fn stub_for(site: &Site) -> Result<u64, Errno> {
+    let mut g = STUBS.lock().unwrap_or_else(|e| e.into_inner());
+    let stubs = g.get_or_insert_with(Stubs::default);
+    let addr = site.addr();
+    if let Some(&s) = stubs.by_site.get(&addr) {
+        return Ok(s);
+    }
+    let page = page_size();
+    let len = trampoline::STUB_LEN;
+    let slot = stubs
+        .pages
+        .iter_mut()
+        .find(|(start, used)| *used + len <= page as usize && reaches(site, *start + *used as u64));
+    let (start, at) = match slot {
+        Some((start, used)) => {
+            let at = *start + *used as u64;
+            *used += len;
+            (*start, at)
+        }
+        None => {
+            let start = map_near(site, page).ok_or(Errno::ERANGE)?;
+            stubs.pages.push((start, len));
+            (start, start)
+        }
+    };
+    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+    // SAFETY: `start` is a stub page of ours; other stubs on it stay executable while
+    // it is writable.
+    if unsafe { libc::mprotect(start as *mut libc::c_void, page as usize, rwx) } != 0 {
+        return Err(Errno::EPERM);
+    }
+    let bytes = trampoline::stub_bytes(addr);
+    // SAFETY: `at..at + STUB_LEN` lies in the page, which is writable now (1); no site
+    // jumps to this stub yet, so nobody executes it (2); text writes are serialised by
+    // `TEXT`, held by the caller (3).
+    unsafe { klp_arch_x86_64::live::write_text(at as *mut u8, &bytes) };
+    // SAFETY: as above; back to read + execute.
+    unsafe {
+        libc::mprotect(
+            start as *mut libc::c_void,
+            page as usize,
+            libc::PROT_READ | libc::PROT_EXEC,
+        )
+    };
+    stubs.by_site.insert(addr, at);
+    Ok(at)
 }
 
 /// Whether `site`'s original bytes are one instruction (the 5-byte nop).
@@ -228,19 +329,21 @@ pub(crate) fn set(
     to: SiteState,
     sync: &mut dyn FnMut(),
 ) -> Result<(), Errno> {
-    let bytes = bytes_of(site, to)?;
+    let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
     trampoline::set_decision(super::decide_entry);
+    let stub = stub_for(site)?;
+    let bytes = bytes_of(site, to, stub)?;
     let whole = from != SiteState::Original || single_nop(site);
+    PATCHING_STUB.store(stub, Ordering::Release);
     write(site, bytes.as_slice(), whole, sync)
 }
 
 /// Writes `bytes` over `site` while other threads may run it (module documentation).
 /// `whole`: the current bytes are one instruction, so one atomic store may replace
 /// them.
+/// `TEXT` is held by the caller.
 fn write(site: &Site, bytes: &[u8], whole: bool, sync: &mut dyn FnMut()) -> Result<(), Errno> {
-    let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: `sysconf` has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let page = page_size();
     let addr = site.addr();
     let start = addr & !(page - 1);
     let end = (addr + bytes.len() as u64 + page - 1) & !(page - 1);
@@ -262,7 +365,7 @@ fn write(site: &Site, bytes: &[u8], whole: bool, sync: &mut dyn FnMut()) -> Resu
         b0.store(0xcc, Ordering::SeqCst);
         sync();
         // SAFETY: the rest of the site is mapped and writable (1); a thread that
-        // reaches the site stops at the breakpoint and is sent to the trampoline, and
+        // reaches the site stops at the breakpoint and is sent to the stub, and
         // the round above moved every thread out of the site's middle, so no one
         // executes these bytes while they are written (2); `TEXT` (3).
         unsafe { klp_arch_x86_64::live::write_text((addr + 1) as *mut u8, rest) };

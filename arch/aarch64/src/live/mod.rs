@@ -1,7 +1,11 @@
-//! What only runs on aarch64: register capture and text writes with the cache
-//! maintenance the architecture requires ([`crate::CACHE_SYNC`]).
+//! What only runs on aarch64: register capture, text writes with the cache
+//! maintenance the architecture requires ([`crate::CACHE_SYNC`]) and the entry
+//! trampoline of redirected sites ([`trampoline`]).
 
 use core::arch::asm;
+
+pub mod trampoline;
+pub use trampoline::{entry_trampoline, klp_aarch64_write_word};
 
 use klp_arch::UnwindStart;
 

@@ -1,5 +1,8 @@
-//! What only runs on powerpc64: register capture and text writes with the cache
-//! maintenance of [`crate::CACHE_SYNC`] (`dcbst; sync; icbi; sync; isync`).
+//! What only runs on powerpc64: register capture, text writes with the cache
+//! maintenance of [`crate::CACHE_SYNC`] (`dcbst; sync; icbi; sync; isync`), and the
+//! entry trampoline of redirected sites ([`trampoline`]).
+
+pub mod trampoline;
 
 use core::arch::asm;
 

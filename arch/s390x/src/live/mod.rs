@@ -1,7 +1,23 @@
-//! What only runs on s390x: register capture and text writes followed by the
-//! serialisation of [`crate::CACHE_SYNC`].
+//! What only runs on s390x: register capture, the entry trampoline and text writes
+//! followed by the serialisation of [`crate::CACHE_SYNC`].
+//!
+//! # Instruction fetch after a text write
+//!
+//! z/Architecture has no instruction cache to flush: instruction fetch is coherent
+//! with stores. What remains is prefetching: a CPU may run instructions it fetched
+//! before a store became visible, until it *serialises*. So after a write:
+//! * the writing CPU executes [`klp_s390x_sync_icache`], `bcr 15,0`, a serialising
+//!   no-op branch (`bcr 14,0` is the cheaper form only with the fast-BCR-serialisation
+//!   facility of z196, which is not in the z10 baseline Rust builds for; without it
+//!   `bcr 14,0` is a plain no-op);
+//! * every other CPU that may run the bytes serialises before the write counts as
+//!   done: the host's synchronisation round interrupts each thread with a signal, and
+//!   an interruption serialises the CPU it lands on (the kernel's `text_poke_sync`).
 
 use core::arch::asm;
+
+pub mod trampoline;
+pub use trampoline::{entry_trampoline, store_halfwords};
 
 use klp_arch::UnwindStart;
 
@@ -24,7 +40,8 @@ pub fn capture() -> UnwindStart {
 }
 
 /// Serialises this CPU (`bcr 15,0`), so its later instruction fetches see earlier
-/// stores. Kept out of line under a fixed name so CI can disassemble it.
+/// stores (see the module documentation). Kept out of line under a fixed name so CI
+/// can disassemble it.
 #[inline(never)]
 #[unsafe(no_mangle)]
 pub extern "C" fn klp_s390x_sync_icache(_addr: usize, _len: usize) {
@@ -37,9 +54,9 @@ pub extern "C" fn klp_s390x_sync_icache(_addr: usize, _len: usize) {
 /// # Safety
 ///
 /// 1. `dst..dst + bytes.len()` is valid for writes (the host made the text writable).
-/// 2. No thread executes those bytes while they are written, or the write is one
-///    aligned store of a whole instruction (the 6-byte site is changed as the kernel
-///    does, with other CPUs held off by the host).
+/// 2. No thread executes those bytes while they are written. (A live site is changed
+///    with [`store_halfwords`] under the host's protocol instead: the copy here has no
+///    defined store granularity.)
 /// 3. Text writes are serialised by the caller (one writer at a time).
 pub unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
     // SAFETY: conditions 1–3 of this function cover the destination.
@@ -66,5 +83,25 @@ mod tests {
         // SAFETY: `buf` is a writable local buffer that no thread executes (1, 2, 3).
         unsafe { write_text(buf.as_mut_ptr().wrapping_add(2), &[0xc0, 0x04, 0, 0, 0, 0]) };
         assert_eq!(&buf[2..8], &[0xc0, 0x04, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn sync_icache_serialises() {
+        // `bcr 15,0` (07 f0) before the return (`br %r14`, 07 fe), within the function.
+        let f = klp_s390x_sync_icache as *const () as *const [u8; 2];
+        let mut seen = [false; 2];
+        for i in 0..64 {
+            // SAFETY: the function's text is mapped and readable; it is at least as
+            // long as the halfwords read before its `br %r14`, where the loop stops.
+            let h = unsafe { core::ptr::read_volatile(f.wrapping_add(i)) };
+            if h == [0x07, 0xf0] {
+                seen[0] = true;
+            }
+            if h == [0x07, 0xfe] {
+                seen[1] = seen[0];
+                break;
+            }
+        }
+        assert_eq!(seen, [true, true], "bcr 15,0 then br %r14");
     }
 }

@@ -1,39 +1,48 @@
-//! The entry trampoline: what a redirected patch site calls.
+//! The entry trampoline: where a redirected patch site goes.
 //!
 //! A patch site `S` (5 bytes: the nop of a patchable entry) is rewritten to
-//! `call entry_trampoline`. The trampoline asks the host's decision function (see
-//! [`set_decision`]) which implementation the calling thread runs and continues there:
-//! back at `S + 5` (the original body), or at a replacement function entered as if the
-//! caller had called it directly.
+//! `jmp stub`, where the stub is a small per-site piece of code ([`write_stub`],
+//! [`STUB_LEN`] bytes, placed within ±2 GiB of the site by the host) that loads `S` into
+//! `r11` and jumps to [`entry_trampoline`]. The trampoline asks the host's decision
+//! function (see [`set_decision`]) which implementation the calling thread runs and
+//! continues there: at `S + 5` (the original body) or at a replacement function.
+//!
+//! Nothing on the way is a `call` that is not matched by its `ret`: the site and the
+//! stub jump, the trampoline calls the decision (which returns) and then jumps. The
+//! processor's return-address predictor therefore stays in step, and the function that
+//! finally runs returns to the caller as predicted. (A site that `call`ed the trampoline
+//! and a trampoline that dropped that return address would cost a mispredicted return
+//! on every redirected call.)
 //!
 //! # Register contract
 //!
-//! **On entry** (just executed `call entry_trampoline` at the site `S`):
-//! * `[rsp]` = `S + 5`, `[rsp + 8]` = the caller's return address;
-//! * `rsp` ≡ 0 (mod 16) (the function's entry had `rsp` ≡ 8);
+//! **On entry** (the site jumped to the stub, the stub set `r11` and jumped here):
+//! * `r11` = `S`; `[rsp]` = the caller's return address; `rsp` ≡ 8 (mod 16), as at
+//!   any function's entry;
 //! * the argument registers hold the caller's arguments: `rdi`, `rsi`, `rdx`, `rcx`,
 //!   `r8`, `r9`, `rax` (`al` = number of vector registers of a varargs call), `r10`
 //!   (static chain of GNU C nested functions) and `xmm0`–`xmm7`; stack arguments are
 //!   above the caller's return address.
 //!
-//! **Inside**: a frame record (`push rbp; mov rbp, rsp`) whose return address is
-//! `S + 5`, so a stack walk from inside the decision sees the patched function; the
-//! registers above saved in a [`SavedRegs`] on a 16-byte aligned stack; then
-//! `decide(S)` is called (System V ABI, `rsp` ≡ 0 mod 16 at the `call`).
+//! **Inside**: `S + 5` is pushed as if the function had called the trampoline, then a
+//! frame record (`push rbp; mov rbp, rsp`), so a stack walk from inside the decision
+//! sees the patched function (and a stack check does not switch a thread that is about
+//! to act on a decision it took in its old state); the registers above saved in a
+//! [`SavedRegs`] on a 16-byte aligned stack; then `decide(S)` is called (System V ABI,
+//! `rsp` ≡ 0 mod 16 at the `call`).
 //!
-//! **On exit**, every register listed above is restored to its entry value (`rsp`
-//! aside) and:
-//! * `decide` returned 0 (or no decision function is installed): `ret` to `S + 5`,
-//!   which runs the original function body with `rsp` as at the function's entry;
-//! * `decide` returned an address `T`: the return address `S + 5` is dropped and the
-//!   trampoline jumps to `T`, so `T` runs with `[rsp]` = the caller's return address,
-//!   the caller's arguments and `rsp` ≡ 8 (mod 16): exactly a direct call of `T`.
+//! **On exit**, every register listed above is restored to its entry value, `rsp` is
+//! back at its entry value, and the trampoline jumps:
+//! * to `S + 5` if `decide` returned 0 (or no decision function is installed): the
+//!   original body runs exactly as if entered directly;
+//! * to `T` if `decide` returned an address `T`: `T` runs with `[rsp]` = the caller's
+//!   return address and the caller's arguments, exactly a direct call of `T`.
 //!
-//! Clobbered: `r11` (carries the target; caller-saved and never an argument) and the
-//! flags (not preserved across calls by the ABI). Not preserved: the upper halves of
-//! `ymm`/`zmm` registers if the decision function uses AVX (it does not; a patched
-//! function must not take `__m256`/`__m512` arguments), the x87 stack (not used to
-//! pass arguments in the System V ABI).
+//! Clobbered: `r11` (carries the site, then the target; caller-saved and never an
+//! argument) and the flags (not preserved across calls by the ABI). Not preserved: the
+//! upper halves of `ymm`/`zmm` registers if the decision function uses AVX (it does
+//! not; a patched function must not take `__m256`/`__m512` arguments), the x87 stack
+//! (not used to pass arguments in the System V ABI).
 //!
 //! The decision function must not unwind, must be async-signal-safe if patched
 //! functions are called from signal handlers, and must return 0 or the address of a
@@ -72,15 +81,41 @@ pub struct SavedRegs {
 
 const FRAME: usize = size_of::<SavedRegs>();
 const XMM: usize = offset_of!(SavedRegs, xmm);
-// After `push rbp` rsp ≡ 8 (mod 16); the frame must bring it back to 0 for the call.
+// Entry rsp ≡ 8 (mod 16); after pushing `S + 5` and rbp it is ≡ 8 again; the frame
+// must bring it to 0 for the call.
 const _: () = assert!(FRAME % 16 == 8);
 // The vector save area is 16-byte aligned in the frame (rsp ≡ 0 after the `sub`).
 const _: () = assert!(XMM.is_multiple_of(16));
 const _: () = assert!(FRAME == 8 * 8 + 16 * 8 + 8);
 
-/// Length of the `call rel32` written at a site: the decision gets `return address - 5`.
-pub const CALL_LEN: u64 = 5;
-const _: () = assert!(CALL_LEN as usize == crate::insn::BRANCH_LEN);
+/// Length of a site (the `jmp rel32` written there): the original body starts at
+/// `S + SITE_LEN`, the address the trampoline pushes as the function's return address.
+pub const SITE_LEN: u64 = 5;
+const _: () = assert!(SITE_LEN as usize == crate::insn::BRANCH_LEN);
+
+/// Bytes of a per-site stub (see [`write_stub`]).
+pub const STUB_LEN: usize = 24;
+
+/// The per-site stub that a site at `site` jumps to:
+///
+/// ```text
+/// 49 bb <site: 8 bytes>      movabs r11, site
+/// ff 25 00 00 00 00          jmp    qword ptr [rip + 0]
+/// <entry_trampoline: 8 bytes>
+/// ```
+///
+/// Position-independent and reach-independent: the stub may be anywhere within
+/// ±2 GiB of its site (the site's `jmp rel32`), and reaches the trampoline wherever it
+/// is.
+pub fn stub_bytes(site: u64) -> [u8; STUB_LEN] {
+    let mut b = [0u8; STUB_LEN];
+    b[0] = 0x49;
+    b[1] = 0xbb;
+    b[2..10].copy_from_slice(&site.to_le_bytes());
+    b[10..16].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
+    b[16..24].copy_from_slice(&address().to_le_bytes());
+    b
+}
 
 /// The decision function: called with the site address, returns 0 (run the original)
 /// or the address to continue at.
@@ -102,11 +137,13 @@ pub fn address() -> u64 {
 ///
 /// # Safety
 ///
-/// Only to be reached by the `call` written at a patch site (the contract's entry
-/// state); never called from Rust.
+/// Only to be reached through a site's stub (the contract's entry state, `r11` = the
+/// site); never called from Rust.
 #[unsafe(naked)]
 pub unsafe extern "C" fn entry_trampoline() {
     core::arch::naked_asm!(
+        "lea r11, [r11 + {site_len}]",
+        "push r11",
         "push rbp",
         "mov rbp, rsp",
         "sub rsp, {frame}",
@@ -126,14 +163,15 @@ pub unsafe extern "C" fn entry_trampoline() {
         "movaps [rsp + {xmm} + 80], xmm5",
         "movaps [rsp + {xmm} + 96], xmm6",
         "movaps [rsp + {xmm} + 112], xmm7",
-        "xor r11d, r11d",
+        "mov r11, [rbp + 8]",
         "mov rax, qword ptr [rip + {decision}]",
         "test rax, rax",
         "jz 2f",
-        "mov rdi, [rbp + 8]",
-        "sub rdi, {call_len}",
+        "lea rdi, [r11 - {site_len}]",
         "call rax",
-        "mov r11, rax",
+        "test rax, rax",
+        "mov r11, [rbp + 8]",
+        "cmovnz r11, rax",
         "2:",
         "mov rdi, [rsp + {rdi}]",
         "mov rsi, [rsp + {rsi}]",
@@ -153,10 +191,6 @@ pub unsafe extern "C" fn entry_trampoline() {
         "movaps xmm7, [rsp + {xmm} + 112]",
         "mov rsp, rbp",
         "pop rbp",
-        "test r11, r11",
-        "jnz 3f",
-        "ret",
-        "3:",
         "lea rsp, [rsp + 8]",
         "jmp r11",
         frame = const FRAME,
@@ -169,7 +203,7 @@ pub unsafe extern "C" fn entry_trampoline() {
         rax = const offset_of!(SavedRegs, rax),
         r10 = const offset_of!(SavedRegs, r10),
         xmm = const XMM,
-        call_len = const CALL_LEN,
+        site_len = const SITE_LEN,
         decision = sym DECISION,
     )
 }
@@ -213,6 +247,15 @@ mod tests {
         assert_eq!(offset_of!(SavedRegs, r10), 56);
         assert_eq!(XMM, 64);
         assert_eq!(FRAME, 200);
+    }
+
+    #[test]
+    fn stub_layout() {
+        let b = stub_bytes(0x1122_3344_5566_7788);
+        assert_eq!(&b[..2], &[0x49, 0xbb], "movabs r11, imm64");
+        assert_eq!(&b[2..10], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&b[10..16], &[0xff, 0x25, 0, 0, 0, 0], "jmp [rip + 0]");
+        assert_eq!(&b[16..], &address().to_le_bytes());
     }
 
     #[test]

@@ -1,0 +1,291 @@
+//! Costs of live patching a running process, each against a baseline measured in the
+//! same run (see BENCHMARKS.md):
+//!
+//! * `steady`: a call of a patched function once its transition is complete (the site
+//!   is a direct jump) vs a direct call of the replacement;
+//! * `transition`: a call of a patched function while a transition runs (the site
+//!   calls the entry trampoline, which decides for the calling thread) vs a call of an
+//!   unpatched `patchable!` function (its site is a nop);
+//! * `threads`: the time to patch (enable + complete the transition) with 1000 idle
+//!   threads vs a bare signal round trip to each of those threads, one after the other
+//!   (signal, wait for the handler's acknowledgement).
+//!
+//! `cargo bench -p klp-user --bench redirect`.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group};
+use klp::{FuncDesc, ObjectDesc, PatchDesc};
+use klp_user::stack::{CheckOptions, WalkPolicy};
+use klp_user::{Config, Process, ProcessHost, SiteKind};
+
+/// Set while a thread must stay parked inside [`klp_bench_trans`].
+static PARK: AtomicBool = AtomicBool::new(false);
+static PARKED: AtomicBool = AtomicBool::new(false);
+
+fn park_here() {
+    PARKED.store(true, Ordering::Release);
+    while PARK.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+klp_user::patchable! {
+    /// Patched; measured in the steady state.
+    pub fn klp_bench_steady(x: u64) -> u64 {
+        x.wrapping_add(1)
+    }
+}
+
+klp_user::patchable! {
+    /// Never patched: the baseline of a call through a nop site.
+    pub fn klp_bench_plain(x: u64) -> u64 {
+        if x == u64::MAX && PARK.load(Ordering::Relaxed) {
+            park_here();
+        }
+        x.wrapping_add(1)
+    }
+}
+
+klp_user::patchable! {
+    /// Patched; measured while a thread parked inside it holds the transition open.
+    pub fn klp_bench_trans(x: u64) -> u64 {
+        if x == u64::MAX && PARK.load(Ordering::Relaxed) {
+            park_here();
+        }
+        x.wrapping_add(1)
+    }
+}
+
+klp_user::patchable! {
+    /// Patched with 1000 idle threads around.
+    pub fn klp_bench_idle(x: u64) -> u64 {
+        x.wrapping_add(1)
+    }
+}
+
+/// The replacement of every patched function.
+#[inline(never)]
+extern "C" fn bench_v2(x: u64) -> u64 {
+    x.wrapping_add(2)
+}
+
+fn addr(f: *const ()) -> u64 {
+    f as u64
+}
+
+fn patch(name: &str, func: &str, to: u64) -> PatchDesc<ProcessHost> {
+    PatchDesc::new(name).object(ObjectDesc::vmlinux().func(FuncDesc::new(func, to)))
+}
+
+fn process() -> &'static Process {
+    Process::init(Config {
+        checks: CheckOptions {
+            policy: WalkPolicy::ScanOnly,
+            ..CheckOptions::default()
+        },
+        ..Config::default()
+    })
+}
+
+/// Enables `desc` and drives its transition to the end without the worker's 1 s
+/// pauses (forcing if some stale word keeps a check from passing for 5 s).
+fn complete(p: &Process, desc: PatchDesc<ProcessHost>) {
+    let name = desc.module.clone();
+    p.enable_patch(desc).expect("enable");
+    finish(p, &name);
+}
+
+fn finish(p: &Process, name: &str) {
+    let start = Instant::now();
+    let mut forced = false;
+    while let Some(st) = p.status() {
+        if start.elapsed() > Duration::from_secs(5) && !forced {
+            eprintln!("{name}: forcing a transition blocked by {:?}", st.blockers);
+            let _ = p.force(name);
+            forced = true;
+        }
+        p.retry_now();
+    }
+}
+
+fn disable_and_free(p: &Process, name: &str) {
+    p.disable(name).expect("disable");
+    finish(p, name);
+    while p.list().iter().any(|x| x.name == name) {
+        p.run_due_work();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn steady(c: &mut Criterion) {
+    let p = process();
+    klp_user::thread::register_current();
+    let f = addr(klp_bench_steady as *const ());
+    let v2 = addr(bench_v2 as *const ());
+    complete(p, patch("bench_steady", "klp_bench_steady", v2));
+    assert_eq!(p.site_state(f), Some(SiteKind::Jump(v2)), "steady state");
+    assert_eq!(klp_bench_steady(1), 3);
+    let mut g = c.benchmark_group("steady");
+    g.bench_function("direct call of the replacement", |b| {
+        b.iter(|| bench_v2(black_box(1)))
+    });
+    g.bench_function("patched call", |b| {
+        b.iter(|| klp_bench_steady(black_box(1)))
+    });
+    g.finish();
+    disable_and_free(p, "bench_steady");
+}
+
+fn transition(c: &mut Criterion) {
+    let p = process();
+    klp_user::thread::register_current();
+    PARK.store(true, Ordering::Release);
+    let parked = std::thread::spawn(|| klp_bench_trans(u64::MAX));
+    while !PARKED.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    let f = addr(klp_bench_trans as *const ());
+    p.enable_patch(patch(
+        "bench_trans",
+        "klp_bench_trans",
+        addr(bench_v2 as *const ()),
+    ))
+    .expect("enable");
+    p.retry_now();
+    assert!(
+        p.status().is_some(),
+        "the parked thread holds the transition"
+    );
+    assert_eq!(p.site_state(f), Some(SiteKind::Trampoline));
+    let mut g = c.benchmark_group("transition");
+    g.bench_function("unpatched call", |b| {
+        b.iter(|| klp_bench_plain(black_box(1)))
+    });
+    g.bench_function("patched call in transition", |b| {
+        b.iter(|| klp_bench_trans(black_box(1)))
+    });
+    g.finish();
+    assert!(p.status().is_some(), "still in transition");
+    PARK.store(false, Ordering::Release);
+    parked.join().expect("parked thread");
+    finish(p, "bench_trans");
+    disable_and_free(p, "bench_trans");
+}
+
+const THREADS: usize = 1000;
+/// Patch names are never reused: a forced patch keeps its module loaded, as in the
+/// kernel.
+static ROUND: AtomicU64 = AtomicU64::new(0);
+const ROUND_TRIP_SIG: libc::c_int = libc::SIGUSR2;
+
+/// Per-thread acknowledgement words of the bare round trip.
+static ACKS: [AtomicU32; THREADS] = [const { AtomicU32::new(0) }; THREADS];
+thread_local! {
+    static SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+extern "C" fn ack(_sig: libc::c_int) {
+    let i = SLOT.with(std::cell::Cell::get);
+    if let Some(a) = ACKS.get(i) {
+        a.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// One signal round trip to `tid`: send, then wait until its handler acknowledged.
+fn round_trip(i: usize, tid: i32) {
+    let a = &ACKS[i];
+    let before = a.load(Ordering::Acquire);
+    // SAFETY: `tgkill` has no memory preconditions; `tid` is a live thread of ours.
+    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, ROUND_TRIP_SIG) };
+    while a.load(Ordering::Acquire) == before {
+        std::hint::spin_loop();
+    }
+}
+
+fn threads(c: &mut Criterion) {
+    let p = process();
+    klp_user::thread::register_current();
+    // SAFETY: `ack` is async-signal-safe (a thread-local read and an atomic add).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ack as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(ROUND_TRIP_SIG, &sa, std::ptr::null_mut());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let tids: Arc<Vec<AtomicU64>> = Arc::new((0..THREADS).map(|_| AtomicU64::new(0)).collect());
+    let ready = Arc::new(Barrier::new(THREADS + 1));
+    let idle: Vec<_> = (0..THREADS)
+        .map(|i| {
+            let (stop, tids, ready) = (stop.clone(), tids.clone(), ready.clone());
+            std::thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    SLOT.with(|s| s.set(i));
+                    // SAFETY: `gettid` has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    tids[i].store(tid as u64, Ordering::Release);
+                    ready.wait();
+                    while !stop.load(Ordering::Acquire) {
+                        klp_user::thread::idle_wait(Duration::from_secs(3600));
+                    }
+                })
+                .expect("spawn")
+        })
+        .collect();
+    ready.wait();
+    let tids: Vec<i32> = tids
+        .iter()
+        .map(|t| t.load(Ordering::Acquire) as i32)
+        .collect();
+    let to = addr(bench_v2 as *const ());
+    let mut g = c.benchmark_group("threads");
+    g.sample_size(10);
+    g.bench_function("bare signal round trip to each of 1000 threads", |b| {
+        b.iter(|| {
+            for (i, t) in tids.iter().enumerate() {
+                round_trip(i, *t);
+            }
+        })
+    });
+    g.bench_function("transition of 1000 idle threads", |b| {
+        b.iter_custom(|n| {
+            let mut total = Duration::ZERO;
+            let first = ROUND.fetch_add(n, Ordering::Relaxed);
+            for round in first..first + n {
+                let name = format!("bench_idle_{round}");
+                let t0 = Instant::now();
+                complete(p, patch(&name, "klp_bench_idle", to));
+                total += t0.elapsed();
+                disable_and_free(p, &name);
+            }
+            total
+        })
+    });
+    g.finish();
+    assert_eq!(klp_bench_idle(1), 2);
+    stop.store(true, Ordering::Release);
+    for r in klp_user::thread::threads() {
+        klp_user::thread::wake(&r);
+    }
+    for t in idle {
+        t.join().expect("idle thread");
+    }
+}
+
+criterion_group!(benches, steady, transition, threads);
+
+/// `criterion_main!`, run as the main thread's outermost walkable frame so that stack
+/// checks of this thread are complete (the main thread is not created by
+/// `pthread_create`).
+fn main() {
+    klp_user::thread::run_as_task(|| {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    });
+}
