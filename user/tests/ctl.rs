@@ -1,5 +1,7 @@
 //! The control socket and `klpctl`, end to end against a server in this process.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -213,16 +215,16 @@ fn control_socket_end_to_end() {
     assert_eq!((code, out.as_str()), (0, "no patches\n"));
     drop(s3);
 
-    // The real binary (it can only be executed on the build machine's architecture;
-    // under qemu-user a foreign child cannot be started without binfmt_misc).
-    if cfg!(target_arch = "x86_64") {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_klpctl"))
+    // The real binary (under QEMU through the emulator: without binfmt_misc a foreign
+    // child cannot be started directly; `ci/test` sets `KLP_TEST_RUNNER`).
+    {
+        let o = common::bin_command(env!("CARGO_BIN_EXE_klpctl"))
             .args(["--socket", &path.display().to_string(), "--json", "list"])
             .output()
             .expect("run klpctl");
         assert!(o.status.success(), "{o:?}");
         assert_eq!(String::from_utf8_lossy(&o.stdout), "[]\n");
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_klpctl"))
+        let o = common::bin_command(env!("CARGO_BIN_EXE_klpctl"))
             .args(["--socket", &path.display().to_string(), "disable", "nope"])
             .output()
             .expect("run klpctl");

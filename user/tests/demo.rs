@@ -1,8 +1,7 @@
 //! The demo program live-patches itself: its output shows each version answering, the
 //! blocked transition with the thread and function that hold it, and the revert.
-#![cfg(target_arch = "x86_64")]
 
-use std::process::Command;
+mod common;
 
 fn count(out: &str, tag: &str, version: &str) -> u64 {
     let line = out
@@ -22,7 +21,7 @@ fn count(out: &str, tag: &str, version: &str) -> u64 {
 
 #[test]
 fn demo_shows_the_live_change() {
-    let out = Command::new(env!("CARGO_BIN_EXE_klp-demo"))
+    let out = common::bin_command(env!("CARGO_BIN_EXE_klp-demo"))
         .output()
         .expect("run klp-demo");
     let s = String::from_utf8_lossy(&out.stdout);
