@@ -13,18 +13,20 @@
 //!   arrival, sysfs);
 //! * [`ctl`]: the control socket and the client side of `klpctl`.
 //!
-//! * [`redirect`]: [`patchable!`] functions, the published views and the entry
-//!   trampoline's decision (x86_64).
+//! * [`redirect`]: [`patchable!`] functions, the published views, the entry
+//!   trampolines' decision and the site states (trampoline during transitions, a
+//!   direct branch in the steady state), on x86_64, aarch64, ppc64le and s390x.
 //!
-//! What is not here yet: the trampolines of aarch64, ppc64le and s390x, and the
-//! steady-state direct branch. On x86_64 a [`patchable!`] function (or any function
-//! whose entry is an unpatched nop site) is redirected through the trampoline of
-//! `klp_arch_x86_64::live::trampoline`. On the other arches no function has a
-//! patchable site yet ([`klp::Host::hook_site`] finds none), so enabling a patch that
-//! touches a *loaded* function fails exactly like the kernel without an ftrace
-//! location: `failed to find location for function '…'` and `-EINVAL`; patches whose
-//! objects are not loaded, atomic replace of such patches, transitions, sysfs and
-//! module arrival all work there.
+//! ## Building a program that can be live-patched
+//!
+//! * Rust: declare the functions that may be replaced with [`patchable!`] (stable Rust;
+//!   the wrapper holds the patch site on every architecture, s390x included).
+//! * C: build with the architecture's patchable entry (x86_64
+//!   `-fpatchable-function-entry=5`, aarch64 `-fpatchable-function-entry=2`, ppc64le
+//!   `-pg -mprofile-kernel`, s390x `-pg -mfentry -mnop-mcount`); see the README.
+//! * Replacements are ordinary `extern "C"` functions with the same signature, linked
+//!   into the program or in a shared object, described with `klp`'s patch model and
+//!   enabled with [`Process::enable_patch`].
 //!
 //! ## Building a program whose threads can be checked
 //!

@@ -18,7 +18,7 @@
 //! | `klp_transition_work`, `free_work` | klp's worker thread (every ~1 s / at once) |
 //! | livepatch module refs | patches registered through [`Process::enable_patch`] |
 //! | module coming / going | [`Process::dlopen`], [`Library::close`], [`Process::refresh_modules`] |
-//! | ftrace (the entry hook) | x86_64: the site of a [`crate::patchable!`] function (or any function entered by an unpatched nop site) rewritten to call the entry trampoline, whose decision reads the published views ([`crate::redirect`]); other arches: **not yet**, [`Host::hook_site`] finds no site, so enabling a patch of a loaded function fails with `-EINVAL` |
+//! | ftrace (the entry hook) | the site of a [`crate::patchable!`] function (or of a C function built with patchable entries) rewritten to branch to the architecture's entry trampoline, whose decision reads the published views, or — in the steady state — straight to the one live implementation ([`crate::redirect`]) |
 //! | dmesg | a ring buffer ([`Process::log`]), optionally copied to stderr |
 //!
 //! Dynamic debug starts as in the kernel: `pr_debug` lines are dropped unless

@@ -3,15 +3,18 @@
 //!
 //! ## Patchable functions ([`patchable!`](crate::patchable))
 //!
-//! Stable Rust has no `-Zpatchable-function-entry`, so a patchable function is made of
-//! two: a `#[unsafe(naked)]` wrapper that carries the function's (unmangled) name and
-//! whose whole body is the patch site followed by a tail jump, and an `#[inline(never)]`
-//! inner function holding the body:
+//! Stable Rust has no `-Zpatchable-function-entry` (and LLVM has no usable one for
+//! s390x at all), so a patchable function is made of two: a `#[unsafe(naked)]` wrapper
+//! that carries the function's (unmangled) name and whose whole body is the patch site
+//! followed by a tail branch, and an `#[inline(never)]` inner function holding the body.
+//! Each architecture's file writes its wrapper (`__patchable_wrapper!`):
 //!
-//! ```text
-//! name:      0f 1f 44 00 00     nopl 0x0(%rax,%rax,1)    <- the site
-//!            e9 xx xx xx xx     jmp  name::body
-//! ```
+//! | arch | wrapper |
+//! |---|---|
+//! | x86_64 | `nopl 0x0(%rax,%rax,1)` (5 bytes) · `jmp body` |
+//! | aarch64 | `nop; nop` · `b body` |
+//! | ppc64le | global entry `addis r2,r12,…; addi r2,r2,…` · local entry: `nop; nop` · `b body` |
+//! | s390x | `brcl 0,0` (6 bytes) · `jg body` |
 //!
 //! Both use the `extern "C"` ABI, so the wrapper leaves every argument register and the
 //! stack exactly as the caller set them and the body (or a replacement with the same
@@ -21,7 +24,7 @@
 //! with one name in one program clash at link time). The inner function is
 //! `name::body`, in a module named like the function (modules and functions live in
 //! different namespaces); it sees the enclosing module's items through `use super::*`.
-//! On architectures without a trampoline yet the macro produces a plain
+//! On other architectures (`none.rs`) the macro produces a plain
 //! `#[unsafe(no_mangle)] extern "C"` function, which has no site.
 //!
 //! A thread inside the body has return addresses in `name::body`, not in the wrapper;
@@ -37,41 +40,58 @@
 //! makes the sequence odd, stores the fields, makes it even; a reader retries while the
 //! sequence is odd or changed. Readers never lock and never allocate.
 //!
-//! ## The decision (x86_64)
+//! ## Site states
 //!
-//! A registered site is rewritten to `call` the trampoline of
-//! `klp_arch_x86_64::live::trampoline`, which calls [`decide_entry`] with the site.
+//! A registered site is in one of three states (`SiteState`), chosen by the host
+//! (`ProcessHost::settle`) from the published view:
+//!
+//! * **trampoline** while any implementation below the top may still run (a transition,
+//!   or a record whose top is the original): the site branches (with link where the
+//!   architecture has one) to the architecture's entry trampoline
+//!   (`klp_arch_<arch>::live::trampoline`, each with its register contract), which
+//!   calls [`decide_entry`] with the site and continues at the chosen implementation;
+//! * **jump** — the steady state — once the view has one live implementation and no
+//!   transition: the site is a single direct branch to it, and a call costs one branch
+//!   more than calling the replacement directly. The trampoline comes back (before the
+//!   core lets any thread change state) when the next transition starts. A branch that
+//!   cannot reach the replacement keeps the trampoline (same behaviour, slower);
+//! * **original**: the bytes as found, once the record is gone.
+//!
+//! Each architecture's file documents its encodings, the order of its text writes
+//! (whole-instruction atomic stores, a synchronisation round after each step, the
+//! cache-coherence sequence) and why no thread can run a half-written site.
+//!
+//! ## The decision
+//!
 //! The decision reads the site's view and the calling thread's state from its
-//! [`crate::thread::ThreadRecord`] (through the thread-local pointer of [`crate::thread`]; no lock, no
-//! allocation) and returns `klp::decide`'s choice. A thread that is not registered (only
-//! threads created without `pthread_create`, or the main thread before it first used
-//! klp) is not registered from the trampoline — that would allocate and lock: it runs
-//! [`crate::thread`]'s `!target` state, the code every thread ran before the transition
-//! began. Such a thread is not a task of the core, so the consistency model does not
-//! cover it; [`unregistered_calls`] counts its decisions so that a program can see it.
-//! Call [`crate::thread::register_current`] early on such threads.
+//! [`crate::thread::ThreadRecord`] (through the thread-local pointer of
+//! [`crate::thread`]; no lock, no allocation) and returns `klp::decide`'s choice. A
+//! thread that is not registered (only threads created without `pthread_create`, or the
+//! main thread before it first used klp) is not registered from the trampoline — that
+//! would allocate and lock: it runs [`crate::thread`]'s `!target` state, the code every
+//! thread ran before the transition began. Such a thread is not a task of the core, so
+//! the consistency model does not cover it; [`unregistered_calls`] counts its decisions
+//! so that a program can see it. Call [`crate::thread::register_current`] early on such
+//! threads.
 //!
 //! While it decides, a thread marks itself (`in_decide` in its record, a counter for
 //! unregistered threads); `hook_unregister` runs a synchronisation round after
 //! restoring the site and waits for the marks to clear, so no decision that began
 //! before it is still running when it returns (the mark is a plain store; the round is
-//! the barrier, see `wait_deciders`). Not covered: a thread that has executed the site's `call` but not yet
-//! entered the decision (the trampoline's prologue, a few instructions) is not waited
-//! for; it then decides with whatever view is published. That is harmless while patch
+//! the barrier, see `wait_deciders`). Not covered: a thread that has left the site
+//! but not yet entered the decision (the trampoline's prologue, a few instructions) is
+//! not waited for; it then decides with whatever view is published. That is harmless while patch
 //! code is never unmapped (patches are linked into the process); closing it needs a
 //! mark set by the trampoline itself.
 //!
-//! ## Text writes (x86_64)
+//! ## Text writes
 //!
-//! Serialised by one lock; the site's pages are made writable *and* executable for the
-//! write (other threads keep running them), then read + execute again. A site that lies
-//! within one aligned 8-byte word is written with one atomic store. Any other site (the
-//! naked wrappers are only 4-byte aligned, so most straddle a word) is written with the
-//! kernel's `text_poke_bp` protocol: `int3` on the first byte, the rest, the first
-//! byte, with a synchronisation round after each step; a thread that reaches the
-//! breakpoint meanwhile is moved past the site by klp's `SIGTRAP` handler (it runs the
-//! original body, which is what every thread runs while the core installs or removes a
-//! site: all tasks are unpatched then). Other `SIGTRAP`s go to the previous disposition.
+//! Serialised by one lock per architecture file; the site's pages are made writable
+//! *and* executable for the write (other threads keep running them), then read +
+//! execute again. Synchronisation rounds ([`crate::stack::sync_round`]) make every
+//! registered thread run klp's signal handler — a context-synchronising kernel entry
+//! and exit, and a full barrier — and let the architecture move a thread found in the
+//! middle of a multi-instruction site (`on_sync`).
 //!
 //! The table has 4096 slots; a site that finds none is refused (`-EBUSY`).
 
