@@ -168,6 +168,13 @@ fn transition(c: &mut Criterion) {
     g.bench_function("patched call in transition", |b| {
         b.iter(|| klp_bench_trans(black_box(1)))
     });
+    // The part of it spent in the decision (the wrapper's site is at its entry on
+    // x86_64, aarch64 and s390x).
+    if !cfg!(target_arch = "powerpc64") {
+        g.bench_function("decision alone", |b| {
+            b.iter(|| klp_user::redirect::decide_entry(black_box(f)))
+        });
+    }
     g.finish();
     assert!(p.status().is_some(), "still in transition");
     PARK.store(false, Ordering::Release);

@@ -224,6 +224,9 @@ fn serve_conn(p: &Process, s: UnixStream, allowed: &[u32]) {
     match peer_uid(&s) {
         Ok(uid) if allowed.contains(&uid) => {}
         Ok(uid) => {
+            // Read the request first: closing a socket with unread data makes the
+            // client's write or read fail, and it would never see the answer.
+            let _ = BufReader::new(&s).read_line(&mut String::new());
             let v = error(
                 "permission",
                 &format!("uid {uid} may not control this process"),
@@ -332,11 +335,18 @@ pub fn request(path: &Path, req: &Value) -> Result<Value, CtlError> {
         .map_err(|e| cerr("connect", format!("{}: {e}", path.display())))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let mut w = s.try_clone().map_err(|e| cerr("io", e.to_string()))?;
-    writeln!(w, "{req}").map_err(|e| cerr("io", e.to_string()))?;
+    // A server that refuses the peer may answer and close before reading: a failed
+    // write still leaves its answer to read.
+    let wrote = writeln!(w, "{req}");
     let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| cerr("io", e.to_string()))?;
+    let read = BufReader::new(s).read_line(&mut line);
+    if line.trim().is_empty() {
+        let e = match (wrote, read) {
+            (Err(e), _) | (_, Err(e)) => e.to_string(),
+            _ => "connection closed without an answer".to_string(),
+        };
+        return Err(cerr("io", e));
+    }
     let v: Value = serde_json::from_str(&line)
         .map_err(|_| cerr("protocol", format!("bad answer {line:?}")))?;
     if v.get("ok") == Some(&Value::Bool(true)) {

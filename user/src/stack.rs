@@ -23,10 +23,37 @@
 //! interrupted at an arbitrary instruction, in code that may lack frame pointers (the C
 //! library, Rust built without `-C force-frame-pointers`), the chain alone could miss
 //! frames; so the trace reported is a *superset*: the pc, the link register (aarch64,
-//! ppc64le, s390x), then every word between sp and the entry frame that points into
-//! loaded text, innermost first, without duplicates. A missed frame is impossible (every
-//! return address of a live frame is in that range or in the link register); a stale
-//! code pointer on the stack can only make the check stricter.
+//! ppc64le, s390x), then every word between sp and the entry frame that is a plausible
+//! return address, innermost first, without duplicates, then the unwinder's entries. A
+//! missed frame is impossible (every return address of a live frame is in that range or
+//! in the link register); a stale return address on the stack can only make the check
+//! stricter.
+//!
+//! A scanned word is a plausible return address when it points into loaded text and
+//! the code right before it is a call instruction ([`klp::arch::Arch::follows_call`] on
+//! up to [`klp_arch::MAX_CALL_LEN`] bytes, taken only where they are text too, and
+//! copied by the kernel so that a stale index cannot fault; unreadable bytes keep the
+//! word). That leaves out code pointers that are not return addresses — a function
+//! pointer held in a local, the address of a function's entry in a spilled register —
+//! which would otherwise report the thread as running that function for as long as the
+//! slot lives. The arch decoders err towards "is a call", so the filter never drops a
+//! real return address. One return address follows no call: the one x86_64's entry
+//! trampoline pushes for the patched function (`S + 5` after the site's `jmp`); it is
+//! recognised by its place (a site's length past a function's entry, or past its
+//! `endbr64`).
+//!
+//! A thread caught in the redirect machinery — its pc in the entry trampoline or the
+//! decision function, its record marked as deciding, or a return address into the
+//! decision function (in the link register or on the stack) — gets no trace
+//! ([`UnwindError::Trampoline`]; the core retries it later): it may hold a decision
+//! taken in its current state that its stack cannot show (see `Machinery`). The
+//! conservative scan used to cover part of this by accident, through the chosen
+//! implementation's address left in the decision's locals.
+//!
+//! Not covered: a thread stopped inside a signal handler of its own whose signal frame
+//! is on this stack. The code the handler interrupted is recorded only in the frame's
+//! saved pc, which follows no call (the unfiltered scan used to pick it up); the
+//! unwinder does not recognise signal frames either.
 //!
 //! On s390x the unwinder needs the back chain, which the ABI makes optional and which
 //! the prebuilt std and C library do not keep: there the default policy
@@ -39,7 +66,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use klp::arch::{StackBounds, StackMemory, UnwindError, UnwindStart};
+use klp::arch::{Arch, Native, StackBounds, StackMemory, UnwindError, UnwindStart};
+use klp_arch::MAX_CALL_LEN;
 
 use crate::symbols::SymbolIndex;
 use crate::thread::{self, ThreadRecord, cap};
@@ -465,6 +493,165 @@ impl<'a> ThreadStack<'a> {
     }
 }
 
+impl ThreadStack<'_> {
+    /// Whether `w` may be a return address: text right after a call instruction (see
+    /// the module documentation). No allocation. Bytes that cannot be read make the
+    /// answer `true` (the word is kept: the check is only stricter).
+    fn returns_after_call(&self, code: &mut CodeReader, w: u64) -> bool {
+        if !self.index.is_text(w) {
+            return false;
+        }
+        if trampoline_return(self.index, w) {
+            return true;
+        }
+        // The bytes before `w` that are text (contiguously: the same segment).
+        let mut n = 0;
+        while n < MAX_CALL_LEN
+            && w.checked_sub(n as u64 + 1)
+                .is_some_and(|a| self.index.is_text(a))
+        {
+            n += 1;
+        }
+        let mut buf = [0u8; MAX_CALL_LEN];
+        let Some(before) = buf.get_mut(..n) else {
+            return true;
+        };
+        if !code.read(w - n as u64, before) {
+            return true;
+        }
+        Native::follows_call(before)
+    }
+
+    /// The address that stands for the return address `w` in a trace. A return address
+    /// that is exactly a function's entry follows a call at the very end of the
+    /// function before it (a call that does not return, with no padding after it): the
+    /// live frame is that function's, so the trace names the call's last byte. Keeping
+    /// `w` would report the next function as running (forever, for a stale slot).
+    fn attribute(&self, w: u64) -> u64 {
+        match self.index.lookup(w) {
+            Some((_, s)) if s.addr == w => match w.checked_sub(1) {
+                Some(p) if self.index.is_text(p) => p,
+                _ => w,
+            },
+            _ => w,
+        }
+    }
+}
+
+/// Reads code bytes without trusting that the address is mapped (the index is only a
+/// snapshot, and any caller may pass one): the kernel copies them, so an unmapped
+/// address costs an error, not a fault. `process_vm_readv` on this process, or a
+/// pipe where that call is missing (QEMU's user mode). No allocation, no lock.
+#[derive(Debug)]
+struct CodeReader {
+    /// `process_vm_readv` has not failed for a reason other than the address.
+    direct: bool,
+    /// The pipe `(read end, write end)` of the fallback, once made.
+    pipe: Option<(libc::c_int, libc::c_int)>,
+}
+
+impl CodeReader {
+    fn new() -> Self {
+        CodeReader {
+            direct: true,
+            pipe: None,
+        }
+    }
+
+    /// Fills `buf` from `addr`; `false` when the bytes are not all readable.
+    fn read(&mut self, addr: u64, buf: &mut [u8]) -> bool {
+        if buf.is_empty() {
+            return true;
+        }
+        let len = buf.len();
+        if self.direct {
+            let local = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: len,
+            };
+            let remote = libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: len,
+            };
+            // SAFETY: `local` describes `buf`, writable for `len` bytes; the remote range
+            // is only accessed by the kernel, which checks it (`EFAULT`).
+            let r = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+            if r == len as isize {
+                return true;
+            }
+            // SAFETY: `__errno_location` returns this thread's errno slot.
+            let errno = unsafe { *libc::__errno_location() };
+            if r >= 0 || errno == libc::EFAULT || errno == libc::ESRCH {
+                return false;
+            }
+            self.direct = false;
+        }
+        let (rd, wr) = match self.pipe {
+            Some(p) => p,
+            None => {
+                let mut fds = [0 as libc::c_int; 2];
+                // SAFETY: `fds` is a valid out-parameter for two descriptors.
+                if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0
+                {
+                    return false;
+                }
+                self.pipe = Some((fds[0], fds[1]));
+                (fds[0], fds[1])
+            }
+        };
+        // SAFETY: the kernel reads `[addr, addr + len)` of this process with its own
+        // checks (`EFAULT`); nothing is dereferenced here.
+        let w = unsafe { libc::write(wr, addr as *const libc::c_void, len) };
+        let mut got = 0isize;
+        if w > 0 {
+            // SAFETY: `buf` is writable for `len` bytes; at most `w <= len` are pending.
+            got = unsafe { libc::read(rd, buf.as_mut_ptr().cast(), w as usize) };
+        }
+        if w != len as isize || got != w {
+            // Something is off (a partial copy, a pipe left with bytes): start afresh.
+            self.close();
+            return false;
+        }
+        true
+    }
+
+    fn close(&mut self) {
+        if let Some((rd, wr)) = self.pipe.take() {
+            // SAFETY: both descriptors were made by `pipe2` above and are owned here.
+            unsafe {
+                libc::close(rd);
+                libc::close(wr);
+            }
+        }
+    }
+}
+
+impl Drop for CodeReader {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// x86_64: whether `w` is the return address the entry trampoline pushes for a
+/// patched function, `S + 5` where the site `S` is at a function's entry or right
+/// after its `endbr64`. It follows the site's `jmp`, not a call.
+#[cfg(target_arch = "x86_64")]
+fn trampoline_return(index: &SymbolIndex, w: u64) -> bool {
+    use klp_arch_x86_64::live::trampoline::SITE_LEN;
+    const ENDBR64_LEN: u64 = 4;
+    index.lookup(w).is_some_and(|(_, s)| {
+        s.func
+            && matches!(w.wrapping_sub(s.addr), d if d == SITE_LEN || d == SITE_LEN + ENDBR64_LEN)
+    })
+}
+
+/// Elsewhere the trampoline is entered with a branch-and-link at the site: its return
+/// address follows that call.
+#[cfg(not(target_arch = "x86_64"))]
+fn trampoline_return(_index: &SymbolIndex, _w: u64) -> bool {
+    false
+}
+
 impl StackMemory for ThreadStack<'_> {
     fn bounds(&self) -> StackBounds {
         self.bounds
@@ -514,6 +701,17 @@ fn trace_into(
     if mem.bounds.end == 0 {
         return Err(TraceFailure::NoEntryFrame);
     }
+    let machinery = Machinery::of(mem.index);
+    if machinery.holds_pc(regs.pc) {
+        return Err(TraceFailure::Walk(UnwindError::Trampoline {
+            addr: regs.pc,
+        }));
+    }
+    if HAS_LR && machinery.holds_return(regs.lr) {
+        return Err(TraceFailure::Walk(UnwindError::Trampoline {
+            addr: regs.lr,
+        }));
+    }
     let start = UnwindStart {
         pc: regs.pc,
         sp: regs.sp,
@@ -550,12 +748,17 @@ fn trace_into(
     if HAS_LR && mem.is_text(regs.lr) {
         push(regs.lr, out)?;
     }
+    let mut code = CodeReader::new();
     let mut a = mem.floor;
     while a < mem.bounds.end {
         if let Some(w) = mem.read_u64(a)
-            && mem.is_text(w)
+            && !out.contains(&w)
+            && mem.returns_after_call(&mut code, w)
         {
-            push(w, out)?;
+            if machinery.holds_return(w) {
+                return Err(TraceFailure::Walk(UnwindError::Trampoline { addr: w }));
+            }
+            push(mem.attribute(w), out)?;
         }
         a += 8;
     }
@@ -589,6 +792,69 @@ pub fn own_trace(
         policy,
         max,
     )
+}
+
+/// The entry trampoline of this build's redirects.
+fn trampoline_address() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    let a = klp_arch_x86_64::live::trampoline::address();
+    #[cfg(target_arch = "aarch64")]
+    let a = klp_arch_aarch64::live::trampoline::address();
+    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    let a = klp_arch_ppc64le::live::trampoline::address();
+    #[cfg(target_arch = "s390x")]
+    let a = klp_arch_s390x::live::trampoline::address();
+    a
+}
+
+/// The redirect machinery where a thread may hold a decision taken in its current
+/// patch state but not yet acted on: the entry trampoline (its prologue is harmless,
+/// its epilogue carries the chosen implementation in a register) and the decision
+/// function with everything it calls. Such a thread's stack cannot show the
+/// implementation it is about to run: the trampoline's `S + len` only names the
+/// patched function, which is not what a transition checks once a replacement is
+/// involved (unpatching checks the replacement, stacking the previous one). A thread
+/// found there is unreliable for now (the kernel never meets this state: its ftrace
+/// handler runs with preemption disabled). Not recognised when the index lacks the
+/// symbols (a stripped binary, which cannot be patched anyway).
+#[derive(Clone, Copy, Debug)]
+struct Machinery {
+    /// The entry trampoline's symbol `[start, end)`.
+    trampoline: Option<(u64, u64)>,
+    /// The decision function's symbol `[start, end)`.
+    decide: Option<(u64, u64)>,
+}
+
+impl Machinery {
+    fn of(index: &SymbolIndex) -> Machinery {
+        let range = |a: u64| {
+            index
+                .lookup(a)
+                .map(|(_, s)| (s.addr, s.addr.saturating_add(s.size.max(1))))
+        };
+        Machinery {
+            trampoline: range(trampoline_address()),
+            decide: range(crate::redirect::decide_entry as *const () as u64),
+        }
+    }
+
+    fn in_decide(&self, a: u64) -> bool {
+        self.decide.is_some_and(|(s, e)| a >= s && a < e)
+    }
+
+    /// Whether the interrupted pc is in the machinery.
+    fn holds_pc(&self, pc: u64) -> bool {
+        self.in_decide(pc) || self.trampoline.is_some_and(|(s, e)| pc >= s && pc < e)
+    }
+
+    /// Whether a return address (the link register, a scanned word) shows a call made
+    /// by the decision function: the thread is in a callee of it. (A return address
+    /// into the trampoline alone is no sign: ppc64le's trampoline calls an
+    /// other-TOC replacement from its detour frame, for as long as that one runs;
+    /// while the decision runs, the pc or a return address into it shows it.)
+    fn holds_return(&self, ra: u64) -> bool {
+        self.in_decide(ra)
+    }
 }
 
 #[inline(always)]
@@ -630,6 +896,14 @@ pub fn trace_of(
         // SAFETY: the thread is held in the handler; its stack above the interrupted sp
         // is mapped and does not change until it is released (condition 1).
         let mem = unsafe { ThreadStack::new(low, high, end, regs.sp, index) };
+        // A thread inside the redirect decision may have read its state already and
+        // act on it after the check (see `Machinery`). The mark was stored by
+        // the thread before the signal, whose handler published it (the capture).
+        if rec.in_decide.load(Ordering::Acquire) != 0 {
+            return Err(TraceFailure::Walk(UnwindError::Trampoline {
+                addr: regs.pc,
+            }));
+        }
         trace_into(&mem, regs, t.policy, max, &mut out)
     })??;
     Ok(out)
@@ -702,6 +976,11 @@ mod tests {
 
     impl Spinner {
         fn start(block_signal: bool) -> Spinner {
+            Self::start_with(block_signal, spin_outer)
+        }
+
+        /// A registered thread that runs `body` (which must spin in [`spin_here`]).
+        fn start_with(block_signal: bool, body: fn(&AtomicBool, &AtomicBool) -> u64) -> Spinner {
             let stop = Arc::new(AtomicBool::new(false));
             let ready = Arc::new(AtomicBool::new(false));
             let (s2, r2) = (stop.clone(), ready.clone());
@@ -718,7 +997,7 @@ mod tests {
                         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
                     }
                 }
-                spin_outer(&s2, &r2)
+                body(&s2, &r2)
             });
             let rec = rx.recv().ok().flatten().expect("registered");
             while !ready.load(Ordering::Acquire) {
@@ -742,6 +1021,56 @@ mod tests {
     }
 
     static SERIAL: Mutex<()> = Mutex::new(());
+
+    // Functions whose addresses a thread keeps in a stack slot: plain function
+    // pointers, not return addresses.
+    #[inline(never)]
+    fn held_a(x: u64) -> u64 {
+        std::hint::black_box(x) ^ 0x5a5a
+    }
+    #[inline(never)]
+    fn held_b(x: u64) -> u64 {
+        std::hint::black_box(x).wrapping_mul(3)
+    }
+    #[inline(never)]
+    fn held_c(x: u64) -> u64 {
+        std::hint::black_box(x).rotate_left(7)
+    }
+    #[inline(never)]
+    fn held_d(x: u64) -> u64 {
+        std::hint::black_box(x).wrapping_sub(11)
+    }
+
+    /// The function pointer [`hold_pointer`] keeps on its stack.
+    static HELD: AtomicU64 = AtomicU64::new(0);
+
+    #[inline(never)]
+    fn hold_mid(stop: &AtomicBool, ready: &AtomicBool) -> u64 {
+        let n = spin_here(stop, ready);
+        std::hint::black_box(n)
+    }
+
+    /// Keeps [`HELD`] in a stack slot (its address escapes before the call, so the slot
+    /// is in memory while the callee spins) and spins two calls deeper.
+    #[inline(never)]
+    fn hold_pointer(stop: &AtomicBool, ready: &AtomicBool) -> u64 {
+        let p = HELD.load(Ordering::Acquire);
+        let slot = [p, p];
+        std::hint::black_box(&slot);
+        let n = hold_mid(stop, ready);
+        std::hint::black_box(&slot);
+        std::hint::black_box(n)
+    }
+
+    /// The code bytes right before `w`, as the scan reads them.
+    fn code_before(idx: &SymbolIndex, w: u64) -> Vec<u8> {
+        let n = (1..=MAX_CALL_LEN as u64)
+            .take_while(|k| idx.is_text(w - k))
+            .count();
+        let mut b = vec![0u8; n];
+        assert!(CodeReader::new().read(w - n as u64, &mut b));
+        b
+    }
 
     #[test]
     fn stops_a_thread_and_walks_its_stack() {
@@ -909,5 +1238,157 @@ mod tests {
         assert_eq!(acked, asked);
         assert!(a.rec.sync_ack.load(Ordering::Acquire) > 0);
         assert!(b.rec.sync_ack.load(Ordering::Acquire) > 0);
+    }
+    #[test]
+    fn a_function_pointer_on_the_stack_is_not_a_return_address() {
+        let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        install_handler();
+        let idx = SymbolIndex::load();
+        // A function whose entry does not follow a call (the entry of a function
+        // usually follows a `ret` or padding; one right after a call to a function that
+        // does not return would be kept, which is the safe side).
+        let candidates = [held_a, held_b, held_c, held_d];
+        let p = candidates
+            .iter()
+            .map(|f| *f as *const () as u64)
+            .find(|&f| !Native::follows_call(&code_before(&idx, f)) && !trampoline_return(&idx, f))
+            .expect("a function entry that follows no call");
+        HELD.store(p, Ordering::Release);
+        let sp = Spinner::start_with(false, hold_pointer);
+        let (low, high) = sp.rec.stack();
+        let end = sp.rec.entry_frame();
+        for policy in [WalkPolicy::Unwinder, WalkPolicy::ScanOnly] {
+            let (held, tr) = with_stopped(&sp.rec, CheckOptions::default(), |regs| {
+                // SAFETY: the thread is held in the handler; its stack above the
+                // interrupted sp is mapped and does not change until it is released.
+                let mem = unsafe { ThreadStack::new(low, high, end, regs.sp, &idx) };
+                let held = (mem.floor..mem.bounds.end)
+                    .step_by(8)
+                    .any(|a| mem.read_u64(a) == Some(p));
+                // Every return address the reliable unwinder finds passes the filter
+                // (not on s390x, whose unwinder needs a back chain std does not keep).
+                if policy == WalkPolicy::Unwinder && !cfg!(target_arch = "s390x") {
+                    let start = UnwindStart {
+                        pc: regs.pc,
+                        sp: regs.sp,
+                        fp: regs.fp,
+                    };
+                    let walked = klp_arch::trace_reliable::<Native>(&mem, &start)
+                        .expect("the unwinder walks a spinning thread");
+                    let mut code = CodeReader::new();
+                    for &ra in walked.as_slice().iter().skip(1) {
+                        assert!(
+                            mem.returns_after_call(&mut code, ra),
+                            "{ra:#x}: {walked:x?}"
+                        );
+                    }
+                }
+                (held, trace(&mem, regs, policy, klp::MAX_STACK_ENTRIES))
+            })
+            .expect("answers");
+            // The pointer is in the live stack, where the scan used to pick it up.
+            assert!(held, "{policy:?}: {p:#x} not on the stack");
+            match tr {
+                Ok(tr) => {
+                    assert!(!tr.contains(&p), "{policy:?}: {p:#x} in {tr:x?}");
+                    // Real return addresses stay: into `hold_pointer` (two calls up,
+                    // so on LR arches with `ScanOnly` only the scan can show it) and
+                    // into `hold_mid`.
+                    for f in [
+                        hold_pointer as *const () as u64,
+                        hold_mid as *const () as u64,
+                    ] {
+                        assert!(
+                            contains_fn(&idx, &tr, f),
+                            "{policy:?}: {f:#x} missing: {tr:x?}"
+                        );
+                    }
+                    assert!(contains_fn(&idx, &tr, spin_here as *const () as u64));
+                }
+                Err(TraceFailure::Walk(e))
+                    if cfg!(target_arch = "s390x") && policy == WalkPolicy::Unwinder =>
+                {
+                    eprintln!("s390x unwinder refused the stack, as documented: {e}");
+                }
+                Err(e) => panic!("{policy:?}: {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn code_reader_reads_text_and_refuses_unmapped_memory() {
+        let f = spin_here as *const () as u64;
+        // SAFETY: `f` is the entry of a function of this executable: mapped, readable
+        // text, never written while this test runs.
+        let want: [u8; 8] = unsafe { std::ptr::read_volatile(f as *const [u8; 8]) };
+        for direct in [true, false] {
+            let mut r = CodeReader::new();
+            r.direct = direct;
+            let mut got = [0u8; 8];
+            assert!(r.read(f, &mut got), "direct: {direct}");
+            assert_eq!(got, want, "direct: {direct}");
+            // Page 0 is never mapped: an error, not a fault, and the reader goes on.
+            assert!(!r.read(0x10, &mut got), "direct: {direct}");
+            let mut again = [0u8; 4];
+            assert!(r.read(f + 4, &mut again), "direct: {direct}");
+            assert_eq!(again[..], want[4..], "direct: {direct}");
+            assert!(r.read(f, &mut []));
+        }
+    }
+
+    #[test]
+    fn the_filter_drops_data_and_entries() {
+        let idx = SymbolIndex::load();
+        let stack = [0u64; 4];
+        let base = stack.as_ptr() as u64;
+        // SAFETY: `stack` is readable for its whole length and unchanged meanwhile.
+        let mem = unsafe { ThreadStack::new(base, base + 32, base + 24, base, &idx) };
+        let mut code = CodeReader::new();
+        // Null, data and stack addresses are never kept.
+        assert!(!mem.returns_after_call(&mut code, 0));
+        assert!(!mem.returns_after_call(&mut code, base));
+        assert!(!mem.returns_after_call(&mut code, &HELD as *const AtomicU64 as u64));
+        // A function's entry is kept only if the code before it is a call.
+        for f in [held_a, held_b, held_c, held_d] {
+            let entry = f as *const () as u64;
+            assert_eq!(
+                mem.returns_after_call(&mut code, entry),
+                Native::follows_call(&code_before(&idx, entry)) || trampoline_return(&idx, entry)
+            );
+        }
+        // A function's entry that follows a call stands for the function before it (the
+        // caller of a call that does not return); other addresses stand for themselves.
+        let entry = held_c as *const () as u64;
+        assert_eq!(mem.attribute(entry), entry - 1);
+        assert_ne!(idx.lookup(entry - 1).map(|(_, s)| s.addr), Some(entry));
+        assert_eq!(mem.attribute(entry + 1), entry + 1);
+    }
+    #[test]
+    fn the_redirect_machinery_is_recognised() {
+        let idx = SymbolIndex::load();
+        let m = Machinery::of(&idx);
+        let tramp = trampoline_address();
+        let decide = crate::redirect::decide_entry as *const () as u64;
+        assert!(m.trampoline.is_some() && m.decide.is_some(), "{m:x?}");
+        // A pc in either refuses the trace; a return address only into the decision.
+        assert!(m.holds_pc(tramp) && m.holds_pc(decide) && m.holds_pc(decide + 1));
+        assert!(m.holds_return(decide + 1) && !m.holds_return(tramp + 4));
+        let other = spin_here as *const () as u64;
+        assert!(!m.holds_pc(other) && !m.holds_return(other));
+        // A thread stopped with its pc there gets no trace.
+        let stack = [0u64; 4];
+        let base = stack.as_ptr() as u64;
+        // SAFETY: `stack` is readable for its whole length and unchanged meanwhile.
+        let mem = unsafe { ThreadStack::new(base, base + 32, base + 24, base, &idx) };
+        let regs = Regs {
+            pc: decide,
+            sp: base,
+            fp: 0,
+            lr: 0,
+        };
+        assert_eq!(
+            trace(&mem, regs, WalkPolicy::ScanOnly, 100),
+            Err(TraceFailure::Walk(UnwindError::Trampoline { addr: decide }))
+        );
     }
 }

@@ -169,7 +169,7 @@ fn site_bytes(f: u64) -> [u8; 8] {
 #[cfg(target_arch = "x86_64")]
 const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 #[cfg(target_arch = "aarch64")]
-const A64_NOPS: [u8; 8] = [0x1f, 0x20, 0x03, 0xd5, 0x1f, 0x20, 0x03, 0xd5];
+const A64_NOPS: [u8; 8] = [0xe9, 0x03, 0x1e, 0xaa, 0x1f, 0x20, 0x03, 0xd5];
 
 /// The two words of an aarch64 site.
 #[cfg(target_arch = "aarch64")]
@@ -267,10 +267,11 @@ fn redirect_and_revert(p: &Process) {
     }
     #[cfg(target_arch = "aarch64")]
     {
-        let [w0, _] = site_words(t);
-        assert_eq!(w0 >> 26, 0b00_0101, "b imm26: {w0:#x}");
-        let off = (((w0 & 0x03ff_ffff) << 6) as i32 >> 4) as i64;
-        assert_eq!(t.wrapping_add(off as u64), v2);
+        let [w0, w1] = site_words(t);
+        assert_eq!(w0, 0xaa1e_03e9, "mov x9, x30 stays");
+        assert_eq!(w1 >> 26, 0b00_0101, "b imm26: {w1:#x}");
+        let off = (((w1 & 0x03ff_ffff) << 6) as i32 >> 4) as i64;
+        assert_eq!((t + 4).wrapping_add(off as u64), v2);
     }
     #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
     {

@@ -30,9 +30,20 @@ fn main() {
             let c = Aarch64::encode_redirect(&site, Redirect::call(t)).expect("in range");
             println!("{at:#x} {} mov x9,x30;bl {t:#x}", hex(c.as_slice()));
         }
-        for t in [at + 0x1000, at + (lim - 4), at - lim] {
+        // `nop; nop` jumps from the first word; `mov x9, x30; nop` from the second.
+        let (b_at, shape) = if code[..4] == mov {
+            (at + 4, "mov x9,x30;b")
+        } else {
+            (at, "b")
+        };
+        for t in [b_at + 0x1000, b_at + (lim - 4), b_at - lim] {
             let j = Aarch64::encode_redirect(&site, Redirect::jump(t)).expect("in range");
-            println!("{at:#x} {} b {t:#x};nop", hex(j.as_slice()));
+            let text = if b_at == at {
+                format!("{shape} {t:#x};nop")
+            } else {
+                format!("{shape} {t:#x}")
+            };
+            println!("{at:#x} {} {text}", hex(j.as_slice()));
         }
     }
     // Relocated instructions.

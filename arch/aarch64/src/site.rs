@@ -10,8 +10,12 @@
 //! Redirects (8 bytes, both words):
 //! * `Call`: `mov x9, x30; bl trampoline`: the trampoline finds the caller's return
 //!   address in x9 and the return point into the function in x30.
-//! * `Jump`: `b new_func` in the first word, the second word unchanged: x30 still holds
-//!   the caller's return address, so `new_func` returns straight to the caller.
+//! * `Jump`: a `b new_func`; x30 still holds the caller's return address, so
+//!   `new_func` returns straight to the caller. Placed so that only `nop`/`b`/`bl`
+//!   words change, which the architecture allows to be rewritten while other CPUs run
+//!   them: in the first word (`b new_func; nop`) for [`SiteForm::A64Nops`], in the
+//!   second (`mov x9, x30; b new_func`, x9 being a scratch register) for
+//!   [`SiteForm::A64MovX9Nop`], whose first word stays.
 
 use klp_arch::{
     EncodeError, Endian, FuncInfo, InsnBytes, Redirect, RedirectKind, Site, SiteError, SiteForm,
@@ -65,10 +69,16 @@ pub fn encode(site: &Site, redirect: Redirect) -> Result<InsnBytes, EncodeError>
             insn::MOV_X9_X30,
             insn::bl(from.wrapping_add(4), redirect.target)?,
         ),
-        RedirectKind::Jump => (
-            insn::b(from, redirect.target)?,
-            read_u32(site.original.as_slice(), 4, Endian::Little).unwrap_or(insn::NOP),
-        ),
+        RedirectKind::Jump => match site.form {
+            SiteForm::A64MovX9Nop { .. } => (
+                insn::MOV_X9_X30,
+                insn::b(from.wrapping_add(4), redirect.target)?,
+            ),
+            _ => (
+                insn::b(from, redirect.target)?,
+                read_u32(site.original.as_slice(), 4, Endian::Little).unwrap_or(insn::NOP),
+            ),
+        },
     };
     let mut out = InsnBytes::EMPTY;
     // Two words always fit in an InsnBytes.
@@ -164,6 +174,23 @@ mod tests {
         );
         assert!(Aarch64::encode_redirect(&s, Redirect::jump(F + 4 - (1 << 27))).is_ok());
         assert!(Aarch64::encode_redirect(&s, Redirect::jump(F - (1 << 27))).is_err());
+    }
+
+    #[test]
+    fn kernel_form_jumps_from_the_second_word() {
+        let s = Aarch64::find_site(&code(&[MOV, NOP, STP]), FuncInfo::at(F)).unwrap();
+        // Jump: mov x9, x30 stays; b at F+4 to F+0x1004 -> imm26 = 0x400.
+        let j = Aarch64::encode_redirect(&s, Redirect::jump(F + 0x1004)).unwrap();
+        assert_eq!(j.as_slice(), &code(&[MOV, [0x00, 0x04, 0x00, 0x14]])[..]);
+        let c = Aarch64::encode_redirect(&s, Redirect::call(F + 0x1004)).unwrap();
+        assert_eq!(c.as_slice(), &code(&[MOV, [0x00, 0x04, 0x00, 0x94]])[..]);
+        assert_eq!(Aarch64::restore(&s).as_slice(), &code(&[MOV, NOP])[..]);
+        // Range: the b sits at F+4.
+        assert!(Aarch64::encode_redirect(&s, Redirect::jump(F + 4 - (1 << 27))).is_ok());
+        assert!(Aarch64::encode_redirect(&s, Redirect::jump(F - (1 << 27))).is_err());
+        assert!(Aarch64::encode_redirect(&s, Redirect::jump(F + 4 + (1 << 27))).is_err());
+        // Redirected, the site is no longer recognised as unpatched.
+        assert!(Aarch64::find_site(j.as_slice(), FuncInfo::at(F)).is_err());
     }
 
     extern crate std;

@@ -128,6 +128,82 @@ pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
     })
 }
 
+/// Whether the bytes `before` (ending at a candidate return address) end with a call
+/// (see `Arch::follows_call`): the last aligned word is `bl` (`0x94000000`, mask
+/// `0xfc000000`), `blr xN` (`0xd63f0000`, mask `0xfffffc1f`) or one of the
+/// pointer-authentication calls `blraa`/`blrab`/`blraaz`/`blrabz` (`0xd63f0800` /
+/// `0xd73f0800`, mask `0xfefff800`: the Z/M bits and both registers free).
+///
+/// Errs on the side of `true` (a false positive keeps a stale pointer, a false negative
+/// could drop a return address): the pointer-auth forms are matched with their
+/// register fields unchecked.
+pub fn follows_call(before: &[u8]) -> bool {
+    let Some(at) = before.len().checked_sub(4) else {
+        return false;
+    };
+    let Some(w) = klp_arch::read_u32(before, at, klp_arch::Endian::Little) else {
+        return false;
+    };
+    w & 0xfc00_0000 == 0x9400_0000
+        || w & 0xffff_fc1f == 0xd63f_0000
+        || w & 0xfeff_f800 == 0xd63f_0800
+}
+
+#[cfg(test)]
+mod follows_call_tests {
+    use super::follows_call;
+
+    fn ends_with(w: u32) -> bool {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&0xd503_201fu32.to_le_bytes());
+        b[4..].copy_from_slice(&w.to_le_bytes());
+        follows_call(&b) && follows_call(&b[4..])
+    }
+
+    #[test]
+    fn calls() {
+        for w in [
+            0x9400_0000, // bl .
+            0x97ff_fff0, // bl backwards
+            0x9400_1234, // bl forwards
+            0xd63f_0000, // blr x0
+            0xd63f_0100, // blr x8
+            0xd63f_0220, // blr x17
+            0xd63f_081f, // blraaz x0
+            0xd63f_0e1f, // blrabz x16
+            0xd73f_0a30, // blraa x17, x16
+            0xd73f_0d1f, // blrab x8, sp
+        ] {
+            assert!(ends_with(w), "{w:#010x}");
+        }
+    }
+
+    #[test]
+    fn other_code_is_no_call() {
+        for w in [
+            0xd65f_03c0, // ret
+            0xd503_201f, // nop (padding)
+            0xd503_233f, // paciasp
+            0xd503_245f, // bti c
+            0xa9bf_7bfd, // stp x29, x30, [sp, #-16]!
+            0x1400_0010, // b (a tail call)
+            0xd61f_0200, // br x16
+            0xd71f_0a30, // braa x17, x16
+            0xd65f_0bff, // retaa
+            0x0000_0000, // udf
+        ] {
+            assert!(!ends_with(w), "{w:#010x}");
+        }
+        assert!(!follows_call(&[]));
+        // Three bytes cannot hold a call; the last four bytes count, not the first.
+        assert!(!follows_call(&0x9400_0000u32.to_le_bytes()[1..]));
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&0x9400_0000u32.to_le_bytes());
+        b[4..].copy_from_slice(&0xd65f_03c0u32.to_le_bytes());
+        assert!(!follows_call(&b));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

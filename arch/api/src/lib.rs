@@ -29,7 +29,8 @@ pub use site::{
     EncodeError, FuncInfo, Redirect, RedirectKind, Site, SiteError, SiteForm, displacement,
 };
 pub use unwind::{
-    MAX_STACK_ENTRIES, StackBounds, StackMemory, Trace, TraceSink, UnwindError, UnwindStart, check,
+    MAX_CALL_LEN, MAX_STACK_ENTRIES, StackBounds, StackMemory, Trace, TraceSink, UnwindError,
+    UnwindStart, check,
 };
 
 /// The errno values the errors map to (positive; the kernel returns them negated).
@@ -162,6 +163,31 @@ pub trait Arch: 'static {
         start: &UnwindStart,
         sink: &mut dyn TraceSink,
     ) -> Result<usize, UnwindError>;
+
+    /// Whether an address could be a *return address*: `before` holds the bytes of
+    /// code that end right at the candidate address (at most [`MAX_CALL_LEN`] bytes,
+    /// the last byte of `before` is the one just below the address; fewer when less
+    /// code is readable there), and the answer is whether they end with one of the
+    /// arch's call instructions (direct or indirect, with link).
+    ///
+    /// A host's conservative stack scan uses this to tell return addresses from other
+    /// code pointers that a stack slot may hold (a function pointer in a local, a stale
+    /// slot): a word that does not follow a call cannot be the return address of a live
+    /// frame. The answer must err on the side of `true`: a false positive only keeps a
+    /// stale pointer in a trace (a stricter check), while a false negative could drop a
+    /// real return address and let a stack check pass wrongly. So every call form the
+    /// arch has is accepted, including forms that compilers rarely emit, and the
+    /// decoder does not try to prove that the bytes really are one instruction (it
+    /// cannot know where the previous instruction starts). Never panics; `before` may
+    /// be empty (then no call fits).
+    ///
+    /// Every real back-end implements it. The provided answer, `true` whatever the
+    /// bytes, is for a back-end without a decoder (the core's `Unsupported`): it keeps
+    /// every code pointer, the safe direction.
+    fn follows_call(before: &[u8]) -> bool {
+        let _ = before;
+        true
+    }
 
     /// Lays out on `mem` a task stack in this arch's format (the kernel's, ending at
     /// the arch's `kernel_stack_end`) whose reliable trace is exactly `trace`

@@ -7,6 +7,13 @@ use core::fmt;
 /// unreliable (the consumer asks the walk to stop, and a stop is a failure).
 pub const MAX_STACK_ENTRIES: usize = 100;
 
+/// How many bytes before a candidate return address [`Arch::follows_call`] looks at
+/// at most: enough for the longest call instruction of every arch (x86_64's
+/// `REX ff /2 modrm sib disp32`, 8 bytes with the REX prefix).
+///
+/// [`Arch::follows_call`]: crate::Arch::follows_call
+pub const MAX_CALL_LEN: usize = 8;
+
 /// The task stack a walk must stay on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackBounds {

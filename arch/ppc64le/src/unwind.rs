@@ -110,6 +110,90 @@ pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
     })
 }
 
+/// Whether the bytes `before` (ending at a candidate return address) end with a call
+/// (see `Arch::follows_call`): the last aligned word is a branch that sets the link
+/// register: `bl`/`bla` (opcode 18 with LK = 1: `(w & 0xfc000001) == 0x48000001`),
+/// `bcl` (opcode 16 with LK = 1), `bclrl`/`bcctrl`/`bctarl` (opcode 19, extended
+/// opcode 16/528/560, LK = 1; `blrl` = `0x4e800021`, `bctrl` = `0x4e800421`).
+///
+/// A call through the PLT or to another TOC returns to the `nop`/`ld r2,24(r1)`
+/// after its `bl`: the return address is right after the `bl` all the same. The
+/// conditional and absolute forms are accepted although compilers rarely emit them
+/// as calls (and `bcl 20,31,$+4` reads the pc without calling): a false positive only
+/// keeps a stale pointer, a false negative could drop a return address.
+pub fn follows_call(before: &[u8]) -> bool {
+    let Some(at) = before.len().checked_sub(4) else {
+        return false;
+    };
+    let Some(w) = klp_arch::read_u32(before, at, klp_arch::Endian::Little) else {
+        return false;
+    };
+    if w & 1 == 0 {
+        return false;
+    }
+    match w >> 26 {
+        16 | 18 => true,
+        19 => matches!((w >> 1) & 0x3ff, 16 | 528 | 560),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod follows_call_tests {
+    use super::follows_call;
+
+    fn ends_with(w: u32) -> bool {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&0x6000_0000u32.to_le_bytes());
+        b[4..].copy_from_slice(&w.to_le_bytes());
+        follows_call(&b) && follows_call(&b[4..])
+    }
+
+    #[test]
+    fn calls() {
+        for w in [
+            0x4800_0001, // bl .
+            0x4bff_ffe1, // bl backwards
+            0x4800_1235, // bl forwards
+            0x4800_0003, // bla
+            0x4e80_0421, // bctrl
+            0x4e80_0021, // blrl
+            0x4e80_0461, // bctarl
+            0x4182_0011, // beql (bcl, conditional)
+            0x429f_0005, // bcl 20,31,$+4
+            0x4d82_0421, // beqctrl
+        ] {
+            assert!(ends_with(w), "{w:#010x}");
+        }
+    }
+
+    #[test]
+    fn other_code_is_no_call() {
+        for w in [
+            0x4e80_0020, // blr (return)
+            0x4e80_0420, // bctr (tail call through ctr)
+            0x4800_0010, // b (a tail call)
+            0x4182_0010, // beq
+            0x6000_0000, // nop (padding, TOC-restore slot)
+            0xe841_0018, // ld r2,24(r1)
+            0x7c08_02a6, // mflr r0
+            0xf821_ffe1, // stdu r1,-32(r1): odd, but not a branch
+            0x3c4c_0002, // addis r2,r12,2 (global entry)
+            0x4c00_012d, // isync with the low bit set (opcode 19, not a branch)
+            0x0000_0000,
+        ] {
+            assert!(!ends_with(w), "{w:#010x}");
+        }
+        assert!(!follows_call(&[]));
+        assert!(!follows_call(&0x4800_0001u32.to_le_bytes()[1..]));
+        // The word right before counts, not one further back.
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&0x4800_0001u32.to_le_bytes());
+        b[4..].copy_from_slice(&0x6000_0000u32.to_le_bytes());
+        assert!(!follows_call(&b));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,6 +68,10 @@ impl Arch for S390x {
         unwind::walk(mem, start, sink)
     }
 
+    fn follows_call(before: &[u8]) -> bool {
+        unwind::follows_call(before)
+    }
+
     fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
         unwind::model_stack(mem, trace)
     }

@@ -131,6 +131,82 @@ pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
     })
 }
 
+/// Whether the bytes `before` (ending at a candidate return address) end with a call
+/// (see `Arch::follows_call`), big-endian, with any registers:
+/// * `brasl r1,ri4`: 6 bytes, `c0 r5 ii ii ii ii` (also the redirect's
+///   `brasl %r0,entry_trampoline`);
+/// * `bras r1,ri2`: 4 bytes, `a7 r5 ii ii`; `bas r1,d2(x2,b2)`: 4 bytes, `4d …`;
+///   `bal`: 4 bytes, `45 …`;
+/// * `basr r1,r2`: 2 bytes, `0d r1r2`; `balr`: `05 r1r2`; `bassm`: `0c r1r2`.
+///
+/// s390x code cannot be decoded backwards either: the bytes may be the tail of a
+/// longer instruction. A false positive only keeps a stale pointer in a trace, a false
+/// negative could drop a return address, so every form that can end at the address
+/// is accepted (`basr r1,0`, which only loads the address, too).
+pub fn follows_call(before: &[u8]) -> bool {
+    let n = before.len();
+    let at = |back: usize| n.checked_sub(back).and_then(|i| before.get(i).copied());
+    let brasl = at(6) == Some(0xc0) && at(5).is_some_and(|b| b & 0x0f == 0x05);
+    let four = match at(4) {
+        Some(0xa7) => at(3).is_some_and(|b| b & 0x0f == 0x05),
+        Some(0x4d | 0x45) => true,
+        _ => false,
+    };
+    let two = matches!(at(2), Some(0x0d | 0x05 | 0x0c));
+    brasl || four || two
+}
+
+#[cfg(test)]
+mod follows_call_tests {
+    use super::follows_call;
+
+    fn after(bytes: &[u8]) -> bool {
+        let mut v = [0x07u8; 8].to_vec();
+        v.extend_from_slice(bytes);
+        follows_call(&v[v.len() - 8..]) && follows_call(bytes)
+    }
+
+    #[test]
+    fn calls() {
+        let calls: &[&[u8]] = &[
+            &[0xc0, 0xe5, 0x00, 0x00, 0x01, 0x00], // brasl %r14,…
+            &[0xc0, 0x05, 0xff, 0xff, 0xff, 0xf0], // brasl %r0,… (a redirected site)
+            &[0xa7, 0xe5, 0x00, 0x10],             // bras %r14,…
+            &[0x4d, 0xe0, 0xf0, 0x10],             // bas %r14,16(%r15)
+            &[0x45, 0xe0, 0x10, 0x00],             // bal %r14,0(%r1)
+            &[0x0d, 0xe1],                         // basr %r14,%r1
+            &[0x05, 0xef],                         // balr %r14,%r15
+            &[0x0c, 0xe1],                         // bassm %r14,%r1
+        ];
+        for c in calls {
+            assert!(after(c), "{c:02x?}");
+        }
+    }
+
+    #[test]
+    fn other_code_is_no_call() {
+        let others: &[&[u8]] = &[
+            &[],
+            &[0x0d],                                           // half an instruction
+            &[0x07, 0xfe],                                     // br %r14
+            &[0x07, 0xfe, 0x07, 0x07],                         // br %r14; nopr padding
+            &[0xeb, 0x6f, 0xf0, 0xa0, 0x00, 0x04, 0x07, 0xfe], // lmg; br %r14
+            &[0xc0, 0xf4, 0x00, 0x00, 0x01, 0x00],             // jg (a tail call)
+            &[0xc0, 0x04, 0x00, 0x00, 0x00, 0x00],             // brcl 0 (an unpatched site)
+            &[0xa7, 0xf4, 0x00, 0x10],                         // j
+            &[0x47, 0x00, 0x00, 0x00],                         // nop
+            &[0xb9, 0x04, 0x00, 0xef],                         // lgr %r14,%r15
+            &[0xe3, 0xf0, 0xff, 0x60, 0xff, 0x71],             // lay %r15,-160(%r15)
+        ];
+        for c in others {
+            assert!(!follows_call(c), "{c:02x?}");
+        }
+        // A call further back than the last instruction does not count.
+        assert!(!follows_call(&[0x0d, 0xe1, 0x07, 0xfe]));
+        assert!(!follows_call(&[0xa7, 0xe5, 0x00, 0x10, 0x07, 0xfe]));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

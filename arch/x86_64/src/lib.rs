@@ -65,6 +65,10 @@ impl Arch for X86_64 {
         unwind::walk(mem, start, sink)
     }
 
+    fn follows_call(before: &[u8]) -> bool {
+        unwind::follows_call(before)
+    }
+
     fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
         unwind::model_stack(mem, trace)
     }

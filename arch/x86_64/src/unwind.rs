@@ -128,6 +128,133 @@ pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
     })
 }
 
+/// Whether the bytes `before` (ending at a candidate return address) end with a call
+/// (see `Arch::follows_call`):
+/// * `call rel32`: `e8` and four displacement bytes;
+/// * `call r/m64` (`ff /2`) and `call m16:64` (`ff /3`) in every ModRM/SIB/displacement
+///   form, 2 to 7 bytes from the `ff` (`ff d0+r`, `ff 14 24`, `ff 50+r d8`,
+///   `ff 15 rel32`, `ff 90+r d32`, `ff 94 sib d32`, …), whatever prefixes (REX,
+///   `notrack`, segment) stand before the `ff`: they do not change where the
+///   instruction ends.
+///
+/// x86 code cannot be decoded backwards: these bytes may as well be the tail of a
+/// longer instruction. A false positive only keeps a stale code pointer in a trace
+/// (the check is stricter than it needs to be); a missed call form would drop a real
+/// return address (the check could pass wrongly), so every form that can end at the
+/// address is accepted.
+pub fn follows_call(before: &[u8]) -> bool {
+    let n = before.len();
+    if n >= 5 && before.get(n - 5) == Some(&0xe8) {
+        return true;
+    }
+    // `ff` followed by a ModRM (with SIB and displacement) of exactly `len - 1` bytes.
+    (2..=7).any(|len| {
+        let Some(p) = n.checked_sub(len) else {
+            return false;
+        };
+        let (Some(&0xff), Some(&modrm)) = (before.get(p), before.get(p + 1)) else {
+            return false;
+        };
+        let reg = (modrm >> 3) & 7;
+        let md = modrm >> 6;
+        // `/2` in every form; `/3` (far call) only has memory forms.
+        if !(reg == 2 || (reg == 3 && md != 3)) {
+            return false;
+        }
+        modrm_len(modrm, before.get(p + 2).copied()) == Some(len - 1)
+    })
+}
+
+/// Length of a ModRM operand (ModRM, SIB, displacement) in 64-bit mode; `None` when
+/// a SIB byte is needed but absent.
+fn modrm_len(modrm: u8, sib: Option<u8>) -> Option<usize> {
+    let md = modrm >> 6;
+    let rm = modrm & 7;
+    Some(match (md, rm) {
+        (3, _) => 1,
+        (0, 5) => 5,
+        (0, 4) => {
+            if sib? & 7 == 5 {
+                6
+            } else {
+                2
+            }
+        }
+        (0, _) => 1,
+        (1, 4) => 3,
+        (1, _) => 2,
+        (2, 4) => 6,
+        _ => 5,
+    })
+}
+
+#[cfg(test)]
+mod follows_call_tests {
+    use super::follows_call;
+
+    /// `bytes` as the code before an address, with unrelated bytes ahead of it.
+    fn after(bytes: &[u8]) -> bool {
+        let mut v = [0x90u8; 8].to_vec();
+        v.extend_from_slice(bytes);
+        let tail = &v[v.len() - 8..];
+        follows_call(tail) && follows_call(bytes)
+    }
+
+    #[test]
+    fn direct_and_indirect_calls() {
+        let calls: &[&[u8]] = &[
+            &[0xe8, 0x10, 0x20, 0x30, 0x40],                   // call rel32
+            &[0xe8, 0xf0, 0xff, 0xff, 0xff],                   // call rel32, backwards
+            &[0xff, 0xd0],                                     // call *%rax
+            &[0xff, 0xd7],                                     // call *%rdi
+            &[0x41, 0xff, 0xd3],                               // call *%r11
+            &[0xff, 0x10],                                     // call *(%rax)
+            &[0x41, 0xff, 0x12],                               // call *(%r10)
+            &[0xff, 0x14, 0x24],                               // call *(%rsp)
+            &[0xff, 0x14, 0xc5, 0x00, 0x10, 0x00, 0x00],       // call *0x1000(,%rax,8)
+            &[0xff, 0x50, 0x18],                               // call *0x18(%rax)
+            &[0x41, 0xff, 0x54, 0x24, 0x08],                   // call *0x8(%r12)
+            &[0xff, 0x15, 0x00, 0x10, 0x20, 0x00],             // call *rel32(%rip)
+            &[0x3e, 0xff, 0x15, 0x00, 0x10, 0x20, 0x00],       // notrack call *rel32(%rip)
+            &[0xff, 0x90, 0x00, 0x01, 0x00, 0x00],             // call *0x100(%rax)
+            &[0x41, 0xff, 0x94, 0x24, 0x00, 0x01, 0x00, 0x00], // call *0x100(%r12)
+            &[0xff, 0x18],                                     // lcall *(%rax)
+        ];
+        for c in calls {
+            assert!(after(c), "{c:02x?}");
+        }
+    }
+
+    #[test]
+    fn other_code_is_no_call() {
+        let others: &[&[u8]] = &[
+            &[],
+            &[0xe8],                                           // too short for a call
+            &[0x10, 0x20, 0xe8, 0x30, 0x40],                   // e8 not 5 from the end
+            &[0x5d, 0xc3],                                     // pop %rbp; ret
+            &[0xc3, 0xcc, 0xcc, 0xcc],                         // ret; int3 padding
+            &[0xc3, 0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00],       // ret; nopw
+            &[0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00],       // nopl 0x0(%rax)
+            &[0x66, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00], // nopw 0x0(%rax,%rax,1)
+            &[0xe9, 0x10, 0x20, 0x30, 0x40],                   // jmp rel32 (a tail call)
+            &[0xff, 0xe0],                                     // jmp *%rax
+            &[0xff, 0x25, 0x00, 0x10, 0x20, 0x00],             // jmp *rel32(%rip) (PLT)
+            &[0xff, 0xc0],                                     // inc %eax
+            &[0xff, 0xd8],                                     // ff /3 register form: invalid
+            &[0xff, 0x14],                                     // SIB missing
+            &[0xff, 0x15, 0x00, 0x10],                         // disp32 cut short
+            &[0x48, 0x89, 0xe5],                               // mov %rsp,%rbp
+            &[0xf3, 0x0f, 0x1e, 0xfa],                         // endbr64
+        ];
+        for c in others {
+            assert!(!follows_call(c), "{c:02x?}");
+        }
+        // The ModRM/SIB length must match exactly: `ff 50` wants one more byte.
+        assert!(!follows_call(&[0x00, 0xff, 0x50]));
+        assert!(follows_call(&[0x00, 0xff, 0x50, 0x08]));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

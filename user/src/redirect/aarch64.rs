@@ -1,23 +1,35 @@
 //! aarch64: patchable wrappers, site recognition and text writes.
 //!
 //! A site is two aligned words `w0 w1` at a patchable entry: the wrapper's
-//! `nop; nop` (C built with `-fpatchable-function-entry=2` has the same, possibly after
-//! a `bti c` that stays untouched; the kernel's boot form `mov x9, x30; nop` is
-//! accepted too). Its states:
+//! `mov x9, x30; nop` (the form the kernel's ftrace leaves after boot), or the
+//! `nop; nop` of C built with `-fpatchable-function-entry=2` (possibly after a `bti c`
+//! that stays untouched). Its states:
 //!
 //! | state | `w0` | `w1` |
 //! |---|---|---|
-//! | original | as found (`nop` or `mov x9, x30`) | `nop` |
-//! | trampoline | `mov x9, x30` | `bl entry_trampoline` ([`klp_arch_aarch64::live::trampoline`]) |
-//! | jump | `b new_function` (only within ±128 MiB) | whatever it held (never reached) |
+//! | original | as found (`mov x9, x30`, or `nop` until the first install) | `nop` |
+//! | trampoline | `mov x9, x30` | `bl stub`; the site's stub ([`super::stubs`]) jumps to `entry_trampoline` ([`klp_arch_aarch64::live::trampoline`]) through `x16` |
+//! | jump | `mov x9, x30` | `b new_function` (only within ±128 MiB of `w1`) |
 //!
-//! What a thread does with the words it fetched: `b T` goes to `T` with `x30` still
-//! the caller's return address (a direct call of `T`); `nop` or `mov x9, x30`
-//! followed by `nop` is the original function (`x9` is a temporary, dead at a
-//! function's entry); `mov x9, x30` followed by `bl` enters the trampoline, which
-//! expects the caller's return address in `x9`. The one bad combination is having run
-//! a `nop` in `w0` and then the `bl` in `w1`: the trampoline would "return" to a stale
-//! `x9`.
+//! What a thread does with the words it fetched: `mov x9, x30` (or the original
+//! `nop`) then `nop` is the original function (`x9` is a temporary, dead at a
+//! function's entry); then `b T` goes to `T` with `x30` still the caller's return
+//! address (a direct call of `T`, whatever `x9` holds); then `bl` enters the
+//! trampoline, which expects the caller's return address in `x9`. The one bad
+//! combination is a `nop` in `w0` followed by the `bl`: the trampoline would "return"
+//! to a stale `x9`.
+//!
+//! ## Staying within the architecture's guarantee
+//!
+//! The Arm architecture allows an instruction to be rewritten while other CPUs may run
+//! it only when the old and the new instruction are both among `B`, `BL`, `BRK`,
+//! `HVC`, `ISB`, `NOP`, `SMC`, `SVC`. At run time only `w1` changes, between `nop`,
+//! `bl` and `b`. `w0` is written at most once per site, from `nop` to `mov x9, x30`,
+//! the first time a C site (`nop; nop`) leaves its original state; it then stays, also
+//! when the site is restored (`mov x9, x30; nop` behaves as the original). That one
+//! write is outside the guarantee: the kernel makes it at boot, before the code runs,
+//! which a process that is already running cannot do. A `patchable!` wrapper starts
+//! with `mov x9, x30` and never needs it.
 //!
 //! ## Writes
 //!
@@ -26,48 +38,27 @@
 //! by `dc cvau; dsb ish; ic ivau; dsb ish; isb` on the writing thread and a
 //! synchronisation round: every registered thread takes a signal, whose exception
 //! return is a context synchronisation event, so it fetches the new word afterwards.
-//! While a site is being written, each round also moves a thread found at `w1`
-//! (`pc == site + 4`) back to `w0` ([`on_sync`]): such a thread ran `w0` but which
-//! version is unknown; running `w0` again is harmless whatever it holds (`nop` and
-//! `mov x9, x30` are idempotent, `x30` is still the caller's return address, and a
-//! `b T` is what the site says now). All writes, with their rounds, are serialised by
-//! one lock (`TEXT`; QEMU also crashes when two threads change the protections of
-//! the same text at once); the site's pages are read + write + execute during the
-//! write, read + execute again afterwards.
+//! All writes, with their rounds, are serialised by one lock (`TEXT`; QEMU also crashes
+//! when two threads change the protections of the same text at once); the site's pages
+//! are read + write + execute during the write, read + execute again afterwards. A
+//! site's stub is made (with a round of its own) before any site branches to it.
 //!
-//! At most two words change, each stored only if it differs. The order (see `plan`):
-//! `w0` first only when it holds `nop` (original → trampoline: `w0 = mov x9, x30`,
-//! round, `w1 = bl`, round); in every other case `w1` first. Each pair of states:
-//!
-//! * **original → trampoline**: after `w0 = mov`, the site behaves as the original.
-//!   The round moves a thread that ran the old `nop` and stopped at `w1` back to `w0`;
-//!   every registered thread fetches `mov` afterwards, so whoever reaches `bl` ran
-//!   `mov` first.
-//! * **trampoline → original**: `w1 = nop` (site = `mov; nop`, the original), round,
-//!   `w0 = nop` (if the original had one), round. A `nop` in `w0` never meets a `bl`.
-//! * **trampoline → jump**: `w0 = b T`, round. A thread that ran `mov` enters the
-//!   trampoline, which chooses `T` too (a site only jumps where the decision would).
-//! * **jump → trampoline**: `w1 = bl` if it is not one already (unreachable behind
-//!   `b`), round; `w0 = mov`, round. No moment runs the original body.
-//! * **jump → original**: `w1 = nop` (unreachable), round; `w0` = its original, round.
-//!   The core restores a site only when every thread runs the original.
-//! * **original → jump**, **jump → jump**: `w0 = b T`, one store.
+//! The order (see `plan`): the one-time `w0 = mov x9, x30` first, with its round; then
+//! `w1`. During the round after the `w0` store, [`on_sync`] moves a thread found at
+//! `w1` (`pc == site + 4`) back to `w0`: it ran `w0` in a version nobody knows, and
+//! running it again is harmless (`nop` and `mov x9, x30` are idempotent, `x30` is still
+//! the caller's return address). After that round every registered thread that reaches
+//! `w1` ran `mov x9, x30` first, so `w1` may become a `bl`. Every later change is one
+//! `w1` store between `nop`, `bl` and `b`, each safe whichever version a thread
+//! fetches: a thread past `w0` has run `mov x9, x30`.
 //!
 //! Limits:
 //! * The rounds reach registered threads only. A thread klp does not know (or one
 //!   interrupted at `w1` by another signal whose handler runs through the whole
-//!   write) that ran a `nop` in `w0` and resumes at a `bl` would enter the trampoline
-//!   with a stale `x9`.
-//! * The Arm architecture guarantees concurrent modification and execution only when
-//!   the old and the new instruction are both among `B`, `BL`, `BRK`, `HVC`, `ISB`,
-//!   `NOP`, `SMC`, `SVC`. The `w1` stores (`nop`/`bl`) and `w0` stores between `nop`
-//!   and `b` qualify; a `w0` store to or from `mov x9, x30` does not (the kernel
-//!   writes that word once, before the code runs, and at run time changes only the
-//!   `nop`/`bl` word).
-//! * The trampoline lives in the main executable: a site more than 128 MiB away (a
-//!   shared library) cannot call it, and [`set`] refuses with `ERANGE`, writing
-//!   nothing; so does a jump to a target out of reach (the site stays on the
-//!   trampoline).
+//!   write) that ran the original `nop` in `w0` and resumes at a `bl` would enter the
+//!   trampoline with a stale `x9`; only the first install of a C site has that window.
+//! * A jump to a target out of reach of `w1` is refused with `ERANGE`, writing nothing
+//!   (the site stays on the trampoline).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,8 +71,8 @@ use klp_arch_aarch64::{Aarch64, insn};
 use super::SiteState;
 use crate::symbols::SymbolIndex;
 
-/// The wrapper of [`crate::patchable!`] on aarch64: the two-nop site, then a tail
-/// branch to the body.
+/// The wrapper of [`crate::patchable!`] on aarch64: the `mov x9, x30; nop` site, then
+/// a tail branch to the body.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __patchable_wrapper {
@@ -91,7 +82,7 @@ macro_rules! __patchable_wrapper {
         #[unsafe(naked)]
         $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
             ::core::arch::naked_asm!(
-                "nop",
+                "mov x9, x30",
                 "nop",
                 "b {body}",
                 body = sym $name::body,
@@ -103,7 +94,7 @@ macro_rules! __patchable_wrapper {
 /// Serialises text writes (and their protection changes) process-wide.
 static TEXT: Mutex<()> = Mutex::new(());
 
-/// The site being written (0: none); see [`on_sync`].
+/// The site whose `w0` is being written (0: none); see [`on_sync`].
 static PATCHING: AtomicU64 = AtomicU64::new(0);
 
 /// Bytes of a site.
@@ -142,7 +133,7 @@ pub(crate) fn body_of(index: &SymbolIndex, site: &Site) -> Option<(u64, u64)> {
     // SAFETY: `at` is 4-byte aligned (the site is), in an executable segment, inside
     // the wrapper's symbol (its size covers the word, checked above).
     let word = unsafe { std::ptr::read_volatile(at as *const u32) };
-    if word & !insn::IMM26 != insn::B {
+    if !is_b(word) {
         return None;
     }
     let target = insn::branch_target(word, at)?;
@@ -150,9 +141,10 @@ pub(crate) fn body_of(index: &SymbolIndex, site: &Site) -> Option<(u64, u64)> {
     (s.addr == target).then_some((target, target + s.size.max(1)))
 }
 
-/// A thread interrupted at the second word of a site being written is moved back to
-/// the first (see the module documentation): it ran the first word, in its old or
-/// new version, and running it again is harmless.
+/// While the one-time `w0` store of a C site is being synchronised, a thread
+/// interrupted at the second word is moved back to the first (see the module
+/// documentation): it ran the first word, in its old or new version, and running it
+/// again is harmless.
 ///
 /// # Safety
 ///
@@ -169,36 +161,6 @@ pub(crate) unsafe fn on_sync(uc: *mut libc::c_void) {
     }
 }
 
-/// The two words of `bytes` (little-endian), if it holds at least two.
-fn words(bytes: &[u8]) -> Option<[u32; 2]> {
-    let w = |i: usize| {
-        bytes
-            .get(i..i + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
-    };
-    Some([w(0)?, w(4)?])
-}
-
-/// The words `state` needs at `site`; `None`: left as it is.
-fn wanted(site: &Site, state: SiteState) -> Result<[Option<u32>; 2], Errno> {
-    let encode = |r: Redirect| -> Result<[u32; 2], Errno> {
-        let b: InsnBytes = Aarch64::encode_redirect(site, r).map_err(|_| Errno::ERANGE)?;
-        words(b.as_slice()).ok_or(Errno::EINVAL)
-    };
-    Ok(match state {
-        SiteState::Original => {
-            let [o0, o1] = words(site.original.as_slice()).ok_or(Errno::EINVAL)?;
-            [Some(o0), Some(o1)]
-        }
-        SiteState::Trampoline => {
-            let [w0, w1] = encode(Redirect::call(trampoline::address()))?;
-            [Some(w0), Some(w1)]
-        }
-        SiteState::Jump(to) => [Some(encode(Redirect::jump(to))?[0]), None],
-    })
-}
-
 fn is_b(w: u32) -> bool {
     w & !insn::IMM26 == insn::B
 }
@@ -207,44 +169,96 @@ fn is_bl(w: u32) -> bool {
     w & !insn::IMM26 == insn::BL
 }
 
-/// The word stores (index, word), in order, that take a site holding `cur` (original
-/// words `orig`) to `want`; a sync round follows each. `EINVAL` if `cur` is not a
-/// state this module writes.
-fn plan(cur: [u32; 2], orig: [u32; 2], want: [Option<u32>; 2]) -> Result<Vec<(usize, u32)>, Errno> {
+/// The second word of `state` at `site` (the first is `mov x9, x30` in every state but
+/// the original). `ERANGE` when a jump target is out of reach; the trampoline state
+/// branches to the site's stub, made here if it does not exist yet (`TEXT` held).
+fn second_word(site: &Site, state: SiteState, sync: &mut dyn FnMut()) -> Result<u32, Errno> {
+    // The encodings of the kernel's form, whose first word is `mov x9, x30` already.
+    let mut mov_nop = InsnBytes::EMPTY;
+    for w in [insn::MOV_X9_X30, insn::NOP] {
+        mov_nop
+            .push_u32(w, klp_arch::Endian::Little)
+            .ok_or(Errno::EINVAL)?;
+    }
+    let bti = matches!(
+        site.form,
+        SiteForm::A64Nops { bti: true } | SiteForm::A64MovX9Nop { bti: true }
+    );
+    let kernel_form = Site {
+        form: SiteForm::A64MovX9Nop { bti },
+        original: mov_nop,
+        ..*site
+    };
+    let redirect = match state {
+        SiteState::Original => return Ok(insn::NOP),
+        SiteState::Jump(to) => Redirect::jump(to),
+        SiteState::Trampoline => Redirect::call(stub_for(site, sync)?),
+    };
+    let b = Aarch64::encode_redirect(&kernel_form, redirect).map_err(|_| Errno::ERANGE)?;
+    klp_arch::read_u32(b.as_slice(), 4, klp_arch::Endian::Little).ok_or(Errno::EINVAL)
+}
+
+/// The stub of `site` ([`super::stubs`]; `TEXT` held by the caller).
+fn stub_for(site: &Site, sync: &mut dyn FnMut()) -> Result<u64, Errno> {
+    let from = site.addr() + 4;
+    // SAFETY: `TEXT` is held by the caller (1); `write_text` copies and does the cache
+    // maintenance (2).
+    unsafe {
+        super::stubs::stub_for(
+            site.addr(),
+            &trampoline::stub_bytes(),
+            &|a| insn::bl(from, a).is_ok(),
+            klp_arch_aarch64::live::write_text,
+            sync,
+        )
+    }
+}
+
+/// Whether the words `cur` are a state this module writes: `w0` the original `nop` or
+/// `mov x9, x30`; `w1` `nop`, `bl` or `b`, and branching only after `mov x9, x30`.
+fn known(cur: [u32; 2]) -> bool {
     let [c0, c1] = cur;
-    let known0 = c0 == orig[0] || c0 == insn::MOV_X9_X30 || is_b(c0);
-    let known1 = c1 == orig[1] || is_bl(c1);
-    if !known0 || !known1 || (c0 == insn::NOP && is_bl(c1)) {
+    let known0 = c0 == insn::NOP || c0 == insn::MOV_X9_X30;
+    let known1 = c1 == insn::NOP || is_b(c1) || is_bl(c1);
+    known0 && known1 && (c0 == insn::MOV_X9_X30 || c1 == insn::NOP)
+}
+
+/// The word stores (index, word), in order, that take a site holding `cur` to `w1` in
+/// its second word; a sync round follows each. `mov x9, x30` goes into `w0` first
+/// when `w1` is to branch and `w0` still holds the original `nop`. `EINVAL` if `cur`
+/// is not a state this module writes.
+fn plan(cur: [u32; 2], w1: u32) -> Result<Vec<(usize, u32)>, Errno> {
+    if !known(cur) {
         return Err(Errno::EINVAL);
     }
-    let w0 = want[0].filter(|w| *w != c0).map(|w| (0, w));
-    let w1 = want[1].filter(|w| *w != c1).map(|w| (1, w));
-    // `w1` is reached only through `w0`: a `nop` there must become `mov x9, x30`
-    // before `w1` may hold a `bl`; in every other state `w1` goes first (it is either
-    // unreachable behind a `b`, or a `nop`/`bl` after `mov x9, x30`).
-    let order = if c0 == insn::NOP { [w0, w1] } else { [w1, w0] };
-    Ok(order.into_iter().flatten().collect())
+    let mut steps = Vec::with_capacity(2);
+    if w1 != insn::NOP && cur[0] == insn::NOP {
+        steps.push((0, insn::MOV_X9_X30));
+    }
+    if w1 != cur[1] {
+        steps.push((1, w1));
+    }
+    Ok(steps)
 }
 
 /// Rewrites `site` to state `to` (see the module documentation; the words in memory,
 /// not `from`, say where it starts). `sync` runs a synchronisation round. Fails, with
-/// nothing written, with `ERANGE` when `to` cannot be encoded at this site (the
-/// trampoline or a jump target out of reach), `EINVAL` when the site holds words this
-/// module did not write, `EPERM` when the text cannot be made writable.
+/// nothing written to the site, with `ERANGE` when `to` cannot be encoded at this site
+/// (a jump target out of reach, or no stub page within reach), `EINVAL` when the site
+/// holds words this module did not write, `EPERM` when the text cannot be made
+/// writable.
 pub(crate) fn set(
     site: &Site,
     _from: SiteState,
     to: SiteState,
     sync: &mut dyn FnMut(),
 ) -> Result<(), Errno> {
-    let want = wanted(site, to)?;
-    let orig = words(site.original.as_slice()).ok_or(Errno::EINVAL)?;
-    trampoline::set_decision(super::decide_entry);
     let addr = site.addr();
-    if !addr.is_multiple_of(4) {
+    if !addr.is_multiple_of(4) || site.len() as u64 != LEN {
         return Err(Errno::EINVAL);
     }
     let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
+    trampoline::set_decision(super::decide_entry);
     // SAFETY: the site's two aligned words are mapped text of a loaded object (the
     // site was found there); text writes are serialised by `TEXT`, held.
     let cur = unsafe {
@@ -253,7 +267,10 @@ pub(crate) fn set(
             std::ptr::read_volatile((addr + 4) as *const u32),
         ]
     };
-    let steps = plan(cur, orig, want)?;
+    if !known(cur) {
+        return Err(Errno::EINVAL);
+    }
+    let steps = plan(cur, second_word(site, to, sync)?)?;
     if steps.is_empty() {
         return Ok(());
     }
@@ -267,15 +284,17 @@ pub(crate) fn set(
     if unsafe { libc::mprotect(start as *mut libc::c_void, (end - start) as usize, rwx) } != 0 {
         return Err(Errno::EPERM);
     }
-    PATCHING.store(addr, Ordering::Release);
     for (i, w) in steps {
+        if i == 0 {
+            PATCHING.store(addr, Ordering::Release);
+        }
         // SAFETY: the word is aligned, mapped and writable now (1); the order of the
         // stores and the rounds between them is the protocol of the module
         // documentation (2); `TEXT` is held (3).
         unsafe { trampoline::klp_aarch64_write_word((addr + 4 * i as u64) as *mut u32, w) };
         sync();
+        PATCHING.store(0, Ordering::Release);
     }
-    PATCHING.store(0, Ordering::Release);
     // SAFETY: as for the first `mprotect`; text is read + execute again.
     unsafe {
         libc::mprotect(
@@ -315,54 +334,54 @@ mod tests {
 
     fn runs(w0: u32, w1: u32) -> Runs {
         match (w0, w1) {
-            (b, _) if is_b(b) => Runs::Jump(b),
+            (_, b) if is_b(b) => Runs::Jump(b),
             (NOP, bl) if is_bl(bl) => Runs::StaleX9,
             (_, bl) if is_bl(bl) => Runs::Trampoline,
             _ => Runs::Original,
         }
     }
 
-    fn want(w0: u32, w1: Option<u32>) -> [Option<u32>; 2] {
-        [Some(w0), w1]
+    /// Whether the architecture allows rewriting `old` into `new` while it may run.
+    fn guaranteed(old: u32, new: u32) -> bool {
+        let ok = |w: u32| w == NOP || is_b(w) || is_bl(w);
+        ok(old) && ok(new)
     }
 
     /// Every transition between the states, from both original forms: the states in
     /// memory between the stores (what a thread fetching both words after a round
-    /// sees) run the old or the new behaviour, never the original in between two
-    /// others, never a stale `x9`; and a thread that fetched `w0` of one state and `w1`
-    /// of the next (no round between those two stores) is never broken.
+    /// sees) run the old or the new behaviour, never a stale `x9`; a thread that
+    /// fetched `w0` of one state and `w1` of the next (no round between those two
+    /// stores) is never broken; and the only store outside the architecture's
+    /// guarantee is the one-time `nop` → `mov x9, x30` of `w0`.
     #[test]
     fn every_transition_keeps_each_thread_consistent() {
         for orig0 in [NOP, MOV] {
-            let orig = [orig0, NOP];
-            let o = [Some(orig0), Some(NOP)];
-            let t = want(MOV, Some(BL));
-            // `[MOV, NOP]` is also what a `nop; nop` site holds between two stores.
-            let states = [orig, [MOV, BL], [B, BL], [B, NOP], [MOV, NOP]];
-            for from in &states {
-                for to in [o, t, want(B, None), want(B2, None)] {
-                    let steps = plan(*from, orig, to).expect("a known state");
-                    let mut mem = *from;
+            let states = [[orig0, NOP], [MOV, NOP], [MOV, BL], [MOV, B], [MOV, B2]];
+            for from in states {
+                for w1 in [NOP, BL, B, B2] {
+                    let steps = plan(from, w1).expect("a known state");
+                    let mut mem = from;
                     let mut seen = vec![mem];
                     for (i, w) in &steps {
                         let before = mem;
+                        if !guaranteed(mem[*i], *w) {
+                            assert_eq!((*i, mem[*i], *w), (0, NOP, MOV), "{from:x?}->{w1:x}");
+                        }
                         mem[*i] = *w;
-                        // The fetch of w0 before this store, of w1 after it.
-                        assert_ne!(runs(before[0], mem[1]), Runs::StaleX9, "{from:x?}->{to:x?}");
+                        assert_ne!(runs(before[0], mem[1]), Runs::StaleX9, "{from:x?}->{w1:x}");
                         seen.push(mem);
                     }
-                    let last = *seen.last().expect("start");
-                    for (k, w) in to.iter().enumerate() {
-                        if let Some(w) = w {
-                            assert_eq!(last[k], *w, "{from:x?}->{to:x?}");
-                        }
+                    assert_eq!(mem[1], w1);
+                    if w1 != NOP {
+                        assert_eq!(mem[0], MOV);
                     }
-                    let (a, z) = (runs(from[0], from[1]), runs(last[0], last[1]));
+                    let (a, z) = (runs(from[0], from[1]), runs(mem[0], mem[1]));
                     for s in &seen {
                         let r = runs(s[0], s[1]);
-                        assert!(r == a || r == z, "{from:x?}->{to:x?}: {s:x?} runs {r:?}");
+                        assert!(r == a || r == z, "{from:x?}->{w1:x}: {s:x?} runs {r:?}");
                     }
                     assert!(steps.len() <= 2);
+                    assert!(orig0 == NOP || steps.iter().all(|(i, _)| *i == 1));
                 }
             }
         }
@@ -370,19 +389,16 @@ mod tests {
 
     #[test]
     fn unknown_words_are_refused() {
-        let orig = [NOP, NOP];
-        let t = want(MOV, Some(BL));
-        assert_eq!(plan([NOP, BL], orig, t), Err(Errno::EINVAL));
-        assert_eq!(plan([0xd280_0000, NOP], orig, t), Err(Errno::EINVAL));
-        assert_eq!(plan([NOP, MOV], orig, t), Err(Errno::EINVAL));
-        assert_eq!(plan([MOV, BL], orig, t), Ok(vec![]));
-        assert_eq!(plan([NOP, NOP], orig, t), Ok(vec![(0, MOV), (1, BL)]));
-        assert_eq!(
-            plan([MOV, BL], orig, [Some(NOP), Some(NOP)]),
-            Ok(vec![(1, NOP), (0, NOP)])
-        );
-        assert_eq!(plan([MOV, BL], orig, want(B, None)), Ok(vec![(0, B)]));
-        assert_eq!(plan([B, BL], orig, t), Ok(vec![(0, MOV)]));
+        assert_eq!(plan([NOP, BL], BL), Err(Errno::EINVAL), "bl after nop");
+        assert_eq!(plan([NOP, B], NOP), Err(Errno::EINVAL));
+        assert_eq!(plan([0xd280_0000, NOP], BL), Err(Errno::EINVAL));
+        assert_eq!(plan([MOV, MOV], BL), Err(Errno::EINVAL));
+        assert_eq!(plan([MOV, BL], BL), Ok(vec![]));
+        assert_eq!(plan([NOP, NOP], BL), Ok(vec![(0, MOV), (1, BL)]));
+        assert_eq!(plan([NOP, NOP], NOP), Ok(vec![]));
+        assert_eq!(plan([MOV, BL], NOP), Ok(vec![(1, NOP)]));
+        assert_eq!(plan([MOV, BL], B), Ok(vec![(1, B)]));
+        assert_eq!(plan([MOV, B], BL), Ok(vec![(1, BL)]));
     }
 
     crate::patchable! {
@@ -390,6 +406,17 @@ mod tests {
         fn klp_a64_unit_site(x: u64) -> u64 {
             std::hint::black_box(x) + 1
         }
+    }
+
+    extern "C" fn unit_body(x: u64) -> u64 {
+        std::hint::black_box(x) + 1
+    }
+
+    /// The site C built with `-fpatchable-function-entry=2` has.
+    #[unsafe(naked)]
+    #[unsafe(no_mangle)]
+    extern "C" fn klp_a64_unit_c_site(_x: u64) -> u64 {
+        core::arch::naked_asm!("nop", "nop", "b {body}", body = sym unit_body)
     }
 
     extern "C" fn unit_v2(x: u64) -> u64 {
@@ -410,24 +437,28 @@ mod tests {
             let f = klp_a64_unit_site as *const () as u64;
             let index = SymbolIndex::load();
             let site = find(&index, f).expect("the wrapper's site");
-            assert_eq!((site.addr(), words_at(f)), (f, [NOP, NOP]));
+            assert_eq!((site.addr(), words_at(f)), (f, [MOV, NOP]));
+            assert_eq!(site.form, SiteForm::A64MovX9Nop { bti: false });
             let body = klp_a64_unit_site::body as *const () as u64;
             assert_eq!(body_of(&index, &site).map(|b| b.0), Some(body));
 
             let mut rounds = 0;
-            let mut sync = || rounds += 1;
-            let far = SiteState::Jump(f + (1 << 28));
+            let far = SiteState::Jump(f + 4 + (1 << 27));
             assert_eq!(
-                set(&site, SiteState::Original, far, &mut sync),
+                set(&site, SiteState::Original, far, &mut || rounds += 1),
                 Err(Errno::ERANGE)
             );
-            assert_eq!(words_at(f), [NOP, NOP], "nothing written");
+            assert_eq!((words_at(f), rounds), ([MOV, NOP], 0), "nothing written");
+            let v2 = unit_v2 as *const () as u64;
+            // Rounds: one per word written, plus one after the site's new stub.
             let steps = [
                 (SiteState::Trampoline, 2, 2),
-                (SiteState::Jump(unit_v2 as *const () as u64), 102, 1),
+                (SiteState::Jump(v2), 102, 1),
                 (SiteState::Trampoline, 2, 1),
-                (SiteState::Original, 2, 2),
-                (SiteState::Jump(unit_v2 as *const () as u64), 102, 1),
+                (SiteState::Original, 2, 1),
+                (SiteState::Jump(v2), 102, 1),
+                (SiteState::Original, 2, 1),
+                (SiteState::Trampoline, 2, 1),
                 (SiteState::Original, 2, 1),
             ];
             let mut from = SiteState::Original;
@@ -436,12 +467,53 @@ mod tests {
                 set(&site, from, to, &mut || rounds += 1).expect("set");
                 assert_eq!(rounds, writes, "{from:?} -> {to:?}");
                 assert_eq!(klp_a64_unit_site(1), result, "{to:?}");
+                let [w0, w1] = words_at(f);
+                assert_eq!(w0, MOV, "w0 never changes");
+                if to == SiteState::Trampoline {
+                    let stub = insn::branch_target(w1, f + 4).expect("bl");
+                    // SAFETY: the stub's 16 bytes are mapped text.
+                    let b = unsafe { std::ptr::read_volatile(stub as *const [u8; 16]) };
+                    assert_eq!(b, trampoline::stub_bytes(), "bl to the site's stub");
+                }
                 from = to;
             }
-            assert_eq!(words_at(f), [NOP, NOP], "restored");
-            assert_eq!(set(&site, from, from, &mut sync), Ok(()));
+            assert_eq!(words_at(f), [MOV, NOP], "restored");
+            assert_eq!(set(&site, from, from, &mut || rounds += 1), Ok(()));
             assert_eq!(rounds, 0);
             assert_eq!(PATCHING.load(Ordering::Acquire), 0);
+        })
+        .join()
+        .expect("thread");
+    }
+
+    /// A `nop; nop` site: `w0` becomes `mov x9, x30` once, with the fix-up of
+    /// [`on_sync`] armed during its round only, and keeps it.
+    #[test]
+    fn a_c_site_gets_its_mov_once() {
+        std::thread::spawn(|| {
+            crate::thread::register_current();
+            let f = klp_a64_unit_c_site as *const () as u64;
+            let index = SymbolIndex::load();
+            let site = find(&index, f).expect("the site");
+            assert_eq!(site.form, SiteForm::A64Nops { bti: false });
+            assert_eq!(words_at(f), [NOP, NOP]);
+            let mut armed = Vec::new();
+            let mut sync = || armed.push(PATCHING.load(Ordering::Acquire));
+            set(&site, SiteState::Original, SiteState::Trampoline, &mut sync).expect("set");
+            // The stub's round, the `w0` round (armed), the `w1` round.
+            assert_eq!(armed, [0, f, 0]);
+            assert_eq!(words_at(f)[0], MOV);
+            assert!(is_bl(words_at(f)[1]));
+            assert_eq!(klp_a64_unit_c_site(1), 2);
+            armed.clear();
+            let mut sync = || armed.push(PATCHING.load(Ordering::Acquire));
+            set(&site, SiteState::Trampoline, SiteState::Original, &mut sync).expect("set");
+            assert_eq!(armed, [0]);
+            assert_eq!(words_at(f), [MOV, NOP], "mov x9, x30 stays");
+            assert_eq!(klp_a64_unit_c_site(1), 2);
+            // Found again, it is the kernel's form.
+            let again = find(&index, f).expect("the site");
+            assert_eq!(again.form, SiteForm::A64MovX9Nop { bti: false });
         })
         .join()
         .expect("thread");

@@ -12,7 +12,7 @@
 //! | arch | wrapper |
 //! |---|---|
 //! | x86_64 | `nopl 0x0(%rax,%rax,1)` (5 bytes) · `jmp body` |
-//! | aarch64 | `nop; nop` · `b body` |
+//! | aarch64 | `mov x9, x30; nop` · `b body` |
 //! | ppc64le | global entry `addis r2,r12,…; addi r2,r2,…` · local entry: `nop; nop` · `b body` |
 //! | s390x | `brcl 0,0` (6 bytes) · `jg body` |
 //!
@@ -56,6 +56,11 @@
 //!   core lets any thread change state) when the next transition starts. A branch that
 //!   cannot reach the replacement keeps the trampoline (same behaviour, slower);
 //! * **original**: the bytes as found, once the record is gone.
+//!
+//! In the trampoline state a site branches to its own small stub, placed within the
+//! site's branch reach, which jumps on to the trampoline wherever it is (module
+//! `stubs`): a function of a shared library mapped far from the executable is
+//! redirected like one of the executable.
 //!
 //! Each architecture's file documents its encodings, the order of its text writes
 //! (whole-instruction atomic stores, a synchronisation round after each step, the
@@ -162,6 +167,14 @@ pub(crate) mod native;
 )))]
 #[path = "none.rs"]
 pub(crate) mod native;
+
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    all(target_arch = "powerpc64", target_endian = "little"),
+    target_arch = "s390x"
+))]
+mod stubs;
 
 /// Called by klp's signal handler on every synchronisation round, before the thread
 /// acknowledges it: lets a site write in progress move a thread interrupted in the

@@ -20,22 +20,30 @@
 //!
 //! ## Site states
 //!
-//! The site is the two words at the local entry (`S`); only [`SiteForm::PpcNops`] is
-//! used (a `-mprofile-kernel` site would call `_mcount` in its original state):
+//! The site is the two words at the local entry (`S`), in one of two forms: the
+//! wrapper's `nop; nop` ([`SiteForm::PpcNops`]), or the `mflr r0; bl _mcount` of C
+//! built with `-pg -mprofile-kernel` ([`SiteForm::PpcProfileKernel`], the kernel's
+//! site; gcc 12 places `-fpatchable-function-entry` nops before the global entry's TOC
+//! setup, where local calls skip them). In its original state such a site calls
+//! `_mcount` with the `-mprofile-kernel` convention (r0 = the caller's return address;
+//! `_mcount` must return to `S + 8` with LR = r0), which glibc's `_mcount` does not
+//! follow: the C code must link a no-op of its own, as the kernel's
+//! (`mflr r12; mtctr r12; mtlr r0; bctr`), hidden in a shared object so that the `bl`
+//! needs no PLT stub (the test library's `cfuncs.c` has one).
 //!
 //! | state | word 0 (`S`) | word 1 (`S + 4`) |
 //! |---|---|---|
-//! | original | `nop` | `nop` |
-//! | trampoline | `mflr r0` | `bl entry_trampoline` ([`klp_arch_ppc64le::live::trampoline`]) |
-//! | jump | `b T_local` | `bl entry_trampoline` (never reached) |
+//! | original | `nop` / `mflr r0` | `nop` / `bl _mcount` |
+//! | trampoline | `mflr r0` | `bl stub`; the site's stub ([`super::stubs`]) jumps to `entry_trampoline` ([`klp_arch_ppc64le::live::trampoline`]) through CTR |
+//! | jump | `b T_local` | `bl stub` (never reached) |
 //!
 //! `T_local` is `T` plus the local-entry offset of `T`'s `st_other`. A jump is only
 //! written when `T` shares the site's TOC (same object, not a "caller-saved r2"
 //! function) and is within ±32 MiB of `S`; otherwise `set` fails with `ERANGE` and the
-//! trampoline stays (the host's rule). The `bl` reaches ±32 MiB too: a site in a shared
-//! object too far from the executable's trampoline is refused with `ERANGE` (far
-//! stubs are later work). The word the trampoline's decision returns carries the
-//! trampoline's other-TOC tag when `T` lives in another object ([`published_target`]).
+//! trampoline stays (the host's rule). The `bl` reaches ±32 MiB too, hence the stub
+//! within that reach, wherever the trampoline is. The word the trampoline's decision
+//! returns carries the trampoline's other-TOC tag when `T` lives in another object
+//! ([`published_target`]).
 //!
 //! A tagged target is called from the trampoline's detour frame, which keeps the
 //! caller's r2 and return address: such a `T` must take no stack arguments and no
@@ -52,16 +60,21 @@
 //!
 //! | from → to | stores in order |
 //! |---|---|
-//! | original → trampoline | w0 = `mflr r0`; w1 = `bl` |
-//! | trampoline → original | w1 = `nop`; w0 = `nop` |
+//! | original → trampoline | w0 = `mflr r0`; w1 = `bl stub` |
+//! | trampoline → original | w1 = original; w0 = original |
 //! | trampoline → jump, jump → jump | w0 = `b T` |
 //! | jump → trampoline | w0 = `mflr r0` |
 //! | original → jump | via trampoline |
 //! | jump → original | via trampoline |
 //!
+//! A store of the word already there is skipped (a `-mprofile-kernel` site keeps its
+//! `mflr r0`, so only its `bl` changes between `_mcount` and the stub). A site's stub
+//! is made (with a round of its own) before any site branches to it.
+//!
 //! Why every intermediate pair is safe (a thread may execute word 0 of one state and
 //! word 1 of the next):
-//! * `(mflr, nop)`: the original body runs (r0 is a volatile non-argument register).
+//! * `(mflr, nop)`: the original body runs (r0 is a volatile non-argument register);
+//!   `(mflr, bl _mcount)` too, through the no-op.
 //! * `(nop, bl)` never exists: a thread would call the trampoline with a stale r0 (not
 //!   its return address). `bl` is written only after `mflr` and a round; during every
 //!   round of a write [`on_sync`] moves a thread stopped at `S + 4` back to `S`, so a
@@ -153,7 +166,16 @@ pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {
         st_other: sym.st_other,
     };
     let site = Ppc64le::find_site(code, func).ok()?;
-    (site.form == SiteForm::PpcNops).then_some(site)
+    match site.form {
+        SiteForm::PpcNops => Some(site),
+        // A site in its trampoline state has the same shape, but calls a stub, which
+        // no symbol names.
+        SiteForm::PpcProfileKernel { mcount } => index
+            .lookup(mcount)
+            .is_some_and(|(_, m)| m.func && m.addr == mcount)
+            .then_some(site),
+        _ => None,
+    }
 }
 
 /// The body a `patchable!` wrapper branches to: the `b` right after the site, which
@@ -177,10 +199,22 @@ pub(crate) fn body_of(index: &SymbolIndex, site: &Site) -> Option<(u64, u64)> {
     (target == local).then_some((s.addr, s.addr + s.size.max(1)))
 }
 
-/// The words of the trampoline state and of the original.
-fn call_words(site: &Site) -> Result<[u32; 2], Errno> {
-    let b = Ppc64le::encode_redirect(site, Redirect::call(trampoline::address()))
-        .map_err(|_| Errno::ERANGE)?;
+/// The words of the trampoline state: `mflr r0; bl stub`, the site's stub made if it
+/// does not exist yet (`TEXT` held by the caller).
+fn call_words(site: &Site, sync: &mut dyn FnMut()) -> Result<[u32; 2], Errno> {
+    let from = site.addr() + 4;
+    // SAFETY: `TEXT` is held by the caller (1); `write_text` copies and does the cache
+    // maintenance (2).
+    let stub = unsafe {
+        super::stubs::stub_for(
+            site.addr(),
+            &trampoline::stub_bytes(),
+            &|a| insn::bl(from, a).is_ok(),
+            klp_arch_ppc64le::live::write_text,
+            sync,
+        )
+    }?;
+    let b = Ppc64le::encode_redirect(site, Redirect::call(stub)).map_err(|_| Errno::ERANGE)?;
     words(b.as_slice()).ok_or(Errno::EINVAL)
 }
 
@@ -212,10 +246,10 @@ fn holds(now: [u32; 2], state: SiteState, orig: [u32; 2], call: [u32; 2]) -> boo
 }
 
 /// Rewrites `site` from state `from` to state `to` (see the module documentation).
-/// `sync` runs a synchronisation round. Fails (nothing written) with `ERANGE` when `to`
-/// cannot be encoded at this site (the trampoline or a jump out of reach, a jump to
-/// another TOC), `EINVAL` when the site does not hold `from`, `EPERM` when its page
-/// cannot be made writable.
+/// `sync` runs a synchronisation round. Fails (nothing written to the site) with
+/// `ERANGE` when `to` cannot be encoded at this site (a jump out of reach or to another
+/// TOC, no stub page within reach), `EINVAL` when the site does not hold `from`,
+/// `EPERM` when its page cannot be made writable.
 pub(crate) fn set(
     site: &Site,
     from: SiteState,
@@ -226,41 +260,44 @@ pub(crate) fn set(
         return Ok(());
     }
     let orig = words(site.original.as_slice()).ok_or(Errno::EINVAL)?;
-    let call = call_words(site)?;
+    // A refused jump costs nothing: checked before the stub is made.
+    let jump = match to {
+        SiteState::Jump(t) => jump_word(site, t)?,
+        _ => 0,
+    };
+    let _g = lock(&TEXT);
+    let call = call_words(site, sync)?;
     let [mflr, bl] = call;
     let mut steps: Vec<(u64, u32)> = Vec::with_capacity(3);
-    let mut via = |s: SiteState, to: SiteState| -> Result<(), Errno> {
-        match (s, to) {
-            (SiteState::Original, SiteState::Trampoline) => steps.extend([(0, mflr), (4, bl)]),
-            (SiteState::Trampoline, SiteState::Original) => {
-                steps.extend([(4, orig[1]), (0, orig[0])]);
-            }
-            (_, SiteState::Jump(t)) => steps.push((0, jump_word(site, t)?)),
-            (SiteState::Jump(_), SiteState::Trampoline) => steps.push((0, mflr)),
-            _ => {}
+    let mut via = |s: SiteState, to: SiteState| match (s, to) {
+        (SiteState::Original, SiteState::Trampoline) => steps.extend([(0, mflr), (4, bl)]),
+        (SiteState::Trampoline, SiteState::Original) => {
+            steps.extend([(4, orig[1]), (0, orig[0])]);
         }
-        Ok(())
+        (_, SiteState::Jump(_)) => steps.push((0, jump)),
+        (SiteState::Jump(_), SiteState::Trampoline) => steps.push((0, mflr)),
+        _ => {}
     };
     match (from, to) {
         (SiteState::Original, SiteState::Jump(_)) | (SiteState::Jump(_), SiteState::Original) => {
-            via(from, SiteState::Trampoline)?;
-            via(SiteState::Trampoline, to)?;
+            via(from, SiteState::Trampoline);
+            via(SiteState::Trampoline, to);
         }
-        _ => via(from, to)?,
+        _ => via(from, to),
     }
     trampoline::set_decision(super::decide_entry);
     write(site, &steps, |now| holds(now, from, orig, call), sync)
 }
 
-/// Performs `steps` (offset from the site, word) with a round after each, if the site
-/// holds what `expect` accepts (else `EINVAL`, nothing written).
+/// Performs `steps` (offset from the site, word) with a round after each, skipping a
+/// store of the word already there, if the site holds what `expect` accepts (else
+/// `EINVAL`, nothing written). `TEXT` is held by the caller.
 fn write(
     site: &Site,
     steps: &[(u64, u32)],
     expect: impl Fn([u32; 2]) -> bool,
     sync: &mut dyn FnMut(),
 ) -> Result<(), Errno> {
-    let _g = lock(&TEXT);
     let addr = site.addr();
     // SAFETY: the site's 8 bytes were read when it was found; its object is loaded
     // (sites are dropped before their object is unloaded). Aligned word reads.
@@ -273,6 +310,21 @@ fn write(
     if !expect(now) {
         return Err(Errno::EINVAL);
     }
+    let mut mem = now;
+    let steps: Vec<(u64, u32)> = steps
+        .iter()
+        .copied()
+        .filter(|&(off, w)| match mem.get_mut((off / 4) as usize) {
+            Some(m) if *m != w => {
+                *m = w;
+                true
+            }
+            _ => false,
+        })
+        .collect();
+    if steps.is_empty() {
+        return Ok(());
+    }
     // SAFETY: `sysconf` has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     let start = addr & !(page - 1);
@@ -284,7 +336,7 @@ fn write(
         return Err(Errno::EPERM);
     }
     PATCHING.store(addr, Ordering::SeqCst);
-    for &(off, word) in steps {
+    for &(off, word) in &steps {
         // SAFETY: the word is mapped and writable now, 4-aligned (1); the order of the
         // steps and the rounds keep every state a thread can see safe to execute (the
         // module documentation), and `TEXT` serialises text writes (2).
@@ -496,7 +548,6 @@ mod tests {
         let (v2, v3) = (addr(walk_v2 as *const ()), addr(walk_v3 as *const ()));
         let seen = std::cell::RefCell::new(Vec::new());
         let mut sync = || seen.borrow_mut().push(site_words(f));
-        let bl = insn::bl(f + 12, trampoline::address()).expect("in reach");
         let b = |t: u64| {
             let (_, sym) = index.lookup(t).expect("indexed");
             let local = t + psite::local_entry_offset(sym.st_other).expect("offset");
@@ -517,7 +568,10 @@ mod tests {
             Err(Errno::EINVAL)
         );
         assert_eq!(site_words(f), [nop, nop]);
-        assert!(seen.borrow().is_empty());
+        // The second call made the site's stub (one round), nothing else.
+        assert_eq!(*seen.borrow(), [[nop, nop]]);
+        let bl = stub_call(&site)[1];
+        assert!(bl >> 26 == 18 && bl & 3 == 1, "bl: {bl:#x}");
 
         type Step = (SiteState, SiteState, Vec<[u32; 2]>, u64);
         let steps: [Step; 8] = [
@@ -548,6 +602,110 @@ mod tests {
             assert_eq!(klp_ppc64le_redirect_walk(1), result, "{to:?}");
         }
         assert_eq!(site_words(f), [nop, nop]);
+    }
+
+    /// The trampoline words of `site` (its stub exists already or is made here), after
+    /// checking that the `bl` goes to a stub of the trampoline.
+    fn stub_call(site: &Site) -> [u32; 2] {
+        let call = {
+            let _g = lock(&TEXT);
+            call_words(site, &mut || {}).expect("stub")
+        };
+        let stub = insn::branch_target(call[1], site.addr() + 4).expect("bl");
+        // SAFETY: the stub's bytes are mapped text.
+        let bytes = unsafe { std::ptr::read_volatile(stub as *const [u8; 32]) };
+        assert_eq!(bytes, trampoline::stub_bytes(), "bl to the site's stub");
+        call
+    }
+
+    fn mcount_calls() -> u64 {
+        MCOUNT.load(Ordering::Relaxed)
+    }
+
+    static MCOUNT: AtomicU64 = AtomicU64::new(0);
+
+    /// An `_mcount` of the `-mprofile-kernel` convention that counts its calls: back
+    /// to the function (LR) with LR = r0 (the caller's return address).
+    #[unsafe(naked)]
+    extern "C" fn unit_mcount() {
+        core::arch::naked_asm!(
+            "0:",
+            "addis 11, 2, {n}@toc@ha",
+            "addi 11, 11, {n}@toc@l",
+            "1: ldarx 12, 0, 11",
+            "addi 12, 12, 1",
+            "stdcx. 12, 0, 11",
+            "bne- 1b",
+            "mflr 12",
+            "mtctr 12",
+            "mtlr 0",
+            "bctr",
+            n = sym MCOUNT,
+        )
+    }
+
+    /// The shape gcc gives a C function with `-pg -mprofile-kernel`: TOC setup,
+    /// `mflr r0; bl _mcount` at the local entry, then the body (here a branch to it).
+    #[unsafe(naked)]
+    #[unsafe(no_mangle)]
+    extern "C" fn klp_ppc64le_unit_pk(_x: u64) -> u64 {
+        core::arch::naked_asm!(
+            "0:",
+            "addis 2, 12, (.TOC.-0b)@ha",
+            "addi 2, 2, (.TOC.-0b)@l",
+            ".localentry klp_ppc64le_unit_pk, .-0b",
+            "mflr 0",
+            "bl {mcount}",
+            "b {body}",
+            mcount = sym unit_mcount,
+            body = sym pk_body,
+        )
+    }
+
+    extern "C" fn pk_body(x: u64) -> u64 {
+        std::hint::black_box(x) + 1
+    }
+
+    extern "C" fn pk_v2(x: u64) -> u64 {
+        std::hint::black_box(x) + 101
+    }
+
+    /// A `-mprofile-kernel` site: recognised (not in its trampoline state), its
+    /// `mflr r0` kept in every state but the jump, its `bl` switched between `_mcount`
+    /// and the stub.
+    #[test]
+    fn a_profile_kernel_site() {
+        use SiteState::{Jump, Original, Trampoline};
+        let index = SymbolIndex::load();
+        let f = addr(klp_ppc64le_unit_pk as *const ());
+        let site = find(&index, f).expect("a site");
+        let mcount = addr(unit_mcount as *const ());
+        assert_eq!(site.addr(), f + 8);
+        assert_eq!(site.form, SiteForm::PpcProfileKernel { mcount });
+        let orig = site_words(f);
+        assert_eq!(orig[0], insn::MFLR_R0);
+        let before = mcount_calls();
+        assert_eq!(klp_ppc64le_unit_pk(1), 2);
+        assert_eq!(mcount_calls(), before + 1, "the original calls _mcount");
+        let v2 = addr(pk_v2 as *const ());
+        assert_eq!(published_target(&index, site.addr(), v2), v2);
+        let seen = std::cell::RefCell::new(Vec::new());
+        let mut sync = || seen.borrow_mut().push(site_words(f));
+        set(&site, Original, Trampoline, &mut sync).expect("set");
+        let call = stub_call(&site);
+        assert_eq!(call[0], insn::MFLR_R0);
+        // The stub's round, then one store: the `bl`.
+        assert_eq!(*seen.borrow(), [orig, call]);
+        assert!(find(&index, f).is_none(), "a `bl` to a stub is not a site");
+        assert_eq!(klp_ppc64le_unit_pk(1), 2, "no view: the original");
+        set(&site, Trampoline, Jump(v2), &mut sync).expect("set");
+        assert_eq!(klp_ppc64le_unit_pk(1), 102);
+        seen.borrow_mut().clear();
+        set(&site, Jump(v2), Original, &mut sync).expect("set");
+        assert_eq!(*seen.borrow(), [call, orig]);
+        let before = mcount_calls();
+        assert_eq!(klp_ppc64le_unit_pk(1), 2);
+        assert_eq!(mcount_calls(), before + 1);
     }
 
     #[test]

@@ -3,18 +3,19 @@
 //! LLVM cannot give Rust functions patchable entries on s390x, so the site is the
 //! first instruction of the `patchable!` wrapper: `brcl 0,0` (`c0 04 00 00 00 00`, a
 //! 6-byte nop), then `jg body`. C functions built with `-pg -mfentry -mnop-mcount` have
-//! the same site. Runs of `nopr` (`-fpatchable-function-entry`, `-mhotpatch`) are
-//! several instructions and are not used. A site is one instruction in every state:
+//! the same site (`-mrecord-mcount` is not needed: sites are found by symbol). Runs of
+//! `nopr` (`-fpatchable-function-entry`, `-mhotpatch`) are several instructions and
+//! are not used. A site is one instruction in every state:
 //!
 //! | state | bytes |
 //! |---|---|
 //! | original | `brcl 0,d` as found (`c0 04`, a nop whatever `d`) |
-//! | trampoline | `brasl %r0,entry_trampoline` (`c0 05`, [`klp_arch_s390x::live::trampoline`]) |
+//! | trampoline | `brasl %r0,stub` (`c0 05`); the site's stub ([`super::stubs`]) jumps to `entry_trampoline` ([`klp_arch_s390x::live::trampoline`]) through r1 |
 //! | jump | `jg new_function` (`c0 f4`, only when it is within ±4 GiB) |
 //!
-//! Displacements count halfwords from the site (±4 GiB): a site in a shared object
-//! mapped far from the executable cannot reach the trampoline and is refused
-//! (`ERANGE`); far stubs are later work.
+//! Displacements count halfwords from the site (±4 GiB), hence the stub within that
+//! reach, wherever the trampoline is; a site's stub is made (with a round of its own)
+//! before the site branches to it.
 //!
 //! ## Writes
 //!
@@ -47,7 +48,8 @@
 //! installed or removed (every thread runs the original then), but not between the
 //! trampoline and a jump, where threads run a replacement. There the trap stands in:
 //! a thread that reaches it is sent into the entry trampoline as if the site had called
-//! it (the `SIGILL` handler sets r0 = site + 6 and the pc to the trampoline), and the
+//! it through its stub (the `SIGILL` handler sets r0 = site + 6 and the pc to the
+//! trampoline itself, which a handler reaches from anywhere), and the
 //! trampoline's decision is right in every state of the site, because a site only ever
 //! jumps straight to the implementation the decision would choose. The handler blocks
 //! klp's synchronisation signal while it runs, so a round cannot complete (and the
@@ -229,12 +231,28 @@ fn install_ill_handler() -> bool {
 /// 1. `uc` is the `ucontext_t` of an `SA_SIGINFO` handler (unused).
 pub(crate) unsafe fn on_sync(_uc: *mut libc::c_void) {}
 
-/// The bytes of `state` at `site`.
-fn bytes_of(site: &Site, state: SiteState) -> Result<[u8; LEN], Errno> {
+/// The stub of `site` ([`super::stubs`]; `TEXT` held by the caller).
+fn stub_for(site: &Site, sync: &mut dyn FnMut()) -> Result<u64, Errno> {
+    let at = site.addr();
+    // SAFETY: `TEXT` is held by the caller (1); `write_text` copies and serialises (2).
+    unsafe {
+        super::stubs::stub_for(
+            at,
+            &trampoline::stub_bytes(),
+            &|a| klp_arch_s390x::insn::brasl_r0(at, a).is_ok(),
+            klp_arch_s390x::live::write_text,
+            sync,
+        )
+    }
+}
+
+/// The bytes of `state` at `site`; for the trampoline state, the site's stub is made
+/// if it does not exist yet (`TEXT` held by the caller).
+fn bytes_of(site: &Site, state: SiteState, sync: &mut dyn FnMut()) -> Result<[u8; LEN], Errno> {
     let b = match state {
         SiteState::Original => S390x::restore(site),
         SiteState::Trampoline => {
-            S390x::encode_redirect(site, Redirect::call(trampoline::address()))
+            S390x::encode_redirect(site, Redirect::call(stub_for(site, sync)?))
                 .map_err(|_| Errno::ERANGE)?
         }
         SiteState::Jump(to) => {
@@ -253,10 +271,11 @@ fn vector_facility() -> bool {
 }
 
 /// Rewrites `site` from state `from` to state `to` (see the module documentation).
-/// `sync` runs a synchronisation round. Fails, with nothing written, with `ERANGE`
-/// when `to` cannot be encoded at this site (a jump or the trampoline out of reach),
-/// `EINVAL` when the site is not a 6-byte `brcl` site or does not hold `from`'s bytes,
-/// `EPERM` when its page cannot be made writable or the `SIGILL` handler installed.
+/// `sync` runs a synchronisation round. Fails, with nothing written to the site, with
+/// `ERANGE` when `to` cannot be encoded at this site (a jump out of reach, no stub page
+/// within reach), `EINVAL` when the site is not a 6-byte `brcl` site or does not hold
+/// `from`'s bytes, `EPERM` when its page cannot be made writable or the `SIGILL`
+/// handler installed.
 pub(crate) fn set(
     site: &Site,
     from: SiteState,
@@ -266,8 +285,9 @@ pub(crate) fn set(
     if site.form != SiteForm::S390Brcl || site.len() != LEN {
         return Err(Errno::EINVAL);
     }
-    let new = bytes_of(site, to)?;
-    let old = bytes_of(site, from)?;
+    let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let new = bytes_of(site, to, sync)?;
+    let old = bytes_of(site, from, sync)?;
     trampoline::set_vector_facility(vector_facility());
     trampoline::set_decision(super::decide_entry);
     write(site.addr(), &old, &new, sync)
@@ -286,7 +306,7 @@ unsafe fn store(at: u64, bytes: &[u8]) {
 }
 
 /// Changes the site at `addr` from `old` to `new` while other threads may run it
-/// (module documentation).
+/// (module documentation). `TEXT` is held by the caller.
 fn write(addr: u64, old: &[u8; LEN], new: &[u8; LEN], sync: &mut dyn FnMut()) -> Result<(), Errno> {
     let (op_new, d_new) = new.split_at(2);
     let (op_old, d_old) = old.split_at(2);
@@ -295,7 +315,6 @@ fn write(addr: u64, old: &[u8; LEN], new: &[u8; LEN], sync: &mut dyn FnMut()) ->
     if trap && !install_ill_handler() {
         return Err(Errno::EPERM);
     }
-    let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: `addr..addr + 6` is the site, mapped text (`find`).
     let now = unsafe { std::ptr::read_volatile(addr as *const [u8; LEN]) };
     if now != *old {

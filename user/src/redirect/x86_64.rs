@@ -9,12 +9,12 @@
 //! | trampoline | `jmp stub`; the site's stub sets `r11` = site and jumps to `entry_trampoline` ([`klp_arch_x86_64::live::trampoline`]) |
 //! | jump | `jmp new_function` (only when it is within ±2 GiB) |
 //!
-//! Stubs are 24 bytes, allocated once per site (and kept for the life of the process:
-//! a thread may still be on its way through one) in pages mapped within ±2 GiB of the
-//! site, so a function of a shared library mapped far from the executable reaches the
-//! trampoline as easily as one of the executable: these pages are the per-library
-//! trampolines. A page is written while no site jumps to the new stub yet, then made
-//! read + execute.
+//! Stubs are 24 bytes, one per site, from the pool of [`super::stubs`] (within ±2 GiB
+//! of the site, kept for the life of the process), so a function of a shared library
+//! mapped far from the executable reaches the trampoline as easily as one of the
+//! executable. Every site uses its stub: a `jmp` in and a `jmp` out keep the return
+//! stack in step (see the trampoline's documentation), and the stub carries the site's
+//! address.
 //!
 //! A write that lies in one aligned 8-byte word and replaces one whole instruction by
 //! another is one atomic store. Any other write follows the kernel's `text_poke_bp`:
@@ -109,6 +109,8 @@ pub(crate) fn body_of(index: &SymbolIndex, site: &Site) -> Option<(u64, u64)> {
 /// The site being rewritten with the breakpoint protocol (0: none), and its length.
 static PATCHING: AtomicU64 = AtomicU64::new(0);
 static PATCHING_LEN: AtomicU64 = AtomicU64::new(0);
+/// `si_code` of a `SIGTRAP` raised by `int3` (the kernel's `SI_KERNEL`).
+const SI_KERNEL: libc::c_int = 0x80;
 /// The stub of the site being rewritten.
 static PATCHING_STUB: AtomicU64 = AtomicU64::new(0);
 /// The `SIGTRAP` disposition found when klp installed its handler.
@@ -117,7 +119,9 @@ static OLD_TRAP_FLAGS: AtomicUsize = AtomicUsize::new(0);
 
 /// A thread that reaches the breakpoint of a site being rewritten is sent to the
 /// site's stub, as if the site's `jmp` had run (the stub exists before any write that
-/// needs the breakpoint begins). Any other `SIGTRAP` goes to the previous disposition.
+/// needs the breakpoint begins). A thread that trapped on a breakpoint already
+/// replaced re-runs the instruction now there. Any other `SIGTRAP` goes to the previous
+/// disposition.
 extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     let site = PATCHING.load(Ordering::Acquire);
     let stub = PATCHING_STUB.load(Ordering::Acquire);
@@ -131,6 +135,21 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
     {
         *r = stub as i64;
         return;
+    }
+    // A breakpoint of ours that is gone by now: a thread that trapped on it was not
+    // scheduled before the writer's round gave up waiting, and the site was finished
+    // meanwhile. The instruction there is whole again: run it.
+    // SAFETY: `info` is the handler's valid `siginfo_t`.
+    let from_int3 = !info.is_null() && unsafe { (*info).si_code } == SI_KERNEL;
+    if from_int3 && let Some(r) = ctx.uc_mcontext.gregs.get_mut(libc::REG_RIP as usize) {
+        let at = (*r as u64).wrapping_sub(1);
+        // SAFETY: the trapping `int3` was fetched from `at`, so that byte is mapped
+        // text (readable: klp never maps text execute-only).
+        let now = unsafe { std::ptr::read_volatile(at as *const u8) };
+        if now != 0xcc {
+            *r = at as i64;
+            return;
+        }
     }
     let old = OLD_TRAP.load(Ordering::Acquire);
     if old == libc::SIG_DFL || old == libc::SIG_IGN {
@@ -213,15 +232,6 @@ fn bytes_of(site: &Site, state: SiteState, stub: u64) -> Result<klp::arch::InsnB
     X86_64::encode_redirect(site, Redirect::jump(to)).map_err(|_| Errno::ERANGE)
 }
 
-/// Stubs by site, and the stub pages: `(start, bytes used)`.
-#[derive(Debug, Default)]
-struct Stubs {
-    by_site: std::collections::HashMap<u64, u64>,
-    pages: Vec<(u64, usize)>,
-}
-
-static STUBS: std::sync::Mutex<Option<Stubs>> = std::sync::Mutex::new(None);
-
 fn page_size() -> u64 {
     // SAFETY: `sysconf` has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as u64
@@ -232,87 +242,19 @@ fn reaches(site: &Site, to: u64) -> bool {
     X86_64::encode_redirect(site, Redirect::jump(to)).is_ok()
 }
 
-/// Maps a read + execute page within reach of `site`: hints at growing distances
-/// below and above it, taking only a mapping that lands within reach.
-fn map_near(site: &Site, page: u64) -> Option<u64> {
-    const STEP: u64 = 1 << 20;
-    let base = site.addr() & !(page - 1);
-    for k in 1..2040u64 {
-        for hint in [base.wrapping_sub(k * STEP), base.wrapping_add(k * STEP)] {
-            // SAFETY: an anonymous private mapping at a hint (with
-            // `MAP_FIXED_NOREPLACE`, never over an existing mapping) has no memory
-            // preconditions.
-            let p = unsafe {
-                libc::mmap(
-                    hint as *mut libc::c_void,
-                    page as usize,
-                    libc::PROT_READ | libc::PROT_EXEC,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                continue;
-            }
-            let a = p as u64;
-            if reaches(site, a) && reaches(site, a + page - 1) {
-                return Some(a);
-            }
-            // SAFETY: `p` is the page just mapped, used by nobody.
-            unsafe { libc::munmap(p, page as usize) };
-        }
-    }
-    None
-}
-
-/// The stub of `site`, written on first use (`TEXT` held by the caller).
-fn stub_for(site: &Site) -> Result<u64, Errno> {
-    let mut g = STUBS.lock().unwrap_or_else(|e| e.into_inner());
-    let stubs = g.get_or_insert_with(Stubs::default);
+/// The stub of `site` ([`super::stubs`]; `TEXT` held by the caller).
+fn stub_for(site: &Site, sync: &mut dyn FnMut()) -> Result<u64, Errno> {
     let addr = site.addr();
-    if let Some(&s) = stubs.by_site.get(&addr) {
-        return Ok(s);
-    }
-    let page = page_size();
-    let len = trampoline::STUB_LEN;
-    let slot = stubs
-        .pages
-        .iter_mut()
-        .find(|(start, used)| *used + len <= page as usize && reaches(site, *start + *used as u64));
-    let (start, at) = match slot {
-        Some((start, used)) => {
-            let at = *start + *used as u64;
-            *used += len;
-            (*start, at)
-        }
-        None => {
-            let start = map_near(site, page).ok_or(Errno::ERANGE)?;
-            stubs.pages.push((start, len));
-            (start, start)
-        }
-    };
-    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-    // SAFETY: `start` is a stub page of ours; other stubs on it stay executable while
-    // it is writable.
-    if unsafe { libc::mprotect(start as *mut libc::c_void, page as usize, rwx) } != 0 {
-        return Err(Errno::EPERM);
-    }
-    let bytes = trampoline::stub_bytes(addr);
-    // SAFETY: `at..at + STUB_LEN` lies in the page, which is writable now (1); no site
-    // jumps to this stub yet, so nobody executes it (2); text writes are serialised by
-    // `TEXT`, held by the caller (3).
-    unsafe { klp_arch_x86_64::live::write_text(at as *mut u8, &bytes) };
-    // SAFETY: as above; back to read + execute.
+    // SAFETY: `TEXT` is held by the caller (1); `write_text` copies and syncs (2).
     unsafe {
-        libc::mprotect(
-            start as *mut libc::c_void,
-            page as usize,
-            libc::PROT_READ | libc::PROT_EXEC,
+        super::stubs::stub_for(
+            addr,
+            &trampoline::stub_bytes(addr),
+            &|a| reaches(site, a),
+            klp_arch_x86_64::live::write_text,
+            sync,
         )
-    };
-    stubs.by_site.insert(addr, at);
-    Ok(at)
+    }
 }
 
 /// Whether `site`'s original bytes are one instruction (the 5-byte nop).
@@ -331,7 +273,7 @@ pub(crate) fn set(
 ) -> Result<(), Errno> {
     let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
     trampoline::set_decision(super::decide_entry);
-    let stub = stub_for(site)?;
+    let stub = stub_for(site, sync)?;
     let bytes = bytes_of(site, to, stub)?;
     let whole = from != SiteState::Original || single_nop(site);
     PATCHING_STUB.store(stub, Ordering::Release);

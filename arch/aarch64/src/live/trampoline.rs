@@ -6,9 +6,14 @@
 //! continues there: at `S + 8` (the original body), or at a replacement function
 //! entered as if the caller had called it directly.
 //!
+//! A site whose `bl` cannot reach the trampoline (±128 MiB: a shared object mapped far
+//! from the executable) calls a *far stub* within its reach instead ([`stub_bytes`]),
+//! which jumps here through `x16`; the host decides where stubs go.
+//!
 //! # Register contract
 //!
-//! **On entry** (just executed `mov x9, x30; bl entry_trampoline` at `S`):
+//! **On entry** (just executed `mov x9, x30; bl entry_trampoline` at `S`, or
+//! `mov x9, x30; bl stub` and the stub):
 //! * `x30` = `S + 8`, `x9` = the caller's return address;
 //! * `sp` as at the function's entry (16-byte aligned); `x29` = the caller's frame
 //!   pointer;
@@ -121,15 +126,54 @@ pub fn address() -> u64 {
     entry_trampoline as *const () as u64
 }
 
+/// Bytes of a far stub ([`stub_bytes`]).
+pub const STUB_LEN: usize = 16;
+
+/// `ldr x16, <pc + 8>`: loads the stub's literal.
+const LDR_X16_LITERAL8: u32 = 0x5800_0050;
+/// `br x16`.
+const BR_X16: u32 = 0xd61f_0200;
+
+/// A far stub that continues at `target`:
+///
+/// ```text
+/// 58000050   ldr x16, 8      (the literal below)
+/// d61f0200   br  x16
+/// <target, 8 bytes little-endian>
+/// ```
+///
+/// Register contract: only `x16` (IP0, which the trampoline's contract allows to be
+/// clobbered) changes; `x30` (= `S + 8`, from the site's `bl`), `x9` (the caller's
+/// return address), the arguments and `sp` reach `target` as the site left them.
+/// Position-independent: the stub may be anywhere within `bl` reach of its site, and
+/// reaches `target` wherever it is. Place it 8-byte aligned (the literal is then
+/// aligned).
+pub fn stub_bytes_to(target: u64) -> [u8; STUB_LEN] {
+    let mut b = [0u8; STUB_LEN];
+    b[0..4].copy_from_slice(&LDR_X16_LITERAL8.to_le_bytes());
+    b[4..8].copy_from_slice(&BR_X16.to_le_bytes());
+    b[8..16].copy_from_slice(&target.to_le_bytes());
+    b
+}
+
+/// The far stub of [`entry_trampoline`] (see [`stub_bytes_to`]).
+pub fn stub_bytes() -> [u8; STUB_LEN] {
+    stub_bytes_to(address())
+}
+
 /// The trampoline itself. See the module documentation for its register contract.
+/// Its first instruction is `bti c`, the landing pad a far stub's `br x16` needs where
+/// branch target identification is enforced (a `nop` elsewhere).
 ///
 /// # Safety
 ///
 /// 1. Only to be reached by the `mov x9, x30; bl entry_trampoline` written at a patch
-///    site (the contract's entry state); never called from Rust.
+///    site, or by that `bl` to a far stub of [`stub_bytes`] (the contract's entry
+///    state); never called from Rust.
 #[unsafe(naked)]
 pub unsafe extern "C" fn entry_trampoline() {
     core::arch::naked_asm!(
+        "hint #34",
         "sub sp, sp, #{frame}",
         "stp x29, x9, [sp, #{callee}]",
         "stp x0, x1, [sp, #({x} + 0)]",
@@ -237,6 +281,56 @@ mod tests {
         assert_eq!(Q, 96);
         assert_eq!((RECORD, CALLEE), (224, 240));
         assert_eq!(FRAME, 256);
+    }
+
+    #[test]
+    fn stub_layout() {
+        let b = stub_bytes_to(0x1122_3344_5566_7788);
+        let w = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        // ldr x16, literal: opcode 0x58, imm19 = 2 words, Rt = 16.
+        assert_eq!(
+            (w(0) >> 24, (w(0) >> 5) & 0x7_ffff, w(0) & 0x1f),
+            (0x58, 2, 16)
+        );
+        // br x16: Rn = 16, no other register written.
+        assert_eq!((w(4) & !(0x1f << 5), (w(4) >> 5) & 0x1f), (0xd61f_0000, 16));
+        assert_eq!(&b[8..], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&stub_bytes()[8..], &address().to_le_bytes());
+        assert_eq!(code_of(address())[0], 0xd503_245f, "bti c first");
+    }
+
+    extern "C" fn stub_target(x: u64) -> u64 {
+        x * 3 + 1
+    }
+
+    unsafe extern "C" {
+        fn mmap(a: *mut u8, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut u8;
+        fn mprotect(a: *mut u8, len: usize, prot: i32) -> i32;
+        fn munmap(a: *mut u8, len: usize) -> i32;
+    }
+
+    /// A stub written to a fresh page and called like a function reaches its target
+    /// with the argument and returns to the caller (x30 kept).
+    #[test]
+    fn a_stub_runs() {
+        const RW: i32 = 3;
+        const RX: i32 = 5;
+        const PRIVATE_ANON: i32 = 0x22;
+        // SAFETY: an anonymous private mapping has no preconditions.
+        let p = unsafe { mmap(core::ptr::null_mut(), 4096, RW, PRIVATE_ANON, -1, 0) };
+        assert!(!p.is_null() && p as isize != -1);
+        let b = stub_bytes_to(stub_target as *const () as u64);
+        // SAFETY: `p` is our page, writable, 4096 bytes; nobody executes it yet.
+        unsafe { core::ptr::copy_nonoverlapping(b.as_ptr(), p, b.len()) };
+        crate::live::klp_aarch64_sync_icache(p as usize, b.len());
+        // SAFETY: `p` is our page.
+        assert_eq!(unsafe { mprotect(p, 4096, RX) }, 0);
+        // SAFETY: the page holds a stub that jumps to `stub_target`, which has this
+        // signature.
+        let f = unsafe { core::mem::transmute::<*mut u8, extern "C" fn(u64) -> u64>(p) };
+        assert_eq!(f(core::hint::black_box(5)), 16);
+        // SAFETY: our page, no longer used.
+        unsafe { munmap(p, 4096) };
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! original body), or at a replacement function `T` entered at its global entry, as if
 //! the caller had called it.
 //!
+//! A site whose `bl` cannot reach the trampoline (±32 MiB: a shared object mapped far
+//! from the executable) calls a *far stub* within its reach instead ([`stub_bytes`]),
+//! which builds the trampoline's address in r12 and branches there through CTR; the
+//! host decides where stubs go.
+//!
 //! # The word the decision returns
 //!
 //! * `0`: the original body.
@@ -31,7 +36,8 @@
 //!
 //! # Register contract
 //!
-//! **On entry** (just executed `mflr r0; bl entry_trampoline` at the site `S`):
+//! **On entry** (just executed `mflr r0; bl entry_trampoline` at the site `S`, or
+//! `mflr r0; bl stub` and the stub, which leaves r12 = CTR = the trampoline):
 //! * LR = `S + 8`; r0 = the caller's return address (the LR at the function's entry);
 //! * r1 = the caller's stack pointer (the patched function has not made a frame);
 //! * r2 = the patched function's TOC (the site is past the global entry's TOC setup);
@@ -153,12 +159,66 @@ pub fn address() -> u64 {
     entry_trampoline as *const () as u64
 }
 
+/// Bytes of a far stub ([`stub_bytes`]).
+pub const STUB_LEN: usize = 32;
+
+/// `mtctr r12`.
+const MTCTR_R12: u32 = 0x7d89_03a6;
+/// `bctr`.
+const BCTR: u32 = 0x4e80_0420;
+/// `trap`: pads the stub (never reached).
+const TRAP: u32 = 0x7fe0_0008;
+
+/// A far stub that continues at `target`:
+///
+/// ```text
+/// lis   r12, target@highest
+/// ori   r12, r12, target@higher
+/// sldi  r12, r12, 32
+/// oris  r12, r12, target@h
+/// ori   r12, r12, target@l
+/// mtctr r12
+/// bctr
+/// trap                          (padding)
+/// ```
+///
+/// Register contract: only r12 and CTR change (both volatile, neither an argument,
+/// and r12 is dead at a local entry, where every site is). LR (= `S + 8`, from the
+/// site's `bl`), r0 (the caller's return address), r2 (the patched function's TOC),
+/// the arguments and r1 reach `target` as the site left them. The address is built
+/// from immediates, so the stub needs no TOC and no `bcl` (which would clobber LR);
+/// it may be anywhere within `bl` reach of its site.
+pub fn stub_bytes_to(target: u64) -> [u8; STUB_LEN] {
+    let h = |shift: u32| ((target >> shift) & 0xffff) as u32;
+    let words = [
+        0x3d80_0000 | h(48),
+        0x618c_0000 | h(32),
+        0x798c_07c6,
+        0x658c_0000 | h(16),
+        0x618c_0000 | h(0),
+        MTCTR_R12,
+        BCTR,
+        TRAP,
+    ];
+    let mut b = [0u8; STUB_LEN];
+    for (d, w) in b.chunks_exact_mut(4).zip(words) {
+        d.copy_from_slice(&w.to_le_bytes());
+    }
+    b
+}
+
+/// The far stub of [`entry_trampoline`] (see [`stub_bytes_to`]).
+pub fn stub_bytes() -> [u8; STUB_LEN] {
+    stub_bytes_to(address())
+}
+
 /// The trampoline itself. See the module documentation for its register contract.
 ///
 /// # Safety
 ///
-/// Only to be reached by the `mflr r0; bl` written at a patch site (the contract's
-/// entry state); never called from Rust.
+/// Only to be reached by the `mflr r0; bl` written at a patch site, directly or
+/// through a far stub of [`stub_bytes`] (the contract's entry state); never called
+/// from Rust.
 #[unsafe(naked)]
 pub unsafe extern "C" fn entry_trampoline() {
     core::arch::naked_asm!(
@@ -1009,6 +1069,68 @@ mod tests {
             ANSWER.store(answer as usize, Ordering::SeqCst);
             assert_eq!(call(), sign * want, "answer {answer:#x}");
         }
+    }
+
+    #[test]
+    fn stub_layout() {
+        let b = stub_bytes_to(0x1122_3344_5566_7788);
+        let w: std::vec::Vec<u32> = b
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        // As binutils assembles the sequence of the documentation.
+        assert_eq!(
+            w,
+            [
+                0x3d80_1122,
+                0x618c_3344,
+                0x798c_07c6,
+                0x658c_5566,
+                0x618c_7788,
+                0x7d89_03a6,
+                0x4e80_0420,
+                0x7fe0_0008
+            ]
+        );
+        let a = address();
+        let s = stub_bytes();
+        let imm = |i: usize| u64::from(u16::from_le_bytes([s[4 * i], s[4 * i + 1]]));
+        assert_eq!(imm(0) << 48 | imm(1) << 32 | imm(3) << 16 | imm(4), a);
+    }
+
+    extern "C" fn stub_target(x: u64) -> u64 {
+        x * 3 + 1
+    }
+
+    unsafe extern "C" {
+        fn mmap(a: *mut u8, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut u8;
+        fn mprotect(a: *mut u8, len: usize, prot: i32) -> i32;
+        fn munmap(a: *mut u8, len: usize) -> i32;
+    }
+
+    /// A stub written to a fresh page and called like a function reaches its target
+    /// (at its global entry: r12 = the target) and returns to the caller (LR kept).
+    #[test]
+    fn a_stub_runs() {
+        const RW: i32 = 3;
+        const RX: i32 = 5;
+        const PRIVATE_ANON: i32 = 0x22;
+        const LEN: usize = 1 << 16;
+        // SAFETY: an anonymous private mapping has no preconditions.
+        let p = unsafe { mmap(core::ptr::null_mut(), LEN, RW, PRIVATE_ANON, -1, 0) };
+        assert!(!p.is_null() && p as isize != -1);
+        let b = stub_bytes_to(stub_target as *const () as u64);
+        // SAFETY: `p` is our mapping, writable; nobody executes it yet.
+        unsafe { core::ptr::copy_nonoverlapping(b.as_ptr(), p, b.len()) };
+        klp_ppc64le_sync_icache(p as usize, b.len());
+        // SAFETY: `p` is our mapping.
+        assert_eq!(unsafe { mprotect(p, LEN, RX) }, 0);
+        // SAFETY: the mapping holds a stub that jumps to `stub_target`, which has this
+        // signature.
+        let f = unsafe { core::mem::transmute::<*mut u8, extern "C" fn(u64) -> u64>(p) };
+        assert_eq!(f(core::hint::black_box(5)), 16);
+        // SAFETY: our mapping, no longer used.
+        unsafe { munmap(p, LEN) };
     }
 
     #[test]

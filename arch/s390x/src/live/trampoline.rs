@@ -10,9 +10,15 @@
 //! at `S + 6` (the original body), or at a replacement function entered as if the
 //! caller had called it.
 //!
+//! A site whose `brasl` cannot reach the trampoline (±4 GiB: a shared object mapped
+//! far from the executable) calls a *far stub* within its reach instead
+//! ([`stub_bytes`]), which loads the trampoline's address into r1 and branches there;
+//! the host decides where stubs go.
+//!
 //! # Register contract
 //!
-//! **On entry** (just executed `brasl %r0,entry_trampoline` at the site `S`):
+//! **On entry** (just executed `brasl %r0,entry_trampoline` at the site `S`, or
+//! `brasl %r0,stub` and the stub, which leaves r1 = the trampoline):
 //! * r0 = `S + 6`; r14 = the caller's return address; r15 = the caller's stack
 //!   pointer. The patched function has made no frame, so the 160-byte register save
 //!   area at `0(%r15)` is still the patched function's (the callee's) to use;
@@ -149,11 +155,44 @@ pub fn address() -> u64 {
     entry_trampoline as *const () as u64
 }
 
+/// Bytes of a far stub ([`stub_bytes`]).
+pub const STUB_LEN: usize = 24;
+
+/// A far stub that continues at `target`:
+///
+/// ```text
+/// c0 10 00 00 00 08     larl %r1, .+16      (the literal below)
+/// e3 10 10 00 00 04     lg   %r1, 0(%r1)
+/// 07 f1                 br   %r1
+/// 07 07                 nopr %r7            (padding)
+/// <target, 8 bytes big-endian>
+/// ```
+///
+/// Register contract: only r1 changes (volatile, never an argument, and free at the
+/// trampoline's entry). r0 (= `S + 6`, from the site's `brasl %r0`), r14 (the caller's
+/// return address), r15, the arguments and the condition code reach `target` as the
+/// site left them. Position-independent: the stub may be anywhere within `brasl`
+/// reach of its site (place it 8-byte aligned: the literal is then aligned).
+pub fn stub_bytes_to(target: u64) -> [u8; STUB_LEN] {
+    let mut b = [0u8; STUB_LEN];
+    b[0..6].copy_from_slice(&[0xc0, 0x10, 0, 0, 0, 8]);
+    b[6..12].copy_from_slice(&[0xe3, 0x10, 0x10, 0, 0, 0x04]);
+    b[12..16].copy_from_slice(&[0x07, 0xf1, 0x07, 0x07]);
+    b[16..24].copy_from_slice(&target.to_be_bytes());
+    b
+}
+
+/// The far stub of [`entry_trampoline`] (see [`stub_bytes_to`]).
+pub fn stub_bytes() -> [u8; STUB_LEN] {
+    stub_bytes_to(address())
+}
+
 /// The trampoline itself. See the module documentation for its register contract.
 ///
 /// # Safety
 ///
-/// Only to be reached by the `brasl %r0` written at a patch site, or in the very state
+/// Only to be reached by the `brasl %r0` written at a patch site (directly or through
+/// a far stub of [`stub_bytes`]), or in the very state
 /// it leaves (r0 = `S + 6`, r14 and r15 the caller's) by the host's handler of a site's
 /// trap (the contract's entry state); never called from Rust.
 #[unsafe(naked)]
@@ -273,6 +312,53 @@ mod tests {
         assert_eq!(PATCHED, 296);
         assert_eq!(FRAME, 456);
         assert_eq!(PATCHED_R14, 296 + 112);
+    }
+
+    #[test]
+    fn stub_layout() {
+        let b = stub_bytes_to(0x1122_3344_5566_7788);
+        // larl %r1 with a displacement of 8 halfwords (the literal at +16).
+        assert_eq!(b[..2], [0xc0, 0x10]);
+        assert_eq!(i32::from_be_bytes([b[2], b[3], b[4], b[5]]) * 2, 16);
+        // lg %r1,0(%r1): RXY, r1 from base r1, no index, displacement 0.
+        assert_eq!(b[6..12], [0xe3, 0x10, 0x10, 0x00, 0x00, 0x04]);
+        assert_eq!(b[12..14], [0x07, 0xf1], "br %r1 (bcr 15,%r1)");
+        assert_eq!(b[16..], 0x1122_3344_5566_7788u64.to_be_bytes());
+        assert_eq!(stub_bytes()[16..], address().to_be_bytes());
+    }
+
+    extern "C" fn stub_target(x: u64) -> u64 {
+        x * 3 + 1
+    }
+
+    unsafe extern "C" {
+        fn mmap(a: *mut u8, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut u8;
+        fn mprotect(a: *mut u8, len: usize, prot: i32) -> i32;
+        fn munmap(a: *mut u8, len: usize) -> i32;
+    }
+
+    /// A stub written to a fresh page and called like a function reaches its target
+    /// with the argument and returns to the caller (r14 kept).
+    #[test]
+    fn a_stub_runs() {
+        const RW: i32 = 3;
+        const RX: i32 = 5;
+        const PRIVATE_ANON: i32 = 0x22;
+        // SAFETY: an anonymous private mapping has no preconditions.
+        let p = unsafe { mmap(core::ptr::null_mut(), 4096, RW, PRIVATE_ANON, -1, 0) };
+        assert!(!p.is_null() && p as isize != -1);
+        let b = stub_bytes_to(stub_target as *const () as u64);
+        // SAFETY: `p` is our page, writable; nobody executes it yet.
+        unsafe { core::ptr::copy_nonoverlapping(b.as_ptr(), p, b.len()) };
+        klp_s390x_sync_icache(p as usize, b.len());
+        // SAFETY: `p` is our page.
+        assert_eq!(unsafe { mprotect(p, 4096, RX) }, 0);
+        // SAFETY: the page holds a stub that jumps to `stub_target`, which has this
+        // signature.
+        let f = unsafe { core::mem::transmute::<*mut u8, extern "C" fn(u64) -> u64>(p) };
+        assert_eq!(f(core::hint::black_box(5)), 16);
+        // SAFETY: our page, no longer used.
+        unsafe { munmap(p, 4096) };
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! Builds the C patch targets of `tests/c_functions.rs` (`tests/c/cfuncs.c`) with the
+//! target architecture's patchable function entries:
+//!
+//! * into an archive linked into the integration tests only (`klp_cexe_*`, part of
+//!   the executable: the core's vmlinux);
+//! * into the shared object `$OUT_DIR/libklpcfun.so` (`klp_cso_*`), whose path the
+//!   tests get as `KLP_CFUN_SO` and load with `Process::dlopen` (a module named
+//!   `libklpcfun`).
+//!
+//! The compiler is the C compiler of the target (`cc` picks the cross compiler, e.g.
+//! `aarch64-linux-gnu-gcc`). On architectures without a klp back-end nothing is built.
+
+use std::path::Path;
+
+/// The patchable-entry flags of each architecture (gcc 12, see the crate docs): the
+/// sites `redirect::native::find` recognises.
+fn entry_flags(arch: &str, endian: &str) -> Option<&'static [&'static str]> {
+    Some(match (arch, endian) {
+        ("x86_64", _) => &["-fpatchable-function-entry=5"],
+        ("aarch64", _) => &["-fpatchable-function-entry=2"],
+        ("powerpc64", "little") => &["-pg", "-mprofile-kernel"],
+        ("s390x", _) => &["-pg", "-mfentry", "-mnop-mcount", "-mbackchain"],
+        _ => return None,
+    })
+}
+
+fn build(src: &str, prefix: &str, flags: &[&str]) -> cc::Build {
+    let mut b = cc::Build::new();
+    b.file(src)
+        .opt_level(2)
+        .pic(true)
+        .cargo_metadata(false)
+        .define("KLP_CPFX", prefix)
+        .flag("-fno-omit-frame-pointer");
+    for f in flags {
+        b.flag(f);
+    }
+    b
+}
+
+fn main() {
+    let src = "tests/c/cfuncs.c";
+    println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-changed=build.rs");
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let Some(flags) = entry_flags(
+        &var("CARGO_CFG_TARGET_ARCH"),
+        &var("CARGO_CFG_TARGET_ENDIAN"),
+    ) else {
+        return;
+    };
+    if var("CARGO_CFG_TARGET_OS") != "linux" {
+        return;
+    }
+    let out_dir = var("OUT_DIR");
+    let out = Path::new(&out_dir);
+
+    build(src, "klp_cexe_", flags).compile("klpcfun_static");
+    let archive = out.join("libklpcfun_static.a");
+    println!("cargo:rustc-link-arg-tests={}", archive.display());
+
+    let so = out.join("libklpcfun.so");
+    let mut cmd = build(src, "klp_cso_", flags).get_compiler().to_command();
+    cmd.args([
+        "-DKLP_CPFX=klp_cso_",
+        "-shared",
+        "-Wl,-soname,libklpcfun.so",
+        "-o",
+    ])
+    .arg(&so)
+    .arg(src);
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler ({cmd:?}): {e}"));
+    assert!(
+        status.success(),
+        "building {} failed: {cmd:?}",
+        so.display()
+    );
+    println!("cargo:rustc-env=KLP_CFUN_SO={}", so.display());
+}
