@@ -119,6 +119,9 @@ pub struct ProcessHost {
     views: HashMap<Addr, RedirectView>,
     /// Registered sites, as found (their original bytes), and what they hold now.
     sites: HashMap<Addr, (klp::arch::Site, SiteState)>,
+    /// The thread held after its stack check, until it is switched (see
+    /// [`Host::stack_trace_reliable`]).
+    held: Option<stack::Hold>,
     /// The bodies of registered `patchable!` wrappers: `(start, end, wrapper site)`.
     bodies: Vec<(Addr, Addr, Addr)>,
     cache: HashMap<TaskId, Arc<ThreadRecord>>,
@@ -259,6 +262,7 @@ fn sigblk_has(status: &str, sig: libc::c_int) -> bool {
 
 impl Host for ProcessHost {
     fn log(&mut self, rec: Record<'_>) {
+        self.held = None;
         if rec.level == Level::Debug
             && (!self.config.dyndbg || self.config.dyndbg_off.contains(&rec.func))
         {
@@ -425,6 +429,9 @@ impl Host for ProcessHost {
         if let Some(r) = self.rec(t) {
             r.set_patch_state(s);
         }
+        if self.held.as_ref().is_some_and(|h| h.record().id == t) {
+            self.held = None;
+        }
     }
 
     fn patch_pending(&self, t: TaskId) -> bool {
@@ -452,12 +459,17 @@ impl Host for ProcessHost {
         })
     }
 
+    /// The thread stays stopped after a successful check until the core switches it
+    /// ([`Host::set_patch_state`]) or asks anything else: the check and the switch are
+    /// one step for the thread, as under the kernel's runqueue lock.
     fn stack_trace_reliable(&mut self, t: TaskId, max: usize) -> Result<Vec<Addr>, TraceError> {
+        self.held = None;
         let Some(r) = self.rec(t) else {
             return Ok(Vec::new());
         };
-        match stack::trace_of(&r, &self.index, self.config.checks, max) {
-            Ok(mut v) => {
+        match stack::trace_of_held(&r, &self.index, self.config.checks, max) {
+            Ok((mut v, hold)) => {
+                self.held = hold;
                 self.failures.remove(&t);
                 self.fold_bodies(&mut v);
                 Ok(v)
@@ -645,6 +657,7 @@ impl Process {
                     views: HashMap::new(),
                     sites: HashMap::new(),
                     bodies: Vec::new(),
+                    held: None,
                     cache: HashMap::new(),
                     failures: HashMap::new(),
                     retry_due: None,
@@ -685,6 +698,7 @@ impl Process {
         let Core { klp, host } = &mut *c;
         host.cache = thread::threads().into_iter().map(|r| (r.id, r)).collect();
         let r = f(klp, host);
+        host.held = None;
         thread::publish_target(klp.target());
         r
     }

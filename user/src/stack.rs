@@ -62,7 +62,7 @@
 //! same reason). A program built entirely with `-C target-feature=+backchain` /
 //! `-mbackchain` can choose [`WalkPolicy::Unwinder`].
 
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -149,7 +149,28 @@ impl Default for CheckOptions {
 }
 
 static HOLD_NS: AtomicU64 = AtomicU64::new(2_000_000_000);
-static CAPTURE_LOCK: Mutex<()> = Mutex::new(());
+/// One stop at a time: taken by [`capture_lock`], released when its guard drops.
+static CAPTURE_LOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The guard of [`CAPTURE_LOCK`] (`Send`: a hold may be dropped by another thread).
+#[derive(Debug)]
+struct CaptureGuard;
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURE_LOCK.store(false, Ordering::Release);
+    }
+}
+
+fn capture_lock() -> CaptureGuard {
+    while CAPTURE_LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        std::thread::yield_now();
+    }
+    CaptureGuard
+}
 static SYNC_GEN: AtomicU64 = AtomicU64::new(0);
 
 /// klp's signal: `SIGRTMIN + 3`.
@@ -391,7 +412,40 @@ pub fn with_stopped<R>(
     t: CheckOptions,
     f: impl FnOnce(Regs) -> R,
 ) -> Result<R, TraceFailure> {
-    let _one = CAPTURE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = capture_lock();
+    let regs = stop(rec, t)?;
+    let out = f(regs);
+    if release(rec) {
+        Ok(out)
+    } else {
+        Err(TraceFailure::Resumed)
+    }
+}
+
+/// A thread held in klp's handler after a stack check ([`trace_of_held`]); dropping it
+/// releases the thread. Only one thread is held at a time (the capture lock).
+#[derive(Debug)]
+pub struct Hold {
+    rec: Arc<ThreadRecord>,
+    _one: CaptureGuard,
+}
+
+impl Hold {
+    /// The held thread.
+    pub fn record(&self) -> &Arc<ThreadRecord> {
+        &self.rec
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        release(&self.rec);
+    }
+}
+
+/// Asks `rec` to stop in the handler and waits until it holds; returns its
+/// interrupted registers. The caller holds `CAPTURE_LOCK` and calls [`release`].
+fn stop(rec: &ThreadRecord, t: CheckOptions) -> Result<Regs, TraceFailure> {
     HOLD_NS.store(
         t.hold.as_nanos().min(u64::MAX as u128) as u64,
         Ordering::Relaxed,
@@ -442,13 +496,17 @@ pub fn with_stopped<R>(
             _ => return Err(TraceFailure::NoAnswer),
         }
     }
-    let regs = Regs {
+    Ok(Regs {
         pc: rec.regs[0].load(Ordering::Relaxed),
         sp: rec.regs[1].load(Ordering::Relaxed),
         fp: rec.regs[2].load(Ordering::Relaxed),
         lr: rec.regs[3].load(Ordering::Relaxed),
-    };
-    let out = f(regs);
+    })
+}
+
+/// Releases a thread stopped by [`stop`]; `false` if it had stopped waiting (its hold
+/// timed out) and resumed on its own.
+fn release(rec: &ThreadRecord) -> bool {
     let released = rec
         .cap
         .compare_exchange(
@@ -459,12 +517,10 @@ pub fn with_stopped<R>(
         )
         .is_ok();
     futex_wake(&rec.cap);
-    if released {
-        Ok(out)
-    } else {
+    if !released {
         rec.cap.store(cap::IDLE, Ordering::Release);
-        Err(TraceFailure::Resumed)
     }
+    released
 }
 
 /// A thread's stack as the arch unwinder reads it: words in `[floor, high)` only (the
@@ -909,6 +965,46 @@ pub fn trace_of(
     Ok(out)
 }
 
+/// [`trace_of`], but the thread stays held in the handler after the walk, until the
+/// returned [`Hold`] is dropped (`None` for the calling thread, or a thread not
+/// started or gone). The core's `klp_try_switch_task` checks a task and switches it
+/// with the task unable to run in between (the kernel holds its runqueue lock): the
+/// host drops the hold only after the switch, or when the check failed.
+pub fn trace_of_held(
+    rec: &Arc<ThreadRecord>,
+    index: &SymbolIndex,
+    t: CheckOptions,
+    max: usize,
+) -> Result<(Vec<u64>, Option<Hold>), TraceFailure> {
+    if !rec.alive() || rec.tid() == 0 || std::ptr::eq(thread::current_raw(), &**rec) {
+        return trace_of(rec, index, t, max).map(|v| (v, None));
+    }
+    let one = capture_lock();
+    let regs = stop(rec, t)?;
+    let hold = Hold {
+        rec: rec.clone(),
+        _one: one,
+    };
+    let (low, high) = rec.stack();
+    let end = rec.entry_frame();
+    let mut out = Vec::with_capacity(max);
+    // SAFETY: the thread is held in the handler; its stack above the interrupted sp is
+    // mapped and does not change until the hold is dropped (condition 1).
+    let mem = unsafe { ThreadStack::new(low, high, end, regs.sp, index) };
+    if rec.in_decide.load(Ordering::Acquire) != 0 {
+        return Err(TraceFailure::Walk(UnwindError::Trampoline {
+            addr: regs.pc,
+        }));
+    }
+    trace_into(&mem, regs, t.policy, max, &mut out)?;
+    // Still held? (A hold that timed out has let the thread run: the trace is stale.)
+    if rec.cap.load(Ordering::Acquire) != cap::CAPTURED {
+        drop(hold);
+        return Err(TraceFailure::Resumed);
+    }
+    Ok((out, Some(hold)))
+}
+
 /// A membarrier-like round: every other registered, started thread runs the handler
 /// (a full barrier) after this call began. Returns `(acknowledged, asked)`; threads
 /// that do not answer within `timeout` are not waited for.
@@ -1020,7 +1116,7 @@ mod tests {
         }
     }
 
-    static SERIAL: Mutex<()> = Mutex::new(());
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     // Functions whose addresses a thread keeps in a stack slot: plain function
     // pointers, not return addresses.
