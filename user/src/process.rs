@@ -766,6 +766,9 @@ impl Process {
         self.with_core(|klp, host| {
             let (idx, ch) = host.index.refresh();
             host.index = Arc::new(idx);
+            if !ch.added.is_empty() || !ch.removed.is_empty() {
+                stack::forget_code();
+            }
             for m in &ch.removed {
                 klp.module_going(host, m);
             }

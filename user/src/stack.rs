@@ -560,6 +560,13 @@ impl ThreadStack<'_> {
         if trampoline_return(self.index, w) {
             return true;
         }
+        let memo = CALL_MEMO.get(memo_slot(w));
+        if let Some(m) = memo {
+            let e = m.load(Ordering::Relaxed);
+            if e >> 2 == w && e & 3 != 0 {
+                return e & 3 == MEMO_YES;
+            }
+        }
         // The bytes before `w` that are text (contiguously: the same segment).
         let mut n = 0;
         while n < MAX_CALL_LEN
@@ -575,7 +582,13 @@ impl ThreadStack<'_> {
         if !code.read(w - n as u64, before) {
             return true;
         }
-        Native::follows_call(before)
+        let yes = Native::follows_call(before);
+        if let Some(m) = memo
+            && w >> 62 == 0
+        {
+            m.store(w << 2 | if yes { MEMO_YES } else { MEMO_NO }, Ordering::Relaxed);
+        }
+        yes
     }
 
     /// The address that stands for the return address `w` in a trace. A return address
@@ -591,6 +604,25 @@ impl ThreadStack<'_> {
             },
             _ => w,
         }
+    }
+}
+
+/// Answers of [`ThreadStack::returns_after_call`] by address, so that a return
+/// address seen in many stacks is read once: direct-mapped entries `w << 2 | answer`
+/// (0: empty), lock-free. Code does not change under a return address while its object
+/// stays loaded; [`forget_code`] empties the memo when objects come or go.
+static CALL_MEMO: [AtomicU64; 4096] = [const { AtomicU64::new(0) }; 4096];
+const MEMO_YES: u64 = 1;
+const MEMO_NO: u64 = 2;
+
+fn memo_slot(w: u64) -> usize {
+    (w.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 52) as usize
+}
+
+/// Empties the memo of code answers (an object was loaded or unloaded).
+pub fn forget_code() {
+    for m in &CALL_MEMO {
+        m.store(0, Ordering::Relaxed);
     }
 }
 
