@@ -586,7 +586,10 @@ impl ThreadStack<'_> {
         if let Some(m) = memo
             && w >> 62 == 0
         {
-            m.store(w << 2 | if yes { MEMO_YES } else { MEMO_NO }, Ordering::Relaxed);
+            m.store(
+                w << 2 | if yes { MEMO_YES } else { MEMO_NO },
+                Ordering::Relaxed,
+            );
         }
         yes
     }
