@@ -176,6 +176,93 @@ pub(crate) mod native;
 ))]
 mod stubs;
 
+/// The signal handler of a site write (x86_64's `SIGTRAP`, s390x's `SIGILL`): installed
+/// once, with klp's own signal blocked while it runs (a synchronisation round must not
+/// be acknowledged by a thread between the trap and its redirect), and passing every
+/// signal it does not own to the disposition it found.
+#[cfg(any(target_arch = "x86_64", target_arch = "s390x"))]
+#[derive(Debug)]
+pub(crate) struct TrapHandler {
+    once: std::sync::Once,
+    installed: std::sync::atomic::AtomicBool,
+    old: std::sync::atomic::AtomicUsize,
+    old_flags: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "s390x"))]
+impl TrapHandler {
+    pub(crate) const fn new() -> Self {
+        TrapHandler {
+            once: std::sync::Once::new(),
+            installed: std::sync::atomic::AtomicBool::new(false),
+            old: std::sync::atomic::AtomicUsize::new(0),
+            old_flags: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Installs `handler` for `sig` (the first call only); returns whether it is
+    /// installed. `handler` must only touch atomics, the interrupted context and the
+    /// interrupted stack, and call [`TrapHandler::forward`] for foreign signals.
+    pub(crate) fn install(
+        &self,
+        sig: libc::c_int,
+        handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+    ) -> bool {
+        self.once.call_once(|| {
+            // SAFETY: all-zero `sigaction`s are valid; `handler` has the `SA_SIGINFO`
+            // signature and is async-signal-safe (the contract above).
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                let mut old: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = handler as *const () as usize;
+                sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaddset(&mut sa.sa_mask, crate::stack::signal_number());
+                if libc::sigaction(sig, &sa, &mut old) == 0 {
+                    self.old.store(old.sa_sigaction, Ordering::Release);
+                    self.old_flags
+                        .store(old.sa_flags as usize, Ordering::Release);
+                    self.installed.store(true, Ordering::Release);
+                }
+            }
+        });
+        self.installed.load(Ordering::Acquire)
+    }
+
+    /// Hands a signal the handler does not own to the previous disposition (the
+    /// default one is restored and the signal raised again).
+    pub(crate) fn forward(
+        &self,
+        sig: libc::c_int,
+        info: *mut libc::siginfo_t,
+        uc: *mut libc::c_void,
+    ) {
+        let old = self.old.load(Ordering::Acquire);
+        if old == libc::SIG_DFL || old == libc::SIG_IGN {
+            // SAFETY: restoring the default disposition and re-raising the signal (it
+            // is delivered once the handler returns) is async-signal-safe.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+                libc::raise(sig);
+            }
+        } else if self.old_flags.load(Ordering::Acquire) & libc::SA_SIGINFO as usize != 0 {
+            // SAFETY: the previous handler was installed with `SA_SIGINFO`, so it has
+            // this signature.
+            let f = unsafe {
+                std::mem::transmute::<
+                    usize,
+                    extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+                >(old)
+            };
+            f(sig, info, uc);
+        } else {
+            // SAFETY: the previous handler was installed without `SA_SIGINFO`.
+            let f = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(old) };
+            f(sig);
+        }
+    }
+}
+
 /// Called by klp's signal handler on every synchronisation round, before the thread
 /// acknowledges it: lets a site write in progress move a thread interrupted in the
 /// middle of a multi-instruction site (see the architecture's `on_sync`).

@@ -63,7 +63,7 @@
 //! each store (`bcr 15,0`, [`klp_arch_s390x::live::klp_s390x_sync_icache`]) and the
 //! rounds serialise everyone else.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use klp::Errno;
 use klp::arch::{Arch, FuncInfo, Redirect, Site, SiteForm};
@@ -148,9 +148,8 @@ pub(crate) fn body_of(index: &SymbolIndex, site: &Site) -> Option<(u64, u64)> {
 
 /// The site whose first halfword is the trap now (0: none).
 static PATCHING: AtomicU64 = AtomicU64::new(0);
-/// The `SIGILL` disposition found when klp installed its handler.
-static OLD_ILL: AtomicUsize = AtomicUsize::new(0);
-static OLD_ILL_FLAGS: AtomicUsize = AtomicUsize::new(0);
+/// klp's `SIGILL` handler and the disposition it found.
+static ILL: super::TrapHandler = super::TrapHandler::new();
 
 /// A thread that reaches the trap of a site being rewritten is sent into the entry
 /// trampoline as if the site's `brasl %r0` had run: r0 = site + 6, pc = the
@@ -174,56 +173,10 @@ extern "C" fn on_ill(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc
         m.psw.addr = trampoline::address();
         return;
     }
-    let old = OLD_ILL.load(Ordering::Acquire);
-    if old == libc::SIG_DFL || old == libc::SIG_IGN {
-        // SAFETY: restoring the default disposition and re-raising the signal (it is
-        // delivered once this handler returns) is async-signal-safe.
-        unsafe {
-            libc::signal(libc::SIGILL, libc::SIG_DFL);
-            libc::raise(libc::SIGILL);
-        }
-    } else if OLD_ILL_FLAGS.load(Ordering::Acquire) & libc::SA_SIGINFO as usize != 0 {
-        // SAFETY: the previous handler was installed with `SA_SIGINFO`, so it has this
-        // signature.
-        let f = unsafe {
-            std::mem::transmute::<
-                usize,
-                extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
-            >(old)
-        };
-        f(sig, info, uc);
-    } else {
-        // SAFETY: the previous handler was installed without `SA_SIGINFO`.
-        let f = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(old) };
-        f(sig);
-    }
+    ILL.forward(sig, info, uc);
 }
 
 /// Installs [`on_ill`] once; returns whether it is installed.
-fn install_ill_handler() -> bool {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    ONCE.call_once(|| {
-        // SAFETY: all-zero `sigaction`s are valid; `on_ill` has the `SA_SIGINFO`
-        // signature and only touches atomics and the context. klp's signal is blocked
-        // while it runs (see the module documentation).
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            let mut old: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_ill as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaddset(&mut sa.sa_mask, crate::stack::signal_number());
-            if libc::sigaction(libc::SIGILL, &sa, &mut old) == 0 {
-                OLD_ILL.store(old.sa_sigaction, Ordering::Release);
-                OLD_ILL_FLAGS.store(old.sa_flags as usize, Ordering::Release);
-                DONE.store(true, Ordering::Release);
-            }
-        }
-    });
-    DONE.load(Ordering::Acquire)
-}
-
 /// Nothing to fix up: a site is one instruction (see the module documentation).
 ///
 /// # Safety
@@ -312,7 +265,7 @@ fn write(addr: u64, old: &[u8; LEN], new: &[u8; LEN], sync: &mut dyn FnMut()) ->
     let (op_old, d_old) = old.split_at(2);
     let hold = if op_new == NOP { NOP } else { TRAP };
     let trap = d_old != d_new && op_old != NOP && hold == TRAP;
-    if trap && !install_ill_handler() {
+    if trap && !ILL.install(libc::SIGILL, on_ill) {
         return Err(Errno::EPERM);
     }
     // SAFETY: `addr..addr + 6` is the site, mapped text (`find`).

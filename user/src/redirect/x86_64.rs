@@ -26,7 +26,7 @@
 //! in the middle of a run of one-byte nops is moved past the run by the first round
 //! after the breakpoint is in place ([`on_sync`]): it had begun the original function.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use klp::Errno;
 use klp::arch::{Arch, FuncInfo, Redirect, Site, SiteForm};
@@ -113,9 +113,8 @@ static PATCHING_LEN: AtomicU64 = AtomicU64::new(0);
 const SI_KERNEL: libc::c_int = 0x80;
 /// The stub of the site being rewritten.
 static PATCHING_STUB: AtomicU64 = AtomicU64::new(0);
-/// The `SIGTRAP` disposition found when klp installed its handler.
-static OLD_TRAP: AtomicUsize = AtomicUsize::new(0);
-static OLD_TRAP_FLAGS: AtomicUsize = AtomicUsize::new(0);
+/// klp's `SIGTRAP` handler and the disposition it found.
+static TRAP: super::TrapHandler = super::TrapHandler::new();
 
 /// A thread that reaches the breakpoint of a site being rewritten is sent to the
 /// site's stub, as if the site's `jmp` had run (the stub exists before any write that
@@ -151,52 +150,7 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
             return;
         }
     }
-    let old = OLD_TRAP.load(Ordering::Acquire);
-    if old == libc::SIG_DFL || old == libc::SIG_IGN {
-        // SAFETY: restoring the default disposition and re-raising the signal (it is
-        // delivered once this handler returns) is async-signal-safe.
-        unsafe {
-            libc::signal(libc::SIGTRAP, libc::SIG_DFL);
-            libc::raise(libc::SIGTRAP);
-        }
-    } else if OLD_TRAP_FLAGS.load(Ordering::Acquire) & libc::SA_SIGINFO as usize != 0 {
-        // SAFETY: the previous handler was installed with `SA_SIGINFO`, so it has this
-        // signature.
-        let f = unsafe {
-            std::mem::transmute::<
-                usize,
-                extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
-            >(old)
-        };
-        f(sig, info, uc);
-    } else {
-        // SAFETY: the previous handler was installed without `SA_SIGINFO`.
-        let f = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(old) };
-        f(sig);
-    }
-}
-
-fn install_trap_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: all-zero `sigaction`s are valid; `on_trap` has the `SA_SIGINFO`
-        // signature and only touches atomics, the context and the interrupted stack.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            let mut old: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_trap as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            // A synchronisation round must not be acknowledged while a thread is
-            // between the breakpoint and its redirect: the writer could clear
-            // `PATCHING` in between and the trap would reach the old disposition.
-            libc::sigaddset(&mut sa.sa_mask, crate::stack::signal_number());
-            if libc::sigaction(libc::SIGTRAP, &sa, &mut old) == 0 {
-                OLD_TRAP.store(old.sa_sigaction, Ordering::Release);
-                OLD_TRAP_FLAGS.store(old.sa_flags as usize, Ordering::Release);
-            }
-        }
-    });
+    TRAP.forward(sig, info, uc);
 }
 
 /// A thread interrupted inside a site being rewritten (only possible in a run of
@@ -299,7 +253,11 @@ fn write(site: &Site, bytes: &[u8], whole: bool, sync: &mut dyn FnMut()) -> Resu
     // serialised by `TEXT` (2).
     let atomic = whole && unsafe { trampoline::write_site(addr as *mut u8, bytes) };
     if !atomic && let Some((first, rest)) = bytes.split_first() {
-        install_trap_handler();
+        // A synchronisation round must not be acknowledged while a thread is between
+        // the breakpoint and its redirect: the writer could clear `PATCHING` in
+        // between and the trap would reach the old disposition (klp's signal is
+        // blocked in the handler).
+        TRAP.install(libc::SIGTRAP, on_trap);
         PATCHING_LEN.store(bytes.len() as u64, Ordering::Release);
         PATCHING.store(addr, Ordering::Release);
         // SAFETY: `addr` is mapped and writable; a one-byte store is atomic.
