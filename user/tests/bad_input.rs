@@ -13,13 +13,15 @@
     target_arch = "s390x"
 ))]
 
-use std::cell::RefCell;
-use std::sync::mpsc;
+#[path = "common/park.rs"]
+mod park;
+
 use std::time::{Duration, Instant};
 
 use klp::{Errno, FuncDesc, ObjectDesc, PatchDesc, PatchState, TaskId};
 use klp_user::stack::{CheckOptions, WalkPolicy};
 use klp_user::{Config, PatchInfo, Process, ProcessHost, SiteKind};
+use park::{Parker, maybe_park};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -60,53 +62,6 @@ extern "C" fn g_v2(x: u64) -> u64 {
 
 extern "C" fn plain_v2(x: u64) -> u64 {
     std::hint::black_box(x) + 103
-}
-
-thread_local! {
-    /// Set on a parking thread: (tell the test it is parked, wait for the release).
-    static PARK: RefCell<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>> =
-        const { RefCell::new(None) };
-}
-
-fn maybe_park() {
-    if let Some((parked, release)) = PARK.with(|p| p.borrow_mut().take()) {
-        parked.send(()).ok();
-        let _ = release.recv();
-    }
-}
-
-/// A thread parked inside `klp_bad_g` until released.
-struct Parker {
-    release: mpsc::Sender<()>,
-    handle: std::thread::JoinHandle<u64>,
-    tid: i32,
-}
-
-impl Parker {
-    fn start() -> Parker {
-        let (release, release_rx) = mpsc::channel();
-        let (parked_tx, parked_rx) = mpsc::channel();
-        let (tid_tx, tid_rx) = mpsc::channel();
-        let handle = std::thread::spawn(move || {
-            let me = klp_user::thread::current_record().expect("registered");
-            tid_tx.send(me.tid()).ok();
-            PARK.with(|p| *p.borrow_mut() = Some((parked_tx, release_rx)));
-            klp_bad_g(1)
-        });
-        let tid = tid_rx.recv().expect("tid");
-        parked_rx.recv_timeout(WAIT).expect("the parker reaches g");
-        std::thread::sleep(Duration::from_millis(20));
-        Parker {
-            release,
-            handle,
-            tid,
-        }
-    }
-
-    fn finish(self) -> u64 {
-        self.release.send(()).expect("release");
-        self.handle.join().expect("parker")
-    }
 }
 
 fn addr(f: *const ()) -> u64 {
@@ -427,7 +382,7 @@ fn battery(p: &Process, name: &str, f_impl: u64) {
 /// (plain or replace) is `-EBUSY` and silent, disabling another patch is `-EBUSY`,
 /// and malformed or misplaced writes neither reverse nor force the transition.
 fn during_a_transition(p: &Process) {
-    let parker = Parker::start();
+    let parker = Parker::start(|| klp_bad_g(1), WAIT);
     let since = p.log().1;
     p.enable_patch(patch("bad_hold", &[("klp_bad_g", addr(g_v2 as *const ()))]))
         .expect("enable bad_hold");

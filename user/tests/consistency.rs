@@ -15,14 +15,17 @@
     target_arch = "s390x"
 ))]
 
-use std::cell::RefCell;
+#[path = "common/park.rs"]
+mod park;
+
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use klp::{Blocked, FuncDesc, ObjectDesc, PatchDesc, PatchState};
 use klp_user::stack::{CheckOptions, WalkPolicy};
 use klp_user::{Config, Process, ProcessHost};
+use park::{Parker, maybe_park};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -70,59 +73,6 @@ extern "C" fn b_v3(x: u64) -> u64 {
 /// The result of a consistent chain of version `v`.
 const fn chain(v: u64) -> u64 {
     v * 10 + v
-}
-
-thread_local! {
-    /// Set on a parking thread: (tell the test it is parked, wait for the release).
-    static PARK: RefCell<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>> =
-        const { RefCell::new(None) };
-}
-
-/// Parks the calling thread inside B if it asked to (once).
-fn maybe_park() {
-    if let Some((parked, release)) = PARK.with(|p| p.borrow_mut().take()) {
-        parked.send(()).ok();
-        let _ = release.recv();
-    }
-}
-
-/// A thread parked inside B (called from A) until released: it holds a transition
-/// open while the versions of A and B it runs are affected.
-struct Parker {
-    release: mpsc::Sender<()>,
-    handle: std::thread::JoinHandle<u64>,
-    tid: i32,
-}
-
-impl Parker {
-    fn start() -> Parker {
-        let (release, release_rx) = mpsc::channel();
-        let (parked_tx, parked_rx) = mpsc::channel();
-        let (tid_tx, tid_rx) = mpsc::channel();
-        let handle = std::thread::spawn(move || {
-            let me = klp_user::thread::current_record().expect("registered");
-            tid_tx.send(me.tid()).ok();
-            PARK.with(|p| *p.borrow_mut() = Some((parked_tx, release_rx)));
-            let r = klp_cons_a(7);
-            klp_user::safe_point();
-            r
-        });
-        let tid = tid_rx.recv().expect("tid");
-        parked_rx.recv_timeout(WAIT).expect("the parker reaches B");
-        // Let it reach the wait.
-        std::thread::sleep(Duration::from_millis(20));
-        Parker {
-            release,
-            handle,
-            tid,
-        }
-    }
-
-    /// Releases the thread; returns what its call of A returned.
-    fn finish(self) -> u64 {
-        self.release.send(()).expect("release");
-        self.handle.join().expect("parker")
-    }
 }
 
 /// What the workers share with the test thread.
@@ -425,7 +375,14 @@ impl Stress {
     /// (`enabled` = 0): it completes with the parker still inside, and the patch goes.
     fn reverse_patching(&mut self) {
         let since = self.p.log().1;
-        let parker = Parker::start();
+        let parker = Parker::start(
+            || {
+                let r = klp_cons_a(7);
+                klp_user::safe_point();
+                r
+            },
+            WAIT,
+        );
         self.any("enable cons_rev1, reversed");
         self.p
             .enable_patch(patch("cons_rev1", 2, false))
@@ -452,7 +409,14 @@ impl Stress {
         self.enable(patch("cons_rev2", 3, false), false);
         self.only(3);
         let since = self.p.log().1;
-        let parker = Parker::start();
+        let parker = Parker::start(
+            || {
+                let r = klp_cons_a(7);
+                klp_user::safe_point();
+                r
+            },
+            WAIT,
+        );
         self.any("disable cons_rev2, reversed");
         self.p.disable("cons_rev2").expect("disable");
         self.held_by(&parker, PatchState::Patched);
@@ -485,7 +449,14 @@ impl Stress {
         self.only(2);
 
         let since = self.p.log().1;
-        let parker = Parker::start();
+        let parker = Parker::start(
+            || {
+                let r = klp_cons_a(7);
+                klp_user::safe_point();
+                r
+            },
+            WAIT,
+        );
         self.any("replace cons_r2 by cons_r3a, reversed");
         self.p
             .enable_patch(patch("cons_r3a", 3, true))
@@ -511,7 +482,14 @@ impl Stress {
     /// inside B when forced, so its own call stays consistent.
     fn force(&mut self) {
         let since = self.p.log().1;
-        let parker = Parker::start();
+        let parker = Parker::start(
+            || {
+                let r = klp_cons_a(7);
+                klp_user::safe_point();
+                r
+            },
+            WAIT,
+        );
         self.any("enable cons_force1, forced");
         self.p
             .enable_patch(patch("cons_force1", 2, false))
@@ -542,7 +520,14 @@ impl Stress {
         self.enable(patch("cons_force2", 3, false), false);
         self.only(3);
         let since = self.p.log().1;
-        let parker = Parker::start();
+        let parker = Parker::start(
+            || {
+                let r = klp_cons_a(7);
+                klp_user::safe_point();
+                r
+            },
+            WAIT,
+        );
         self.any("disable cons_force2, forced");
         self.p.disable("cons_force2").expect("disable");
         self.held_by(&parker, PatchState::Patched);
