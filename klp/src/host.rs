@@ -167,6 +167,15 @@ pub trait Host {
     /// A reliable trace of the task's stack: every return address, innermost first, at
     /// most `max` of them. A task without a stack (a zombie) has an empty trace.
     fn stack_trace_reliable(&mut self, t: TaskId, max: usize) -> Result<Vec<Addr>, TraceError>;
+    /// Called by `klp_try_complete_transition` with the tasks it is about to check
+    /// (those not in the target state yet), before the first check. A host that must
+    /// stop a task to read its stack can stop them all at once here instead of one
+    /// after the other; the kernel needs no such step (it reads a sleeping task's
+    /// stack in place). The checks that follow are the same either way. Default:
+    /// nothing.
+    fn prepare_checks(&mut self, tasks: &[TaskId]) {
+        let _ = tasks;
+    }
     /// Sends the fake signal to a user task (it leaves interruptible waits and system
     /// calls and passes the return-to-user safe point).
     fn fake_signal(&mut self, t: TaskId);

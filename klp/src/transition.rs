@@ -225,7 +225,16 @@ impl<H: Host> Klp<H> {
             host.warn("klp_try_complete_transition: no target");
         }
         let mut complete = true;
-        for t in host.tasks() {
+        let tasks = host.tasks();
+        let pending: Vec<TaskId> = tasks
+            .iter()
+            .copied()
+            .filter(|t| host.patch_state(*t) != self.target)
+            .collect();
+        if !pending.is_empty() {
+            host.prepare_checks(&pending);
+        }
+        for t in tasks {
             if self.try_switch_task(host, t).is_err() {
                 complete = false;
             }
