@@ -43,6 +43,12 @@ fn main() {
     println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-changed=build.rs");
     let var = |k: &str| std::env::var(k).unwrap_or_default();
+    if var("CARGO_CFG_TARGET_ARCH") == "x86_64" && var("CARGO_CFG_TARGET_OS") == "linux" {
+        // Keep the relocations in klp-user's own executables (tests, benches,
+        // binaries): `redirect::callsites` finds the direct calls of a function in
+        // them.
+        println!("cargo:rustc-link-arg=-Wl,--emit-relocs");
+    }
     let Some(flags) = entry_flags(
         &var("CARGO_CFG_TARGET_ARCH"),
         &var("CARGO_CFG_TARGET_ENDIAN"),

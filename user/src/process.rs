@@ -74,6 +74,9 @@ impl Default for Config {
 /// Where a return address inside a `patchable!` body is reported: just past the
 /// wrapper's site, an address inside the wrapper's symbol on every architecture.
 const FOLD_OFFSET: u64 = 4;
+/// How long a batch stop waits for the next thread to answer before it leaves the
+/// rest to be stopped one by one ([`stack::Batch::stop`]).
+const BATCH_QUIET: Duration = Duration::from_millis(20);
 
 /// What a registered site holds (see [`ProcessHost::site_state`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +125,9 @@ pub struct ProcessHost {
     /// The thread held after its stack check, until it is switched (see
     /// [`Host::stack_trace_reliable`]).
     held: Option<stack::Hold>,
+    /// The threads stopped together before a completion attempt checks them
+    /// ([`Host::prepare_checks`]); each leaves it when it is checked.
+    batch: Option<stack::Batch>,
     /// The bodies of registered `patchable!` wrappers: `(start, end, wrapper site)`.
     bodies: Vec<(Addr, Addr, Addr)>,
     cache: HashMap<TaskId, Arc<ThreadRecord>>,
@@ -205,9 +211,16 @@ impl ProcessHost {
         let mut sync = || {
             stack::sync_round(answer);
         };
+        // Leaving the jump state: the callers go back to the function's entry first.
+        if matches!(now, SiteState::Jump(_)) {
+            self.retarget_callers(found.func.addr, None);
+        }
         match redirect::native::set(&found, now, want, &mut sync) {
             Ok(()) => {
                 self.sites.insert(site, (found, want));
+                if let SiteState::Jump(to) = want {
+                    self.retarget_callers(found.func.addr, Some(to));
+                }
             }
             Err(e) if want != SiteState::Trampoline => {
                 // A jump out of reach: the trampoline keeps deciding (same result).
@@ -225,6 +238,50 @@ impl ProcessHost {
                 "klp-user: cannot put site {site:#x} back on the trampoline ({})",
                 e.to_kernel()
             )),
+        }
+    }
+
+    /// In the jump state, the direct calls of `func` found in the relocations kept by
+    /// `--emit-relocs` call `to` itself (x86_64, [`redirect::callsites`]); `None`
+    /// points them back at `func` (before the site leaves the jump state, so no thread
+    /// can run a stale replacement once a transition starts).
+    #[cfg(target_arch = "x86_64")]
+    fn retarget_callers(&mut self, func: Addr, to: Option<Addr>) {
+        let answer = self.config.checks.answer;
+        redirect::callsites::retarget_callers(&self.index, func, to, &mut || {
+            stack::sync_core(answer)
+        });
+    }
+
+    /// Only x86_64 retargets call sites (the entry's jump serves every caller).
+    #[cfg(not(target_arch = "x86_64"))]
+    fn retarget_callers(&mut self, _func: Addr, _to: Option<Addr>) {}
+
+    /// The direct call sites of `func` known from relocations (x86_64 with
+    /// `--emit-relocs`; empty elsewhere).
+    pub fn callers_of(&self, func: Addr) -> Vec<Addr> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            redirect::callsites::callers_of(&self.index, func)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = func;
+            Vec::new()
+        }
+    }
+
+    /// The call sites of `func` that call its replacement directly now (x86_64;
+    /// empty elsewhere).
+    pub fn retargeted_callers(&self, func: Addr) -> Vec<Addr> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            redirect::callsites::retargeted(func)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = func;
+            Vec::new()
         }
     }
 
@@ -359,6 +416,9 @@ impl Host for ProcessHost {
             return;
         };
         self.bodies.retain(|b| b.2 != site);
+        if matches!(state, SiteState::Jump(_)) {
+            self.retarget_callers(found.func.addr, None);
+        }
         let answer = self.config.checks.answer;
         if let Err(e) = redirect::native::set(&found, state, SiteState::Original, &mut || {
             stack::sync_round(answer);
@@ -368,9 +428,7 @@ impl Host for ProcessHost {
                 e.to_kernel()
             ));
         }
-        if !redirect::wait_deciders(Duration::from_secs(1), &mut || {
-            stack::sync_round(answer);
-        }) {
+        if !redirect::wait_deciders(Duration::from_secs(1), &mut || stack::barrier(answer)) {
             self.line(format!(
                 "klp-user: a thread is still deciding at site {site:#x} after 1 s"
             ));
@@ -453,7 +511,12 @@ impl Host for ProcessHost {
         self.rec(t).is_some_and(|r| r.is_kthread())
     }
 
+    /// A thread the batch holds answered klp's signal and cannot run; any other is
+    /// asked `/proc` whether it blocks the signal (then a stop cannot reach it).
     fn task_running_elsewhere(&self, t: TaskId) -> bool {
+        if self.batch.as_ref().is_some_and(|b| b.holds(t)) {
+            return false;
+        }
         self.rec(t).is_some_and(|r| {
             r.alive() && r.tid() != 0 && signal_blocked(r.tid(), stack::signal_number())
         })
@@ -464,10 +527,16 @@ impl Host for ProcessHost {
     /// one step for the thread, as under the kernel's runqueue lock.
     fn stack_trace_reliable(&mut self, t: TaskId, max: usize) -> Result<Vec<Addr>, TraceError> {
         self.held = None;
+        let batched = self
+            .batch
+            .as_mut()
+            .and_then(|b| b.trace_held(t, &self.index, self.config.checks, max));
         let Some(r) = self.rec(t) else {
             return Ok(Vec::new());
         };
-        match stack::trace_of_held(&r, &self.index, self.config.checks, max) {
+        let traced = batched
+            .unwrap_or_else(|| stack::trace_of_held(&r, &self.index, self.config.checks, max));
+        match traced {
             Ok((mut v, hold)) => {
                 self.held = hold;
                 self.failures.remove(&t);
@@ -498,8 +567,26 @@ impl Host for ProcessHost {
 
     fn wake_cpu(&mut self, _cpu: u32) {}
 
+    /// Waits until no thread is inside the trampoline's decision with what was
+    /// published before (a `membarrier(2)` barrier, then the threads' in-decision
+    /// marks; see [`redirect::wait_deciders`]).
     fn synchronize(&mut self) {
-        stack::sync_round(self.config.checks.answer);
+        let answer = self.config.checks.answer;
+        if !redirect::wait_deciders(Duration::from_secs(1), &mut || stack::barrier(answer)) {
+            self.line("klp-user: a thread is still deciding after 1 s".into());
+        }
+    }
+
+    /// Stops every thread about to be checked at once (see [`stack::Batch`]): one
+    /// wave of signals instead of one round trip per thread.
+    fn prepare_checks(&mut self, tasks: &[TaskId]) {
+        self.held = None;
+        self.batch = None;
+        if tasks.len() < 2 {
+            return;
+        }
+        let recs: Vec<_> = tasks.iter().filter_map(|t| self.rec(*t)).collect();
+        self.batch = Some(stack::Batch::stop(&recs, self.config.checks, BATCH_QUIET));
     }
 
     fn schedule_retry(&mut self) {
@@ -658,6 +745,7 @@ impl Process {
                     sites: HashMap::new(),
                     bodies: Vec::new(),
                     held: None,
+                    batch: None,
                     cache: HashMap::new(),
                     failures: HashMap::new(),
                     retry_due: None,
@@ -699,6 +787,7 @@ impl Process {
         host.cache = thread::threads().into_iter().map(|r| (r.id, r)).collect();
         let r = f(klp, host);
         host.held = None;
+        host.batch = None;
         thread::publish_target(klp.target());
         r
     }

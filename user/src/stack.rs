@@ -374,7 +374,10 @@ fn on_signal(rec: &ThreadRecord, uc: *mut libc::c_void) {
                     }
                     continue;
                 }
-                futex_wait(&rec.cap, cap::CAPTURED, 1_000_000);
+                // Until the release wakes it (or the deadline): a held thread costs
+                // no CPU, which matters when a batch holds a thousand of them.
+                let left = deadline.saturating_sub(monotonic_ns()).max(1);
+                futex_wait_for(&rec.cap, cap::CAPTURED, Duration::from_nanos(left));
             }
             cap::RELEASED => {
                 let _ = rec.cap.compare_exchange(
@@ -427,7 +430,8 @@ pub fn with_stopped<R>(
 #[derive(Debug)]
 pub struct Hold {
     rec: Arc<ThreadRecord>,
-    _one: CaptureGuard,
+    /// The capture lock, unless the thread was stopped by a [`Batch`] (which holds it).
+    _one: Option<CaptureGuard>,
 }
 
 impl Hold {
@@ -914,6 +918,9 @@ struct Machinery {
     trampoline: Option<(u64, u64)>,
     /// The decision function's symbol `[start, end)`.
     decide: Option<(u64, u64)>,
+    /// The fast entry path's symbol `[start, end)` (x86_64): it reads the thread's
+    /// state and the slot and jumps on, like the trampoline's epilogue.
+    fast: Option<(u64, u64)>,
 }
 
 impl Machinery {
@@ -926,6 +933,10 @@ impl Machinery {
         Machinery {
             trampoline: range(trampoline_address()),
             decide: range(crate::redirect::decide_entry as *const () as u64),
+            #[cfg(target_arch = "x86_64")]
+            fast: range(crate::redirect::native::fast_entry as *const () as u64),
+            #[cfg(not(target_arch = "x86_64"))]
+            fast: None,
         }
     }
 
@@ -935,7 +946,8 @@ impl Machinery {
 
     /// Whether the interrupted pc is in the machinery.
     fn holds_pc(&self, pc: u64) -> bool {
-        self.in_decide(pc) || self.trampoline.is_some_and(|(s, e)| pc >= s && pc < e)
+        let within = |r: Option<(u64, u64)>| r.is_some_and(|(s, e)| pc >= s && pc < e);
+        self.in_decide(pc) || within(self.trampoline) || within(self.fast)
     }
 
     /// Whether a return address (the link register, a scanned word) shows a call made
@@ -1018,8 +1030,21 @@ pub fn trace_of_held(
     let regs = stop(rec, t)?;
     let hold = Hold {
         rec: rec.clone(),
-        _one: one,
+        _one: Some(one),
     };
+    walk_held(hold, regs, index, t, max)
+}
+
+/// The trace of a thread held in the handler with interrupted registers `regs`; on
+/// success the hold is handed back, still holding.
+fn walk_held(
+    hold: Hold,
+    regs: Regs,
+    index: &SymbolIndex,
+    t: CheckOptions,
+    max: usize,
+) -> Result<(Vec<u64>, Option<Hold>), TraceFailure> {
+    let rec = hold.rec.clone();
     let (low, high) = rec.stack();
     let end = rec.entry_frame();
     let mut out = Vec::with_capacity(max);
@@ -1038,6 +1063,219 @@ pub fn trace_of_held(
         return Err(TraceFailure::Resumed);
     }
     Ok((out, Some(hold)))
+}
+
+/// A trace taken while the thread is held, with the hold that keeps it stopped.
+pub type HeldTrace = Result<(Vec<u64>, Option<Hold>), TraceFailure>;
+
+/// Threads stopped together ([`Batch::stop`]): each was signalled at once and is held
+/// in the handler with its interrupted registers until it is taken for a check
+/// ([`Batch::trace_held`]) or the batch is dropped. The capture lock is taken while
+/// the batch stops its threads only: a thread it holds is protected by its own
+/// handshake state (another stop waits for it to be released), and a thread that did
+/// not answer can then be stopped on its own ([`trace_of_held`]).
+#[derive(Debug)]
+pub struct Batch {
+    held: std::collections::HashMap<klp::TaskId, (Arc<ThreadRecord>, Regs)>,
+}
+
+impl Batch {
+    /// Signals every thread of `recs` (other than the caller, started and alive) at
+    /// once and waits until each has stopped in the handler, until `t.answer` passed,
+    /// or until no thread has answered for `quiet`: threads that have not answered by
+    /// then are left alone (their requests withdrawn) and can be checked one by one
+    /// as before.
+    pub fn stop(recs: &[Arc<ThreadRecord>], t: CheckOptions, quiet: Duration) -> Batch {
+        let one = capture_lock();
+        install_handler();
+        HOLD_NS.store(
+            t.hold.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+        let me = thread::current_raw();
+        let mut asked = Vec::with_capacity(recs.len());
+        for r in recs {
+            if std::ptr::eq(&**r, me) || !r.alive() || r.tid() == 0 {
+                continue;
+            }
+            if r.cap
+                .compare_exchange(
+                    cap::IDLE,
+                    cap::REQUESTED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            if signal(r) {
+                asked.push(r.clone());
+            } else {
+                r.cap.store(cap::IDLE, Ordering::Release);
+            }
+        }
+        let start = Instant::now();
+        let mut last = start;
+        let mut held = std::collections::HashMap::with_capacity(asked.len());
+        let mut waiting = asked;
+        loop {
+            let before = waiting.len();
+            waiting.retain(|r| {
+                if r.cap.load(Ordering::Acquire) != cap::CAPTURED {
+                    return true;
+                }
+                let regs = Regs {
+                    pc: r.regs[0].load(Ordering::Relaxed),
+                    sp: r.regs[1].load(Ordering::Relaxed),
+                    fp: r.regs[2].load(Ordering::Relaxed),
+                    lr: r.regs[3].load(Ordering::Relaxed),
+                };
+                held.insert(r.id, (r.clone(), regs));
+                false
+            });
+            if waiting.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if waiting.len() != before {
+                last = now;
+            }
+            if now.duration_since(start) >= t.answer || now.duration_since(last) >= quiet {
+                // Withdraw what is still only requested (a late handler then does
+                // nothing); one that captured meanwhile is released with the batch.
+                for r in waiting.drain(..) {
+                    if r.cap
+                        .compare_exchange(
+                            cap::REQUESTED,
+                            cap::IDLE,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_err()
+                    {
+                        release(&r);
+                    }
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        drop(one);
+        Batch { held }
+    }
+
+    /// Whether thread `id` is held by this batch (it answered klp's signal, so it does
+    /// not block it, and it cannot run).
+    pub fn holds(&self, id: klp::TaskId) -> bool {
+        self.held.contains_key(&id)
+    }
+
+    /// How many threads the batch holds.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether the batch holds no thread.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// The trace of held thread `id` (as [`trace_of_held`]), taken out of the batch:
+    /// on success the returned [`Hold`] keeps it stopped. `None` if the batch does not
+    /// hold it.
+    pub fn trace_held(
+        &mut self,
+        id: klp::TaskId,
+        index: &SymbolIndex,
+        t: CheckOptions,
+        max: usize,
+    ) -> Option<HeldTrace> {
+        let (rec, regs) = self.held.remove(&id)?;
+        let hold = Hold { rec, _one: None };
+        Some(walk_held(hold, regs, index, t, max))
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        for (_, (r, _)) in self.held.drain() {
+            release(&r);
+        }
+    }
+}
+
+/// `membarrier(2)` with `MEMBARRIER_CMD_PRIVATE_EXPEDITED`, registered on first use:
+/// every running thread of the process executes a full memory barrier before it
+/// returns (a thread that is not running passes one when it is scheduled). `false`
+/// where the kernel (or an emulator) does not offer it.
+fn membarrier() -> bool {
+    const QUERY: libc::c_long = 0;
+    const PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+    const REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+    static STATE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *STATE.get_or_init(|| {
+        // SAFETY: `membarrier` has no memory arguments.
+        let cmds = unsafe { libc::syscall(libc::SYS_membarrier, QUERY, 0, 0) };
+        cmds > 0
+            && cmds & PRIVATE_EXPEDITED != 0
+            // SAFETY: as above.
+            && unsafe { libc::syscall(libc::SYS_membarrier, REGISTER_PRIVATE_EXPEDITED, 0, 0) }
+                == 0
+    });
+    // SAFETY: as above; the process registered for the command.
+    ok && unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0, 0) } == 0
+}
+
+/// `membarrier(2)` with `MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE`, registered on
+/// first use: as [`membarrier`], and every thread of the process also executes a
+/// core-serialising instruction before it runs user code again (what the kernel's
+/// `text_poke_sync` gets with an IPI to every CPU). `false` where not offered (the
+/// kernel implements it on x86 and arm64 only).
+fn membarrier_sync_core() -> bool {
+    const QUERY: libc::c_long = 0;
+    const PRIVATE_EXPEDITED_SYNC_CORE: libc::c_long = 1 << 5;
+    const REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_long = 1 << 6;
+    static STATE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *STATE.get_or_init(|| {
+        // SAFETY: `membarrier` has no memory arguments.
+        let cmds = unsafe { libc::syscall(libc::SYS_membarrier, QUERY, 0, 0) };
+        cmds > 0
+            && cmds & PRIVATE_EXPEDITED_SYNC_CORE != 0
+            // SAFETY: as above.
+            && unsafe {
+                libc::syscall(
+                    libc::SYS_membarrier,
+                    REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
+                    0,
+                    0,
+                )
+            } == 0
+    });
+    // SAFETY: as above; the process registered for the command.
+    ok && unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) } == 0
+}
+
+/// The synchronisation a text write needs when no thread can be in the middle of the
+/// instructions it changes (each is replaced whole): a barrier and a core-serialising
+/// event on every thread ([`membarrier_sync_core`]), else a [`sync_round`]. A write
+/// that may find a thread inside a run of instructions it replaces needs the round
+/// (its handler moves such a thread: `on_sync`).
+pub fn sync_core(timeout: Duration) {
+    if !membarrier_sync_core() {
+        sync_round(timeout);
+    }
+}
+
+/// A full memory barrier on every thread of the process: `membarrier(2)` where it is
+/// available, else a synchronisation round ([`sync_round`], which also reaches only
+/// registered threads that do not block klp's signal). Unlike a synchronisation round
+/// it runs no code on the other threads (nothing is moved out of a site being
+/// written): text writes keep using rounds.
+pub fn barrier(timeout: Duration) {
+    if !membarrier() {
+        sync_round(timeout);
+    }
 }
 
 /// A membarrier-like round: every other registered, started thread runs the handler

@@ -258,7 +258,16 @@ fn stub_of(a: u64) -> u64 {
         assert_eq!(b[0], 0xe9, "jmp rel32");
         let rel = i32::from_le_bytes(b[1..5].try_into().expect("4 bytes"));
         let stub = (a + 5).wrapping_add(rel as i64 as u64);
-        let want = klp_arch_x86_64::live::trampoline::stub_bytes(a);
+        let want = match klp_user::redirect::fast_entry_address() {
+            // `movabs r11, <the site's slot>; jmp [rip]; <the fast path>`.
+            Some(fast) => {
+                let got = bytes(stub, klp_arch_x86_64::live::trampoline::STUB_LEN);
+                let slot = u64::from_le_bytes(got[2..10].try_into().expect("8 bytes"));
+                assert_ne!(slot, 0);
+                klp_arch_x86_64::live::trampoline::stub_bytes_to(slot, fast)
+            }
+            None => klp_arch_x86_64::live::trampoline::stub_bytes(a),
+        };
         assert_eq!(bytes(stub, want.len()), want);
         stub
     }

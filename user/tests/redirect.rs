@@ -242,6 +242,16 @@ fn redirect_and_revert(p: &Process) {
     assert_eq!(before[..6], [0xc0, 0x04, 0, 0, 0, 0], "brcl 0,0: the site");
     assert_eq!(klp_redirect_target(1), 2);
     assert_eq!(many(), many_expected());
+    // The direct calls of the function, known from the relocations `--emit-relocs`
+    // keeps (x86_64: they are retargeted in the steady state).
+    let mut callers = p.with_core(|_, h| h.callers_of(t));
+    callers.sort_unstable();
+    let callers_before: Vec<[u8; 6]> = callers.iter().map(|c| code_bytes(*c)).collect();
+    #[cfg(target_arch = "x86_64")]
+    assert!(
+        !callers.is_empty(),
+        "this test calls klp_redirect_target directly"
+    );
 
     let since = p.log().1;
     p.enable_patch(patch(
@@ -264,6 +274,20 @@ fn redirect_and_revert(p: &Process) {
         assert_eq!(site_bytes(t)[0], 0xe9, "jmp rel32");
         let rel = i32::from_le_bytes(site_bytes(t)[1..5].try_into().expect("4 bytes"));
         assert_eq!((t + 5).wrapping_add(rel as u64), v2);
+        // Every direct caller calls the replacement itself now.
+        assert_eq!(p.with_core(|_, h| h.retargeted_callers(t)), callers);
+        for c in &callers {
+            let b = code_bytes(*c);
+            // `call`/`jmp rel32`, or `addr32 call rel32` (a retargeted GOT call).
+            let (at, next) = if b[0] == 0x67 { (2, 6) } else { (1, 5) };
+            assert!(matches!(b[at - 1], 0xe8 | 0xe9), "caller {c:#x}: {b:x?}");
+            let rel = i32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+            assert_eq!(
+                (c + next).wrapping_add(rel as u64),
+                v2,
+                "caller {c:#x}: {b:x?}"
+            );
+        }
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -310,7 +334,17 @@ fn redirect_and_revert(p: &Process) {
     assert_eq!(many(), many_expected());
     assert_eq!(site_bytes(t), before, "the site is restored");
     assert_eq!(p.site_state(t), None);
+    assert!(p.with_core(|_, h| h.retargeted_callers(t)).is_empty());
+    let callers_after: Vec<[u8; 6]> = callers.iter().map(|c| code_bytes(*c)).collect();
+    assert_eq!(callers_after, callers_before, "the callers are restored");
     wait_gone(p, "lp_r1");
+}
+
+/// Six bytes of code at `a`.
+fn code_bytes(a: u64) -> [u8; 6] {
+    // SAFETY: `a` is a call site in this executable's text, 6 bytes long at most and
+    // followed by more text.
+    unsafe { std::ptr::read_volatile(a as *const [u8; 6]) }
 }
 
 fn cumulative_replace(p: &Process) {

@@ -176,6 +176,9 @@ pub(crate) mod native;
 ))]
 mod stubs;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod callsites;
+
 /// The signal handler of a site write (x86_64's `SIGTRAP`, s390x's `SIGILL`): installed
 /// once, with klp's own signal blocked while it runs (a synchronisation round must not
 /// be acknowledged by a thread between the trap and its redirect), and passing every
@@ -285,14 +288,23 @@ const _: () = assert!(1 << SLOT_BITS == SLOTS);
 const F_PRESENT: u64 = 1;
 const F_TRANSITION: u64 = 2;
 
+/// In [`Slot::by_state`]: no precomputed answer, take the full decision.
+const SLOW: u64 = u64::MAX;
+
 /// One site's published view (see the module documentation).
 #[derive(Debug)]
+#[repr(C)]
 struct Slot {
     site: AtomicU64,
     seq: AtomicU64,
     flags: AtomicU64,
     top: AtomicU64,
     below: AtomicU64,
+    /// The decision for each value of a thread's state byte (indexed as
+    /// [`crate::thread::state_index`]; [`SLOW`] where the full decision must run: an
+    /// idle thread during a transition, which counts an anomaly), under the same
+    /// sequence: what the x86_64 fast entry path reads.
+    by_state: [AtomicU64; 4],
 }
 
 impl Slot {
@@ -303,6 +315,7 @@ impl Slot {
             flags: AtomicU64::new(0),
             top: AtomicU64::new(0),
             below: AtomicU64::new(0),
+            by_state: [const { AtomicU64::new(0) }; 4],
         }
     }
 }
@@ -359,6 +372,21 @@ fn slot(site: u64, insert: bool) -> Option<&'static Slot> {
     None
 }
 
+/// The address of `site`'s slot, if it has one (slots are never reused: the address
+/// stays `site`'s for the life of the process).
+#[cfg(target_arch = "x86_64")]
+fn slot_addr(site: u64) -> Option<u64> {
+    slot(site, false).map(|s| s as *const Slot as u64)
+}
+
+/// Where the x86_64 sites' stubs enter when the fast path runs in this process (the
+/// stub then carries the site's slot instead of the site); `None` when every stub
+/// enters the trampoline.
+#[cfg(target_arch = "x86_64")]
+pub fn fast_entry_address() -> Option<u64> {
+    native::fast_path_ready().then_some(native::fast_entry as *const () as u64)
+}
+
 /// Publishes `view` for `site` (`None`: no record). Returns `false` if the table is
 /// full (the site then decides "original").
 pub(crate) fn publish(site: u64, view: Option<RedirectView>) -> bool {
@@ -369,14 +397,35 @@ pub(crate) fn publish(site: u64, view: Option<RedirectView>) -> bool {
     let seq = s.seq.load(Ordering::Relaxed);
     s.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
     std::sync::atomic::fence(Ordering::Release);
+    let mut by_state = [SLOW; 4];
     match view {
         Some(v) => {
             s.top.store(target_word(v.top), Ordering::Relaxed);
             s.below.store(target_word(v.below), Ordering::Relaxed);
             let f = F_PRESENT | if v.top_transition { F_TRANSITION } else { 0 };
             s.flags.store(f, Ordering::Relaxed);
+            for st in [
+                klp::PatchState::Idle,
+                klp::PatchState::Unpatched,
+                klp::PatchState::Patched,
+            ] {
+                let (t, anomaly) = klp::decide(&v, st);
+                if let Some(w) = by_state.get_mut(crate::thread::state_index(st)) {
+                    *w = if anomaly == klp::Anomaly::None {
+                        target_word(t)
+                    } else {
+                        SLOW
+                    };
+                }
+            }
         }
-        None => s.flags.store(0, Ordering::Relaxed),
+        None => {
+            s.flags.store(0, Ordering::Relaxed);
+            by_state = [0; 4];
+        }
+    }
+    for (slot, w) in s.by_state.iter().zip(by_state) {
+        slot.store(w, Ordering::Relaxed);
     }
     s.seq.store(seq.wrapping_add(2), Ordering::Release);
     true

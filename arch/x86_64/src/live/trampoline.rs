@@ -108,12 +108,19 @@ pub const STUB_LEN: usize = 24;
 /// ±2 GiB of its site (the site's `jmp rel32`), and reaches the trampoline wherever it
 /// is.
 pub fn stub_bytes(site: u64) -> [u8; STUB_LEN] {
+    stub_bytes_to(site, address())
+}
+
+/// A stub of the same shape that loads `r11` = `value` and jumps to `target`: for a
+/// host whose own entry path (with its own contract for `r11`) runs before the
+/// trampoline.
+pub fn stub_bytes_to(value: u64, target: u64) -> [u8; STUB_LEN] {
     let mut b = [0u8; STUB_LEN];
     b[0] = 0x49;
     b[1] = 0xbb;
-    b[2..10].copy_from_slice(&site.to_le_bytes());
+    b[2..10].copy_from_slice(&value.to_le_bytes());
     b[10..16].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
-    b[16..24].copy_from_slice(&address().to_le_bytes());
+    b[16..24].copy_from_slice(&target.to_le_bytes());
     b
 }
 
