@@ -1,8 +1,10 @@
 //! Costs of live patching a running process, each against a baseline measured in the
 //! same run (see BENCHMARKS.md):
 //!
-//! * `steady`: a call of a patched function once its transition is complete (the site
-//!   is a direct jump) vs a direct call of the replacement;
+//! * `steady`: a call of a patched function once its transition is complete vs a
+//!   direct call of the replacement (x86_64: the call site itself was retargeted to the
+//!   replacement); and the same through a function pointer, which still enters the
+//!   function's site (a direct jump) vs the replacement through a pointer;
 //! * `transition`: a call of a patched function while a transition runs (the site
 //!   calls the entry trampoline, which decides for the calling thread) vs a call of an
 //!   unpatched `patchable!` function (its site is a nop);
@@ -136,7 +138,20 @@ fn steady(c: &mut Criterion) {
     g.bench_function("patched call", |b| {
         b.iter(|| klp_bench_steady(black_box(1)))
     });
+    let replacement: extern "C" fn(u64) -> u64 = bench_v2;
+    let patched: extern "C" fn(u64) -> u64 = klp_bench_steady;
+    g.bench_function("replacement through a pointer", |b| {
+        b.iter(|| black_box(replacement)(black_box(1)))
+    });
+    g.bench_function("patched function through a pointer", |b| {
+        b.iter(|| black_box(patched)(black_box(1)))
+    });
     g.finish();
+    #[cfg(target_arch = "x86_64")]
+    assert!(
+        !p.with_core(|_, h| h.retargeted_callers(f)).is_empty(),
+        "the direct call above was retargeted"
+    );
     disable_and_free(p, "bench_steady");
 }
 
@@ -171,7 +186,7 @@ fn transition(c: &mut Criterion) {
     // The part of it spent in the decision (the wrapper's site is at its entry on
     // x86_64, aarch64 and s390x).
     if !cfg!(target_arch = "powerpc64") {
-        g.bench_function("decision alone", |b| {
+        g.bench_function("full decision alone (trampoline path)", |b| {
             b.iter(|| klp_user::redirect::decide_entry(black_box(f)))
         });
     }

@@ -569,7 +569,7 @@ impl Host for ProcessHost {
 
     /// Waits until no thread is inside the trampoline's decision with what was
     /// published before (a `membarrier(2)` barrier, then the threads' in-decision
-    /// marks; see [`redirect::wait_deciders`]).
+    /// marks; see `redirect::wait_deciders`).
     fn synchronize(&mut self) {
         let answer = self.config.checks.answer;
         if !redirect::wait_deciders(Duration::from_secs(1), &mut || stack::barrier(answer)) {

@@ -1094,27 +1094,38 @@ impl Batch {
         );
         let me = thread::current_raw();
         let mut asked = Vec::with_capacity(recs.len());
-        for r in recs {
-            if std::ptr::eq(&**r, me) || !r.alive() || r.tid() == 0 {
-                continue;
+        // The whole wave under one hold of the registry lock (a thread cannot finish
+        // unregistering meanwhile, as in `signal`): no thread this wave stops can be
+        // holding that lock, which the stops that follow need.
+        thread::with_registry(|regs| {
+            let known: std::collections::HashSet<*const ThreadRecord> =
+                regs.iter().map(Arc::as_ptr).collect();
+            for r in recs {
+                if std::ptr::eq(&**r, me)
+                    || !known.contains(&Arc::as_ptr(r))
+                    || !r.alive()
+                    || r.tid() == 0
+                {
+                    continue;
+                }
+                if r.cap
+                    .compare_exchange(
+                        cap::IDLE,
+                        cap::REQUESTED,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_err()
+                {
+                    continue;
+                }
+                if tgkill(r.tid()) {
+                    asked.push(r.clone());
+                } else {
+                    r.cap.store(cap::IDLE, Ordering::Release);
+                }
             }
-            if r.cap
-                .compare_exchange(
-                    cap::IDLE,
-                    cap::REQUESTED,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_err()
-            {
-                continue;
-            }
-            if signal(r) {
-                asked.push(r.clone());
-            } else {
-                r.cap.store(cap::IDLE, Ordering::Release);
-            }
-        }
+        });
         let start = Instant::now();
         let mut last = start;
         let mut held = std::collections::HashMap::with_capacity(asked.len());
@@ -1258,7 +1269,7 @@ fn membarrier_sync_core() -> bool {
 
 /// The synchronisation a text write needs when no thread can be in the middle of the
 /// instructions it changes (each is replaced whole): a barrier and a core-serialising
-/// event on every thread ([`membarrier_sync_core`]), else a [`sync_round`]. A write
+/// event on every thread (`membarrier_sync_core`), else a [`sync_round`]. A write
 /// that may find a thread inside a run of instructions it replaces needs the round
 /// (its handler moves such a thread: `on_sync`).
 pub fn sync_core(timeout: Duration) {

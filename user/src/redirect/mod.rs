@@ -52,9 +52,12 @@
 //!   calls [`decide_entry`] with the site and continues at the chosen implementation;
 //! * **jump** — the steady state — once the view has one live implementation and no
 //!   transition: the site is a single direct branch to it, and a call costs one branch
-//!   more than calling the replacement directly. The trampoline comes back (before the
-//!   core lets any thread change state) when the next transition starts. A branch that
-//!   cannot reach the replacement keeps the trampoline (same behaviour, slower);
+//!   more than calling the replacement directly — on x86_64 not even that for the
+//!   direct calls found in the relocations kept by `--emit-relocs`, which are pointed
+//!   at the replacement itself (`callsites`). The trampoline comes back (the callers
+//!   first, before the core lets any thread change state) when the next transition
+//!   starts. A branch that cannot reach the replacement keeps the trampoline (same
+//!   behaviour, slower);
 //! * **original**: the bytes as found, once the record is gone.
 //!
 //! In the trampoline state a site branches to its own small stub, placed within the
@@ -68,6 +71,14 @@
 //!
 //! ## The decision
 //!
+//! On x86_64 a site's stub enters a fast path first (`native::fast_entry`): with the
+//! site's slot in a scratch register, it reads the thread's state byte through the
+//! fixed offset of its thread-local record pointer and takes the slot's precomputed
+//! answer for that state (`Slot::by_state`, written by `publish` under the same
+//! sequence), saving no argument register and calling nothing; an unregistered
+//! thread, a slot being written, or an answer that needs the full decision (an idle
+//! thread in a transition: an anomaly to count) goes on to the trampoline.
+//!
 //! The decision reads the site's view and the calling thread's state from its
 //! [`crate::thread::ThreadRecord`] (through the thread-local pointer of
 //! [`crate::thread`]; no lock, no allocation) and returns `klp::decide`'s choice. A
@@ -80,10 +91,11 @@
 //! threads.
 //!
 //! While it decides, a thread marks itself (`in_decide` in its record, a counter for
-//! unregistered threads); `hook_unregister` runs a synchronisation round after
-//! restoring the site and waits for the marks to clear, so no decision that began
-//! before it is still running when it returns (the mark is a plain store; the round is
-//! the barrier, see `wait_deciders`). Not covered: a thread that has left the site
+//! unregistered threads); `hook_unregister` and the core's `synchronize` run a
+//! barrier (`membarrier(2)`, else a synchronisation round) and wait for the marks to
+//! clear, so no decision that began before is still running when they return (the
+//! mark is a plain store; the barrier orders it, see `wait_deciders`; the fast path
+//! raises and drops the same mark). Not covered: a thread that has left the site
 //! but not yet entered the decision (the trampoline's prologue, a few instructions) is
 //! not waited for; it then decides with whatever view is published. That is harmless while patch
 //! code is never unmapped (patches are linked into the process); closing it needs a
@@ -96,7 +108,10 @@
 //! execute again. Synchronisation rounds ([`crate::stack::sync_round`]) make every
 //! registered thread run klp's signal handler — a context-synchronising kernel entry
 //! and exit, and a full barrier — and let the architecture move a thread found in the
-//! middle of a multi-instruction site (`on_sync`).
+//! middle of a multi-instruction site (`on_sync`). Where no thread can be inside the
+//! instructions being replaced (x86_64: the site is one instruction now; a call's
+//! displacement), `membarrier(PRIVATE_EXPEDITED_SYNC_CORE)` does the same for every
+//! thread at once ([`crate::stack::sync_core`]).
 //!
 //! The table has 4096 slots; a site that finds none is refused (`-EBUSY`).
 
