@@ -1620,6 +1620,64 @@ mod tests {
         assert!(b.rec.sync_ack.load(Ordering::Acquire) > 0);
     }
     #[test]
+    fn a_batch_holds_the_threads_that_answer_until_each_is_taken() {
+        let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let idx = SymbolIndex::load();
+        let a = Spinner::start(false);
+        let b = Spinner::start(false);
+        let blocked = Spinner::start(true);
+        let recs = [a.rec.clone(), b.rec.clone(), blocked.rec.clone()];
+        let t = CheckOptions {
+            answer: Duration::from_secs(5),
+            hold: Duration::from_secs(30),
+            policy: WalkPolicy::ScanOnly,
+        };
+        let mut batch = Batch::stop(&recs, t, Duration::from_millis(200));
+        assert_eq!(
+            batch.len(),
+            2,
+            "the thread blocking klp's signal is left out"
+        );
+        assert!(batch.holds(a.rec.id) && batch.holds(b.rec.id));
+        assert!(!batch.holds(blocked.rec.id));
+        assert_eq!(
+            blocked.rec.cap.load(Ordering::Acquire),
+            cap::IDLE,
+            "withdrawn"
+        );
+        // A held thread runs nothing: its handler's count stays where it is.
+        let before = a.rec.signals.load(Ordering::Acquire);
+        assert_eq!(a.rec.cap.load(Ordering::Acquire), cap::CAPTURED);
+        let (trace, hold) = batch
+            .trace_held(a.rec.id, &idx, t, 64)
+            .expect("held by the batch")
+            .expect("a reliable trace");
+        assert!(
+            contains_fn(&idx, &trace, spin_here as *const () as u64),
+            "{trace:x?}"
+        );
+        assert!(!batch.holds(a.rec.id), "taken out of the batch");
+        assert!(batch.trace_held(a.rec.id, &idx, t, 64).is_none());
+        assert_eq!(
+            a.rec.cap.load(Ordering::Acquire),
+            cap::CAPTURED,
+            "still held"
+        );
+        drop(hold);
+        drop(batch);
+        for r in [&a.rec, &b.rec] {
+            let start = Instant::now();
+            while r.cap.load(Ordering::Acquire) != cap::IDLE {
+                assert!(start.elapsed() < Duration::from_secs(5), "released");
+                std::thread::yield_now();
+            }
+        }
+        assert_eq!(a.rec.signals.load(Ordering::Acquire), before);
+        // Once released, a thread can be stopped one by one again.
+        assert!(trace_of(&b.rec, &idx, t, 64).is_ok());
+    }
+
+    #[test]
     fn a_function_pointer_on_the_stack_is_not_a_return_address() {
         let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         install_handler();
