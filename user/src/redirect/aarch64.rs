@@ -274,16 +274,8 @@ pub(crate) fn set(
     if steps.is_empty() {
         return Ok(());
     }
-    // SAFETY: `sysconf` has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    let start = addr & !(page - 1);
-    let end = (addr + LEN + page - 1) & !(page - 1);
-    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-    // SAFETY: the range covers whole pages of a loaded object's text; it stays
-    // executable while writable, so threads running it are not disturbed.
-    if unsafe { libc::mprotect(start as *mut libc::c_void, (end - start) as usize, rwx) } != 0 {
-        return Err(Errno::EPERM);
-    }
+    // SAFETY: the site is text of a loaded object (`find`) (1).
+    let _w = unsafe { super::text::Writable::new(addr, LEN) }.ok_or(Errno::EPERM)?;
     for (i, w) in steps {
         if i == 0 {
             PATCHING.store(addr, Ordering::Release);
@@ -295,14 +287,6 @@ pub(crate) fn set(
         sync();
         PATCHING.store(0, Ordering::Release);
     }
-    // SAFETY: as for the first `mprotect`; text is read + execute again.
-    unsafe {
-        libc::mprotect(
-            start as *mut libc::c_void,
-            (end - start) as usize,
-            libc::PROT_READ | libc::PROT_EXEC,
-        )
-    };
     Ok(())
 }
 

@@ -339,42 +339,6 @@ fn encode(site: &Site, func: u64, to: u64) -> Option<[u8; MAX_LEN]> {
     Some(b)
 }
 
-/// The text pages made writable for a write of `[at, at + len)` (read + execute again
-/// when dropped).
-struct Writable {
-    start: u64,
-    len: usize,
-}
-
-impl Writable {
-    /// Makes the pages of `[at, at + len)` readable, writable and executable (other
-    /// threads keep running them); `None` if the kernel refuses.
-    fn new(at: u64, len: u64) -> Option<Writable> {
-        let page = native::page_size();
-        let start = at & !(page - 1);
-        let end = at.checked_add(len)?.checked_add(page - 1)? & !(page - 1);
-        let len = usize::try_from(end - start).ok()?;
-        let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-        // SAFETY: the range covers whole pages of a loaded object's text (the caller
-        // checked `is_text`); it stays executable while writable.
-        (unsafe { libc::mprotect(start as *mut libc::c_void, len, rwx) } == 0)
-            .then_some(Writable { start, len })
-    }
-}
-
-impl Drop for Writable {
-    fn drop(&mut self) {
-        // SAFETY: as in `new`; the text is read + execute again.
-        unsafe {
-            libc::mprotect(
-                self.start as *mut libc::c_void,
-                self.len,
-                libc::PROT_READ | libc::PROT_EXEC,
-            )
-        };
-    }
-}
-
 /// One planned rewrite.
 #[derive(Clone, Copy, Debug)]
 struct Plan {
@@ -399,7 +363,9 @@ fn write_single(p: &Plan) -> bool {
     if p.site.addr + last as u64 >= word + 8 || force_breakpoint() {
         return false;
     }
-    let Some(_w) = Writable::new(word, 8) else {
+    // SAFETY: the word holds bytes of the site, which `read` found in text (1): its
+    // page is text.
+    let Some(_w) = (unsafe { super::text::Writable::new(word, 8) }) else {
         return false;
     };
     // SAFETY: `word` is 8-aligned and lies in the pages made writable above (they
@@ -434,7 +400,7 @@ fn write_breakpoint(plans: &[Plan], func: u64, sync: &mut dyn FnMut()) -> Vec<Pl
     if plans.is_empty() || !native::TRAP.install(libc::SIGTRAP, native::on_trap) {
         return Vec::new();
     }
-    let mut live: Vec<(usize, Plan, Writable)> = Vec::new();
+    let mut live: Vec<(usize, Plan, super::text::Writable)> = Vec::new();
     for (slot, p) in plans.iter().take(native::PATCHING_CALL_SLOTS).enumerate() {
         let (Some(s), Some(k), Some(t)) = (
             native::PATCHING_CALL.get(slot),
@@ -443,7 +409,10 @@ fn write_breakpoint(plans: &[Plan], func: u64, sync: &mut dyn FnMut()) -> Vec<Pl
         ) else {
             break;
         };
-        let Some(w) = Writable::new(p.site.addr, p.site.form.len() as u64) else {
+        // SAFETY: the site's bytes are text (`read` checked them) (1).
+        let Some(w) =
+            (unsafe { super::text::Writable::new(p.site.addr, p.site.form.len() as u64) })
+        else {
             continue;
         };
         k.store(p.site.form.trap_kind(), Ordering::Release);

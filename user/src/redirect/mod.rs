@@ -190,6 +190,13 @@ pub(crate) mod native;
     target_arch = "s390x"
 ))]
 mod stubs;
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    all(target_arch = "powerpc64", target_endian = "little"),
+    target_arch = "s390x"
+))]
+mod text;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod callsites;

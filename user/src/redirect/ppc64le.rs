@@ -325,16 +325,8 @@ fn write(
     if steps.is_empty() {
         return Ok(());
     }
-    // SAFETY: `sysconf` has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    let start = addr & !(page - 1);
-    let end = (addr + psite::LEN as u64 + page - 1) & !(page - 1);
-    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-    // SAFETY: the range covers whole pages of a loaded object's text; it stays
-    // executable while writable, so threads running it are not disturbed.
-    if unsafe { libc::mprotect(start as *mut libc::c_void, (end - start) as usize, rwx) } != 0 {
-        return Err(Errno::EPERM);
-    }
+    // SAFETY: the site is text of a loaded object (`find`) (1).
+    let _w = unsafe { super::text::Writable::new(addr, psite::LEN as u64) }.ok_or(Errno::EPERM)?;
     PATCHING.store(addr, Ordering::SeqCst);
     for &(off, word) in &steps {
         // SAFETY: the word is mapped and writable now, 4-aligned (1); the order of the
@@ -344,14 +336,6 @@ fn write(
         sync();
     }
     PATCHING.store(0, Ordering::SeqCst);
-    // SAFETY: as for the first `mprotect`; text is read + execute again.
-    unsafe {
-        libc::mprotect(
-            start as *mut libc::c_void,
-            (end - start) as usize,
-            libc::PROT_READ | libc::PROT_EXEC,
-        )
-    };
     Ok(())
 }
 

@@ -273,16 +273,8 @@ fn write(addr: u64, old: &[u8; LEN], new: &[u8; LEN], sync: &mut dyn FnMut()) ->
     if now != *old {
         return Err(Errno::EINVAL);
     }
-    // SAFETY: `sysconf` has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    let start = addr & !(page - 1);
-    let end = (addr + LEN as u64 + page - 1) & !(page - 1);
-    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-    // SAFETY: the range covers whole pages of a loaded object's text; it stays
-    // executable while writable, so threads running it are not disturbed.
-    if unsafe { libc::mprotect(start as *mut libc::c_void, (end - start) as usize, rwx) } != 0 {
-        return Err(Errno::EPERM);
-    }
+    // SAFETY: the site is text of a loaded object (`find`) (1).
+    let _w = unsafe { super::text::Writable::new(addr, LEN as u64) }.ok_or(Errno::EPERM)?;
     let mut op = op_old;
     if d_old != d_new {
         if op != NOP {
@@ -306,14 +298,6 @@ fn write(addr: u64, old: &[u8; LEN], new: &[u8; LEN], sync: &mut dyn FnMut()) ->
         sync();
     }
     PATCHING.store(0, Ordering::SeqCst);
-    // SAFETY: as for the first `mprotect`; text is read + execute again.
-    unsafe {
-        libc::mprotect(
-            start as *mut libc::c_void,
-            (end - start) as usize,
-            libc::PROT_READ | libc::PROT_EXEC,
-        )
-    };
     Ok(())
 }
 

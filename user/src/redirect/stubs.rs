@@ -48,11 +48,6 @@ static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 /// Stubs start at multiples of this (an aligned literal on aarch64 and s390x).
 const ALIGN: u64 = 8;
 
-fn page_size() -> u64 {
-    // SAFETY: `sysconf` has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as u64
-}
-
 /// Maps a read + execute page of `page` bytes whose every stub slot is within reach:
 /// hints at growing distances below and above `site`, until both directions are out
 /// of reach. (A hint that is taken elsewhere may be ignored by the kernel, or by QEMU,
@@ -120,7 +115,7 @@ pub(crate) unsafe fn stub_for(
     if let Some(&s) = pool.by_site.get(&site) {
         return Ok(s);
     }
-    let page = page_size();
+    let page = super::text::page_size();
     let len = (bytes.len() as u64).next_multiple_of(ALIGN);
     if bytes.is_empty() || len > page {
         return Err(Errno::EINVAL);
@@ -141,24 +136,14 @@ pub(crate) unsafe fn stub_for(
             (start, start)
         }
     };
-    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-    // SAFETY: `start` is a stub page of ours; the other stubs on it stay executable
-    // while it is writable.
-    if unsafe { libc::mprotect(start as *mut libc::c_void, page as usize, rwx) } != 0 {
-        return Err(Errno::EPERM);
-    }
+    // SAFETY: `start` is a read + execute stub page of ours (1); the other stubs on
+    // it stay executable while it is writable.
+    let w = unsafe { super::text::Writable::new(start, page) }.ok_or(Errno::EPERM)?;
     // SAFETY: `at..at + bytes.len()` lies in the page (`len` fits after `used`), which
     // is writable now; no site branches to this slot yet, so nobody executes it; text
     // writes are serialised by the caller's lock (1); `write` is a text writer (2).
     unsafe { write(at as *mut u8, bytes) };
-    // SAFETY: as above; back to read + execute.
-    unsafe {
-        libc::mprotect(
-            start as *mut libc::c_void,
-            page as usize,
-            libc::PROT_READ | libc::PROT_EXEC,
-        )
-    };
+    drop(w);
     pool.by_site.insert(site, at);
     drop(g);
     sync();
@@ -177,7 +162,7 @@ mod tests {
 
     #[test]
     fn stubs_are_made_once_near_their_site_and_packed() {
-        let page = page_size();
+        let page = crate::redirect::text::page_size();
         // A site address inside a fresh mapping of ours, so nothing else is near it.
         let site = {
             // SAFETY: an anonymous private mapping has no preconditions.

@@ -255,11 +255,6 @@ fn bytes_of(site: &Site, state: SiteState, stub: u64) -> Result<klp::arch::InsnB
     X86_64::encode_redirect(site, Redirect::jump(to)).map_err(|_| Errno::ERANGE)
 }
 
-pub(super) fn page_size() -> u64 {
-    // SAFETY: `sysconf` has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as u64
-}
-
 /// Whether a `jmp rel32` at `site` reaches `to`.
 fn reaches(site: &Site, to: u64) -> bool {
     X86_64::encode_redirect(site, Redirect::jump(to)).is_ok()
@@ -452,16 +447,9 @@ pub(crate) fn set(
 /// them.
 /// `TEXT` is held by the caller.
 fn write(site: &Site, bytes: &[u8], whole: bool, sync: &mut dyn FnMut()) -> Result<(), Errno> {
-    let page = page_size();
     let addr = site.addr();
-    let start = addr & !(page - 1);
-    let end = (addr + bytes.len() as u64 + page - 1) & !(page - 1);
-    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-    // SAFETY: the range covers whole pages of a loaded object's text; it stays
-    // executable while writable, so threads running it are not disturbed.
-    if unsafe { libc::mprotect(start as *mut libc::c_void, (end - start) as usize, rwx) } != 0 {
-        return Err(Errno::EPERM);
-    }
+    // SAFETY: the site is text of a loaded object (`find`) (1).
+    let _w = unsafe { super::text::Writable::new(addr, bytes.len() as u64) }.ok_or(Errno::EPERM)?;
     // SAFETY: the site's word is mapped and writable now (1) and text writes are
     // serialised by `TEXT` (2).
     let atomic = whole && unsafe { trampoline::write_site(addr as *mut u8, bytes) };
@@ -492,14 +480,6 @@ fn write(site: &Site, bytes: &[u8], whole: bool, sync: &mut dyn FnMut()) -> Resu
         sync();
         PATCHING.store(0, Ordering::Release);
     }
-    // SAFETY: as for the first `mprotect`; text is read + execute again.
-    unsafe {
-        libc::mprotect(
-            start as *mut libc::c_void,
-            (end - start) as usize,
-            libc::PROT_READ | libc::PROT_EXEC,
-        )
-    };
     Ok(())
 }
 
