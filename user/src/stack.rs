@@ -450,10 +450,7 @@ impl Drop for Hold {
 /// Asks `rec` to stop in the handler and waits until it holds; returns its
 /// interrupted registers. The caller holds `CAPTURE_LOCK` and calls [`release`].
 fn stop(rec: &ThreadRecord, t: CheckOptions) -> Result<Regs, TraceFailure> {
-    HOLD_NS.store(
-        t.hold.as_nanos().min(u64::MAX as u128) as u64,
-        Ordering::Relaxed,
-    );
+    set_hold(t);
     let start = Instant::now();
     // The previous handshake with this thread may still be ending (its handler resets
     // the slot after the release): wait for a free slot, boundedly.
@@ -500,12 +497,26 @@ fn stop(rec: &ThreadRecord, t: CheckOptions) -> Result<Regs, TraceFailure> {
             _ => return Err(TraceFailure::NoAnswer),
         }
     }
-    Ok(Regs {
+    Ok(captured_regs(rec))
+}
+
+/// How long a stopped thread waits in the handler for its release: `t.hold`.
+fn set_hold(t: CheckOptions) {
+    HOLD_NS.store(
+        t.hold.as_nanos().min(u64::MAX as u128) as u64,
+        Ordering::Relaxed,
+    );
+}
+
+/// The registers `rec`'s handler captured (read after seeing `cap::CAPTURED`, which
+/// the handler stores after them).
+fn captured_regs(rec: &ThreadRecord) -> Regs {
+    Regs {
         pc: rec.regs[0].load(Ordering::Relaxed),
         sp: rec.regs[1].load(Ordering::Relaxed),
         fp: rec.regs[2].load(Ordering::Relaxed),
         lr: rec.regs[3].load(Ordering::Relaxed),
-    })
+    }
 }
 
 /// Releases a thread stopped by [`stop`]; `false` if it had stopped waiting (its hold
@@ -992,23 +1003,39 @@ pub fn trace_of(
     if std::ptr::eq(thread::current_raw(), rec) {
         return own_trace(rec, index, t.policy, max);
     }
+    // SAFETY: `with_stopped` runs the walk while the thread is held (condition 1).
+    with_stopped(rec, t, |regs| unsafe {
+        walk_stopped(rec, regs, index, t, max)
+    })?
+}
+
+/// The trace of `rec`, stopped with interrupted registers `regs`.
+///
+/// # Safety
+///
+/// 1. `rec`'s thread is held in klp's handler (its stack above `regs.sp` is mapped and
+///    does not change) for the whole call.
+unsafe fn walk_stopped(
+    rec: &ThreadRecord,
+    regs: Regs,
+    index: &SymbolIndex,
+    t: CheckOptions,
+    max: usize,
+) -> Result<Vec<u64>, TraceFailure> {
     let (low, high) = rec.stack();
     let end = rec.entry_frame();
+    // SAFETY: condition 1.
+    let mem = unsafe { ThreadStack::new(low, high, end, regs.sp, index) };
+    // A thread inside the redirect decision may have read its state already and act on
+    // it after the check (see `Machinery`). The mark was stored by the thread before the
+    // signal, whose handler published it (the capture).
+    if rec.in_decide.load(Ordering::Acquire) != 0 {
+        return Err(TraceFailure::Walk(UnwindError::Trampoline {
+            addr: regs.pc,
+        }));
+    }
     let mut out = Vec::with_capacity(max);
-    with_stopped(rec, t, |regs| {
-        // SAFETY: the thread is held in the handler; its stack above the interrupted sp
-        // is mapped and does not change until it is released (condition 1).
-        let mem = unsafe { ThreadStack::new(low, high, end, regs.sp, index) };
-        // A thread inside the redirect decision may have read its state already and
-        // act on it after the check (see `Machinery`). The mark was stored by
-        // the thread before the signal, whose handler published it (the capture).
-        if rec.in_decide.load(Ordering::Acquire) != 0 {
-            return Err(TraceFailure::Walk(UnwindError::Trampoline {
-                addr: regs.pc,
-            }));
-        }
-        trace_into(&mem, regs, t.policy, max, &mut out)
-    })??;
+    trace_into(&mem, regs, t.policy, max, &mut out)?;
     Ok(out)
 }
 
@@ -1045,18 +1072,8 @@ fn walk_held(
     max: usize,
 ) -> Result<(Vec<u64>, Option<Hold>), TraceFailure> {
     let rec = hold.rec.clone();
-    let (low, high) = rec.stack();
-    let end = rec.entry_frame();
-    let mut out = Vec::with_capacity(max);
-    // SAFETY: the thread is held in the handler; its stack above the interrupted sp is
-    // mapped and does not change until the hold is dropped (condition 1).
-    let mem = unsafe { ThreadStack::new(low, high, end, regs.sp, index) };
-    if rec.in_decide.load(Ordering::Acquire) != 0 {
-        return Err(TraceFailure::Walk(UnwindError::Trampoline {
-            addr: regs.pc,
-        }));
-    }
-    trace_into(&mem, regs, t.policy, max, &mut out)?;
+    // SAFETY: `hold` keeps the thread in the handler until it is dropped (1).
+    let out = unsafe { walk_stopped(&rec, regs, index, t, max) }?;
     // Still held? (A hold that timed out has let the thread run: the trace is stale.)
     if rec.cap.load(Ordering::Acquire) != cap::CAPTURED {
         drop(hold);
@@ -1088,10 +1105,7 @@ impl Batch {
     pub fn stop(recs: &[Arc<ThreadRecord>], t: CheckOptions, quiet: Duration) -> Batch {
         let one = capture_lock();
         install_handler();
-        HOLD_NS.store(
-            t.hold.as_nanos().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
-        );
+        set_hold(t);
         let me = thread::current_raw();
         let mut asked = Vec::with_capacity(recs.len());
         // The whole wave under one hold of the registry lock (a thread cannot finish
@@ -1136,13 +1150,7 @@ impl Batch {
                 if r.cap.load(Ordering::Acquire) != cap::CAPTURED {
                     return true;
                 }
-                let regs = Regs {
-                    pc: r.regs[0].load(Ordering::Relaxed),
-                    sp: r.regs[1].load(Ordering::Relaxed),
-                    fp: r.regs[2].load(Ordering::Relaxed),
-                    lr: r.regs[3].load(Ordering::Relaxed),
-                };
-                held.insert(r.id, (r.clone(), regs));
+                held.insert(r.id, (r.clone(), captured_regs(r)));
                 false
             });
             if waiting.is_empty() {
@@ -1216,64 +1224,55 @@ impl Drop for Batch {
     }
 }
 
-/// `membarrier(2)` with `MEMBARRIER_CMD_PRIVATE_EXPEDITED`, registered on first use:
-/// every running thread of the process executes a full memory barrier before it
-/// returns (a thread that is not running passes one when it is scheduled). `false`
-/// where the kernel (or an emulator) does not offer it.
-fn membarrier() -> bool {
-    const QUERY: libc::c_long = 0;
-    const PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
-    const REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
-    static STATE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let ok = *STATE.get_or_init(|| {
-        // SAFETY: `membarrier` has no memory arguments.
-        let cmds = unsafe { libc::syscall(libc::SYS_membarrier, QUERY, 0, 0) };
-        cmds > 0
-            && cmds & PRIVATE_EXPEDITED != 0
-            // SAFETY: as above.
-            && unsafe { libc::syscall(libc::SYS_membarrier, REGISTER_PRIVATE_EXPEDITED, 0, 0) }
-                == 0
-    });
-    // SAFETY: as above; the process registered for the command.
-    ok && unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0, 0) } == 0
+/// A private expedited `membarrier(2)` command (the register command is the next bit),
+/// and whether the process registered for it (decided on first use).
+#[derive(Debug)]
+struct Membarrier {
+    cmd: libc::c_long,
+    registered: std::sync::OnceLock<bool>,
 }
 
-/// `membarrier(2)` with `MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE`, registered on
-/// first use: as [`membarrier`], and every thread of the process also executes a
-/// core-serialising instruction before it runs user code again (what the kernel's
-/// `text_poke_sync` gets with an IPI to every CPU). `false` where not offered (the
-/// kernel implements it on x86 and arm64 only).
-fn membarrier_sync_core() -> bool {
-    const QUERY: libc::c_long = 0;
-    const PRIVATE_EXPEDITED_SYNC_CORE: libc::c_long = 1 << 5;
-    const REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_long = 1 << 6;
-    static STATE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let ok = *STATE.get_or_init(|| {
-        // SAFETY: `membarrier` has no memory arguments.
-        let cmds = unsafe { libc::syscall(libc::SYS_membarrier, QUERY, 0, 0) };
-        cmds > 0
-            && cmds & PRIVATE_EXPEDITED_SYNC_CORE != 0
+/// `MEMBARRIER_CMD_PRIVATE_EXPEDITED`: every running thread of the process executes a
+/// full memory barrier before the call returns (a thread that is not running passes
+/// one when it is scheduled).
+static PRIVATE_EXPEDITED: Membarrier = Membarrier::new(1 << 3);
+/// `MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE`: the same, and every thread also
+/// executes a core-serialising instruction before it runs user code again (what the
+/// kernel's `text_poke_sync` gets with an IPI to every CPU; the kernel implements it
+/// on x86 and arm64 only).
+static PRIVATE_EXPEDITED_SYNC_CORE: Membarrier = Membarrier::new(1 << 5);
+
+impl Membarrier {
+    const fn new(cmd: libc::c_long) -> Membarrier {
+        Membarrier {
+            cmd,
+            registered: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Runs the command, registering for it on first use; `false` where the kernel
+    /// (or an emulator) does not offer it.
+    fn run(&self) -> bool {
+        const QUERY: libc::c_long = 0;
+        let ok = *self.registered.get_or_init(|| {
+            // SAFETY: `membarrier` has no memory arguments.
+            let cmds = unsafe { libc::syscall(libc::SYS_membarrier, QUERY, 0, 0) };
             // SAFETY: as above.
-            && unsafe {
-                libc::syscall(
-                    libc::SYS_membarrier,
-                    REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
-                    0,
-                    0,
-                )
-            } == 0
-    });
-    // SAFETY: as above; the process registered for the command.
-    ok && unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) } == 0
+            let register = || unsafe { libc::syscall(libc::SYS_membarrier, self.cmd << 1, 0, 0) };
+            cmds > 0 && cmds & self.cmd != 0 && register() == 0
+        });
+        // SAFETY: as above; the process registered for the command.
+        ok && unsafe { libc::syscall(libc::SYS_membarrier, self.cmd, 0, 0) } == 0
+    }
 }
 
 /// The synchronisation a text write needs when no thread can be in the middle of the
 /// instructions it changes (each is replaced whole): a barrier and a core-serialising
-/// event on every thread (`membarrier_sync_core`), else a [`sync_round`]. A write
+/// event on every thread (`PRIVATE_EXPEDITED_SYNC_CORE`), else a [`sync_round`]. A write
 /// that may find a thread inside a run of instructions it replaces needs the round
 /// (its handler moves such a thread: `on_sync`).
 pub fn sync_core(timeout: Duration) {
-    if !membarrier_sync_core() {
+    if !PRIVATE_EXPEDITED_SYNC_CORE.run() {
         sync_round(timeout);
     }
 }
@@ -1284,7 +1283,7 @@ pub fn sync_core(timeout: Duration) {
 /// it runs no code on the other threads (nothing is moved out of a site being
 /// written): text writes keep using rounds.
 pub fn barrier(timeout: Duration) {
-    if !membarrier() {
+    if !PRIVATE_EXPEDITED.run() {
         sync_round(timeout);
     }
 }
