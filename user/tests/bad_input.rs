@@ -16,11 +16,12 @@
 #[path = "common/park.rs"]
 mod park;
 
+#[path = "common/host.rs"]
+mod host;
 use std::time::{Duration, Instant};
 
 use klp::{Errno, FuncDesc, ObjectDesc, PatchDesc, PatchState, TaskId};
-use klp_user::stack::{CheckOptions, WalkPolicy};
-use klp_user::{Config, PatchInfo, Process, ProcessHost, SiteKind};
+use klp_user::{PatchInfo, Process, ProcessHost, SiteKind};
 use park::{Parker, maybe_park};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -505,16 +506,7 @@ fn during_a_transition(p: &Process) {
 
 #[test]
 fn bad_input_leaves_the_process_unchanged() {
-    let p = Process::init(Config {
-        dyndbg: true,
-        dyndbg_off: vec!["klp_try_switch_task"],
-        // Built without frame pointers: the conservative scan decides.
-        checks: CheckOptions {
-            policy: WalkPolicy::ScanOnly,
-            ..CheckOptions::default()
-        },
-        ..Config::default()
-    });
+    let p = host::init();
     assert!(p.site_state(plain_addr()).is_none());
     assert!(
         p.symbols().size_of(plain_addr()).is_some(),

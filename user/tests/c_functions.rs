@@ -9,6 +9,8 @@
     target_arch = "s390x"
 ))]
 
+#[path = "common/host.rs"]
+mod host;
 use std::ffi::c_int;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, mpsc};
@@ -16,8 +18,7 @@ use std::time::Duration;
 
 use klp::arch::{Arch, FuncInfo, Native};
 use klp::{FuncDesc, ObjectDesc, PatchDesc, PatchState};
-use klp_user::stack::{CheckOptions, WalkPolicy};
-use klp_user::{Config, Process, ProcessHost, SiteKind};
+use klp_user::{Process, ProcessHost, SiteKind};
 
 const WAIT: Duration = Duration::from_secs(60);
 const LIB: &str = env!("KLP_CFUN_SO");
@@ -573,16 +574,7 @@ fn thread_states_idle(p: &Process) -> bool {
 
 #[test]
 fn c_functions_are_redirected() {
-    let p = Process::init(Config {
-        dyndbg: true,
-        dyndbg_off: vec!["klp_try_switch_task"],
-        // Rust code built without frame pointers: the conservative scan decides.
-        checks: CheckOptions {
-            policy: WalkPolicy::ScanOnly,
-            ..CheckOptions::default()
-        },
-        ..Config::default()
-    });
+    let p = host::init();
     executable_functions(p);
     let lib = library_patched_when_it_loads(p);
     library_function_with_a_sleeper(p);

@@ -18,13 +18,14 @@
 #[path = "common/park.rs"]
 mod park;
 
+#[path = "common/host.rs"]
+mod host;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use klp::{Blocked, FuncDesc, ObjectDesc, PatchDesc, PatchState};
-use klp_user::stack::{CheckOptions, WalkPolicy};
-use klp_user::{Config, Process, ProcessHost};
+use klp_user::{Process, ProcessHost};
 use park::{Parker, maybe_park};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -182,6 +183,19 @@ fn b_of(v: u64) -> u64 {
 }
 
 /// A patch replacing A and B by version `v`.
+/// A thread parked inside A and B (the chain of argument 7), which passes a safe point
+/// once released.
+fn park_in_chain() -> Parker {
+    Parker::start(
+        || {
+            let r = klp_cons_a(7);
+            klp_user::safe_point();
+            r
+        },
+        WAIT,
+    )
+}
+
 fn patch(name: &str, v: u64, replace: bool) -> PatchDesc<ProcessHost> {
     PatchDesc::new(name)
         .object(
@@ -375,14 +389,7 @@ impl Stress {
     /// (`enabled` = 0): it completes with the parker still inside, and the patch goes.
     fn reverse_patching(&mut self) {
         let since = self.p.log().1;
-        let parker = Parker::start(
-            || {
-                let r = klp_cons_a(7);
-                klp_user::safe_point();
-                r
-            },
-            WAIT,
-        );
+        let parker = park_in_chain();
         self.any("enable cons_rev1, reversed");
         self.p
             .enable_patch(patch("cons_rev1", 2, false))
@@ -409,14 +416,7 @@ impl Stress {
         self.enable(patch("cons_rev2", 3, false), false);
         self.only(3);
         let since = self.p.log().1;
-        let parker = Parker::start(
-            || {
-                let r = klp_cons_a(7);
-                klp_user::safe_point();
-                r
-            },
-            WAIT,
-        );
+        let parker = park_in_chain();
         self.any("disable cons_rev2, reversed");
         self.p.disable("cons_rev2").expect("disable");
         self.held_by(&parker, PatchState::Patched);
@@ -449,14 +449,7 @@ impl Stress {
         self.only(2);
 
         let since = self.p.log().1;
-        let parker = Parker::start(
-            || {
-                let r = klp_cons_a(7);
-                klp_user::safe_point();
-                r
-            },
-            WAIT,
-        );
+        let parker = park_in_chain();
         self.any("replace cons_r2 by cons_r3a, reversed");
         self.p
             .enable_patch(patch("cons_r3a", 3, true))
@@ -482,14 +475,7 @@ impl Stress {
     /// inside B when forced, so its own call stays consistent.
     fn force(&mut self) {
         let since = self.p.log().1;
-        let parker = Parker::start(
-            || {
-                let r = klp_cons_a(7);
-                klp_user::safe_point();
-                r
-            },
-            WAIT,
-        );
+        let parker = park_in_chain();
         self.any("enable cons_force1, forced");
         self.p
             .enable_patch(patch("cons_force1", 2, false))
@@ -520,14 +506,7 @@ impl Stress {
         self.enable(patch("cons_force2", 3, false), false);
         self.only(3);
         let since = self.p.log().1;
-        let parker = Parker::start(
-            || {
-                let r = klp_cons_a(7);
-                klp_user::safe_point();
-                r
-            },
-            WAIT,
-        );
+        let parker = park_in_chain();
         self.any("disable cons_force2, forced");
         self.p.disable("cons_force2").expect("disable");
         self.held_by(&parker, PatchState::Patched);
@@ -542,16 +521,7 @@ impl Stress {
 
 #[test]
 fn no_thread_ever_runs_a_mixed_chain() {
-    let p = Process::init(Config {
-        dyndbg: true,
-        dyndbg_off: vec!["klp_try_switch_task"],
-        // Built without frame pointers: the conservative scan decides.
-        checks: CheckOptions {
-            policy: WalkPolicy::ScanOnly,
-            ..CheckOptions::default()
-        },
-        ..Config::default()
-    });
+    let p = host::init();
     let t0 = Instant::now();
     assert_eq!(klp_cons_a(1), chain(1));
     let s = Arc::new(Shared::new());

@@ -7,13 +7,14 @@
     target_arch = "s390x"
 ))]
 
+#[path = "common/host.rs"]
+mod host;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use klp::{FuncDesc, ObjectDesc, PatchDesc, PatchState};
-use klp_user::stack::{CheckOptions, WalkPolicy};
-use klp_user::{Config, Process, ProcessHost, SiteKind};
+use klp_user::{Process, ProcessHost, SiteKind};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -534,16 +535,7 @@ fn force_completes_a_blocked_transition(p: &Process) {
 
 #[test]
 fn functions_of_the_process_are_redirected() {
-    let p = Process::init(Config {
-        dyndbg: true,
-        dyndbg_off: vec!["klp_try_switch_task"],
-        // Built without frame pointers: the conservative scan decides.
-        checks: CheckOptions {
-            policy: WalkPolicy::ScanOnly,
-            ..CheckOptions::default()
-        },
-        ..Config::default()
-    });
+    let p = host::init();
     redirect_and_revert(p);
     cumulative_replace(p);
     many_threads_during_transitions(p);
