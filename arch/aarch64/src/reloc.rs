@@ -67,6 +67,13 @@ fn ldst(t: u32, section: &mut [u8], offset: u64, s_a: u64, scale: u32) -> Result
     })
 }
 
+/// `S + A` for an absolute data field of `bits` bits, which may be read as signed or
+/// as unsigned: values in `[-2^(bits-1), 2^bits)` fit (the kernel's `reloc_data`).
+fn abs(t: u32, s_a: u64, bits: u32) -> Result<u64, RelocError> {
+    let v = i128::from(s_a as i64);
+    field::signed(t, v, bits).or_else(|_| field::unsigned(t, v, bits))
+}
+
 /// Applies `r` to `section`, loaded at `section_addr`.
 pub fn apply(section: &mut [u8], section_addr: u64, r: &Reloc) -> Result<(), RelocError> {
     let s_a = r.sym.wrapping_add(r.addend as u64);
@@ -77,21 +84,8 @@ pub fn apply(section: &mut [u8], section_addr: u64, r: &Reloc) -> Result<(), Rel
     match t {
         ABS64 => field::write::<8>(section, off, s_a, LE),
         PREL64 => field::write::<8>(section, off, prel as u64, LE),
-        ABS32 | ABS16 => {
-            let bits = if t == ABS32 { 32 } else { 16 };
-            let v = i128::from(s_a as i64);
-            if v < -(1i128 << (bits - 1)) || v >= (1i128 << bits) {
-                return Err(RelocError::Overflow {
-                    r_type: t,
-                    value: v,
-                });
-            }
-            if t == ABS32 {
-                field::write::<4>(section, off, v as u64, LE)
-            } else {
-                field::write::<2>(section, off, v as u64, LE)
-            }
-        }
+        ABS32 => field::write::<4>(section, off, abs(t, s_a, 32)?, LE),
+        ABS16 => field::write::<2>(section, off, abs(t, s_a, 16)?, LE),
         PREL32 => field::write::<4>(section, off, field::signed(t, prel, 32)?, LE),
         PREL16 => field::write::<2>(section, off, field::signed(t, prel, 16)?, LE),
         ADR_PREL_LO21 => {

@@ -84,9 +84,9 @@ pub fn walk(
         }
         check::frame(mem, fp, 16, 8)?;
         let next = check::word(mem, fp)?;
-        let lr = check::word(mem, fp + 8)?;
+        let lr = check::word_at(mem, fp, 8)?;
         if next == 0 && lr == 0 {
-            let kind = check::word(mem, fp + META_KIND)?;
+            let kind = check::word_at(mem, fp, META_KIND)?;
             return Err(if kind == FRAME_META_TYPE_PT_REGS {
                 UnwindError::ExceptionFrame { frame: fp }
             } else {
@@ -94,7 +94,7 @@ pub fn walk(
             });
         }
         check::report(mem, sink, lr)?;
-        n += 1;
+        n = n.checked_add(1).ok_or(UnwindError::BufferFull)?;
         check::progress(fp, next)?;
         fp = next;
     }
@@ -106,24 +106,29 @@ pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
     let (&pc, rets) = trace.split_first()?;
     let end = kernel_stack_end(mem.high());
     mem.set_end(end);
-    if !(mem.set(end, 0) && mem.set(end + 8, 0) && mem.set(end + META_KIND, FRAME_META_TYPE_FINAL))
+    if !(mem.set(end, 0)
+        && mem.set(end.checked_add(8)?, 0)
+        && mem.set(end.checked_add(META_KIND)?, FRAME_META_TYPE_FINAL))
     {
         return None;
     }
-    let k = rets.len() as u64;
-    let lowest = end.checked_sub(0x20 * k)?;
+    let k = u64::try_from(rets.len()).ok()?;
+    let lowest = end.checked_sub(k.checked_mul(0x20)?)?;
     if lowest < mem.bounds().low.checked_add(0x20)? {
         return None;
     }
-    for (j, &ret) in (1..=k).zip(rets) {
-        let fp = end - 0x20 * (k + 1 - j);
-        if !(mem.set(fp, fp + 0x20) && mem.set(fp + 8, ret)) {
+    // Record j (1 = innermost) at end - 0x20 * (k + 1 - j), returning to rets[j - 1].
+    let mut fp = lowest;
+    for &ret in rets {
+        let up = fp.checked_add(0x20)?;
+        if !(mem.set(fp, up) && mem.set(fp.checked_add(8)?, ret)) {
             return None;
         }
+        fp = up;
     }
     Some(UnwindStart {
         pc,
-        sp: lowest - 0x10,
+        sp: lowest.checked_sub(0x10)?,
         fp: lowest,
     })
 }

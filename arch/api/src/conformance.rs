@@ -41,7 +41,7 @@ pub fn check<A: Arch>(s: &Sample<'_>) -> Result<(), Failure> {
     )?;
     ensure(!site.is_empty(), "empty site")?;
     let off = usize::from(site.offset);
-    let found = s.code.get(off..off + site.len());
+    let found = s.code.get(off..).and_then(|c| c.get(..site.len()));
     ensure(
         found == Some(site.original.as_slice()),
         "original is not the code",
@@ -71,7 +71,10 @@ pub fn check<A: Arch>(s: &Sample<'_>) -> Result<(), Failure> {
             if let (Some(dst), Some(src)) = (patched.get_mut(..n), s.code.get(..n)) {
                 dst.copy_from_slice(src);
             }
-            if let Some(dst) = patched.get_mut(off..off + bytes.len()) {
+            if let Some(dst) = patched
+                .get_mut(off..)
+                .and_then(|p| p.get_mut(..bytes.len()))
+            {
                 dst.copy_from_slice(bytes.as_slice());
             }
             ensure(
@@ -96,8 +99,9 @@ pub fn check<A: Arch>(s: &Sample<'_>) -> Result<(), Failure> {
 pub fn check_model_stacks<A: Arch>() -> Result<(), Failure> {
     let text = 0x40_0000u64..0x50_0000;
     let mut trace = [0u64; crate::MAX_STACK_ENTRIES];
-    for (i, t) in trace.iter_mut().enumerate() {
-        *t = text.start + 0x40 * i as u64 + 4;
+    // Return addresses 4 bytes into consecutive 64-byte functions of `text`.
+    for (t, addr) in trace.iter_mut().zip((0x40_0004..text.end).step_by(0x40)) {
+        *t = addr;
     }
     for n in 1..=crate::MAX_STACK_ENTRIES {
         let mut mem = HandStack::new(0x7fff_0000_0000, text.clone());

@@ -113,15 +113,11 @@ pub mod field {
         endian: Endian,
     ) -> Result<u64, RelocError> {
         let f = get(section, offset, N)?;
-        let mut v: u64 = 0;
-        for i in 0..N {
-            let b = match endian {
-                Endian::Little => f.get(N - 1 - i),
-                Endian::Big => f.get(i),
-            };
-            v = (v << 8) | u64::from(b.copied().unwrap_or(0));
-        }
-        Ok(v)
+        let acc = |v: u64, b: &u8| (v << 8) | u64::from(*b);
+        Ok(match endian {
+            Endian::Little => f.iter().rev().fold(0, acc),
+            Endian::Big => f.iter().fold(0, acc),
+        })
     }
 
     /// Writes the low `N` bytes of `v` to the field at `offset`.
@@ -132,36 +128,39 @@ pub mod field {
         endian: Endian,
     ) -> Result<(), RelocError> {
         let f = get(section, offset, N)?;
-        for (i, byte) in f.iter_mut().enumerate() {
-            let shift = match endian {
-                Endian::Little => 8 * i,
-                Endian::Big => 8 * (N - 1 - i),
-            };
-            *byte = (v >> shift) as u8;
+        // The value's bytes, least significant first, zero-extended past its 8 bytes.
+        let bytes = v.to_le_bytes().into_iter().chain(core::iter::repeat(0));
+        match endian {
+            Endian::Little => f.iter_mut().zip(bytes).for_each(|(d, b)| *d = b),
+            Endian::Big => f.iter_mut().rev().zip(bytes).for_each(|(d, b)| *d = b),
         }
         Ok(())
     }
 
     /// `value` as a signed field of `bits` bits, or an overflow error.
     pub fn signed(r_type: u32, value: i128, bits: u32) -> Result<u64, RelocError> {
-        let half = 1i128 << (bits - 1);
-        if value < -half || value >= half {
-            return Err(RelocError::Overflow { r_type, value });
+        let err = RelocError::Overflow { r_type, value };
+        // It fits when every bit from the field's sign bit up is a copy of the sign.
+        match bits.checked_sub(1).and_then(|sign| value.checked_shr(sign)) {
+            Some(0 | -1) => i64::try_from(value).map(|v| v as u64).map_err(|_| err),
+            _ => Err(err),
         }
-        Ok(value as u64)
     }
 
     /// `value` as an unsigned field of `bits` bits, or an overflow error.
     pub fn unsigned(r_type: u32, value: i128, bits: u32) -> Result<u64, RelocError> {
-        if value < 0 || value >= (1i128 << bits) {
-            return Err(RelocError::Overflow { r_type, value });
+        let err = RelocError::Overflow { r_type, value };
+        // It fits when it is not negative and nothing is left above the field.
+        match value.checked_shr(bits) {
+            Some(0) => u64::try_from(value).map_err(|_| err),
+            _ => Err(err),
         }
-        Ok(value as u64)
     }
 
     /// Fails unless the low `bits` bits of `value` are zero.
     pub fn aligned(r_type: u32, value: i128, bits: u32) -> Result<(), RelocError> {
-        if value & ((1i128 << bits) - 1) != 0 {
+        // (Zero has all its bits zero, however many `trailing_zeros` counts.)
+        if value != 0 && value.trailing_zeros() < bits {
             return Err(RelocError::Misaligned { r_type, value });
         }
         Ok(())
@@ -197,5 +196,46 @@ mod tests {
         assert!(field::unsigned(1, (1 << 32) - 1, 32).is_ok());
         assert!(field::aligned(1, 6, 2).is_err());
         assert!(field::aligned(1, 8, 2).is_ok());
+    }
+
+    #[test]
+    fn widths_at_and_past_the_edges() {
+        let over = |value| Err(RelocError::Overflow { r_type: 1, value });
+        // No signed value fits a field of no bits; a width past i128's is refused
+        // (instead of overflowing a shift).
+        assert_eq!(field::signed(1, 0, 0), over(0));
+        assert_eq!(field::signed(1, 1, 200), over(1));
+        assert_eq!(field::unsigned(1, 0, 0), Ok(0));
+        assert_eq!(field::unsigned(1, 1, 0), over(1));
+        assert_eq!(field::unsigned(1, 1, 200), over(1));
+        // 64-bit fields: the whole range of i64 / u64, nothing more.
+        assert_eq!(field::signed(1, i128::from(i64::MIN), 64), Ok(1 << 63));
+        assert_eq!(field::signed(1, -1, 64), Ok(u64::MAX));
+        assert_eq!(field::signed(1, 1 << 63, 64), over(1 << 63));
+        assert_eq!(field::unsigned(1, u64::MAX.into(), 64), Ok(u64::MAX));
+        assert_eq!(field::unsigned(1, 1 << 64, 64), over(1 << 64));
+        // Wider than the u64 they return: never truncated.
+        assert_eq!(field::signed(1, 1 << 64, 100), over(1 << 64));
+        assert_eq!(field::unsigned(1, 1 << 64, 100), over(1 << 64));
+        assert!(field::aligned(1, 0, 200).is_ok());
+        assert!(field::aligned(1, 1 << 100, 100).is_ok());
+        assert!(field::aligned(1, 1 << 100, 101).is_err());
+    }
+
+    #[test]
+    fn fields_wider_than_a_u64() {
+        let mut s = [0xaau8; 10];
+        field::write::<10>(&mut s, 0, 0x1122_3344_5566_7788, Endian::Big).unwrap();
+        assert_eq!(s, [0, 0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]);
+        assert_eq!(
+            field::read::<10>(&mut s, 0, Endian::Big),
+            Ok(0x1122_3344_5566_7788)
+        );
+        field::write::<10>(&mut s, 0, 0x1122_3344_5566_7788, Endian::Little).unwrap();
+        assert_eq!(s, [0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0, 0]);
+        assert_eq!(
+            field::read::<10>(&mut s, 0, Endian::Little),
+            Ok(0x1122_3344_5566_7788)
+        );
     }
 }

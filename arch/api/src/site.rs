@@ -229,16 +229,24 @@ impl fmt::Display for EncodeError {
 /// Checks that `to - from` lies in `[-limit, limit)` and is a multiple of `align`,
 /// and returns it. Shared by every arch's branch encoder.
 pub fn displacement(from: u64, to: u64, limit: u64, align: u64) -> Result<i64, EncodeError> {
-    let d = i128::from(to) - i128::from(from);
-    let lim = i128::from(limit);
-    if d < -lim || d >= lim {
-        return Err(EncodeError::OutOfRange { from, to, limit });
+    let out_of_range = EncodeError::OutOfRange { from, to, limit };
+    // Computed as a distance and a direction: the addresses never wrap around.
+    let dist = to.abs_diff(from);
+    let forward = to >= from;
+    // `[-limit, limit)`: a forward distance below the limit, a backward one up to it.
+    if (forward && dist >= limit) || (!forward && dist > limit) {
+        return Err(out_of_range);
     }
-    if align > 1 && d % i128::from(align) != 0 {
+    if align > 1 && !dist.is_multiple_of(align) {
         return Err(EncodeError::Misaligned { from, to, align });
     }
-    // |d| < limit <= u64::MAX fits only if limit <= i64::MAX; every arch's limit does.
-    i64::try_from(d).map_err(|_| EncodeError::OutOfRange { from, to, limit })
+    // |d| <= limit fits only if limit <= 2^63; every arch's limit does.
+    let d = if forward {
+        i64::try_from(dist).ok()
+    } else {
+        0i64.checked_sub_unsigned(dist)
+    };
+    d.ok_or(out_of_range)
 }
 
 #[cfg(test)]
@@ -271,5 +279,31 @@ mod tests {
             })
         );
         assert!(displacement(u64::MAX, 0, lim, 1).is_err(), "no wrap-around");
+        assert!(displacement(0, u64::MAX, lim, 1).is_err(), "no wrap-around");
+    }
+
+    #[test]
+    fn displacement_at_the_ends_of_i64() {
+        let half = 1u64 << 63;
+        assert_eq!(displacement(half, 0, half, 1), Ok(i64::MIN));
+        assert_eq!(displacement(0, half - 1, half, 1), Ok(i64::MAX));
+        let out = |from, to| {
+            Err(EncodeError::OutOfRange {
+                from,
+                to,
+                limit: u64::MAX,
+            })
+        };
+        assert_eq!(displacement(0, half, u64::MAX, 1), out(0, half));
+        assert_eq!(displacement(half + 1, 0, u64::MAX, 1), out(half + 1, 0));
+        assert_eq!(
+            displacement(0, half + 2, u64::MAX, 4),
+            Err(EncodeError::Misaligned {
+                from: 0,
+                to: half + 2,
+                align: 4
+            }),
+            "the alignment is checked before the i64 conversion"
+        );
     }
 }

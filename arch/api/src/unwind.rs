@@ -121,14 +121,13 @@ impl TraceSink for Trace {
     /// Stores the entry; asks to stop once the buffer is full (the kernel's
     /// `stack_trace_consume_entry`).
     fn push(&mut self, addr: u64) -> bool {
-        match self.entries.get_mut(self.len) {
-            Some(slot) => {
-                *slot = addr;
-                self.len += 1;
-                self.len < MAX_STACK_ENTRIES
-            }
-            None => false,
-        }
+        let (Some(slot), Some(len)) = (self.entries.get_mut(self.len), self.len.checked_add(1))
+        else {
+            return false;
+        };
+        *slot = addr;
+        self.len = len;
+        len < MAX_STACK_ENTRIES
     }
 }
 
@@ -205,6 +204,15 @@ pub mod check {
     /// Reads a stack word, mapping a failed read to [`UnwindError::Unreadable`].
     pub fn word(mem: &dyn StackMemory, addr: u64) -> Result<u64, UnwindError> {
         mem.read_u64(addr).ok_or(UnwindError::Unreadable { addr })
+    }
+
+    /// Reads the stack word `off` bytes into the frame at `frame`; an address past the
+    /// end of the address space is [`UnwindError::FrameOutsideStack`].
+    pub fn word_at(mem: &dyn StackMemory, frame: u64, off: u64) -> Result<u64, UnwindError> {
+        let addr = frame
+            .checked_add(off)
+            .ok_or(UnwindError::FrameOutsideStack { frame })?;
+        word(mem, addr)
     }
 
     /// The frame `[frame, frame + size)` must be on the stack and `align`-aligned.

@@ -1,4 +1,17 @@
 #![no_std]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
 //! klp back-end for ppc64le (ELFv2).
 //!
 //! * [`site`]: the local entry point (from the symbol's `st_other`) after the global

@@ -66,6 +66,16 @@ fn ds(t: u32, section: &mut [u8], off: u64, v: u64) -> Result<(), RelocError> {
     half(section, off, ((old & 3) | (v & 0xfffc)) as u16)
 }
 
+/// Offset of the word after the `bl` at `offset` (where an external call's TOC restore
+/// goes): an offset past the end of the address space is outside the section, never
+/// wrapped around to its start.
+fn next_word(section: &[u8], offset: u64) -> Result<u64, RelocError> {
+    offset.checked_add(4).ok_or(RelocError::OutOfSection {
+        offset,
+        size: section.len(),
+    })
+}
+
 /// Applies `r` to `section`, loaded at `section_addr`.
 pub fn apply(
     section: &mut [u8],
@@ -121,8 +131,8 @@ pub fn apply(
             let d = i128::from(s_a.wrapping_sub(p) as i64);
             let v = field::signed(t, d, 26)?;
             field::aligned(t, d, 2)?;
+            let next = next_word(section, off)?;
             if r.external {
-                let next = off.wrapping_add(4);
                 let found = field::read::<4>(section, next, LE)? as u32;
                 if found != insn::NOP {
                     return Err(RelocError::UnexpectedInsn {
@@ -135,12 +145,7 @@ pub fn apply(
             let new = (old & !insn::LI_MASK) | (v as u32 & insn::LI_MASK);
             field::write::<4>(section, off, u64::from(new), LE)?;
             if r.external {
-                field::write::<4>(
-                    section,
-                    off.wrapping_add(4),
-                    u64::from(insn::LD_R2_24_R1),
-                    LE,
-                )?;
+                field::write::<4>(section, next, u64::from(insn::LD_R2_24_R1), LE)?;
             }
             Ok(())
         }
@@ -152,7 +157,7 @@ pub fn apply(
 /// after an external `bl` becomes a `nop` again (the kernel's `clear_relocate_add`).
 pub fn clear(section: &mut [u8], r: &Reloc) -> Result<(), RelocError> {
     if r.r_type == REL24 && r.external {
-        let next = r.offset.wrapping_add(4);
+        let next = next_word(section, r.offset)?;
         if field::read::<4>(section, next, LE)? as u32 == insn::LD_R2_24_R1 {
             field::write::<4>(section, next, u64::from(insn::NOP), LE)?;
         }
@@ -237,6 +242,27 @@ mod tests {
         assert_eq!(&s[12..16], &insn::NOP.to_le_bytes());
         apply(&mut s, BASE, &r, &RelocCtx::default()).unwrap();
         assert_eq!(s, applied);
+    }
+
+    #[test]
+    fn external_call_at_the_end_of_the_address_space() {
+        // The word after the `bl` is past u64::MAX: an error, not the section's start
+        // (which holds a TOC restore / a nop that must stay untouched).
+        let off = u64::MAX - 3;
+        let mut s = [0u8; 16];
+        s[0..4].copy_from_slice(&insn::LD_R2_24_R1.to_le_bytes());
+        let r = Reloc {
+            offset: off,
+            ..rel(REL24, P, 0, true)
+        };
+        let err = Err(RelocError::OutOfSection {
+            offset: off,
+            size: 16,
+        });
+        assert_eq!(clear(&mut s, &r), err);
+        assert_eq!(&s[0..4], &insn::LD_R2_24_R1.to_le_bytes(), "unchanged");
+        s[0..4].copy_from_slice(&0x7c08_02a6u32.to_le_bytes());
+        assert_eq!(apply(&mut s, BASE, &r, &RelocCtx::default()), err);
     }
 
     #[test]

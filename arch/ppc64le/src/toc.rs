@@ -127,7 +127,9 @@ impl LivepatchStack {
             (LR_OFFSET, lr),
             (TOC_OFFSET, toc),
         ] {
-            let addr = new - off;
+            let addr = new
+                .checked_sub(off)
+                .ok_or(TocError::Overflow { sp, limit })?;
             if !mem.write(addr, v) {
                 return Err(TocError::Memory { addr });
             }
@@ -142,20 +144,21 @@ impl LivepatchStack {
         if sp < self.base.saturating_add(8 + FRAME_SIZE) {
             return Err(TocError::Underflow { sp });
         }
+        let at = |off: u64| sp.checked_sub(off).ok_or(TocError::Underflow { sp });
         let read = |off: u64| {
-            mem.read(sp - off)
-                .ok_or(TocError::Memory { addr: sp - off })
+            let addr = at(off)?;
+            mem.read(addr).ok_or(TocError::Memory { addr })
         };
         let magic = read(MAGIC_OFFSET)?;
         if magic != STACK_END_MAGIC {
             return Err(TocError::BadMagic {
-                at: sp - MAGIC_OFFSET,
+                at: at(MAGIC_OFFSET)?,
                 found: magic,
             });
         }
         let lr = read(LR_OFFSET)?;
         let toc = read(TOC_OFFSET)?;
-        self.sp = sp - FRAME_SIZE;
+        self.sp = at(FRAME_SIZE)?;
         Ok((lr, toc))
     }
 
@@ -163,12 +166,13 @@ impl LivepatchStack {
     pub fn check(&self, mem: &dyn Words) -> Result<(), TocError> {
         let mut top = self.sp;
         while top > self.base.saturating_add(8) {
-            let at = top - MAGIC_OFFSET;
+            let underflow = TocError::Underflow { sp: top };
+            let at = top.checked_sub(MAGIC_OFFSET).ok_or(underflow)?;
             let found = mem.read(at).ok_or(TocError::Memory { addr: at })?;
             if found != STACK_END_MAGIC {
                 return Err(TocError::BadMagic { at, found });
             }
-            top -= FRAME_SIZE;
+            top = top.checked_sub(FRAME_SIZE).ok_or(underflow)?;
         }
         let found = mem
             .read(self.base)

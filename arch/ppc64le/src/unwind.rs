@@ -51,7 +51,7 @@ pub fn walk(
         return Err(UnwindError::FrameOutsideStack { frame: sp });
     }
     check::report(mem, sink, start.pc)?;
-    let mut n = 1;
+    let mut n: usize = 1;
     let mut first = true;
     loop {
         if !sp.is_multiple_of(16) {
@@ -63,14 +63,14 @@ pub fn walk(
             return Err(UnwindError::FrameOutsideStack { frame: next });
         }
         if sp <= end.saturating_sub(STACK_INT_FRAME_SIZE)
-            && check::word(mem, sp + STACK_INT_FRAME_MARKER)? == STACK_FRAME_REGS_MARKER
+            && check::word_at(mem, sp, STACK_INT_FRAME_MARKER)? == STACK_FRAME_REGS_MARKER
         {
             return Err(UnwindError::ExceptionFrame { frame: sp });
         }
         if !first {
-            let ip = check::word(mem, sp + STACK_FRAME_LR_SAVE)?;
+            let ip = check::word_at(mem, sp, STACK_FRAME_LR_SAVE)?;
             check::report(mem, sink, ip)?;
-            n += 1;
+            n = n.checked_add(1).ok_or(UnwindError::BufferFull)?;
         }
         first = false;
         if next == end {
@@ -87,21 +87,19 @@ pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
     let (&pc, rets) = trace.split_first()?;
     let end = kernel_stack_end(mem.high());
     mem.set_end(end);
-    let k = rets.len() as u64;
+    let k = u64::try_from(rets.len()).ok()?;
     // Frames 0 (innermost) ..= k; frame i's LR slot holds rets[i - 1].
-    let lowest = end.checked_sub(0x20 * (k + 1))?;
+    let lowest = end.checked_sub(k.checked_add(1)?.checked_mul(0x20)?)?;
     if lowest < mem.bounds().low {
         return None;
     }
-    for i in 0..=k {
-        let sp = lowest + 0x20 * i;
-        let lr = match i.checked_sub(1) {
-            Some(r) => *rets.get(usize::try_from(r).ok()?)?,
-            None => 0x57a1e,
-        };
-        if !(mem.set(sp, sp + 0x20) && mem.set(sp + STACK_FRAME_LR_SAVE, lr)) {
+    let mut sp = lowest;
+    for lr in core::iter::once(0x57a1e).chain(rets.iter().copied()) {
+        let up = sp.checked_add(0x20)?;
+        if !(mem.set(sp, up) && mem.set(sp.checked_add(STACK_FRAME_LR_SAVE)?, lr)) {
             return None;
         }
+        sp = up;
     }
     Some(UnwindStart {
         pc,

@@ -1,4 +1,17 @@
 #![no_std]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
 //! klp back-end for s390x (big-endian).
 //!
 //! * [`site`]: `brcl 0,0` (`-pg -mfentry -mnop-mcount`, the kernel's site) and

@@ -31,8 +31,12 @@ pub fn find(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
     }
     let mut len = 0usize;
     while len < insn::RIL_LEN {
-        match code.get(len..).and_then(insn::nop_len) {
-            Some(n) => len += n,
+        match code
+            .get(len..)
+            .and_then(insn::nop_len)
+            .and_then(|n| len.checked_add(n))
+        {
+            Some(next) => len = next,
             None => break,
         }
     }

@@ -83,9 +83,11 @@ pub fn walk(
         }
         let chain = check::word(mem, sp)?;
         if chain == 0 {
-            let regs = sp + STACK_FRAME_OVERHEAD;
+            let regs = sp
+                .checked_add(STACK_FRAME_OVERHEAD)
+                .ok_or(UnwindError::FrameOutsideStack { frame: sp })?;
             check::frame(mem, regs, PT_REGS_HEAD, 8)?;
-            let mask = check::word(mem, regs + PT_REGS_PSW_MASK)?;
+            let mask = check::word_at(mem, regs, PT_REGS_PSW_MASK)?;
             if mask & PSW_MASK_PSTATE != 0 {
                 return Ok(n);
             }
@@ -93,9 +95,9 @@ pub fn walk(
         }
         check::progress(sp, chain)?;
         check::frame(mem, chain, STACK_FRAME_OVERHEAD, 8)?;
-        let ip = check::word(mem, chain + FRAME_R14)?;
+        let ip = check::word_at(mem, chain, FRAME_R14)?;
         check::report(mem, sink, ip)?;
-        n += 1;
+        n = n.checked_add(1).ok_or(UnwindError::BufferFull)?;
         sp = chain;
     }
 }
@@ -107,22 +109,23 @@ pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
     let (&pc, rets) = trace.split_first()?;
     let end = kernel_stack_end(mem.high());
     mem.set_end(end);
-    let k = rets.len() as u64;
+    let k = u64::try_from(rets.len()).ok()?;
     // Frames 0 (innermost) ..= k, frame k being `end`; frame i's r14 slot holds
-    // rets[i - 1], the return into its owner.
-    let lowest = end.checked_sub(0x20 * k)?;
+    // rets[i - 1], the return into its owner (frame 0's holds a stale value).
+    let lowest = end.checked_sub(k.checked_mul(0x20)?)?;
     if lowest < mem.bounds().low {
         return None;
     }
-    for i in 0..=k {
-        let sp = lowest + 0x20 * i;
-        let r14 = match i.checked_sub(1) {
-            Some(r) => *rets.get(usize::try_from(r).ok()?)?,
-            None => 0x57a1e,
-        };
-        if !mem.set(sp + FRAME_R14, r14) || (i < k && !mem.set(sp, sp + 0x20)) {
+    let mut sp = lowest;
+    if !mem.set(sp.checked_add(FRAME_R14)?, 0x57a1e) {
+        return None;
+    }
+    for &r14 in rets {
+        let up = sp.checked_add(0x20)?;
+        if !(mem.set(sp, up) && mem.set(up.checked_add(FRAME_R14)?, r14)) {
             return None;
         }
+        sp = up;
     }
     Some(UnwindStart {
         pc,

@@ -80,7 +80,7 @@ pub fn walk(
         if bp & 1 == 1 {
             let regs = bp & !1;
             check::frame(mem, regs, PT_REGS_SIZE, 8)?;
-            let cs = check::word(mem, regs + PT_REGS_CS)?;
+            let cs = check::word_at(mem, regs, PT_REGS_CS)?;
             if cs & 3 == 3 {
                 return Ok(n);
             }
@@ -91,9 +91,9 @@ pub fn walk(
         }
         check::frame(mem, bp, FRAME_SIZE, 8)?;
         let next = check::word(mem, bp)?;
-        let ret = check::word(mem, bp + 8)?;
+        let ret = check::word_at(mem, bp, 8)?;
         check::report(mem, sink, ret)?;
-        n += 1;
+        n = n.checked_add(1).ok_or(UnwindError::BufferFull)?;
         if next == 0 {
             return Err(UnwindError::UnexpectedEnd { frame: bp });
         }
@@ -108,22 +108,23 @@ pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
     let (&pc, rets) = trace.split_first()?;
     let end = kernel_stack_end(mem.high());
     mem.set_end(end);
-    let k = rets.len() as u64;
-    let lowest = end.checked_sub(0x20 * k)?;
+    let k = u64::try_from(rets.len()).ok()?;
+    let lowest = end.checked_sub(k.checked_mul(0x20)?)?;
     if lowest < mem.bounds().low.checked_add(0x20)? {
         return None;
     }
     // Frame j (1 = innermost) at end - 0x20 * (k + 1 - j), returning to rets[j - 1].
-    for (j, &ret) in (1..=k).zip(rets) {
-        let fp = end - 0x20 * (k + 1 - j);
-        let up = fp + 0x20;
-        if !(mem.set(fp, up) && mem.set(fp + 8, ret)) {
+    let mut fp = lowest;
+    for &ret in rets {
+        let up = fp.checked_add(0x20)?;
+        if !(mem.set(fp, up) && mem.set(fp.checked_add(8)?, ret)) {
             return None;
         }
+        fp = up;
     }
     Some(UnwindStart {
         pc,
-        sp: lowest - 8,
+        sp: lowest.checked_sub(8)?,
         fp: lowest,
     })
 }
@@ -144,7 +145,7 @@ pub fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
 /// address is accepted.
 pub fn follows_call(before: &[u8]) -> bool {
     let n = before.len();
-    if n >= 5 && before.get(n - 5) == Some(&0xe8) {
+    if n.checked_sub(5).and_then(|p| before.get(p)) == Some(&0xe8) {
         return true;
     }
     // `ff` followed by a ModRM (with SIB and displacement) of exactly `len - 1` bytes.
@@ -152,7 +153,10 @@ pub fn follows_call(before: &[u8]) -> bool {
         let Some(p) = n.checked_sub(len) else {
             return false;
         };
-        let (Some(&0xff), Some(&modrm)) = (before.get(p), before.get(p + 1)) else {
+        let Some([0xff, operand @ ..]) = before.get(p..) else {
+            return false;
+        };
+        let Some(&modrm) = operand.first() else {
             return false;
         };
         let reg = (modrm >> 3) & 7;
@@ -161,7 +165,7 @@ pub fn follows_call(before: &[u8]) -> bool {
         if !(reg == 2 || (reg == 3 && md != 3)) {
             return false;
         }
-        modrm_len(modrm, before.get(p + 2).copied()) == Some(len - 1)
+        modrm_len(modrm, operand.get(1).copied()) == Some(operand.len())
     })
 }
 

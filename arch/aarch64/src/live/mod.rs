@@ -68,14 +68,20 @@ pub extern "C" fn klp_aarch64_sync_icache(addr: usize, len: usize) {
             "b.lo 3b",
             "dsb ish",
             "isb",
-            d = inout(reg) addr & !(dline - 1) => _,
-            i = inout(reg) addr & !(iline - 1) => _,
+            d = inout(reg) line_start(addr, dline) => _,
+            i = inout(reg) line_start(addr, iline) => _,
             dline = in(reg) dline,
             iline = in(reg) iline,
             end = in(reg) end,
             options(nostack),
         );
     }
+}
+
+/// The start of the cache line of `line` bytes (a power of two) holding `addr`: the
+/// two's-complement negation of a power of two is the mask of its multiples.
+fn line_start(addr: usize, line: usize) -> usize {
+    addr & line.wrapping_neg()
 }
 
 /// Writes `bytes` to text at `dst` and makes them visible to instruction fetch.

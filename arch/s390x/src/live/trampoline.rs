@@ -99,10 +99,12 @@ pub struct Frame {
 pub const FRAME: usize = size_of::<Frame>();
 
 /// Offset of rN's slot in a [`SaveArea`] (N in 2..=15).
+#[allow(clippy::arithmetic_side_effects)] // reason: evaluated only in const contexts
 const fn gpr(n: usize) -> usize {
     offset_of!(SaveArea, gprs) + 8 * (n - 2)
 }
 /// Offset of f(2k)'s slot in a [`SaveArea`].
+#[allow(clippy::arithmetic_side_effects)] // reason: evaluated only in const contexts
 const fn fpr(k: usize) -> usize {
     offset_of!(SaveArea, fprs) + 8 * k
 }
@@ -285,11 +287,14 @@ pub unsafe fn store_halfwords(dst: *mut u8, bytes: &[u8]) -> bool {
     if !(dst as usize).is_multiple_of(2) || !bytes.len().is_multiple_of(2) {
         return false;
     }
-    for (i, h) in bytes.chunks_exact(2).enumerate() {
-        let v = u16::from_ne_bytes([h[0], h[1]]);
+    // Every byte is in a halfword: the length is even (checked).
+    let (halfwords, _) = bytes.as_chunks::<2>();
+    let slots = dst.cast::<AtomicU16>();
+    for (i, h) in halfwords.iter().enumerate() {
+        let v = u16::from_ne_bytes(*h);
         // SAFETY: the halfword is 2-aligned (checked), mapped and writable (1); only
         // this writer stores to it (2), so an atomic view of it is sound.
-        let w = unsafe { &*(dst.wrapping_add(2 * i) as *const AtomicU16) };
+        let w = unsafe { &*slots.wrapping_add(i) };
         w.store(v, Ordering::SeqCst);
     }
     klp_s390x_sync_icache(dst as usize, bytes.len());

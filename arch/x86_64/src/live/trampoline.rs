@@ -228,15 +228,18 @@ pub unsafe extern "C" fn entry_trampoline() {
 pub unsafe fn write_site(dst: *mut u8, bytes: &[u8]) -> bool {
     let a = dst as usize;
     let base = a & !7;
-    let off = a - base;
-    if bytes.is_empty() || off + bytes.len() > 8 {
+    let off = a & 7;
+    if bytes.is_empty() {
         return false;
     }
+    let Some(end) = off.checked_add(bytes.len()).filter(|&e| e <= 8) else {
+        return false;
+    };
     // SAFETY: `base` is 8-aligned, mapped and writable (1); nobody else writes the word
     // (2), so viewing it as an atomic for the duration of this call is sound.
     let word = unsafe { &*(base as *const AtomicU64) };
     let mut b = word.load(Ordering::Acquire).to_le_bytes();
-    if let Some(d) = b.get_mut(off..off + bytes.len()) {
+    if let Some(d) = b.get_mut(off..end) {
         d.copy_from_slice(bytes);
     }
     word.store(u64::from_le_bytes(b), Ordering::SeqCst);
