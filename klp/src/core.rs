@@ -4,17 +4,23 @@
 //! one locked operation of the kernel (enable, a sysfs write, a module arriving, a work
 //! item running); the caller serialises them (`&mut self`). The host is passed in for
 //! the duration of each call.
+//!
+//! Every allocation can fail (see [`crate::fallible`]): the operation then returns
+//! `-ENOMEM` and leaves the core and the host as they were, as the kernel's
+//! `klp_init_patch`, `klp_patch_func` or `klp_module_coming` do.
 
-use alloc::collections::BTreeSet;
-use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec::Vec;
+use core::fmt;
+use core::ops::ControlFlow;
 
 use crate::errno::{Errno, KResult};
+use crate::fallible::{push_reserved, reserve_total, try_push, try_string};
 use crate::host::{Addr, HookError, Host, PatchId, PatchState};
-use crate::log::{Level, PREFIX, Record};
+use crate::log::{Level, Record, klp_log};
 use crate::model::{CallbackCx, PatchDesc, SharedCallbacks, State};
 use crate::redirect::{RedirectView, Target};
+use crate::transition::Scratch;
 
 /// Size of the stack-check buffer: a trace with this many entries is unreliable.
 pub const MAX_STACK_ENTRIES: usize = 100;
@@ -24,6 +30,11 @@ pub const SIGNALS_TIMEOUT: u32 = 15;
 pub const MODULE_NAME_LEN: usize = 56;
 /// A function or symbol name must be shorter than this.
 pub const KSYM_NAME_LEN: usize = 512;
+
+/// `old_sympos` as the sysfs directory shows it (0 counts as 1).
+fn norm_sympos(s: u64) -> u64 {
+    s.max(1)
+}
 
 /// One function of a patch, as the core tracks it.
 pub(crate) struct Func {
@@ -38,17 +49,53 @@ pub(crate) struct Func {
     pub(crate) transition: bool,
 }
 
+/// The sysfs directory name of a function, `<old_name>,<sympos or 1>`.
+#[derive(Clone, Copy, Debug)]
+pub struct FuncDirName<'a> {
+    name: &'a str,
+    sympos: u64,
+}
+
+impl fmt::Display for FuncDirName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{}", self.name, self.sympos)
+    }
+}
+
+impl FuncDirName<'_> {
+    /// Whether `s` is exactly this name (the number written without leading zeros).
+    pub(crate) fn is(&self, s: &str) -> bool {
+        let Some(num) = s
+            .strip_prefix(self.name)
+            .and_then(|rest| rest.strip_prefix(','))
+        else {
+            return false;
+        };
+        !num.starts_with('0')
+            && num.bytes().all(|b| b.is_ascii_digit())
+            && num.parse::<u64>() == Ok(self.sympos)
+    }
+}
+
 impl Func {
     pub(crate) fn name(&self) -> &str {
         self.old_name.as_deref().unwrap_or("")
     }
 
     /// The sysfs directory name `<old_name>,<sympos or 1>`.
-    pub(crate) fn dir_name(&self) -> String {
-        format!("{},{}", self.name(), self.old_sympos.max(1))
+    pub(crate) fn dir_name(&self) -> FuncDirName<'_> {
+        FuncDirName {
+            name: self.name(),
+            sympos: norm_sympos(self.old_sympos),
+        }
     }
 
-    fn target(&self) -> Target {
+    /// Whether two functions have the same sysfs directory (`klp_find_func`).
+    fn same_dir(&self, other: &Func) -> bool {
+        self.name() == other.name() && norm_sympos(self.old_sympos) == norm_sympos(other.old_sympos)
+    }
+
+    pub(crate) fn target(&self) -> Target {
         match (self.nop, self.new_func) {
             (false, Some(a)) => Target::Func(a),
             _ => Target::Original,
@@ -93,12 +140,31 @@ pub(crate) struct Patch<H> {
     pub(crate) module_ref: bool,
 }
 
+impl<H> Patch<H> {
+    fn func_count(&self) -> usize {
+        self.objs
+            .iter()
+            .fold(0usize, |n, o| n.saturating_add(o.funcs.len()))
+    }
+}
+
 /// Points at one function of one patch.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) struct FuncRef {
     pub(crate) patch: PatchId,
     pub(crate) obj: usize,
     pub(crate) func: usize,
+}
+
+/// The function `r` points at, in `patches`.
+pub(crate) fn func_in<H>(patches: &[Patch<H>], r: FuncRef) -> Option<&Func> {
+    patches
+        .iter()
+        .find(|p| p.id == r.patch)?
+        .objs
+        .get(r.obj)?
+        .funcs
+        .get(r.func)
 }
 
 /// The redirect record of one patched address (`struct klp_ops`).
@@ -109,15 +175,65 @@ pub(crate) struct Ops {
     pub(crate) stack: Vec<FuncRef>,
 }
 
-/// A redirect record as tools see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecordInfo {
+/// A redirect record as tools see it (borrowed from the core).
+pub struct RecordInfo<'a, H> {
     /// The patched function.
     pub old_func: Addr,
     /// Its entry site.
     pub site: Addr,
+    stack: &'a [FuncRef],
+    patches: &'a [Patch<H>],
+}
+
+impl<H> RecordInfo<'_, H> {
     /// The stack: (patch, implementation), bottom first; the last entry is active.
-    pub stack: Vec<(PatchId, Target)>,
+    pub fn stack(&self) -> impl Iterator<Item = (PatchId, Target)> + '_ {
+        self.stack
+            .iter()
+            .filter_map(|r| func_in(self.patches, *r).map(|f| (r.patch, f.target())))
+    }
+
+    /// The number of entries on the stack.
+    pub fn depth(&self) -> usize {
+        self.stack.len()
+    }
+}
+
+impl<H> fmt::Debug for RecordInfo<'_, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordInfo")
+            .field("old_func", &self.old_func)
+            .field("site", &self.site)
+            .field("stack", &DebugIter(|| self.stack()))
+            .finish()
+    }
+}
+
+/// Debug-prints what an iterator yields, as a list.
+struct DebugIter<F>(F);
+
+impl<F, I> fmt::Debug for DebugIter<F>
+where
+    F: Fn() -> I,
+    I: Iterator,
+    I::Item: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries((self.0)()).finish()
+    }
+}
+
+/// One function a patch has on the redirect stacks (see [`Klp::patched_funcs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchedFunc<'a> {
+    /// The object (`None` for vmlinux).
+    pub object: Option<&'a str>,
+    /// The function's name.
+    pub old_name: &'a str,
+    /// Its address.
+    pub old_func: Addr,
+    /// What the patch runs instead.
+    pub target: Target,
 }
 
 /// Which callback to run.
@@ -140,7 +256,9 @@ pub struct Klp<H> {
     pub(crate) signals_cnt: u32,
     pub(crate) sched_key: bool,
     /// Modules that are livepatch-alive (arrival processed, removal not yet).
-    pub(crate) alive: BTreeSet<String>,
+    pub(crate) alive: Vec<String>,
+    /// What the stack checks of a transition use, allocated before it starts.
+    pub(crate) scratch: Scratch,
     next_id: u64,
 }
 
@@ -154,14 +272,15 @@ impl<H> Default for Klp<H> {
             target: PatchState::Idle,
             signals_cnt: 0,
             sched_key: false,
-            alive: BTreeSet::new(),
+            alive: Vec::new(),
+            scratch: Scratch::default(),
             next_id: 1,
         }
     }
 }
 
-impl<H> core::fmt::Debug for Klp<H> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+impl<H> fmt::Debug for Klp<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Klp")
             .field("list", &self.list)
             .field("transition", &self.transition)
@@ -171,26 +290,19 @@ impl<H> core::fmt::Debug for Klp<H> {
     }
 }
 
-pub(crate) fn log<H: Host>(host: &mut H, level: Level, func: &'static str, text: &str) {
-    let line = format!("{PREFIX}{text}");
-    host.log(Record {
-        level,
-        func,
-        text: &line,
-    });
-}
-
 /// The sysfs layer's own warning about a duplicate name (no `livepatch: ` prefix).
-fn sysfs_warn_dup<H: Host>(host: &mut H, text: &str) {
-    host.log(Record {
+fn sysfs_warn_dup<H: Host>(host: &mut H, args: fmt::Arguments<'_>) {
+    host.log(&Record {
         level: Level::Warn,
         func: "sysfs_warn_dup",
-        text,
+        prefix: "",
+        args,
     });
 }
 
 impl<H: Host> Klp<H> {
     /// An initialised livepatch core (the root directory exists) with nothing loaded.
+    /// Allocates nothing.
     pub fn new() -> Self {
         Self::default()
     }
@@ -206,7 +318,7 @@ impl<H: Host> Klp<H> {
     }
 
     pub(crate) fn func(&self, r: FuncRef) -> Option<&Func> {
-        self.patch(r.patch)?.objs.get(r.obj)?.funcs.get(r.func)
+        func_in(&self.patches, r)
     }
 
     fn func_mut(&mut self, r: FuncRef) -> Option<&mut Func> {
@@ -217,8 +329,12 @@ impl<H: Host> Klp<H> {
             .get_mut(r.func)
     }
 
-    fn patch_name(&self, id: PatchId) -> String {
-        self.patch(id).map(|p| p.name.clone()).unwrap_or_default()
+    fn obj_mut(&mut self, id: PatchId, oi: usize) -> Option<&mut Object<H>> {
+        self.patch_mut(id)?.objs.get_mut(oi)
+    }
+
+    fn obj(&self, id: PatchId, oi: usize) -> Option<&Object<H>> {
+        self.patch(id)?.objs.get(oi)
     }
 
     /// The patch of a given name whose sysfs directory exists.
@@ -229,43 +345,37 @@ impl<H: Host> Klp<H> {
             .map(|p| p.id)
     }
 
+    /// Whether `module` is livepatch-alive.
+    pub fn module_alive(&self, module: &str) -> bool {
+        self.alive.iter().any(|m| m == module)
+    }
+
     // ------------------------------------------------------------------ callbacks
 
     /// Runs one callback of object `oi` of patch `id`; returns `pre_patch`'s result (0
-    /// for the others, or when there is no callback).
+    /// for the others, or when the object has no callbacks). A patch or object that does
+    /// not exist is an internal error: it WARNs and returns `-EINVAL`.
     pub(crate) fn run_callback(&mut self, host: &mut H, id: PatchId, oi: usize, which: Cb) -> i32 {
-        let prev: Option<Vec<State>> = self.transition.map(|tp| {
-            let mut v = Vec::new();
-            for pid in &self.list {
-                if *pid == tp {
-                    break;
-                }
-                if let Some(p) = self.patch(*pid) {
-                    v.extend(p.states.iter().cloned());
-                }
-            }
-            v
-        });
-        let Some(p) = self.patch_mut(id) else {
-            return 0;
+        let Some(me) = self.patches.iter().position(|p| p.id == id) else {
+            host.warn("klp_run_callback: no such patch");
+            return Errno::EINVAL.to_kernel();
         };
-        let Some(obj) = p.objs.get(oi) else {
-            return 0;
+        let Some(obj) = self.patches.get(me).and_then(|p| p.objs.get(oi)) else {
+            host.warn("klp_run_callback: no such object");
+            return Errno::EINVAL.to_kernel();
         };
         let Some(cb) = obj.callbacks.clone() else {
             return 0;
         };
-        let obj_name = obj.name.clone();
-        let patch_name = p.name.clone();
-        let mut states = core::mem::take(&mut p.states);
         let mut cx = CallbackCx {
             host,
-            patch: &patch_name,
-            obj: obj_name.as_deref(),
-            states: &mut states,
-            prev: prev.as_deref(),
+            patches: &mut self.patches,
+            list: &self.list,
+            transition: self.transition,
+            me,
+            obj: oi,
         };
-        let ret = match which {
+        match which {
             Cb::PrePatch => cb.pre_patch(&mut cx),
             Cb::PostPatch => {
                 cb.post_patch(&mut cx);
@@ -279,17 +389,13 @@ impl<H: Host> Klp<H> {
                 cb.post_unpatch(&mut cx);
                 0
             }
-        };
-        if let Some(p) = self.patch_mut(id) {
-            p.states = states;
         }
-        ret
     }
 
     /// The pre-patch step: run `pre_patch`, remember whether post_unpatch may run.
     pub(crate) fn pre_patch_step(&mut self, host: &mut H, id: PatchId, oi: usize) -> i32 {
         let ret = self.run_callback(host, id, oi, Cb::PrePatch);
-        if let Some(o) = self.patch_mut(id).and_then(|p| p.objs.get_mut(oi)) {
+        if let Some(o) = self.obj_mut(id, oi) {
             o.post_unpatch_enabled = ret == 0;
         }
         ret
@@ -297,14 +403,11 @@ impl<H: Host> Klp<H> {
 
     /// The post-unpatch step: run `post_unpatch` once per successful pre-patch step.
     pub(crate) fn post_unpatch_step(&mut self, host: &mut H, id: PatchId, oi: usize) {
-        let enabled = self
-            .patch(id)
-            .and_then(|p| p.objs.get(oi))
-            .is_some_and(|o| o.post_unpatch_enabled);
+        let enabled = self.obj(id, oi).is_some_and(|o| o.post_unpatch_enabled);
         if enabled {
             self.run_callback(host, id, oi, Cb::PostUnpatch);
         }
-        if let Some(o) = self.patch_mut(id).and_then(|p| p.objs.get_mut(oi)) {
+        if let Some(o) = self.obj_mut(id, oi) {
             o.post_unpatch_enabled = false;
         }
     }
@@ -318,44 +421,41 @@ impl<H: Host> Klp<H> {
         name: &str,
         sympos: u64,
     ) -> KResult<Addr> {
-        let cands = host.symbol_candidates(objname, name);
         let mut count: u64 = 0;
         let mut addr: Addr = 0;
-        for a in cands {
+        host.for_each_symbol(objname, name, &mut |a| {
             addr = a;
-            count += 1;
+            count = count.saturating_add(1);
             if (sympos > 0 && count == sympos) || (sympos == 0 && count > 1) {
-                break;
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
             }
-        }
+        });
         if count == 0 {
-            log(
+            klp_log!(
                 host,
                 Level::Err,
                 "klp_find_object_symbol",
-                &format!("symbol '{name}' not found in symbol table"),
+                "symbol '{name}' not found in symbol table"
             );
             Err(Errno::EINVAL)
         } else if count > 1 && sympos == 0 {
-            log(
+            klp_log!(
                 host,
                 Level::Err,
                 "klp_find_object_symbol",
-                &format!(
-                    "unresolvable ambiguity for symbol '{name}' in object '{}'",
-                    objname.unwrap_or("(null)")
-                ),
+                "unresolvable ambiguity for symbol '{name}' in object '{}'",
+                objname.unwrap_or("(null)")
             );
             Err(Errno::EINVAL)
         } else if sympos > 0 && sympos != count {
-            log(
+            klp_log!(
                 host,
                 Level::Err,
                 "klp_find_object_symbol",
-                &format!(
-                    "symbol position {sympos} for symbol '{name}' in object '{}' not found",
-                    objname.unwrap_or("vmlinux")
-                ),
+                "symbol position {sympos} for symbol '{name}' in object '{}' not found",
+                objname.unwrap_or("vmlinux")
             );
             Err(Errno::EINVAL)
         } else {
@@ -370,38 +470,35 @@ impl<H: Host> Klp<H> {
         id: PatchId,
         oi: usize,
     ) -> KResult<()> {
-        let Some(obj) = self.patch(id).and_then(|p| p.objs.get(oi)) else {
-            return Err(Errno::EINVAL);
-        };
-        let objname = obj.name.clone();
-        let nfuncs = obj.funcs.len();
+        let nfuncs = self.obj(id, oi).ok_or(Errno::EINVAL)?.funcs.len();
         for fi in 0..nfuncs {
             let r = FuncRef {
                 patch: id,
                 obj: oi,
                 func: fi,
             };
-            let Some(f) = self.func(r) else { continue };
-            let (name, sympos, nop, new_func) =
-                (f.name().to_string(), f.old_sympos, f.nop, f.new_func);
-            let old = Self::find_object_symbol(host, objname.as_deref(), &name, sympos)?;
+            let Some(obj) = self.obj(id, oi) else {
+                return Err(Errno::EINVAL);
+            };
+            let Some(f) = obj.funcs.get(fi) else { continue };
+            let name = f.name();
+            let old = Self::find_object_symbol(host, obj.name.as_deref(), name, f.old_sympos)?;
             let Some(old_size) = host.symbol_size(old) else {
-                log(
+                klp_log!(
                     host,
                     Level::Err,
                     "klp_init_object_loaded",
-                    &format!("kallsyms size lookup failed for '{name}'"),
+                    "kallsyms size lookup failed for '{name}'"
                 );
                 return Err(Errno::ENOENT);
             };
-            let new = if nop { Some(old) } else { new_func };
-            let new_size = new.and_then(|a| host.symbol_size(a));
-            let Some(new_size) = new_size else {
-                log(
+            let new = if f.nop { Some(old) } else { f.new_func };
+            let Some(new_size) = new.and_then(|a| host.symbol_size(a)) else {
+                klp_log!(
                     host,
                     Level::Err,
                     "klp_init_object_loaded",
-                    &format!("kallsyms size lookup failed for '{name}' replacement"),
+                    "kallsyms size lookup failed for '{name}' replacement"
                 );
                 return Err(Errno::ENOENT);
             };
@@ -413,6 +510,22 @@ impl<H: Host> Klp<H> {
             }
         }
         Ok(())
+    }
+
+    /// Forgets what [`Klp::init_object_loaded`] resolved (the object went away, or its
+    /// arrival failed).
+    fn forget_object(&mut self, id: PatchId, oi: usize) {
+        if let Some(o) = self.obj_mut(id, oi) {
+            o.loaded = false;
+            for f in &mut o.funcs {
+                f.old_func = None;
+                f.old_size = 0;
+                f.new_size = 0;
+                if f.nop {
+                    f.new_func = None;
+                }
+            }
+        }
     }
 
     // ------------------------------------------------------------------ redirect records
@@ -461,61 +574,69 @@ impl<H: Host> Klp<H> {
             host.warn("klp_patch_func: function unresolved or already patched");
             return Err(Errno::EINVAL);
         };
-        let name = f.name().to_string();
-        match self.ops_index(old) {
-            Some(i) => {
-                if let Some(o) = self.ops.get_mut(i) {
-                    o.stack.push(r);
-                }
-                if let Some(f) = self.func_mut(r) {
-                    f.patched = true;
-                }
-                self.publish_one(host, i);
+        if let Some(i) = self.ops_index(old) {
+            let o = self.ops.get_mut(i).ok_or(Errno::EINVAL)?;
+            try_push(&mut o.stack, r)?;
+            if let Some(f) = self.func_mut(r) {
+                f.patched = true;
             }
-            None => {
-                let Some(site) = host.hook_site(old) else {
-                    log(
-                        host,
-                        Level::Err,
-                        "klp_patch_func",
-                        &format!("failed to find location for function '{name}'"),
-                    );
-                    return Err(Errno::EINVAL);
-                };
-                self.ops.push(Ops {
-                    old_func: old,
-                    site,
-                    stack: alloc::vec![r],
-                });
-                // Publish before registering so that the handler never runs without a
-                // view (the kernel's record exists before its ftrace registration).
-                if let Some(f) = self.func_mut(r) {
-                    f.patched = true;
-                }
-                let idx = self.ops.len() - 1;
-                self.publish_one(host, idx);
-                if let Err(e) = host.hook_register(site) {
-                    let text = match e {
-                        HookError::Filter(e) => format!(
-                            "failed to set ftrace filter for function '{name}' ({})",
-                            e.to_kernel()
-                        ),
-                        HookError::Register(e) => format!(
-                            "failed to register ftrace handler for function '{name}' ({})",
-                            e.to_kernel()
-                        ),
-                    };
-                    log(host, Level::Err, "klp_patch_func", &text);
-                    self.ops.pop();
-                    host.hook_publish(site, None);
-                    if let Some(f) = self.func_mut(r) {
-                        f.patched = false;
-                    }
-                    return Err(match e {
-                        HookError::Filter(e) | HookError::Register(e) => e,
-                    });
-                }
+            self.publish_one(host, i);
+            return Ok(());
+        }
+        let Some(site) = host.hook_site(old) else {
+            klp_log!(
+                host,
+                Level::Err,
+                "klp_patch_func",
+                "failed to find location for function '{}'",
+                f.name()
+            );
+            return Err(Errno::EINVAL);
+        };
+        // The record is allocated whole before anything changes (`kzalloc(ops)`).
+        let mut stack = Vec::new();
+        try_push(&mut stack, r)?;
+        try_push(
+            &mut self.ops,
+            Ops {
+                old_func: old,
+                site,
+                stack,
+            },
+        )?;
+        // Publish before registering so that the handler never runs without a view (the
+        // kernel's record exists before its ftrace registration).
+        if let Some(f) = self.func_mut(r) {
+            f.patched = true;
+        }
+        let idx = self.ops.len().saturating_sub(1);
+        self.publish_one(host, idx);
+        if let Err(e) = host.hook_register(site) {
+            let name = self.func(r).map_or("", Func::name);
+            match e {
+                HookError::Filter(e) => klp_log!(
+                    host,
+                    Level::Err,
+                    "klp_patch_func",
+                    "failed to set ftrace filter for function '{name}' ({})",
+                    e.to_kernel()
+                ),
+                HookError::Register(e) => klp_log!(
+                    host,
+                    Level::Err,
+                    "klp_patch_func",
+                    "failed to register ftrace handler for function '{name}' ({})",
+                    e.to_kernel()
+                ),
             }
+            self.ops.pop();
+            host.hook_publish(site, None);
+            if let Some(f) = self.func_mut(r) {
+                f.patched = false;
+            }
+            return Err(match e {
+                HookError::Filter(e) | HookError::Register(e) => e,
+            });
         }
         Ok(())
     }
@@ -552,7 +673,7 @@ impl<H: Host> Klp<H> {
 
     /// `klp_patch_object`.
     pub(crate) fn patch_object(&mut self, host: &mut H, id: PatchId, oi: usize) -> KResult<()> {
-        let Some(obj) = self.patch(id).and_then(|p| p.objs.get(oi)) else {
+        let Some(obj) = self.obj(id, oi) else {
             return Err(Errno::EINVAL);
         };
         if obj.patched {
@@ -571,7 +692,7 @@ impl<H: Host> Klp<H> {
                 return Err(e);
             }
         }
-        if let Some(o) = self.patch_mut(id).and_then(|p| p.objs.get_mut(oi)) {
+        if let Some(o) = self.obj_mut(id, oi) {
             o.patched = true;
         }
         Ok(())
@@ -579,27 +700,21 @@ impl<H: Host> Klp<H> {
 
     /// `__klp_unpatch_object`.
     pub(crate) fn unpatch_object(&mut self, host: &mut H, id: PatchId, oi: usize, nops_only: bool) {
-        let Some(obj) = self.patch(id).and_then(|p| p.objs.get(oi)) else {
-            return;
-        };
-        let todo: Vec<usize> = obj
-            .funcs
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.patched && (!nops_only || f.nop))
-            .map(|(i, _)| i)
-            .collect();
-        for fi in todo {
-            self.unpatch_func(
-                host,
-                FuncRef {
-                    patch: id,
-                    obj: oi,
-                    func: fi,
-                },
-            );
+        let n = self.obj(id, oi).map_or(0, |o| o.funcs.len());
+        for fi in 0..n {
+            let r = FuncRef {
+                patch: id,
+                obj: oi,
+                func: fi,
+            };
+            if self
+                .func(r)
+                .is_some_and(|f| f.patched && (!nops_only || f.nop))
+            {
+                self.unpatch_func(host, r);
+            }
         }
-        if let Some(o) = self.patch_mut(id).and_then(|p| p.objs.get_mut(oi))
+        if let Some(o) = self.obj_mut(id, oi)
             && (o.dynamic || !nops_only)
         {
             o.patched = false;
@@ -610,11 +725,7 @@ impl<H: Host> Klp<H> {
     pub(crate) fn unpatch_objects(&mut self, host: &mut H, id: PatchId, nops_only: bool) {
         let n = self.patch(id).map_or(0, |p| p.objs.len());
         for oi in 0..n {
-            let patched = self
-                .patch(id)
-                .and_then(|p| p.objs.get(oi))
-                .is_some_and(|o| o.patched);
-            if patched {
+            if self.obj(id, oi).is_some_and(|o| o.patched) {
                 self.unpatch_object(host, id, oi, nops_only);
             }
         }
@@ -649,6 +760,26 @@ impl<H: Host> Klp<H> {
         if p.module_ref && !p.forced {
             host.module_put(&p.name);
         }
+        drop(p);
+        self.compact();
+    }
+
+    /// Gives back the memory of tables that became empty, so that a core without
+    /// patches holds no memory (and a failed first enable leaves none behind).
+    pub(crate) fn compact(&mut self) {
+        if self.patches.is_empty() {
+            self.patches = Vec::new();
+            self.scratch = Scratch::default();
+        }
+        if self.list.is_empty() {
+            self.list = Vec::new();
+        }
+        if self.ops.is_empty() {
+            self.ops = Vec::new();
+        }
+        if self.alive.is_empty() {
+            self.alive = Vec::new();
+        }
     }
 
     pub(crate) fn free_patch_async(&mut self, host: &mut H, id: PatchId) {
@@ -663,6 +794,43 @@ impl<H: Host> Klp<H> {
 
     // ------------------------------------------------------------------ enable
 
+    /// The core's own copy of a patch description (`klp_init_patch_early`): every
+    /// allocation it needs is made here, before anything is registered.
+    fn adopt(desc_objs: Vec<crate::model::ObjectDesc<H>>) -> KResult<Vec<Object<H>>> {
+        let mut objs = Vec::new();
+        reserve_total(&mut objs, desc_objs.len())?;
+        for o in desc_objs {
+            let dfuncs = o.funcs.unwrap_or_default();
+            let mut funcs = Vec::new();
+            reserve_total(&mut funcs, dfuncs.len())?;
+            for f in dfuncs {
+                let func = Func {
+                    old_name: f.old_name,
+                    new_func: f.new_func,
+                    old_sympos: f.old_sympos,
+                    old_func: None,
+                    old_size: 0,
+                    new_size: 0,
+                    nop: false,
+                    patched: false,
+                    transition: false,
+                };
+                push_reserved(&mut funcs, func).map_err(|_| Errno::ENOMEM)?;
+            }
+            let obj = Object {
+                name: o.name,
+                funcs,
+                callbacks: o.callbacks,
+                loaded: false,
+                dynamic: false,
+                patched: false,
+                post_unpatch_enabled: false,
+            };
+            push_reserved(&mut objs, obj).map_err(|_| Errno::ENOMEM)?;
+        }
+        Ok(objs)
+    }
+
     /// `klp_enable_patch`: registers, initialises and enables a patch. Its result is the
     /// result of loading the patch module. On error nothing of the patch remains.
     pub fn enable_patch(&mut self, host: &mut H, desc: PatchDesc<H>) -> KResult<PatchId> {
@@ -670,85 +838,74 @@ impl<H: Host> Klp<H> {
             return Err(Errno::EINVAL);
         }
         if !host.module_is_livepatch(&desc.module) {
-            log(
+            klp_log!(
                 host,
                 Level::Err,
                 "klp_enable_patch",
-                &format!("module {} is not marked as a livepatch module", desc.module),
+                "module {} is not marked as a livepatch module",
+                desc.module
             );
             return Err(Errno::EINVAL);
         }
         if !host.reliable_stacktrace() {
-            log(
+            klp_log!(
                 host,
                 Level::Warn,
                 "klp_enable_patch",
-                "This architecture doesn't have support for the livepatch consistency model.",
+                "This architecture doesn't have support for the livepatch consistency model."
             );
-            log(
+            klp_log!(
                 host,
                 Level::Warn,
                 "klp_enable_patch",
-                "The livepatch transition may never complete.",
+                "The livepatch transition may never complete."
             );
         }
-        let states: Vec<State> = desc.states.into_iter().take_while(|s| s.id != 0).collect();
-        if !self.is_patch_compatible(&states, desc.replace) {
-            log(
+        let PatchDesc {
+            module,
+            objs,
+            mut states,
+            replace,
+        } = desc;
+        if let Some(end) = states.iter().position(|s| s.id == 0) {
+            states.truncate(end);
+        }
+        if !self.is_patch_compatible(&states, replace) {
+            klp_log!(
                 host,
                 Level::Err,
                 "klp_enable_patch",
-                &format!(
-                    "Livepatch patch ({}) is not compatible with the already installed livepatches.",
-                    desc.module
-                ),
+                "Livepatch patch ({module}) is not compatible with the already installed livepatches."
             );
             return Err(Errno::EINVAL);
         }
-        if !host.module_get(&desc.module) {
+        let objs = Self::adopt(objs)?;
+        let room = self.patches.len().saturating_add(1);
+        reserve_total(&mut self.patches, room)?;
+        let Some(next) = self.next_id.checked_add(1) else {
+            return Err(Errno::ENOSPC);
+        };
+        if !host.module_get(&module) {
             return Err(Errno::ENODEV);
         }
         let id = PatchId(self.next_id);
-        self.next_id += 1;
-        let objs = desc
-            .objs
-            .into_iter()
-            .map(|o| Object {
-                name: o.name,
-                funcs: o
-                    .funcs
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|f| Func {
-                        old_name: f.old_name,
-                        new_func: f.new_func,
-                        old_sympos: f.old_sympos,
-                        old_func: None,
-                        old_size: 0,
-                        new_size: 0,
-                        nop: false,
-                        patched: false,
-                        transition: false,
-                    })
-                    .collect(),
-                callbacks: o.callbacks,
-                loaded: false,
-                dynamic: false,
-                patched: false,
-                post_unpatch_enabled: false,
-            })
-            .collect();
-        self.patches.push(Patch {
+        self.next_id = next;
+        let patch = Patch {
             id,
-            name: desc.module,
+            name: module,
             objs,
             states,
-            replace: desc.replace,
+            replace,
             enabled: false,
             forced: false,
             dir: false,
             module_ref: true,
-        });
+        };
+        if push_reserved(&mut self.patches, patch).is_err() {
+            // Not reached: the room was reserved above.
+            host.warn("klp_enable_patch: reserved room vanished");
+            return Err(Errno::ENOMEM);
+        }
         let r = self
             .init_patch(host, id)
             .and_then(|()| self.enable_inner(host, id));
@@ -764,127 +921,121 @@ impl<H: Host> Klp<H> {
 
     /// `klp_init_patch`.
     fn init_patch(&mut self, host: &mut H, id: PatchId) -> KResult<()> {
-        let name = self.patch_name(id);
-        if self.patches.iter().any(|p| p.dir && p.name == name) {
+        let p = self.patch(id).ok_or(Errno::EINVAL)?;
+        if self.patches.iter().any(|q| q.dir && q.name == p.name) {
             sysfs_warn_dup(
                 host,
-                &format!("sysfs: cannot create duplicate filename '/kernel/livepatch/{name}'"),
+                format_args!(
+                    "sysfs: cannot create duplicate filename '/kernel/livepatch/{}'",
+                    p.name
+                ),
             );
             return Err(Errno::EEXIST);
         }
+        let replace = p.replace;
         if let Some(p) = self.patch_mut(id) {
             p.dir = true;
         }
-        if self.patch(id).is_some_and(|p| p.replace) {
-            self.add_nops(id);
+        if replace {
+            self.add_nops(id)?;
         }
         let nobjs = self.patch(id).map_or(0, |p| p.objs.len());
         for oi in 0..nobjs {
             self.init_object(host, id, oi)?;
         }
-        self.list.push(id);
+        // The stack checks of this patch's transitions (and of any later disable of it,
+        // which has no more functions) need room for one range per function.
+        let nfuncs = self.patch(id).map_or(0, Patch::func_count);
+        self.scratch.reserve(nfuncs)?;
+        try_push(&mut self.list, id)
+    }
+
+    /// `klp_add_nops`: cover every function the listed patches patch with a nop
+    /// function of the new patch (`klp_alloc_object_dynamic`, `klp_alloc_func_nop`).
+    fn add_nops(&mut self, id: PatchId) -> KResult<()> {
+        for li in 0..self.list.len() {
+            let Some(&old) = self.list.get(li) else { break };
+            let nobjs = self.patch(old).map_or(0, |p| p.objs.len());
+            for ooi in 0..nobjs {
+                let oi = self.nop_object(id, old, ooi)?;
+                let nfuncs = self.obj(old, ooi).map_or(0, |o| o.funcs.len());
+                for ofi in 0..nfuncs {
+                    let Some(old_func) = self.obj(old, ooi).and_then(|o| o.funcs.get(ofi)) else {
+                        break;
+                    };
+                    let exists = self
+                        .obj(id, oi)
+                        .is_some_and(|o| o.funcs.iter().any(|f| f.same_dir(old_func)));
+                    if exists {
+                        continue;
+                    }
+                    let nop = Func {
+                        old_name: Some(try_string(old_func.name())?),
+                        new_func: None,
+                        old_sympos: old_func.old_sympos,
+                        old_func: None,
+                        old_size: 0,
+                        new_size: 0,
+                        nop: true,
+                        patched: false,
+                        transition: false,
+                    };
+                    let o = self.obj_mut(id, oi).ok_or(Errno::EINVAL)?;
+                    try_push(&mut o.funcs, nop)?;
+                }
+            }
+        }
         Ok(())
     }
 
-    /// `klp_add_nops`: cover every function the listed patches patch.
-    fn add_nops(&mut self, id: PatchId) {
-        let mut wanted: Vec<(Option<String>, String, u64)> = Vec::new();
-        for pid in &self.list {
-            if let Some(old) = self.patch(*pid) {
-                for o in &old.objs {
-                    for f in &o.funcs {
-                        wanted.push((o.name.clone(), f.name().to_string(), f.old_sympos));
-                    }
-                    if o.funcs.is_empty() {
-                        wanted.push((o.name.clone(), String::new(), u64::MAX));
-                    }
-                }
-            }
+    /// The object of patch `id` that matches object `ooi` of patch `old`, created as a
+    /// dynamic object if missing.
+    fn nop_object(&mut self, id: PatchId, old: PatchId, ooi: usize) -> KResult<usize> {
+        let old_name = self.obj(old, ooi).ok_or(Errno::EINVAL)?.name.as_deref();
+        let p = self.patch(id).ok_or(Errno::EINVAL)?;
+        if let Some(i) = p.objs.iter().position(|o| o.matches(old_name)) {
+            return Ok(i);
         }
-        let Some(p) = self.patch_mut(id) else { return };
-        for (objname, fname, sympos) in wanted {
-            let oi = match p.objs.iter().position(|o| o.matches(objname.as_deref())) {
-                Some(i) => i,
-                None => {
-                    p.objs.push(Object {
-                        name: objname.clone(),
-                        funcs: Vec::new(),
-                        callbacks: None,
-                        loaded: false,
-                        dynamic: true,
-                        patched: false,
-                        post_unpatch_enabled: false,
-                    });
-                    p.objs.len() - 1
-                }
-            };
-            if sympos == u64::MAX {
-                continue; // an old object without functions: only the object is needed
-            }
-            let Some(obj) = p.objs.get_mut(oi) else {
-                continue;
-            };
-            let norm = |s: u64| if s == 0 { 1 } else { s };
-            if obj
-                .funcs
-                .iter()
-                .any(|f| f.name() == fname && norm(f.old_sympos) == norm(sympos))
-            {
-                continue;
-            }
-            obj.funcs.push(Func {
-                old_name: Some(fname),
-                new_func: None,
-                old_sympos: sympos,
-                old_func: None,
-                old_size: 0,
-                new_size: 0,
-                nop: true,
-                patched: false,
-                transition: false,
-            });
-        }
+        let obj = Object {
+            name: old_name.map(try_string).transpose()?,
+            funcs: Vec::new(),
+            callbacks: None,
+            loaded: false,
+            dynamic: true,
+            patched: false,
+            post_unpatch_enabled: false,
+        };
+        let p = self.patch_mut(id).ok_or(Errno::EINVAL)?;
+        try_push(&mut p.objs, obj)?;
+        Ok(p.objs.len().saturating_sub(1))
     }
 
     /// `klp_init_object` (and `klp_init_func` for each of its functions).
     fn init_object(&mut self, host: &mut H, id: PatchId, oi: usize) -> KResult<()> {
-        let alive = self.alive.clone();
-        let Some(p) = self.patch_mut(id) else {
-            return Err(Errno::EINVAL);
-        };
-        let pname = p.name.clone();
-        // Directory names of the objects before this one (duplicates collide in sysfs).
-        let earlier: Vec<String> = p
-            .objs
-            .iter()
-            .take(oi)
-            .map(|o| o.display_name().to_string())
-            .collect();
-        let Some(obj) = p.objs.get_mut(oi) else {
-            return Err(Errno::EINVAL);
-        };
+        let p = self.patch(id).ok_or(Errno::EINVAL)?;
+        let obj = p.objs.get(oi).ok_or(Errno::EINVAL)?;
         if let Some(n) = &obj.name
             && n.len() >= MODULE_NAME_LEN
         {
             return Err(Errno::EINVAL);
         }
-        obj.patched = false;
-        obj.loaded = match &obj.name {
+        let loaded = match &obj.name {
             None => true,
-            Some(n) => alive.contains(n),
+            Some(n) => self.module_alive(n),
         };
-        let dname = obj.display_name().to_string();
-        if earlier.contains(&dname) {
+        // Objects before this one with the same directory name collide in sysfs.
+        let dname = obj.display_name();
+        if p.objs.iter().take(oi).any(|o| o.display_name() == dname) {
             sysfs_warn_dup(
                 host,
-                &format!(
-                    "sysfs: cannot create duplicate filename '/kernel/livepatch/{pname}/{dname}'"
+                format_args!(
+                    "sysfs: cannot create duplicate filename '/kernel/livepatch/{}/{dname}'",
+                    p.name
                 ),
             );
             return Err(Errno::EEXIST);
         }
-        let mut seen: Vec<String> = Vec::new();
-        for f in &mut obj.funcs {
+        for (fi, f) in obj.funcs.iter().enumerate() {
             let Some(n) = &f.old_name else {
                 return Err(Errno::EINVAL);
             };
@@ -894,21 +1045,26 @@ impl<H: Host> Klp<H> {
             if n.len() >= KSYM_NAME_LEN {
                 return Err(Errno::EINVAL);
             }
-            f.patched = false;
-            f.transition = false;
-            let d = f.dir_name();
-            if seen.contains(&d) {
+            if obj.funcs.iter().take(fi).any(|g| g.same_dir(f)) {
                 sysfs_warn_dup(
                     host,
-                    &format!(
-                        "sysfs: cannot create duplicate filename '/kernel/livepatch/{pname}/{dname}/{d}'"
+                    format_args!(
+                        "sysfs: cannot create duplicate filename '/kernel/livepatch/{}/{dname}/{}'",
+                        p.name,
+                        f.dir_name()
                     ),
                 );
                 return Err(Errno::EEXIST);
             }
-            seen.push(d);
         }
-        let loaded = obj.loaded;
+        if let Some(o) = self.obj_mut(id, oi) {
+            o.patched = false;
+            o.loaded = loaded;
+            for f in &mut o.funcs {
+                f.patched = false;
+                f.transition = false;
+            }
+        }
         if loaded {
             self.init_object_loaded(host, id, oi)?;
         }
@@ -920,56 +1076,58 @@ impl<H: Host> Klp<H> {
         if self.transition.is_some() {
             return Err(Errno::EBUSY);
         }
-        if self.patch(id).is_some_and(|p| p.enabled) {
+        let Some(p) = self.patch(id) else {
+            return Err(Errno::EINVAL);
+        };
+        if p.enabled {
             host.warn("__klp_enable_patch: patch already enabled");
             return Err(Errno::EINVAL);
         }
-        let name = self.patch_name(id);
-        log(
+        klp_log!(
             host,
             Level::Notice,
             "__klp_enable_patch",
-            &format!("enabling patch '{name}'"),
+            "enabling patch '{}'",
+            p.name
         );
         self.init_transition(host, id, PatchState::Patched);
         let nobjs = self.patch(id).map_or(0, |p| p.objs.len());
         let mut result = Ok(());
         for oi in 0..nobjs {
-            let Some(obj) = self.patch(id).and_then(|p| p.objs.get(oi)) else {
-                continue;
-            };
-            if !obj.loaded {
+            if !self.obj(id, oi).is_some_and(|o| o.loaded) {
                 continue;
             }
-            let oname = obj.display_name().to_string();
             let ret = self.pre_patch_step(host, id, oi);
             if ret != 0 {
-                log(
+                let oname = self.obj(id, oi).map_or("", |o| o.display_name());
+                klp_log!(
                     host,
                     Level::Warn,
                     "__klp_enable_patch",
-                    &format!("pre-patch callback failed for object '{oname}'"),
+                    "pre-patch callback failed for object '{oname}'"
                 );
                 result = Err(Errno::from_ret(ret));
                 break;
             }
             if let Err(e) = self.patch_object(host, id, oi) {
-                log(
+                let oname = self.obj(id, oi).map_or("", |o| o.display_name());
+                klp_log!(
                     host,
                     Level::Warn,
                     "__klp_enable_patch",
-                    &format!("failed to patch object '{oname}'"),
+                    "failed to patch object '{oname}'"
                 );
                 result = Err(e);
                 break;
             }
         }
         if let Err(e) = result {
-            log(
+            let name = self.patch(id).map_or("", |p| p.name.as_str());
+            klp_log!(
                 host,
                 Level::Warn,
                 "__klp_enable_patch",
-                &format!("failed to enable patch '{name}'"),
+                "failed to enable patch '{name}'"
             );
             self.cancel_transition(host);
             return Err(e);
@@ -982,7 +1140,8 @@ impl<H: Host> Klp<H> {
         Ok(())
     }
 
-    /// `__klp_disable_patch` (writing 0 to `enabled`).
+    /// `__klp_disable_patch` (writing 0 to `enabled`). Allocates nothing: the room its
+    /// stack checks need was reserved when the patch was enabled.
     pub(crate) fn disable_patch(&mut self, host: &mut H, id: PatchId) -> KResult<()> {
         if !self.patch(id).is_some_and(|p| p.enabled) {
             host.warn("__klp_disable_patch: patch not enabled");
@@ -994,11 +1153,7 @@ impl<H: Host> Klp<H> {
         self.init_transition(host, id, PatchState::Unpatched);
         let nobjs = self.patch(id).map_or(0, |p| p.objs.len());
         for oi in 0..nobjs {
-            let patched = self
-                .patch(id)
-                .and_then(|p| p.objs.get(oi))
-                .is_some_and(|o| o.patched);
-            if patched {
+            if self.obj(id, oi).is_some_and(|o| o.patched) {
                 self.run_callback(host, id, oi, Cb::PreUnpatch);
             }
         }
@@ -1013,96 +1168,86 @@ impl<H: Host> Klp<H> {
     // ------------------------------------------------------------------ modules
 
     /// `klp_module_coming`: a module is loading (before its init runs). An error refuses
-    /// the module; its load must then fail with that error.
+    /// the module; its load must then fail with that error, and nothing of the arrival
+    /// remains.
     pub fn module_coming(&mut self, host: &mut H, module: &str) -> KResult<()> {
         if module == "vmlinux" {
-            log(
+            klp_log!(
                 host,
                 Level::Err,
                 "klp_module_coming",
-                "vmlinux.ko: invalid module name",
+                "vmlinux.ko: invalid module name"
             );
             return Err(Errno::EINVAL);
         }
-        self.alive.insert(module.to_string());
-        let list = self.list.clone();
-        for pid in list {
+        // `mod->klp_alive = true`: the one allocation of an arrival, made first.
+        try_push(&mut self.alive, try_string(module)?)?;
+        for li in 0..self.list.len() {
+            let Some(&pid) = self.list.get(li) else { break };
             let Some(oi) = self
                 .patch(pid)
                 .and_then(|p| p.objs.iter().position(|o| o.matches(Some(module))))
             else {
                 continue;
             };
-            let pname = self.patch_name(pid);
-            if let Some(o) = self.patch_mut(pid).and_then(|p| p.objs.get_mut(oi)) {
+            if let Some(o) = self.obj_mut(pid, oi) {
                 o.loaded = true;
             }
-            let r = self.coming_one(host, pid, oi, &pname, module);
-            if let Err(e) = r {
-                log(
+            if let Err(e) = self.coming_one(host, pid, oi, module) {
+                let pname = self.patch(pid).map_or("", |p| p.name.as_str());
+                klp_log!(
                     host,
                     Level::Warn,
                     "klp_module_coming",
-                    &format!(
-                        "patch '{pname}' failed for module '{module}', refusing to load module '{module}'"
-                    ),
+                    "patch '{pname}' failed for module '{module}', refusing to load module '{module}'"
                 );
-                self.alive.remove(module);
-                if let Some(o) = self.patch_mut(pid).and_then(|p| p.objs.get_mut(oi)) {
-                    o.loaded = false;
-                }
+                self.alive.retain(|m| m != module);
+                self.forget_object(pid, oi);
                 self.cleanup_module_patches_limited(host, module, Some(pid));
+                self.compact();
                 return Err(e);
             }
         }
         Ok(())
     }
 
-    fn coming_one(
-        &mut self,
-        host: &mut H,
-        pid: PatchId,
-        oi: usize,
-        pname: &str,
-        module: &str,
-    ) -> KResult<()> {
+    fn coming_one(&mut self, host: &mut H, pid: PatchId, oi: usize, module: &str) -> KResult<()> {
         if let Err(e) = self.init_object_loaded(host, pid, oi) {
-            log(
+            let pname = self.patch(pid).map_or("", |p| p.name.as_str());
+            klp_log!(
                 host,
                 Level::Warn,
                 "klp_module_coming",
-                &format!(
-                    "failed to initialize patch '{pname}' for module '{module}' ({})",
-                    e.to_kernel()
-                ),
+                "failed to initialize patch '{pname}' for module '{module}' ({})",
+                e.to_kernel()
             );
             return Err(e);
         }
-        log(
+        let pname = self.patch(pid).map_or("", |p| p.name.as_str());
+        klp_log!(
             host,
             Level::Notice,
             "klp_module_coming",
-            &format!("applying patch '{pname}' to loading module '{module}'"),
+            "applying patch '{pname}' to loading module '{module}'"
         );
         let ret = self.pre_patch_step(host, pid, oi);
         if ret != 0 {
-            log(
+            klp_log!(
                 host,
                 Level::Warn,
                 "klp_module_coming",
-                &format!("pre-patch callback failed for object '{module}'"),
+                "pre-patch callback failed for object '{module}'"
             );
             return Err(Errno::from_ret(ret));
         }
         if let Err(e) = self.patch_object(host, pid, oi) {
-            log(
+            let pname = self.patch(pid).map_or("", |p| p.name.as_str());
+            klp_log!(
                 host,
                 Level::Warn,
                 "klp_module_coming",
-                &format!(
-                    "failed to apply patch '{pname}' to module '{module}' ({})",
-                    e.to_kernel()
-                ),
+                "failed to apply patch '{pname}' to module '{module}' ({})",
+                e.to_kernel()
             );
             self.post_unpatch_step(host, pid, oi);
             return Err(e);
@@ -1116,8 +1261,9 @@ impl<H: Host> Klp<H> {
     /// `klp_module_going`: a module is being removed (after its exit function), or its
     /// load failed after [`Klp::module_coming`] succeeded.
     pub fn module_going(&mut self, host: &mut H, module: &str) {
-        self.alive.remove(module);
+        self.alive.retain(|m| m != module);
         self.cleanup_module_patches_limited(host, module, None);
+        self.compact();
     }
 
     fn cleanup_module_patches_limited(
@@ -1126,8 +1272,8 @@ impl<H: Host> Klp<H> {
         module: &str,
         limit: Option<PatchId>,
     ) {
-        let list = self.list.clone();
-        for pid in list {
+        for li in 0..self.list.len() {
+            let Some(&pid) = self.list.get(li) else { break };
             if Some(pid) == limit {
                 break;
             }
@@ -1137,43 +1283,26 @@ impl<H: Host> Klp<H> {
             else {
                 continue;
             };
-            if !self
-                .patch(pid)
-                .and_then(|p| p.objs.get(oi))
-                .is_some_and(|o| o.loaded)
-            {
+            if !self.obj(pid, oi).is_some_and(|o| o.loaded) {
                 continue;
             }
-            let pname = self.patch_name(pid);
             if self.transition != Some(pid) {
                 self.run_callback(host, pid, oi, Cb::PreUnpatch);
             }
-            log(
+            let pname = self.patch(pid).map_or("", |p| p.name.as_str());
+            klp_log!(
                 host,
                 Level::Notice,
                 "klp_cleanup_module_patches_limited",
-                &format!("reverting patch '{pname}' on unloading module '{module}'"),
+                "reverting patch '{pname}' on unloading module '{module}'"
             );
             self.unpatch_object(host, pid, oi, false);
             self.post_unpatch_step(host, pid, oi);
-            if let Some(o) = self.patch_mut(pid).and_then(|p| p.objs.get_mut(oi)) {
-                o.loaded = false;
-                for f in &mut o.funcs {
-                    f.old_func = None;
-                    if f.nop {
-                        f.new_func = None;
-                    }
-                }
-            }
+            self.forget_object(pid, oi);
         }
     }
 
     // ------------------------------------------------------------------ misc public
-
-    /// Whether `module` is livepatch-alive.
-    pub fn module_alive(&self, module: &str) -> bool {
-        self.alive.contains(module)
-    }
 
     /// The patch in transition, if any.
     pub fn transition_patch(&self) -> Option<PatchId> {
@@ -1191,8 +1320,8 @@ impl<H: Host> Klp<H> {
     }
 
     /// The listed patches (enabled or in transition), in stack order.
-    pub fn listed(&self) -> Vec<PatchId> {
-        self.list.clone()
+    pub fn listed(&self) -> &[PatchId] {
+        &self.list
     }
 
     /// The name of a patch that still exists.
@@ -1224,34 +1353,64 @@ impl<H: Host> Klp<H> {
     }
 
     /// Every redirect record, for tests and tools.
-    pub fn records(&self) -> Vec<RecordInfo> {
-        self.ops
-            .iter()
-            .map(|o| RecordInfo {
-                old_func: o.old_func,
-                site: o.site,
-                stack: o
-                    .stack
-                    .iter()
-                    .filter_map(|r| self.func(*r).map(|f| (r.patch, f.target())))
-                    .collect(),
-            })
-            .collect()
+    pub fn records(&self) -> impl Iterator<Item = RecordInfo<'_, H>> + '_ {
+        self.ops.iter().map(|o| RecordInfo {
+            old_func: o.old_func,
+            site: o.site,
+            stack: &o.stack,
+            patches: &self.patches,
+        })
     }
 
     /// The old functions a patch currently has on the redirect stacks, with their
-    /// replacement, for tests and tools: `(object, old_name, old_func, target)`.
-    pub fn patched_funcs(&self, id: PatchId) -> Vec<(Option<String>, String, Addr, Target)> {
-        let mut v = Vec::new();
-        if let Some(p) = self.patch(id) {
-            for o in &p.objs {
-                for f in &o.funcs {
-                    if let (true, Some(a)) = (f.patched, f.old_func) {
-                        v.push((o.name.clone(), f.name().to_string(), a, f.target()));
-                    }
-                }
-            }
+    /// replacement, for tests and tools.
+    pub fn patched_funcs(&self, id: PatchId) -> impl Iterator<Item = PatchedFunc<'_>> + '_ {
+        self.patch(id)
+            .into_iter()
+            .flat_map(|p| p.objs.iter())
+            .flat_map(|o| {
+                o.funcs
+                    .iter()
+                    .filter_map(move |f| match (f.patched, f.old_func) {
+                        (true, Some(a)) => Some(PatchedFunc {
+                            object: o.name.as_deref(),
+                            old_name: f.name(),
+                            old_func: a,
+                            target: f.target(),
+                        }),
+                        _ => None,
+                    })
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn func_dir_names() {
+        let d = FuncDirName {
+            name: "cmdline_proc_show",
+            sympos: 1,
+        };
+        assert!(d.is("cmdline_proc_show,1"));
+        for bad in [
+            "cmdline_proc_show,01",
+            "cmdline_proc_show,2",
+            "cmdline_proc_show,",
+            "cmdline_proc_show",
+            "cmdline_proc_show,1 ",
+            "cmdline_proc_sho,1",
+            "cmdline_proc_show,+1",
+        ] {
+            assert!(!d.is(bad), "{bad}");
         }
-        v
+        let big = FuncDirName {
+            name: "a,b",
+            sympos: u64::MAX,
+        };
+        assert!(big.is("a,b,18446744073709551615"));
+        assert!(!big.is("a,b,18446744073709551616"));
     }
 }

@@ -29,10 +29,14 @@ impl Errno {
     pub const EEXIST: Errno = Errno(17);
     /// No such device.
     pub const ENODEV: Errno = Errno(19);
+    /// Not a directory (listing an attribute).
+    pub const ENOTDIR: Errno = Errno(20);
     /// Is a directory (reading or writing a directory as a file).
     pub const EISDIR: Errno = Errno(21);
     /// Invalid argument.
     pub const EINVAL: Errno = Errno(22);
+    /// No space left (a caller's buffer too small for the value, no patch ids left).
+    pub const ENOSPC: Errno = Errno(28);
     /// Result out of range (a branch that cannot reach its target).
     pub const ERANGE: Errno = Errno(34);
     /// Function not implemented.
@@ -42,12 +46,16 @@ impl Errno {
 
     /// The value the kernel would return (negative).
     pub const fn to_kernel(self) -> i32 {
-        -self.0
+        self.0.saturating_neg()
     }
 
     /// Builds an error from a kernel-style return value (`-22` or `22`).
     pub const fn from_ret(ret: i32) -> Errno {
-        if ret < 0 { Errno(-ret) } else { Errno(ret) }
+        if ret < 0 {
+            Errno(ret.saturating_neg())
+        } else {
+            Errno(ret)
+        }
     }
 
     /// The symbolic name, when known (`"EINVAL"`).
@@ -62,8 +70,10 @@ impl Errno {
             16 => "EBUSY",
             17 => "EEXIST",
             19 => "ENODEV",
+            20 => "ENOTDIR",
             21 => "EISDIR",
             22 => "EINVAL",
+            28 => "ENOSPC",
             34 => "ERANGE",
             38 => "ENOSYS",
             98 => "EADDRINUSE",

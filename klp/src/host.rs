@@ -9,8 +9,8 @@
 //! next to its tasks, and read and written through this trait: the host's redirect path
 //! and safe points must reach it without taking the core's lock.
 
-use alloc::string::String;
-use alloc::vec::Vec;
+use core::fmt;
+use core::ops::ControlFlow;
 
 use crate::errno::Errno;
 use crate::log::Record;
@@ -66,6 +66,58 @@ impl PatchState {
     }
 }
 
+/// Size of a task's command name buffer, terminating NUL included (`TASK_COMM_LEN`).
+pub const TASK_COMM_LEN: usize = 16;
+
+/// A task's command name (`task->comm`): at most 15 bytes, held in place so that a
+/// message can name a task without allocating. Longer names are cut at a character
+/// boundary, as the kernel cuts them.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm {
+    buf: [u8; TASK_COMM_LEN],
+    len: u8,
+}
+
+impl Comm {
+    /// `name`, cut to fit.
+    pub fn new(name: &str) -> Comm {
+        let mut c = Comm::default();
+        let mut len = 0;
+        for (i, ch) in name.char_indices() {
+            let end = i.saturating_add(ch.len_utf8());
+            if end >= TASK_COMM_LEN {
+                break;
+            }
+            len = end;
+        }
+        if let (Some(dst), Some(src)) = (c.buf.get_mut(..len), name.as_bytes().get(..len)) {
+            dst.copy_from_slice(src);
+            c.len = u8::try_from(len).unwrap_or(0);
+        }
+        c
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        self.buf
+            .get(..usize::from(self.len))
+            .and_then(|b| core::str::from_utf8(b).ok())
+            .unwrap_or("")
+    }
+}
+
+impl fmt::Display for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 /// The idle task of one possible CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IdleTask {
@@ -104,8 +156,9 @@ pub enum HookError {
 /// state the loop has already set, see [`crate::Klp::fork_inherit`]).
 pub trait Host {
     // ----- log -----
-    /// Emits one log line. The host applies its dynamic-debug policy to debug records.
-    fn log(&mut self, rec: Record<'_>);
+    /// Emits one log line. The host applies its dynamic-debug policy to debug records
+    /// and formats the ones it prints (`{rec}` is the whole line).
+    fn log(&mut self, rec: &Record<'_>);
     /// Reports an internal-consistency failure (the kernel's `WARN`). The core always takes
     /// the documented fallback afterwards; the host decides how loud this is.
     fn warn(&mut self, what: &str);
@@ -123,9 +176,15 @@ pub trait Host {
     fn module_put(&mut self, patch_module: &str);
 
     // ----- symbols -----
-    /// Every symbol named exactly `name` in object `obj` (`None` = vmlinux), in symbol
-    /// table order, as addresses. A module object that is not loaded has none.
-    fn symbol_candidates(&self, obj: Option<&str>, name: &str) -> Vec<Addr>;
+    /// Hands `f` the address of every symbol named exactly `name` in object `obj`
+    /// (`None` = vmlinux), in symbol table order, until `f` breaks
+    /// (`kallsyms_on_each_match_symbol`). A module object that is not loaded has none.
+    fn for_each_symbol(
+        &self,
+        obj: Option<&str>,
+        name: &str,
+        f: &mut dyn FnMut(Addr) -> ControlFlow<()>,
+    );
     /// Size of the symbol that contains `addr` (`kallsyms_lookup_size_offset`).
     fn symbol_size(&self, addr: Addr) -> Option<u64>;
 
@@ -142,10 +201,11 @@ pub trait Host {
     fn hook_publish(&mut self, site: Addr, view: Option<RedirectView>);
 
     // ----- tasks -----
-    /// Every task except the idle tasks, in a stable order.
-    fn tasks(&self) -> Vec<TaskId>;
-    /// The idle task of every possible CPU.
-    fn idle_tasks(&self) -> Vec<IdleTask>;
+    /// Calls `f` for every task except the idle tasks, in a stable order
+    /// (`for_each_process_thread`). `f` gets the host back to act on the task.
+    fn for_each_task(&mut self, f: &mut dyn FnMut(&mut Self, TaskId));
+    /// Calls `f` for the idle task of every possible CPU (`for_each_possible_cpu`).
+    fn for_each_idle_task(&mut self, f: &mut dyn FnMut(&mut Self, IdleTask));
     /// The task on whose behalf the core runs now.
     fn current(&self) -> TaskId;
     /// `task->patch_state`.
@@ -157,24 +217,29 @@ pub trait Host {
     /// Sets or clears `TIF_PATCH_PENDING`.
     fn set_patch_pending(&mut self, t: TaskId, pending: bool);
     /// Command name (`comm`) and pid, for messages.
-    fn task_ident(&self, t: TaskId) -> (String, i64);
+    fn task_ident(&self, t: TaskId) -> (Comm, i64);
     /// Whether the task is a kernel thread.
     fn is_kthread(&self, t: TaskId) -> bool;
     /// Whether the task runs on a CPU right now and is not [`Host::current`] (it cannot be
     /// checked: `is running`). Otherwise the host keeps it off the CPUs until the check
     /// ends.
     fn task_running_elsewhere(&self, t: TaskId) -> bool;
-    /// A reliable trace of the task's stack: every return address, innermost first, at
-    /// most `max` of them. A task without a stack (a zombie) has an empty trace.
-    fn stack_trace_reliable(&mut self, t: TaskId, max: usize) -> Result<Vec<Addr>, TraceError>;
-    /// Called by `klp_try_complete_transition` with the tasks it is about to check
-    /// (those not in the target state yet), before the first check. A host that must
-    /// stop a task to read its stack can stop them all at once here instead of one
-    /// after the other; the kernel needs no such step (it reads a sleeping task's
-    /// stack in place). The checks that follow are the same either way. Default:
-    /// nothing.
-    fn prepare_checks(&mut self, tasks: &[TaskId]) {
-        let _ = tasks;
+    /// A reliable trace of the task's stack (`stack_trace_save_tsk_reliable`): writes
+    /// every return address, innermost first, into `entries` and returns how many there
+    /// are. A stack with more return addresses than `entries` holds is
+    /// [`TraceError::TooDeep`]. A task without a stack (a zombie) has an empty trace.
+    fn stack_trace_reliable(
+        &mut self,
+        t: TaskId,
+        entries: &mut [Addr],
+    ) -> Result<usize, TraceError>;
+    /// Called by `klp_try_complete_transition` before it checks the tasks whose state
+    /// is not `target` yet. A host that must stop a task to read its stack can stop
+    /// them all at once here instead of one after the other; the kernel needs no such
+    /// step (it reads a sleeping task's stack in place). The checks that follow are the
+    /// same either way. Default: nothing.
+    fn prepare_checks(&mut self, target: PatchState) {
+        let _ = target;
     }
     /// Sends the fake signal to a user task (it leaves interruptible waits and system
     /// calls and passes the return-to-user safe point).

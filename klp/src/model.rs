@@ -7,16 +7,22 @@
 //! enabled ([`crate::Klp::enable_patch`]), with the kernel's error codes, so that every
 //! malformed patch the kernel can be handed is representable here too.
 
-use alloc::string::{String, ToString};
+use alloc::string::String;
+#[cfg(not(no_global_oom_handling))]
+use alloc::string::ToString;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::any::Any;
 use core::fmt;
 
-use crate::host::{Addr, Host};
+use crate::core::Patch;
+use crate::errno::KResult;
+use crate::fallible::{try_push, try_string};
+use crate::host::{Addr, Host, PatchId};
 
 /// One function to replace (`struct klp_func`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(not(no_global_oom_handling), derive(Clone))]
 pub struct FuncDesc {
     /// Symbol name of the function to patch (`None` is refused with `-EINVAL`).
     pub old_name: Option<String>,
@@ -27,7 +33,18 @@ pub struct FuncDesc {
 }
 
 impl FuncDesc {
+    /// `old_name` replaced by the function at `new_func`, name unique in its object;
+    /// `-ENOMEM` if the name cannot be copied.
+    pub fn try_new(old_name: &str, new_func: Addr) -> KResult<FuncDesc> {
+        Ok(FuncDesc {
+            old_name: Some(try_string(old_name)?),
+            new_func: Some(new_func),
+            old_sympos: 0,
+        })
+    }
+
     /// `old_name` replaced by the function at `new_func`, name unique in its object.
+    #[cfg(not(no_global_oom_handling))]
     pub fn new(old_name: &str, new_func: Addr) -> FuncDesc {
         FuncDesc {
             old_name: Some(old_name.to_string()),
@@ -82,47 +99,66 @@ impl fmt::Debug for State {
 pub struct CallbackCx<'a, H> {
     /// The world.
     pub host: &'a mut H,
-    pub(crate) patch: &'a str,
-    pub(crate) obj: Option<&'a str>,
-    pub(crate) states: &'a mut [State],
-    pub(crate) prev: Option<&'a [State]>,
+    pub(crate) patches: &'a mut [Patch<H>],
+    pub(crate) list: &'a [PatchId],
+    pub(crate) transition: Option<PatchId>,
+    /// Index of the callback's patch in `patches`.
+    pub(crate) me: usize,
+    /// Index of the callback's object in that patch.
+    pub(crate) obj: usize,
 }
 
 impl<H: Host> CallbackCx<'_, H> {
     /// Name of the patch (its module).
     pub fn patch_name(&self) -> &str {
-        self.patch
+        self.patches.get(self.me).map_or("", |p| p.name.as_str())
     }
 
     /// The object's name: `None` for vmlinux, else the module name.
     pub fn obj_name(&self) -> Option<&str> {
-        self.obj
+        self.patches
+            .get(self.me)
+            .and_then(|p| p.objs.get(self.obj))
+            .and_then(|o| o.name.as_deref())
     }
 
     /// `klp_get_state(patch, id)`: this patch's own state record.
     pub fn state(&mut self, id: u64) -> Option<&mut State> {
-        self.states.iter_mut().find(|s| s.id == id)
+        self.patches
+            .get_mut(self.me)?
+            .states
+            .iter_mut()
+            .find(|s| s.id == id)
     }
 
     /// `klp_get_prev_state(id)`: the state of the last patch listed before the patch in
     /// transition. Outside a transition this WARNs and returns `None`.
     pub fn prev_state(&mut self, id: u64) -> Option<&State> {
-        match self.prev {
-            None => {
-                self.host
-                    .warn("klp_get_prev_state() called with no transition");
-                None
+        let Some(tp) = self.transition else {
+            self.host
+                .warn("klp_get_prev_state() called with no transition");
+            return None;
+        };
+        let patches: &[Patch<H>] = self.patches;
+        let mut found = None;
+        for pid in self.list.iter().take_while(|p| **p != tp) {
+            if let Some(s) = patches
+                .iter()
+                .find(|p| p.id == *pid)
+                .and_then(|p| p.states.iter().find(|s| s.id == id))
+            {
+                found = Some(s);
             }
-            Some(prev) => prev.iter().rev().find(|s| s.id == id),
         }
+        found
     }
 }
 
-impl<H> fmt::Debug for CallbackCx<'_, H> {
+impl<H: Host> fmt::Debug for CallbackCx<'_, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CallbackCx")
-            .field("patch", &self.patch)
-            .field("obj", &self.obj)
+            .field("patch", &self.patch_name())
+            .field("obj", &self.obj_name())
             .finish_non_exhaustive()
     }
 }
@@ -164,6 +200,21 @@ pub struct ObjectDesc<H> {
 }
 
 impl<H> ObjectDesc<H> {
+    /// A module object, with no functions yet; `-ENOMEM` if the name cannot be copied.
+    pub fn try_module(name: &str) -> KResult<ObjectDesc<H>> {
+        Ok(ObjectDesc {
+            name: Some(try_string(name)?),
+            funcs: Some(Vec::new()),
+            callbacks: None,
+        })
+    }
+
+    /// Adds a function; `-ENOMEM` if the list cannot grow.
+    pub fn try_func(mut self, f: FuncDesc) -> KResult<ObjectDesc<H>> {
+        try_push(self.funcs.get_or_insert_with(Vec::new), f)?;
+        Ok(self)
+    }
+
     /// The vmlinux object, with no functions yet.
     pub fn vmlinux() -> ObjectDesc<H> {
         ObjectDesc {
@@ -174,6 +225,7 @@ impl<H> ObjectDesc<H> {
     }
 
     /// A module object, with no functions yet.
+    #[cfg(not(no_global_oom_handling))]
     pub fn module(name: &str) -> ObjectDesc<H> {
         ObjectDesc {
             name: Some(name.to_string()),
@@ -183,6 +235,7 @@ impl<H> ObjectDesc<H> {
     }
 
     /// Adds a function.
+    #[cfg(not(no_global_oom_handling))]
     pub fn func(mut self, f: FuncDesc) -> ObjectDesc<H> {
         self.funcs.get_or_insert_with(Vec::new).push(f);
         self
@@ -218,7 +271,30 @@ pub struct PatchDesc<H> {
 }
 
 impl<H> PatchDesc<H> {
+    /// An empty patch carried by `module`; `-ENOMEM` if the name cannot be copied.
+    pub fn try_new(module: &str) -> KResult<PatchDesc<H>> {
+        Ok(PatchDesc {
+            module: try_string(module)?,
+            objs: Vec::new(),
+            states: Vec::new(),
+            replace: false,
+        })
+    }
+
+    /// Adds an object; `-ENOMEM` if the list cannot grow.
+    pub fn try_object(mut self, o: ObjectDesc<H>) -> KResult<PatchDesc<H>> {
+        try_push(&mut self.objs, o)?;
+        Ok(self)
+    }
+
+    /// Declares a system state; `-ENOMEM` if the list cannot grow.
+    pub fn try_state(mut self, id: u64, version: u32) -> KResult<PatchDesc<H>> {
+        try_push(&mut self.states, State::new(id, version))?;
+        Ok(self)
+    }
+
     /// An empty patch carried by `module`.
+    #[cfg(not(no_global_oom_handling))]
     pub fn new(module: &str) -> PatchDesc<H> {
         PatchDesc {
             module: module.to_string(),
@@ -229,12 +305,14 @@ impl<H> PatchDesc<H> {
     }
 
     /// Adds an object.
+    #[cfg(not(no_global_oom_handling))]
     pub fn object(mut self, o: ObjectDesc<H>) -> PatchDesc<H> {
         self.objs.push(o);
         self
     }
 
     /// Declares a system state.
+    #[cfg(not(no_global_oom_handling))]
     pub fn state(mut self, id: u64, version: u32) -> PatchDesc<H> {
         self.states.push(State::new(id, version));
         self

@@ -3,9 +3,7 @@
 //! Paths are relative to `/sys/kernel/livepatch` and split into components. Hosts route
 //! their own file systems (a simulated VFS, a control socket) to these calls.
 
-use alloc::format;
-use alloc::string::{String, ToString};
-use alloc::vec::Vec;
+use core::fmt::{self, Write};
 
 use crate::core::Klp;
 use crate::errno::{Errno, KResult};
@@ -46,6 +44,26 @@ pub fn parse_bool(s: &str) -> KResult<bool> {
     }
 }
 
+/// The size of the buffer an attribute is read into (`PAGE_SIZE` of the kernel's
+/// `show` methods).
+pub const SYSFS_PAGE: usize = 4096;
+
+/// A `fmt::Write` into a caller's byte buffer (`sysfs_emit`).
+struct BufWriter<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl Write for BufWriter<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len.checked_add(s.len()).ok_or(fmt::Error)?;
+        let dst = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
 const PATCH_ATTRS: [(&str, u32); 5] = [
     ("enabled", 0o644),
     ("transition", 0o444),
@@ -79,7 +97,7 @@ impl<H: Host> Klp<H> {
                 }
                 obj.funcs
                     .iter()
-                    .any(|f| f.dir_name() == *x)
+                    .any(|f| f.dir_name().is(x))
                     .then_some(Node::Dir)
             }
             _ => None,
@@ -91,43 +109,43 @@ impl<H: Host> Klp<H> {
         self.patch(id)?.objs.iter().find(|x| x.display_name() == o)
     }
 
-    /// The entries of the directory at `path`, in creation order.
-    pub fn sysfs_list(&self, path: &[&str]) -> Option<Vec<String>> {
+    /// Calls `f` with each entry of the directory at `path`, in creation order.
+    /// `-ENOENT` if nothing is there, `-ENOTDIR` for an attribute.
+    pub fn sysfs_list(&self, path: &[&str], f: &mut dyn FnMut(&dyn fmt::Display)) -> KResult<()> {
+        match self.sysfs_node(path).ok_or(Errno::ENOENT)? {
+            Node::Attr(_) => return Err(Errno::ENOTDIR),
+            Node::Dir => {}
+        }
         match path {
-            [] => Some(
-                self.patches
-                    .iter()
-                    .filter(|p| p.dir)
-                    .map(|p| p.name.clone())
-                    .collect(),
-            ),
+            [] => {
+                for p in self.patches.iter().filter(|p| p.dir) {
+                    f(&p.name);
+                }
+            }
             [p] => {
-                let id = self.find_patch(p)?;
-                let mut v: Vec<String> = PATCH_ATTRS.iter().map(|(n, _)| n.to_string()).collect();
-                v.extend(
-                    self.patch(id)?
-                        .objs
-                        .iter()
-                        .map(|o| o.display_name().to_string()),
-                );
-                Some(v)
+                let id = self.find_patch(p).ok_or(Errno::ENOENT)?;
+                for (n, _) in PATCH_ATTRS {
+                    f(&n);
+                }
+                for o in &self.patch(id).ok_or(Errno::ENOENT)?.objs {
+                    f(&o.display_name());
+                }
             }
             [p, o] => {
-                let obj = self.sysfs_obj(p, o)?;
-                let mut v = alloc::vec!["patched".to_string()];
-                v.extend(obj.funcs.iter().map(|f| f.dir_name()));
-                Some(v)
+                let obj = self.sysfs_obj(p, o).ok_or(Errno::ENOENT)?;
+                f(&"patched");
+                for func in &obj.funcs {
+                    f(&func.dir_name());
+                }
             }
-            [_, _, _] => match self.sysfs_node(path)? {
-                Node::Dir => Some(Vec::new()),
-                Node::Attr(_) => None,
-            },
-            _ => None,
+            _ => {}
         }
+        Ok(())
     }
 
-    /// Reads an attribute (`"%d\n"`).
-    pub fn sysfs_read(&self, path: &[&str]) -> KResult<String> {
+    /// Reads an attribute (`"%d\n"`) into `buf` (a page, [`SYSFS_PAGE`], always holds
+    /// it); returns the number of bytes written.
+    pub fn sysfs_read(&self, path: &[&str], buf: &mut [u8]) -> KResult<usize> {
         let node = self.sysfs_node(path).ok_or(Errno::ENOENT)?;
         let Node::Attr(mode) = node else {
             return Err(Errno::EISDIR);
@@ -135,25 +153,45 @@ impl<H: Host> Klp<H> {
         if mode & 0o444 == 0 {
             return Err(Errno::EACCES);
         }
-        let v: i64 = match path {
+        let v: usize = match path {
             [p, a] => {
                 let id = self.find_patch(p).ok_or(Errno::ENOENT)?;
                 let patch = self.patch(id).ok_or(Errno::ENOENT)?;
                 match *a {
-                    "enabled" => patch.enabled as i64,
-                    "transition" => (self.transition == Some(id)) as i64,
-                    "replace" => patch.replace as i64,
+                    "enabled" => usize::from(patch.enabled),
+                    "transition" => usize::from(self.transition == Some(id)),
+                    "replace" => usize::from(patch.replace),
                     "stack_order" => match self.list.iter().position(|x| *x == id) {
-                        Some(i) => i as i64 + 1,
-                        None => self.list.len() as i64,
+                        Some(i) => i.saturating_add(1),
+                        None => self.list.len(),
                     },
                     _ => return Err(Errno::EACCES),
                 }
             }
-            [p, o, _] => self.sysfs_obj(p, o).ok_or(Errno::ENOENT)?.patched as i64,
+            [p, o, _] => usize::from(self.sysfs_obj(p, o).ok_or(Errno::ENOENT)?.patched),
             _ => return Err(Errno::ENOENT),
         };
-        Ok(format!("{v}\n"))
+        let mut w = BufWriter { buf, len: 0 };
+        writeln!(w, "{v}").map_err(|_| Errno::ENOSPC)?;
+        Ok(w.len)
+    }
+
+    /// [`Klp::sysfs_list`] collected, for hosts that may allocate infallibly.
+    #[cfg(not(no_global_oom_handling))]
+    pub fn sysfs_entries(&self, path: &[&str]) -> KResult<alloc::vec::Vec<alloc::string::String>> {
+        use alloc::string::ToString;
+        let mut v = alloc::vec::Vec::new();
+        self.sysfs_list(path, &mut |e| v.push(e.to_string()))?;
+        Ok(v)
+    }
+
+    /// [`Klp::sysfs_read`] as a string, for hosts that may allocate infallibly.
+    #[cfg(not(no_global_oom_handling))]
+    pub fn sysfs_read_string(&self, path: &[&str]) -> KResult<alloc::string::String> {
+        let mut buf = [0u8; SYSFS_PAGE];
+        let n = self.sysfs_read(path, &mut buf)?;
+        let text = buf.get(..n).unwrap_or_default();
+        Ok(alloc::string::String::from_utf8_lossy(text).into_owned())
     }
 
     /// Writes an attribute; returns the byte count on success.
@@ -200,6 +238,19 @@ impl<H: Host> Klp<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffer_writes() {
+        let mut b = [0u8; 4];
+        let mut w = BufWriter {
+            buf: &mut b,
+            len: 0,
+        };
+        assert!(write!(w, "12").is_ok());
+        assert!(write!(w, "345").is_err());
+        assert_eq!(w.len, 2);
+        assert_eq!(&b[..2], b"12");
+    }
 
     #[test]
     fn kstrtobool() {

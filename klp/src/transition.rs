@@ -1,18 +1,23 @@
 //! The consistency model: moving every task from one version of the patched code to
 //! the other, only when that is safe for the task.
+//!
+//! Nothing here allocates: the code a transition forbids on stacks (one range per
+//! function) is computed once per completion attempt into room reserved when the patch
+//! was initialised, and stack traces are written into a buffer of
+//! [`MAX_STACK_ENTRIES`] kept in the core, as the kernel keeps its `entries` array.
 
-use alloc::borrow::ToOwned;
-use alloc::format;
-use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::core::{Cb, Klp, MAX_STACK_ENTRIES, SIGNALS_TIMEOUT, log};
-use crate::host::{Addr, Host, PatchState, TaskId, TraceError};
-use crate::log::Level;
+use crate::core::{Cb, FuncRef, Klp, MAX_STACK_ENTRIES, Patch, SIGNALS_TIMEOUT, func_in};
+use crate::errno::KResult;
+use crate::fallible::{push_reserved, reserve_total};
+use crate::host::{Addr, Host, PatchId, PatchState, TaskId, TraceError};
+use crate::log::{Level, klp_log};
 
-/// Why [`Klp::try_switch_task`] could not switch a task.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Blocked {
+/// Why [`Klp::try_switch_task`] could not switch a task. Names are borrowed from the
+/// core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blocked<'a> {
     /// The architecture has no reliable stack traces.
     NoReliableStacks,
     /// The task runs on another CPU.
@@ -22,7 +27,7 @@ pub enum Blocked {
     /// Its stack holds code the transition affects.
     SleepingOn {
         /// `old_name` of the function whose code is on the stack.
-        func: String,
+        func: &'a str,
         /// The return address found in that code.
         addr: Addr,
         /// Position of that frame in the trace (0 = innermost).
@@ -30,41 +35,175 @@ pub enum Blocked {
     },
 }
 
-impl<H: Host> Klp<H> {
-    fn all_tasks(host: &H) -> Vec<TaskId> {
-        let mut v = host.tasks();
-        v.extend(host.idle_tasks().into_iter().map(|i| i.task));
-        v
+/// Code a transition forbids on a task's stack: `[start, start + size)` belongs to
+/// `func`'s old (or, when unpatching, new) implementation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Range {
+    start: Addr,
+    size: u64,
+    func: FuncRef,
+}
+
+/// [`Blocked`] before the function's name is looked up.
+#[derive(Clone, Copy, Debug)]
+enum Why {
+    NoReliableStacks,
+    Running,
+    Unreliable(TraceError),
+    SleepingOn {
+        func: FuncRef,
+        addr: Addr,
+        frame: usize,
+    },
+}
+
+impl Why {
+    fn name<H>(self, patches: &[Patch<H>]) -> Blocked<'_> {
+        match self {
+            Why::NoReliableStacks => Blocked::NoReliableStacks,
+            Why::Running => Blocked::Running,
+            Why::Unreliable(e) => Blocked::Unreliable(e),
+            Why::SleepingOn { func, addr, frame } => Blocked::SleepingOn {
+                func: func_in(patches, func).map_or("", |f| f.name()),
+                addr,
+                frame,
+            },
+        }
+    }
+}
+
+/// What the stack checks use, owned by the core so that they allocate nothing.
+#[derive(Debug)]
+pub(crate) struct Scratch {
+    ranges: Vec<Range>,
+    /// Whether `ranges` holds every range of the current attempt (room ran out
+    /// otherwise, and no task may be switched by a stack check).
+    complete: bool,
+    entries: [Addr; MAX_STACK_ENTRIES],
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            ranges: Vec::new(),
+            complete: true,
+            entries: [0; MAX_STACK_ENTRIES],
+        }
+    }
+}
+
+impl Scratch {
+    /// Makes room for the ranges of a patch with `funcs` functions.
+    pub(crate) fn reserve(&mut self, funcs: usize) -> KResult<()> {
+        reserve_total(&mut self.ranges, funcs)
     }
 
-    /// `klp_init_transition`.
-    pub(crate) fn init_transition(
+    /// `klp_check_stack` for one task, without the message: the checks of
+    /// `klp_try_switch_task` (reliable stacks at all, not running elsewhere, a reliable
+    /// trace of fewer than [`MAX_STACK_ENTRIES`] entries, no forbidden code on it).
+    fn examine<H: Host>(&mut self, host: &mut H, t: TaskId) -> Result<(), Why> {
+        if !host.reliable_stacktrace() {
+            return Err(Why::NoReliableStacks);
+        }
+        if t != host.current() && host.task_running_elsewhere(t) {
+            return Err(Why::Running);
+        }
+        if !self.complete {
+            return Err(Why::Unreliable(TraceError::Unreliable));
+        }
+        let n = match host.stack_trace_reliable(t, &mut self.entries) {
+            Ok(n) if n < MAX_STACK_ENTRIES => n,
+            Ok(_) => return Err(Why::Unreliable(TraceError::TooDeep)),
+            Err(e) => return Err(Why::Unreliable(e)),
+        };
+        let trace = self.entries.get(..n).unwrap_or(&[]);
+        for r in &self.ranges {
+            let hit = |a: &Addr| *a >= r.start && *a < r.start.saturating_add(r.size);
+            if let Some(frame) = trace.iter().position(hit) {
+                return Err(Why::SleepingOn {
+                    func: r.func,
+                    addr: trace.get(frame).copied().unwrap_or(0),
+                    frame,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `klp_try_switch_task` once the ranges are computed: switches `t` to `target` if
+    /// that is safe now, or prints why not.
+    fn switch<H: Host>(
         &mut self,
+        patches: &[Patch<H>],
+        target: PatchState,
         host: &mut H,
-        id: crate::host::PatchId,
-        state: PatchState,
-    ) {
+        t: TaskId,
+    ) -> Result<(), Why> {
+        if host.patch_state(t) == target {
+            return Ok(());
+        }
+        if let Err(why) = self.examine(host, t) {
+            let (comm, pid) = host.task_ident(t);
+            match why.name(patches) {
+                Blocked::NoReliableStacks => {}
+                Blocked::Running => klp_log!(
+                    host,
+                    Level::Debug,
+                    "klp_try_switch_task",
+                    "klp_try_switch_task: {comm}:{pid} is running"
+                ),
+                Blocked::Unreliable(_) => klp_log!(
+                    host,
+                    Level::Debug,
+                    "klp_try_switch_task",
+                    "klp_try_switch_task: {comm}:{pid} has an unreliable stack"
+                ),
+                Blocked::SleepingOn { func, .. } => klp_log!(
+                    host,
+                    Level::Debug,
+                    "klp_try_switch_task",
+                    "klp_try_switch_task: {comm}:{pid} is sleeping on function {func}"
+                ),
+            }
+            return Err(why);
+        }
+        host.set_patch_pending(t, false);
+        host.set_patch_state(t, target);
+        Ok(())
+    }
+}
+
+/// Calls `f` for every task, the idle tasks last.
+fn each_task<H: Host>(host: &mut H, f: &mut dyn FnMut(&mut H, TaskId)) {
+    host.for_each_task(&mut |h, t| f(h, t));
+    host.for_each_idle_task(&mut |h, it| f(h, it.task));
+}
+
+impl<H: Host> Klp<H> {
+    /// `klp_init_transition`.
+    pub(crate) fn init_transition(&mut self, host: &mut H, id: PatchId, state: PatchState) {
         if self.target != PatchState::Idle {
             host.warn("klp_init_transition: a transition is already set up");
         }
         self.transition = Some(id);
         self.target = state;
-        let name = self.name_of(id).unwrap_or("").to_owned();
-        log(
+        klp_log!(
             host,
             Level::Debug,
             "klp_init_transition",
-            &format!("'{name}': initializing {} transition", state.verb()),
+            "'{}': initializing {} transition",
+            self.name_of(id).unwrap_or(""),
+            state.verb()
         );
         let initial = state.inverted();
         let mut warned = false;
-        for t in Self::all_tasks(host) {
-            if host.patch_state(t) != PatchState::Idle && !warned {
-                host.warn("klp_init_transition: task not idle");
+        each_task(host, &mut |h, t| {
+            if h.patch_state(t) != PatchState::Idle && !warned {
+                h.warn("klp_init_transition: task not idle");
                 warned = true;
             }
-            host.set_patch_state(t, initial);
-        }
+            h.set_patch_state(t, initial);
+        });
         if let Some(p) = self.patch_mut(id) {
             for o in &mut p.objs {
                 for f in &mut o.funcs {
@@ -80,142 +219,108 @@ impl<H: Host> Klp<H> {
         if self.target == PatchState::Idle {
             host.warn("klp_start_transition: no target");
         }
-        let name = self
-            .transition
-            .and_then(|id| self.name_of(id))
-            .unwrap_or("")
-            .to_owned();
-        log(
+        klp_log!(
             host,
             Level::Notice,
             "klp_start_transition",
-            &format!("'{name}': starting {} transition", self.target.verb()),
+            "'{}': starting {} transition",
+            self.transition
+                .and_then(|id| self.name_of(id))
+                .unwrap_or(""),
+            self.target.verb()
         );
-        for t in Self::all_tasks(host) {
-            if host.patch_state(t) != self.target {
-                host.set_patch_pending(t, true);
+        let target = self.target;
+        each_task(host, &mut |h, t| {
+            if h.patch_state(t) != target {
+                h.set_patch_pending(t, true);
             }
-        }
+        });
         self.sched_key = true;
         self.signals_cnt = 0;
     }
 
-    /// Computes what code the transition forbids on stacks: `(start, size, old_name)`.
-    fn forbidden_ranges(&self) -> Vec<(Addr, u64, String)> {
-        let mut v = Vec::new();
-        let Some(id) = self.transition else {
-            return v;
+    /// Computes what code the transition forbids on stacks, into the reserved room.
+    fn compute_ranges(&mut self, host: &mut H) {
+        let scratch = &mut self.scratch;
+        scratch.ranges.clear();
+        scratch.complete = true;
+        let Some(id) = self.transition else { return };
+        let Some(p) = self.patches.iter().find(|p| p.id == id) else {
+            return;
         };
-        let Some(p) = self.patch(id) else { return v };
         for (oi, o) in p.objs.iter().enumerate() {
             if !o.patched {
                 continue;
             }
             for (fi, f) in o.funcs.iter().enumerate() {
+                let me = FuncRef {
+                    patch: id,
+                    obj: oi,
+                    func: fi,
+                };
                 let range = if self.target == PatchState::Unpatched {
                     f.new_func.map(|a| (a, f.new_size))
                 } else {
-                    let me = crate::core::FuncRef {
-                        patch: id,
-                        obj: oi,
-                        func: fi,
-                    };
                     f.old_func.and_then(|old| {
                         let ops = self.ops.iter().find(|o| o.old_func == old)?;
                         let pos = ops.stack.iter().position(|r| *r == me)?;
                         if ops.stack.len() == 1 || pos == 0 {
                             Some((old, f.old_size))
                         } else {
-                            let g = self.func(*ops.stack.get(pos - 1)?)?;
+                            let below = *ops.stack.get(pos.checked_sub(1)?)?;
+                            let g = func_in(&self.patches, below)?;
                             g.new_func.map(|a| (a, g.new_size))
                         }
                     })
                 };
-                if let Some((a, s)) = range {
-                    v.push((a, s, f.name().into()));
+                if let Some((start, size)) = range {
+                    let r = Range {
+                        start,
+                        size,
+                        func: me,
+                    };
+                    if push_reserved(&mut scratch.ranges, r).is_err() {
+                        scratch.complete = false;
+                    }
                 }
             }
         }
-        v
-    }
-
-    /// Why `t` cannot switch to the target now, if anything blocks it: the checks of
-    /// `klp_try_switch_task` (reliable stacks at all, not running elsewhere, a reliable
-    /// trace of fewer than [`MAX_STACK_ENTRIES`] entries, no forbidden code on it).
-    fn examine(
-        &self,
-        host: &mut H,
-        t: TaskId,
-        ranges: &[(Addr, u64, String)],
-    ) -> Result<(), Blocked> {
-        if !host.reliable_stacktrace() {
-            return Err(Blocked::NoReliableStacks);
+        if !scratch.complete {
+            // Not reached: init_patch reserved one range per function. Without every
+            // range no stack check can clear a task, so none is switched by one.
+            host.warn("klp_try_complete_transition: no room for the stack-check ranges");
         }
-        if t != host.current() && host.task_running_elsewhere(t) {
-            return Err(Blocked::Running);
-        }
-        let trace = match host.stack_trace_reliable(t, MAX_STACK_ENTRIES) {
-            Ok(tr) if tr.len() < MAX_STACK_ENTRIES => tr,
-            Ok(_) => return Err(Blocked::Unreliable(TraceError::TooDeep)),
-            Err(e) => return Err(Blocked::Unreliable(e)),
-        };
-        for (start, size, name) in ranges {
-            let hit = |a: &Addr| *a >= *start && *a < start.saturating_add(*size);
-            if let Some(frame) = trace.iter().position(hit) {
-                return Err(Blocked::SleepingOn {
-                    func: name.clone(),
-                    addr: trace.get(frame).copied().unwrap_or(0),
-                    frame,
-                });
-            }
-        }
-        Ok(())
     }
 
     /// `klp_try_switch_task`: switches `t` to the target if that is safe now.
-    pub fn try_switch_task(&mut self, host: &mut H, t: TaskId) -> Result<(), Blocked> {
+    pub fn try_switch_task(&mut self, host: &mut H, t: TaskId) -> Result<(), Blocked<'_>> {
         if host.patch_state(t) == self.target {
             return Ok(());
         }
-        let ranges = self.forbidden_ranges();
-        if let Err(b) = self.examine(host, t, &ranges) {
-            let (comm, pid) = host.task_ident(t);
-            let why = match &b {
-                Blocked::NoReliableStacks => return Err(b),
-                Blocked::Running => String::from("is running"),
-                Blocked::Unreliable(_) => String::from("has an unreliable stack"),
-                Blocked::SleepingOn { func, .. } => format!("is sleeping on function {func}"),
-            };
-            log(
-                host,
-                Level::Debug,
-                "klp_try_switch_task",
-                &format!("klp_try_switch_task: {comm}:{pid} {why}"),
-            );
-            return Err(b);
-        }
-        host.set_patch_pending(t, false);
-        host.set_patch_state(t, self.target);
-        Ok(())
+        self.compute_ranges(host);
+        let target = self.target;
+        self.scratch
+            .switch(&self.patches, target, host, t)
+            .map_err(|why| why.name(&self.patches))
     }
 
-    /// What blocks each task that has not switched yet, without changing anything: the
-    /// explanation a tool shows during a long transition.
-    pub fn blockers(&self, host: &mut H) -> Vec<(TaskId, Blocked)> {
-        let mut v = Vec::new();
+    /// Calls `f` with what blocks each task that has not switched yet, without changing
+    /// anything: the explanation a tool shows during a long transition.
+    pub fn blockers(&mut self, host: &mut H, f: &mut dyn FnMut(&mut H, TaskId, Blocked<'_>)) {
         if self.transition.is_none() {
-            return v;
+            return;
         }
-        let ranges = self.forbidden_ranges();
-        for t in Self::all_tasks(host) {
-            if host.patch_state(t) == self.target {
-                continue;
+        self.compute_ranges(host);
+        let target = self.target;
+        let (scratch, patches) = (&mut self.scratch, &self.patches);
+        each_task(host, &mut |h, t| {
+            if h.patch_state(t) == target {
+                return;
             }
-            if let Err(b) = self.examine(host, t, &ranges) {
-                v.push((t, b));
+            if let Err(why) = scratch.examine(h, t) {
+                f(h, t, why.name(patches));
             }
-        }
-        v
+        });
     }
 
     /// `klp_try_complete_transition`: one completion attempt. Returns whether the
@@ -224,37 +329,36 @@ impl<H: Host> Klp<H> {
         if self.target == PatchState::Idle {
             host.warn("klp_try_complete_transition: no target");
         }
+        self.compute_ranges(host);
+        let target = self.target;
+        host.prepare_checks(target);
         let mut complete = true;
-        let tasks = host.tasks();
-        let pending: Vec<TaskId> = tasks
-            .iter()
-            .copied()
-            .filter(|t| host.patch_state(*t) != self.target)
-            .collect();
-        if !pending.is_empty() {
-            host.prepare_checks(&pending);
-        }
-        for t in tasks {
-            if self.try_switch_task(host, t).is_err() {
-                complete = false;
-            }
-        }
-        for it in host.idle_tasks() {
-            if it.online {
-                if self.try_switch_task(host, it.task).is_err() {
+        {
+            let (scratch, patches) = (&mut self.scratch, &self.patches);
+            host.for_each_task(&mut |h, t| {
+                if scratch.switch(patches, target, h, t).is_err() {
                     complete = false;
-                    host.wake_cpu(it.cpu);
                 }
-            } else if host.patch_state(it.task) != self.target {
-                host.set_patch_pending(it.task, false);
-                host.set_patch_state(it.task, self.target);
-            }
+            });
+            host.for_each_idle_task(&mut |h, it| {
+                if it.online {
+                    if scratch.switch(patches, target, h, it.task).is_err() {
+                        complete = false;
+                        h.wake_cpu(it.cpu);
+                    }
+                } else if h.patch_state(it.task) != target {
+                    h.set_patch_pending(it.task, false);
+                    h.set_patch_state(it.task, target);
+                }
+            });
         }
         if !complete {
             if self.signals_cnt > 0 && self.signals_cnt.is_multiple_of(SIGNALS_TIMEOUT) {
                 self.send_signals(host);
             }
-            self.signals_cnt += 1;
+            // The kernel's counter wraps; 2^32 is no multiple of 15, so a wrap only
+            // shifts the next round of signals.
+            self.signals_cnt = self.signals_cnt.wrapping_add(1);
             host.schedule_retry();
             return false;
         }
@@ -269,8 +373,11 @@ impl<H: Host> Klp<H> {
         if !enabled {
             self.free_patch_async(host, id);
         } else if replace {
-            let before: Vec<_> = self.list.iter().copied().take_while(|x| *x != id).collect();
-            for old in before {
+            // Every patch listed before the replacing one goes.
+            while let Some(&old) = self.list.first() {
+                if old == id {
+                    break;
+                }
                 self.free_patch_async(host, old);
             }
         }
@@ -287,18 +394,22 @@ impl<H: Host> Klp<H> {
     /// `klp_complete_transition`.
     pub(crate) fn complete_transition(&mut self, host: &mut H) {
         let Some(id) = self.transition else { return };
-        let name = self.name_of(id).unwrap_or("").to_owned();
         let target = self.target;
-        log(
+        klp_log!(
             host,
             Level::Debug,
             "klp_complete_transition",
-            &format!("'{name}': completing {} transition", target.verb()),
+            "'{}': completing {} transition",
+            self.name_of(id).unwrap_or(""),
+            target.verb()
         );
         let replace = self.patch(id).is_some_and(|p| p.replace);
         if replace && target == PatchState::Patched {
-            let before: Vec<_> = self.list.iter().copied().take_while(|x| *x != id).collect();
-            for old in before {
+            for li in 0..self.list.len() {
+                let Some(&old) = self.list.get(li) else { break };
+                if old == id {
+                    break;
+                }
                 if let Some(p) = self.patch_mut(old) {
                     p.enabled = false;
                 }
@@ -323,13 +434,13 @@ impl<H: Host> Klp<H> {
             host.synchronize();
         }
         let mut warned = false;
-        for t in Self::all_tasks(host) {
-            if host.patch_pending(t) && !warned {
-                host.warn("klp_complete_transition: task still pending");
+        each_task(host, &mut |h, t| {
+            if h.patch_pending(t) && !warned {
+                h.warn("klp_complete_transition: task still pending");
                 warned = true;
             }
-            host.set_patch_state(t, PatchState::Idle);
-        }
+            h.set_patch_state(t, PatchState::Idle);
+        });
         let nobjs = self.patch(id).map_or(0, |p| p.objs.len());
         for oi in 0..nobjs {
             let loaded = self
@@ -345,11 +456,13 @@ impl<H: Host> Klp<H> {
                 self.post_unpatch_step(host, id, oi);
             }
         }
-        log(
+        klp_log!(
             host,
             Level::Notice,
             "klp_complete_transition",
-            &format!("'{name}': {} complete", target.verb()),
+            "'{}': {} complete",
+            self.name_of(id).unwrap_or(""),
+            target.verb()
         );
         self.target = PatchState::Idle;
         self.transition = None;
@@ -361,16 +474,14 @@ impl<H: Host> Klp<H> {
             host.warn("klp_cancel_transition: not patching");
             return;
         }
-        let name = self
-            .transition
-            .and_then(|id| self.name_of(id))
-            .unwrap_or("")
-            .to_owned();
-        log(
+        klp_log!(
             host,
             Level::Debug,
             "klp_cancel_transition",
-            &format!("'{name}': canceling patching transition, going to unpatch"),
+            "'{}': canceling patching transition, going to unpatch",
+            self.transition
+                .and_then(|id| self.name_of(id))
+                .unwrap_or("")
         );
         self.target = PatchState::Unpatched;
         self.complete_transition(host);
@@ -379,21 +490,19 @@ impl<H: Host> Klp<H> {
     /// `klp_reverse_transition`.
     pub(crate) fn reverse_transition(&mut self, host: &mut H) {
         let Some(id) = self.transition else { return };
-        let name = self.name_of(id).unwrap_or("").to_owned();
         let dir = if self.target == PatchState::Patched {
             "patching to unpatching"
         } else {
             "unpatching to patching"
         };
-        log(
+        klp_log!(
             host,
             Level::Debug,
             "klp_reverse_transition",
-            &format!("'{name}': reversing transition from {dir}"),
+            "'{}': reversing transition from {dir}",
+            self.name_of(id).unwrap_or("")
         );
-        for t in Self::all_tasks(host) {
-            host.set_patch_pending(t, false);
-        }
+        each_task(host, &mut |h, t| h.set_patch_pending(t, false));
         host.synchronize();
         if let Some(p) = self.patch_mut(id) {
             p.enabled = !p.enabled;
@@ -404,24 +513,27 @@ impl<H: Host> Klp<H> {
 
     /// `klp_force_transition`: switch every remaining task without a stack check.
     pub(crate) fn force_transition(&mut self, host: &mut H) {
-        log(
+        klp_log!(
             host,
             Level::Warn,
             "klp_force_transition",
-            "forcing remaining tasks to the patched state",
+            "forcing remaining tasks to the patched state"
         );
-        for t in Self::all_tasks(host) {
-            self.update_patch_state(host, t);
-        }
+        let target = self.target;
+        each_task(host, &mut |h, t| {
+            if h.patch_pending(t) {
+                h.set_patch_pending(t, false);
+                h.set_patch_state(t, target);
+            }
+        });
         let Some(id) = self.transition else { return };
         if self.target == PatchState::Unpatched {
             if let Some(p) = self.patch_mut(id) {
                 p.forced = true;
             }
         } else if self.patch(id).is_some_and(|p| p.replace) {
-            let others: Vec<_> = self.list.iter().copied().filter(|x| *x != id).collect();
-            for o in others {
-                if let Some(p) = self.patch_mut(o) {
+            for p in &mut self.patches {
+                if p.id != id && self.list.contains(&p.id) {
                     p.forced = true;
                 }
             }
@@ -431,23 +543,23 @@ impl<H: Host> Klp<H> {
     /// `klp_send_signals`.
     fn send_signals(&mut self, host: &mut H) {
         if self.signals_cnt == SIGNALS_TIMEOUT {
-            log(
+            klp_log!(
                 host,
                 Level::Notice,
                 "klp_send_signals",
-                "signaling remaining tasks",
+                "signaling remaining tasks"
             );
         }
-        for t in host.tasks() {
-            if !host.patch_pending(t) {
-                continue;
+        host.for_each_task(&mut |h, t| {
+            if !h.patch_pending(t) {
+                return;
             }
-            if host.is_kthread(t) {
-                host.wake_kthread(t);
+            if h.is_kthread(t) {
+                h.wake_kthread(t);
             } else {
-                host.fake_signal(t);
+                h.fake_signal(t);
             }
-        }
+        });
     }
 
     /// `klp_update_patch_state`: the safe-point switch. Call it for the current task at

@@ -7,10 +7,11 @@
 //! same test under QEMU for aarch64, ppc64le and s390x.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 
 use klp::arch::{Arch, Native, UnwindError};
 use klp::{
-    Addr, Blocked, FuncDesc, HookError, Host, IdleTask, Klp, ObjectDesc, PatchDesc, PatchId,
+    Addr, Blocked, Comm, FuncDesc, HookError, Host, IdleTask, Klp, ObjectDesc, PatchDesc, PatchId,
     PatchState, Record, RedirectView, TaskId, TraceError,
 };
 use klp_arch::model::HandStack;
@@ -71,8 +72,8 @@ fn walk(trace: &[Addr]) -> Result<Vec<Addr>, UnwindError> {
 }
 
 impl Host for ModelHost {
-    fn log(&mut self, rec: Record<'_>) {
-        self.log.push(rec.text.to_string());
+    fn log(&mut self, rec: &Record<'_>) {
+        self.log.push(rec.to_string());
     }
     fn warn(&mut self, what: &str) {
         panic!("WARN: {what}");
@@ -87,10 +88,14 @@ impl Host for ModelHost {
         true
     }
     fn module_put(&mut self, _: &str) {}
-    fn symbol_candidates(&self, obj: Option<&str>, name: &str) -> Vec<Addr> {
-        match (obj, name) {
-            (None, "victim") => vec![VICTIM],
-            _ => vec![],
+    fn for_each_symbol(
+        &self,
+        obj: Option<&str>,
+        name: &str,
+        f: &mut dyn FnMut(Addr) -> ControlFlow<()>,
+    ) {
+        if let (None, "victim") = (obj, name) {
+            let _ = f(VICTIM);
         }
     }
     fn symbol_size(&self, addr: Addr) -> Option<u64> {
@@ -104,12 +109,13 @@ impl Host for ModelHost {
     }
     fn hook_unregister(&mut self, _: Addr) {}
     fn hook_publish(&mut self, _: Addr, _: Option<RedirectView>) {}
-    fn tasks(&self) -> Vec<TaskId> {
-        self.tasks.keys().map(|&k| TaskId(k)).collect()
+    fn for_each_task(&mut self, f: &mut dyn FnMut(&mut Self, TaskId)) {
+        let ids: Vec<u64> = self.tasks.keys().copied().collect();
+        for k in ids {
+            f(self, TaskId(k));
+        }
     }
-    fn idle_tasks(&self) -> Vec<IdleTask> {
-        Vec::new()
-    }
+    fn for_each_idle_task(&mut self, _: &mut dyn FnMut(&mut Self, IdleTask)) {}
     fn current(&self) -> TaskId {
         TaskId(1)
     }
@@ -125,8 +131,8 @@ impl Host for ModelHost {
     fn set_patch_pending(&mut self, t: TaskId, pending: bool) {
         self.tasks.get_mut(&t.0).expect("task").pending = pending;
     }
-    fn task_ident(&self, t: TaskId) -> (String, i64) {
-        (format!("task{}", t.0), t.0 as i64)
+    fn task_ident(&self, t: TaskId) -> (Comm, i64) {
+        (Comm::new(&format!("task{}", t.0)), t.0 as i64)
     }
     fn is_kthread(&self, _: TaskId) -> bool {
         true
@@ -134,10 +140,17 @@ impl Host for ModelHost {
     fn task_running_elsewhere(&self, _: TaskId) -> bool {
         false
     }
-    fn stack_trace_reliable(&mut self, t: TaskId, max: usize) -> Result<Vec<Addr>, TraceError> {
+    fn stack_trace_reliable(
+        &mut self,
+        t: TaskId,
+        entries: &mut [Addr],
+    ) -> Result<usize, TraceError> {
         self.walks += 1;
         match walk(&self.tasks[&t.0].trace) {
-            Ok(tr) if tr.len() <= max => Ok(tr),
+            Ok(tr) if tr.len() <= entries.len() => {
+                entries[..tr.len()].copy_from_slice(&tr);
+                Ok(tr.len())
+            }
             Ok(_) | Err(UnwindError::BufferFull) => Err(TraceError::TooDeep),
             Err(_) => Err(TraceError::Unreliable),
         }
@@ -189,39 +202,40 @@ fn stack_check_uses_the_native_unwinder() {
         assert_eq!(host.state(t), PatchState::Unpatched, "task {t}");
     }
 
-    let blocked: BTreeMap<u64, Blocked> = klp
-        .blockers(&mut host)
-        .into_iter()
-        .map(|(t, b)| (t.0, b))
-        .collect();
+    let mut blocked: BTreeMap<u64, String> = BTreeMap::new();
+    klp.blockers(&mut host, &mut |_, t, b| {
+        blocked.insert(t.0, format!("{b:?}"));
+    });
+    let show = |b: Blocked<'_>| format!("{b:?}");
     assert_eq!(
         blocked.get(&2),
-        Some(&Blocked::SleepingOn {
-            func: "victim".into(),
+        Some(&show(Blocked::SleepingOn {
+            func: "victim",
             addr: VICTIM + 0x10,
             frame: 1
-        })
+        }))
     );
     assert_eq!(
         blocked.get(&4),
-        Some(&Blocked::Unreliable(TraceError::TooDeep))
+        Some(&show(Blocked::Unreliable(TraceError::TooDeep)))
     );
     assert_eq!(
         blocked.get(&5),
-        Some(&Blocked::Unreliable(TraceError::Unreliable))
+        Some(&show(Blocked::Unreliable(TraceError::Unreliable)))
     );
     assert_eq!(
         blocked.get(&6),
-        Some(&Blocked::SleepingOn {
-            func: "victim".into(),
+        Some(&show(Blocked::SleepingOn {
+            func: "victim",
             addr: VICTIM + 0x40,
             frame: 0
-        })
+        }))
     );
     assert_eq!(blocked.len(), 4, "{blocked:?}");
 
     // Task 2 leaves victim: the next attempt switches it.
     host.tasks.get_mut(&2).expect("task").trace = vec![OTHER + 4, CALLER + 8];
-    let switched = klp.blockers(&mut host).iter().all(|(t, _)| t.0 != 2);
+    let mut switched = true;
+    klp.blockers(&mut host, &mut |_, t, _| switched &= t.0 != 2);
     assert!(switched, "task 2 no longer blocks");
 }

@@ -104,8 +104,9 @@ impl Demo<'_> {
             "#".repeat(fill),
             ".".repeat(width - fill)
         )?;
-        for (t, why) in self.k.klp.blockers(&mut self.k.world) {
-            let task = self.k.world.task(t);
+        let mut lines = Vec::new();
+        self.k.klp.blockers(&mut self.k.world, &mut |world, t, why| {
+            let task = world.task(t);
             let (comm, pid) = task.map_or(("?".into(), 0), |x| (x.comm.clone(), x.pid));
             let text = match why {
                 Blocked::SleepingOn { func, addr, frame } => format!(
@@ -115,7 +116,10 @@ impl Demo<'_> {
                 Blocked::Unreliable(e) => format!("its stack cannot be walked reliably ({e:?})"),
                 Blocked::NoReliableStacks => "no reliable stack walker: safe points only".into(),
             };
-            writeln!(self.out, "      blocked: {comm}:{pid} {text}")?;
+            lines.push(format!("      blocked: {comm}:{pid} {text}"));
+        });
+        for l in lines {
+            writeln!(self.out, "{l}")?;
         }
         Ok(())
     }

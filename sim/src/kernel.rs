@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use klp::{Errno, Host, Klp, PatchState, TaskId};
+use klp::{Errno, Klp, PatchState, TaskId};
 
+use crate::failalloc;
 use crate::modules::{self, ModuleDef, ParamKind};
 use crate::world::{
     Activity, Body, Kind, LoadedModule, ModState, NSEC_PER_SEC, ParamValue, Sleep, TICK_NS, Work,
@@ -231,8 +232,8 @@ impl Kernel {
             t.stack.insert(n.saturating_sub(1), ret);
         }
         match w {
-            Work::Retry => self.klp.retry_work(&mut self.world),
-            Work::Free(id) => self.klp.free_work(&mut self.world, id),
+            Work::Retry => failalloc::core(|| self.klp.retry_work(&mut self.world)),
+            Work::Free(id) => failalloc::core(|| self.klp.free_work(&mut self.world, id)),
         }
         if let Some(t) = self.world.task_mut(self.kworker) {
             t.stack.retain(|a| *a != ret && *a != pow);
@@ -277,7 +278,7 @@ impl Kernel {
                 Activity::GetpidLoop => {
                     if t.on_cpu.is_some() {
                         // Return to user space (a safe point), then the next syscall.
-                        self.klp.update_patch_state(&mut self.world, id);
+                        failalloc::core(|| self.klp.update_patch_state(&mut self.world, id));
                         let prev = self.world.current;
                         self.world.current = id;
                         let name = format!("{}sys_getpid", self.arch_prefix);
@@ -290,7 +291,7 @@ impl Kernel {
                         if let Some(x) = self.world.task_mut(id) {
                             x.woken = false;
                         }
-                        self.klp.update_patch_state(&mut self.world, id);
+                        failalloc::core(|| self.klp.update_patch_state(&mut self.world, id));
                     }
                 }
                 Activity::BusyWork { module } => {
@@ -310,10 +311,10 @@ impl Kernel {
                         // A woken user task leaves its wait through the return-to-user
                         // path (a fake signal) and goes back to sleep.
                         if t.kind == Kind::User {
-                            self.klp.update_patch_state(&mut self.world, id);
+                            failalloc::core(|| self.klp.update_patch_state(&mut self.world, id));
                         }
                         if t.freezable {
-                            self.klp.sched_try_switch(&mut self.world, id);
+                            failalloc::core(|| self.klp.sched_try_switch(&mut self.world, id));
                         }
                     }
                 }
@@ -383,7 +384,7 @@ impl Kernel {
             },
         );
         (def.define_funcs)(&mut self.world, name);
-        if let Err(e) = self.klp.module_coming(&mut self.world, name) {
+        if let Err(e) = failalloc::core(|| self.klp.module_coming(&mut self.world, name)) {
             self.unlink_module(name);
             return Err(ModError::Errno(e));
         }
@@ -392,7 +393,7 @@ impl Kernel {
             if let Some(m) = self.world.modules.get_mut(name) {
                 m.state = ModState::Going;
             }
-            self.klp.module_going(&mut self.world, name);
+            failalloc::core(|| self.klp.module_going(&mut self.world, name));
             self.unlink_module(name);
             return Err(ModError::Errno(e));
         }
@@ -440,7 +441,7 @@ impl Kernel {
             m.state = ModState::Going;
         }
         (def.exit)(self);
-        self.klp.module_going(&mut self.world, name);
+        failalloc::core(|| self.klp.module_going(&mut self.world, name));
         self.unlink_module(name);
         Ok(())
     }
@@ -471,14 +472,14 @@ impl Kernel {
         let _ = writeln!(s, "views: {:?}", self.world.views);
         fn walk(k: &Kernel, path: &mut Vec<String>, out: &mut String) {
             let refs: Vec<&str> = path.iter().map(String::as_str).collect();
-            let Some(entries) = k.klp.sysfs_list(&refs) else {
+            let Ok(entries) = k.klp.sysfs_entries(&refs) else {
                 return;
             };
             for e in entries {
                 path.push(e);
                 let refs: Vec<&str> = path.iter().map(String::as_str).collect();
                 let node = k.klp.sysfs_node(&refs);
-                let val = k.klp.sysfs_read(&refs).ok();
+                let val = k.klp.sysfs_read_string(&refs).ok();
                 let _ = writeln!(out, "sysfs: {} {node:?} {val:?}", path.join("/"));
                 walk(k, path, out);
                 path.pop();
@@ -533,12 +534,9 @@ impl Kernel {
             // Every record's stack matches the listed patches, in list order, and only
             // patched functions of listed patches are on it; no nops survive.
             let listed = self.klp.listed();
-            for klp::RecordInfo {
-                old_func: old,
-                site,
-                stack,
-            } in self.klp.records()
-            {
+            for r in self.klp.records() {
+                let (old, site) = (r.old_func, r.site);
+                let stack: Vec<_> = r.stack().collect();
                 if stack.is_empty() {
                     return Err(format!("empty redirect record at {old:#x}"));
                 }
@@ -559,33 +557,38 @@ impl Kernel {
                     return Err(format!("bad published view at {site:#x}"));
                 }
             }
-            let on_records: usize = self.klp.records().iter().map(|r| r.stack.len()).sum();
+            let on_records: usize = self.klp.records().map(|r| r.depth()).sum();
             let mut patched = 0;
-            for p in &listed {
+            for p in listed {
                 if !self.klp.is_enabled(*p) {
                     return Err("a listed patch is not enabled while idle".into());
                 }
                 let name = self.klp.name_of(*p).unwrap_or("").to_string();
                 // Every object whose target is present is patched; the others are not.
-                for o in self.klp.sysfs_list(&[&name]).unwrap_or_default() {
+                for o in self.klp.sysfs_entries(&[&name]).unwrap_or_default() {
                     if matches!(
                         self.klp.sysfs_node(&[&name, &o]),
                         Some(klp::sysfs::Node::Dir)
                     ) {
                         let loaded = o == "vmlinux" || self.klp.module_alive(&o);
                         let want = if loaded { "1\n" } else { "0\n" };
-                        if self.klp.sysfs_read(&[&name, &o, "patched"]).as_deref() != Ok(want) {
+                        if self
+                            .klp
+                            .sysfs_read_string(&[&name, &o, "patched"])
+                            .as_deref()
+                            != Ok(want)
+                        {
                             return Err(format!("{name}/{o}/patched out of step"));
                         }
                     }
                 }
-                for (_, fname, old, _) in self.klp.patched_funcs(*p) {
+                for f in self.klp.patched_funcs(*p) {
+                    let (fname, old) = (f.old_name, f.old_func);
                     patched += 1;
                     let ok = self
                         .klp
                         .records()
-                        .iter()
-                        .any(|r| r.old_func == old && r.stack.iter().any(|(q, _)| q == p));
+                        .any(|r| r.old_func == old && r.stack().any(|(q, _)| q == *p));
                     if !ok {
                         return Err(format!("{name}: {fname} is not on its record"));
                     }
@@ -666,12 +669,7 @@ impl Kernel {
     /// Makes one completion attempt now if a transition runs (for tests).
     pub fn attempt(&mut self) {
         if self.klp.transition_patch().is_some() {
-            self.klp.try_complete_transition(&mut self.world);
+            failalloc::core(|| self.klp.try_complete_transition(&mut self.world));
         }
-    }
-
-    /// The host, mutably (for tests).
-    pub fn host(&mut self) -> &mut dyn Host {
-        &mut self.world
     }
 }

@@ -89,7 +89,7 @@ fn func_addr(k: &Kernel, module: &str, name: &str) -> Option<u64> {
 
 /// Enables `desc` from a livepatch module's init and remembers the patch.
 fn enable(k: &mut Kernel, module: &str, desc: PatchDesc<World>) -> Result<(), Errno> {
-    let id = k.klp.enable_patch(&mut k.world, desc)?;
+    let id = crate::failalloc::core(|| k.klp.enable_patch(&mut k.world, desc))?;
     if let Some(m) = k.world.modules.get_mut(module) {
         m.patch = Some(id);
     }
@@ -436,6 +436,7 @@ fn callback_info(cx: &mut CallbackCx<'_, World>, module: &str, cb: &str) {
 
 impl Callbacks<World> for DemoCallbacks {
     fn pre_patch(&self, cx: &mut CallbackCx<'_, World>) -> i32 {
+        let _h = crate::failalloc::host();
         callback_info(cx, self.module, "pre_patch_callback");
         if self.pre_patch_ret_param {
             match cx.host.param(self.module, "pre_patch_ret") {
@@ -447,12 +448,15 @@ impl Callbacks<World> for DemoCallbacks {
         }
     }
     fn post_patch(&self, cx: &mut CallbackCx<'_, World>) {
+        let _h = crate::failalloc::host();
         callback_info(cx, self.module, "post_patch_callback");
     }
     fn pre_unpatch(&self, cx: &mut CallbackCx<'_, World>) {
+        let _h = crate::failalloc::host();
         callback_info(cx, self.module, "pre_unpatch_callback");
     }
     fn post_unpatch(&self, cx: &mut CallbackCx<'_, World>) {
+        let _h = crate::failalloc::host();
         callback_info(cx, self.module, "post_unpatch_callback");
     }
 }
@@ -588,6 +592,7 @@ fn level_of(s: &klp::State) -> Option<&AtomicI32> {
 
 impl Callbacks<World> for StateCallbacks {
     fn pre_patch(&self, cx: &mut CallbackCx<'_, World>) -> i32 {
+        let _h = crate::failalloc::host();
         callback_info(cx, self.module, "pre_patch_callback");
         let h = "allocate_loglevel_state";
         if self.has_prev(cx) {
@@ -603,6 +608,7 @@ impl Callbacks<World> for StateCallbacks {
     }
 
     fn post_patch(&self, cx: &mut CallbackCx<'_, World>) {
+        let _h = crate::failalloc::host();
         callback_info(cx, self.module, "post_patch_callback");
         let h = "fix_console_loglevel";
         if cx.state(CONSOLE_LOGLEVEL_STATE).is_none() {
@@ -626,6 +632,7 @@ impl Callbacks<World> for StateCallbacks {
     }
 
     fn pre_unpatch(&self, cx: &mut CallbackCx<'_, World>) {
+        let _h = crate::failalloc::host();
         callback_info(cx, self.module, "pre_unpatch_callback");
         let h = "restore_console_loglevel";
         if self.has_prev(cx) {
@@ -649,6 +656,7 @@ impl Callbacks<World> for StateCallbacks {
     }
 
     fn post_unpatch(&self, cx: &mut CallbackCx<'_, World>) {
+        let _h = crate::failalloc::host();
         callback_info(cx, self.module, "post_unpatch_callback");
         let h = "free_loglevel_state";
         if self.has_prev(cx) {

@@ -105,7 +105,7 @@ impl Kernel {
     pub fn list_dir(&self, path: &str) -> Option<Vec<String>> {
         let c = split(path);
         match c.as_slice() {
-            ["sys", "kernel", "livepatch", rest @ ..] => self.klp.sysfs_list(rest),
+            ["sys", "kernel", "livepatch", rest @ ..] => self.klp.sysfs_entries(rest).ok(),
             _ => None,
         }
     }
@@ -122,7 +122,7 @@ impl Kernel {
         let c: Vec<String> = split(path).into_iter().map(str::to_string).collect();
         let c: Vec<&str> = c.iter().map(String::as_str).collect();
         match c.as_slice() {
-            ["sys", "kernel", "livepatch", rest @ ..] => self.klp.sysfs_read(rest),
+            ["sys", "kernel", "livepatch", rest @ ..] => self.klp.sysfs_read_string(rest),
             ["sys", "module", m, "refcnt"] => Ok(format!(
                 "{}\n",
                 self.world.modules.get(*m).map_or(0, |x| x.refcnt)
@@ -221,7 +221,9 @@ impl Kernel {
             ["sys", "kernel", "livepatch", rest @ ..] => {
                 let prev = self.world.current;
                 self.world.current = self.shell;
-                let r = self.klp.sysfs_write(&mut self.world, rest, &data_nl);
+                let r = crate::failalloc::core(|| {
+                    self.klp.sysfs_write(&mut self.world, rest, &data_nl)
+                });
                 self.world.current = prev;
                 r.map(|_| ())
             }

@@ -2,10 +2,11 @@
 //! layer, work items, the virtual clock and the log. It implements [`klp::Host`].
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::rc::Rc;
 
 use klp::{
-    Addr, Errno, HookError, Host, IdleTask, Level, PatchId, PatchState, Record, RedirectView,
+    Addr, Comm, Errno, HookError, Host, IdleTask, Level, PatchId, PatchState, Record, RedirectView,
     Target, TaskId, TraceError,
 };
 
@@ -670,28 +671,33 @@ impl World {
 }
 
 impl Host for World {
-    fn log(&mut self, rec: Record<'_>) {
+    fn log(&mut self, rec: &Record<'_>) {
+        let _h = crate::failalloc::host();
         if rec.level == Level::Debug
             && (!self.dyndbg_livepatch || self.dyndbg_off.iter().any(|f| f == rec.func))
         {
             return;
         }
-        self.printk(rec.text);
+        self.printk(&rec.to_string());
     }
 
     fn warn(&mut self, what: &str) {
+        let _h = crate::failalloc::host();
         World::warn(self, what);
     }
 
     fn reliable_stacktrace(&self) -> bool {
+        let _h = crate::failalloc::host();
         self.reliable
     }
 
     fn module_is_livepatch(&self, m: &str) -> bool {
+        let _h = crate::failalloc::host();
         self.modules.get(m).is_some_and(|x| x.livepatch)
     }
 
     fn module_get(&mut self, m: &str) -> bool {
+        let _h = crate::failalloc::host();
         match self.modules.get_mut(m) {
             Some(x) if x.state != ModState::Going => {
                 x.refcnt += 1;
@@ -702,28 +708,38 @@ impl Host for World {
     }
 
     fn module_put(&mut self, m: &str) {
+        let _h = crate::failalloc::host();
         if let Some(x) = self.modules.get_mut(m) {
             x.refcnt -= 1;
         }
     }
 
-    fn symbol_candidates(&self, obj: Option<&str>, name: &str) -> Vec<Addr> {
-        self.funcs
-            .values()
-            .filter(|f| f.name == name && f.obj.as_deref() == obj)
-            .map(|f| f.addr)
-            .collect()
+    fn for_each_symbol(
+        &self,
+        obj: Option<&str>,
+        name: &str,
+        f: &mut dyn FnMut(Addr) -> ControlFlow<()>,
+    ) {
+        let _h = crate::failalloc::host();
+        for func in self.funcs.values() {
+            if func.name == name && func.obj.as_deref() == obj && f(func.addr).is_break() {
+                return;
+            }
+        }
     }
 
     fn symbol_size(&self, addr: Addr) -> Option<u64> {
+        let _h = crate::failalloc::host();
         self.func_at(addr).map(|f| f.size)
     }
 
     fn hook_site(&self, addr: Addr) -> Option<Addr> {
+        let _h = crate::failalloc::host();
         self.func_at(addr).filter(|f| f.traceable).map(|f| f.addr)
     }
 
     fn hook_register(&mut self, site: Addr) -> Result<(), HookError> {
+        let _h = crate::failalloc::host();
         self.ftrace_register(FtraceOps {
             owner: FtraceOwner::Livepatch,
             site,
@@ -734,11 +750,13 @@ impl Host for World {
     }
 
     fn hook_unregister(&mut self, site: Addr) {
+        let _h = crate::failalloc::host();
         self.ftrace
             .retain(|o| !(o.site == site && o.owner == FtraceOwner::Livepatch));
     }
 
     fn hook_publish(&mut self, site: Addr, view: Option<RedirectView>) {
+        let _h = crate::failalloc::host();
         match view {
             Some(v) => {
                 self.views.insert(site, v);
@@ -749,62 +767,76 @@ impl Host for World {
         }
     }
 
-    fn tasks(&self) -> Vec<TaskId> {
-        self.tasks
-            .iter()
-            .filter(|t| !matches!(t.kind, Kind::Idle(_)))
-            .map(|t| t.id)
-            .collect()
+    fn for_each_task(&mut self, f: &mut dyn FnMut(&mut Self, TaskId)) {
+        let _h = crate::failalloc::host();
+        let mut i = 0;
+        while let Some(t) = self.tasks.get(i) {
+            i += 1;
+            if !matches!(t.kind, Kind::Idle(_)) {
+                let id = t.id;
+                f(self, id);
+            }
+        }
     }
 
-    fn idle_tasks(&self) -> Vec<IdleTask> {
-        self.tasks
-            .iter()
-            .filter_map(|t| match t.kind {
-                Kind::Idle(cpu) => Some(IdleTask {
+    fn for_each_idle_task(&mut self, f: &mut dyn FnMut(&mut Self, IdleTask)) {
+        let _h = crate::failalloc::host();
+        let mut i = 0;
+        while let Some(t) = self.tasks.get(i) {
+            i += 1;
+            if let Kind::Idle(cpu) = t.kind {
+                let it = IdleTask {
                     task: t.id,
                     cpu,
                     online: self.online.get(cpu as usize).copied().unwrap_or(false),
-                }),
-                _ => None,
-            })
-            .collect()
+                };
+                f(self, it);
+            }
+        }
     }
 
     fn current(&self) -> TaskId {
+        let _h = crate::failalloc::host();
         self.current
     }
 
     fn patch_state(&self, t: TaskId) -> PatchState {
+        let _h = crate::failalloc::host();
         self.task(t).map_or(PatchState::Idle, |x| x.patch_state)
     }
 
     fn set_patch_state(&mut self, t: TaskId, s: PatchState) {
+        let _h = crate::failalloc::host();
         if let Some(x) = self.task_mut(t) {
             x.patch_state = s;
         }
     }
 
     fn patch_pending(&self, t: TaskId) -> bool {
+        let _h = crate::failalloc::host();
         self.task(t).is_some_and(|x| x.pending)
     }
 
     fn set_patch_pending(&mut self, t: TaskId, p: bool) {
+        let _h = crate::failalloc::host();
         if let Some(x) = self.task_mut(t) {
             x.pending = p;
         }
     }
 
-    fn task_ident(&self, t: TaskId) -> (String, i64) {
+    fn task_ident(&self, t: TaskId) -> (Comm, i64) {
+        let _h = crate::failalloc::host();
         self.task(t)
-            .map_or((String::new(), 0), |x| (x.comm.clone(), x.pid))
+            .map_or((Comm::default(), 0), |x| (Comm::new(&x.comm), x.pid))
     }
 
     fn is_kthread(&self, t: TaskId) -> bool {
+        let _h = crate::failalloc::host();
         self.task(t).is_some_and(|x| x.kind == Kind::Kthread)
     }
 
     fn task_running_elsewhere(&self, t: TaskId) -> bool {
+        let _h = crate::failalloc::host();
         let Some(x) = self.task(t) else { return false };
         if x.dead {
             return false;
@@ -816,26 +848,32 @@ impl Host for World {
         }
     }
 
-    fn stack_trace_reliable(&mut self, t: TaskId, max: usize) -> Result<Vec<Addr>, TraceError> {
+    fn stack_trace_reliable(
+        &mut self,
+        t: TaskId,
+        entries: &mut [Addr],
+    ) -> Result<usize, TraceError> {
+        let _h = crate::failalloc::host();
         let Some(x) = self.task(t) else {
-            return Ok(Vec::new());
+            return Ok(0);
         };
         if x.dead {
-            return Ok(Vec::new());
+            return Ok(0);
         }
-        if let Some(model) = self.stack_model {
-            return model.trace(&x.stack, x.unreliable, max);
-        }
-        if x.unreliable {
-            return Err(TraceError::Unreliable);
-        }
-        if x.stack.len() >= max {
+        let trace = match self.stack_model {
+            Some(model) => model.trace(&x.stack, x.unreliable, entries.len())?,
+            None if x.unreliable => return Err(TraceError::Unreliable),
+            None => x.stack.iter().rev().copied().collect(),
+        };
+        if trace.len() > entries.len() {
             return Err(TraceError::TooDeep);
         }
-        Ok(x.stack.iter().rev().copied().collect())
+        entries[..trace.len()].copy_from_slice(&trace);
+        Ok(trace.len())
     }
 
     fn fake_signal(&mut self, t: TaskId) {
+        let _h = crate::failalloc::host();
         if let Some(x) = self.task_mut(t)
             && x.sleep == Sleep::Interruptible
         {
@@ -844,6 +882,7 @@ impl Host for World {
     }
 
     fn wake_kthread(&mut self, t: TaskId) {
+        let _h = crate::failalloc::host();
         if let Some(x) = self.task_mut(t)
             && x.sleep == Sleep::Interruptible
         {
@@ -852,6 +891,7 @@ impl Host for World {
     }
 
     fn wake_cpu(&mut self, cpu: u32) {
+        let _h = crate::failalloc::host();
         if let Some(x) = self.tasks.iter_mut().find(|x| x.kind == Kind::Idle(cpu)) {
             x.woken = true;
         }
@@ -860,6 +900,7 @@ impl Host for World {
     fn synchronize(&mut self) {}
 
     fn schedule_retry(&mut self) {
+        let _h = crate::failalloc::host();
         if !self.works.iter().any(|(_, w)| *w == Work::Retry) {
             let d = self.retry_delay();
             self.queue(d, Work::Retry);
@@ -867,6 +908,7 @@ impl Host for World {
     }
 
     fn schedule_free(&mut self, patch: PatchId) {
+        let _h = crate::failalloc::host();
         self.queue(0, Work::Free(patch));
     }
 }

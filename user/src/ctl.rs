@@ -34,7 +34,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use klp::{Blocked, Errno, PatchState, TraceError};
+use klp::{Errno, PatchState, TraceError};
+
+use crate::BlockReason;
 use serde_json::{Value, json};
 
 use crate::process::Process;
@@ -175,11 +177,11 @@ pub fn handle_request(p: &Process, line: &str) -> Value {
                 "switched": s.switched,
                 "blockers": s.blockers.into_iter().map(|b| {
                     let (reason, function, frame, addr) = match &b.reason {
-                        Blocked::NoReliableStacks => ("no_reliable_stacks", None, None, None),
-                        Blocked::Running => ("running", None, None, None),
-                        Blocked::Unreliable(TraceError::TooDeep) => ("too_deep", None, None, None),
-                        Blocked::Unreliable(_) => ("unreliable", None, None, None),
-                        Blocked::SleepingOn { func, addr, frame } => {
+                        BlockReason::NoReliableStacks => ("no_reliable_stacks", None, None, None),
+                        BlockReason::Running => ("running", None, None, None),
+                        BlockReason::Unreliable(TraceError::TooDeep) => ("too_deep", None, None, None),
+                        BlockReason::Unreliable(_) => ("unreliable", None, None, None),
+                        BlockReason::SleepingOn { func, addr, frame } => {
                             ("sleeping_on", Some(func.clone()), Some(*frame), Some(*addr))
                         }
                     };

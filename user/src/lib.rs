@@ -45,7 +45,7 @@ pub mod symbols;
 pub mod thread;
 
 pub use process::{
-    Blocker, Config, Library, PatchInfo, Process, ProcessHost, SiteKind, ThreadInfo,
+    BlockReason, Blocker, Config, Library, PatchInfo, Process, ProcessHost, SiteKind, ThreadInfo,
     TransitionStatus,
 };
 pub use thread::safe_point;

@@ -30,9 +30,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use std::ops::ControlFlow;
+
 use klp::{
-    Addr, Blocked, Errno, HookError, Host, IdleTask, Klp, Level, PatchDesc, PatchId, PatchState,
-    Record, RedirectView, Target, TaskId, TraceError,
+    Addr, Blocked, Comm, Errno, HookError, Host, IdleTask, Klp, Level, PatchDesc, PatchId,
+    PatchState, Record, RedirectView, Target, TaskId, TraceError,
 };
 
 use crate::redirect::{self, SiteState};
@@ -318,14 +320,14 @@ fn sigblk_has(status: &str, sig: libc::c_int) -> bool {
 }
 
 impl Host for ProcessHost {
-    fn log(&mut self, rec: Record<'_>) {
+    fn log(&mut self, rec: &Record<'_>) {
         self.held = None;
         if rec.level == Level::Debug
             && (!self.config.dyndbg || self.config.dyndbg_off.contains(&rec.func))
         {
             return;
         }
-        self.line(rec.text.to_string());
+        self.line(rec.to_string());
     }
 
     fn warn(&mut self, what: &str) {
@@ -360,8 +362,17 @@ impl Host for ProcessHost {
         }
     }
 
-    fn symbol_candidates(&self, obj: Option<&str>, name: &str) -> Vec<Addr> {
-        self.index.candidates(obj, name).to_vec()
+    fn for_each_symbol(
+        &self,
+        obj: Option<&str>,
+        name: &str,
+        f: &mut dyn FnMut(Addr) -> ControlFlow<()>,
+    ) {
+        for a in self.index.candidates(obj, name) {
+            if f(*a).is_break() {
+                return;
+            }
+        }
     }
 
     fn symbol_size(&self, addr: Addr) -> Option<u64> {
@@ -463,17 +474,14 @@ impl Host for ProcessHost {
         self.settle(site, view);
     }
 
-    fn tasks(&self) -> Vec<TaskId> {
-        thread::threads()
-            .iter()
-            .filter(|r| r.alive())
-            .map(|r| r.id)
-            .collect()
+    fn for_each_task(&mut self, f: &mut dyn FnMut(&mut Self, TaskId)) {
+        for r in thread::threads().iter().filter(|r| r.alive()) {
+            f(self, r.id);
+        }
     }
 
-    fn idle_tasks(&self) -> Vec<IdleTask> {
-        Vec::new()
-    }
+    /// A process has no idle tasks.
+    fn for_each_idle_task(&mut self, _: &mut dyn FnMut(&mut Self, IdleTask)) {}
 
     fn current(&self) -> TaskId {
         thread::register_current().id
@@ -502,9 +510,10 @@ impl Host for ProcessHost {
         }
     }
 
-    fn task_ident(&self, t: TaskId) -> (String, i64) {
-        self.rec(t)
-            .map_or((String::new(), 0), |r| (r.comm(), i64::from(r.tid())))
+    fn task_ident(&self, t: TaskId) -> (Comm, i64) {
+        self.rec(t).map_or((Comm::default(), 0), |r| {
+            (Comm::new(&r.comm()), i64::from(r.tid()))
+        })
     }
 
     fn is_kthread(&self, t: TaskId) -> bool {
@@ -525,14 +534,19 @@ impl Host for ProcessHost {
     /// The thread stays stopped after a successful check until the core switches it
     /// ([`Host::set_patch_state`]) or asks anything else: the check and the switch are
     /// one step for the thread, as under the kernel's runqueue lock.
-    fn stack_trace_reliable(&mut self, t: TaskId, max: usize) -> Result<Vec<Addr>, TraceError> {
+    fn stack_trace_reliable(
+        &mut self,
+        t: TaskId,
+        entries: &mut [Addr],
+    ) -> Result<usize, TraceError> {
+        let max = entries.len();
         self.held = None;
         let batched = self
             .batch
             .as_mut()
             .and_then(|b| b.trace_held(t, &self.index, self.config.checks, max));
         let Some(r) = self.rec(t) else {
-            return Ok(Vec::new());
+            return Ok(0);
         };
         let traced = batched
             .unwrap_or_else(|| stack::trace_of_held(&r, &self.index, self.config.checks, max));
@@ -541,9 +555,13 @@ impl Host for ProcessHost {
                 self.held = hold;
                 self.failures.remove(&t);
                 self.fold_bodies(&mut v);
-                Ok(v)
+                let Some(dst) = entries.get_mut(..v.len()) else {
+                    return Err(TraceError::TooDeep);
+                };
+                dst.copy_from_slice(&v);
+                Ok(v.len())
             }
-            Err(TraceFailure::Gone) => Ok(Vec::new()),
+            Err(TraceFailure::Gone) => Ok(0),
             Err(e) => {
                 self.failures.insert(t, e);
                 Err(match e {
@@ -579,13 +597,17 @@ impl Host for ProcessHost {
 
     /// Stops every thread about to be checked at once (see [`stack::Batch`]): one
     /// wave of signals instead of one round trip per thread.
-    fn prepare_checks(&mut self, tasks: &[TaskId]) {
+    fn prepare_checks(&mut self, target: PatchState) {
         self.held = None;
         self.batch = None;
-        if tasks.len() < 2 {
+        let recs: Vec<_> = thread::threads()
+            .iter()
+            .filter(|r| r.alive() && r.patch_state() != target)
+            .filter_map(|r| self.rec(r.id))
+            .collect();
+        if recs.len() < 2 {
             return;
         }
-        let recs: Vec<_> = tasks.iter().filter_map(|t| self.rec(*t)).collect();
         self.batch = Some(stack::Batch::stop(&recs, self.config.checks, BATCH_QUIET));
     }
 
@@ -666,11 +688,46 @@ pub struct Blocker {
     /// The thread.
     pub thread: ThreadInfo,
     /// The core's reason.
-    pub reason: Blocked,
+    pub reason: BlockReason,
     /// The host's detail when the stack could not be checked.
     pub detail: Option<String>,
     /// The blocking frame's address described with the symbol index.
     pub frame_symbol: Option<String>,
+}
+
+/// Why a thread cannot switch yet: the core's [`Blocked`], kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockReason {
+    /// The architecture has no reliable stack traces.
+    NoReliableStacks,
+    /// The thread runs (or cannot be stopped for a check).
+    Running,
+    /// Its stack could not be walked reliably.
+    Unreliable(TraceError),
+    /// Its stack holds code the transition affects.
+    SleepingOn {
+        /// The function whose code is on the stack.
+        func: String,
+        /// The return address found in that code.
+        addr: Addr,
+        /// Position of that frame in the trace (0 = innermost).
+        frame: usize,
+    },
+}
+
+impl From<Blocked<'_>> for BlockReason {
+    fn from(b: Blocked<'_>) -> Self {
+        match b {
+            Blocked::NoReliableStacks => BlockReason::NoReliableStacks,
+            Blocked::Running => BlockReason::Running,
+            Blocked::Unreliable(e) => BlockReason::Unreliable(e),
+            Blocked::SleepingOn { func, addr, frame } => BlockReason::SleepingOn {
+                func: func.to_string(),
+                addr,
+                frame,
+            },
+        }
+    }
 }
 
 /// A running transition.
@@ -902,7 +959,7 @@ impl Process {
 
     /// Reads a sysfs attribute under `/sys/kernel/livepatch`.
     pub fn sysfs_read(&self, path: &[&str]) -> Result<String, Errno> {
-        lock(&self.core).klp.sysfs_read(path)
+        lock(&self.core).klp.sysfs_read_string(path)
     }
 
     /// Writes a sysfs attribute under `/sys/kernel/livepatch`.
@@ -931,24 +988,24 @@ impl Process {
         let c = lock(&self.core);
         let klp = &c.klp;
         let attr = |p: &str, a: &str| -> u64 {
-            klp.sysfs_read(&[p, a])
+            klp.sysfs_read_string(&[p, a])
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(0)
         };
         let mut out = Vec::new();
-        for name in klp.sysfs_list(&[]).unwrap_or_default() {
+        for name in klp.sysfs_entries(&[]).unwrap_or_default() {
             let Some(id) = klp.find_patch(&name) else {
                 continue;
             };
-            let entries = klp.sysfs_list(&[&name]).unwrap_or_default();
+            let entries = klp.sysfs_entries(&[&name]).unwrap_or_default();
             let mut objects = Vec::new();
             for o in entries.iter().skip(5) {
                 let patched = klp
-                    .sysfs_read(&[&name, o, "patched"])
+                    .sysfs_read_string(&[&name, o, "patched"])
                     .is_ok_and(|s| s.trim() == "1");
                 let funcs = klp
-                    .sysfs_list(&[&name, o])
+                    .sysfs_entries(&[&name, o])
                     .unwrap_or_default()
                     .into_iter()
                     .filter(|f| f != "patched")
@@ -987,24 +1044,21 @@ impl Process {
             let recs: Vec<_> = host.cache.values().filter(|r| r.alive()).cloned().collect();
             let total = recs.len();
             let switched = recs.iter().filter(|r| r.patch_state() == target).count();
-            let blockers = klp
-                .blockers(host)
-                .into_iter()
-                .filter_map(|(t, reason)| {
-                    let r = host.rec(t)?;
-                    let frame_symbol = match &reason {
-                        Blocked::SleepingOn { addr, .. } => Some(host.index.describe(*addr)),
-                        _ => None,
-                    };
-                    let detail = host.failures.get(&t).map(|f| format!("{f:?}"));
-                    Some(Blocker {
-                        thread: info(&r),
-                        reason,
-                        detail,
-                        frame_symbol,
-                    })
-                })
-                .collect();
+            let mut blockers = Vec::new();
+            klp.blockers(host, &mut |host, t, reason| {
+                let Some(r) = host.rec(t) else { return };
+                let frame_symbol = match reason {
+                    Blocked::SleepingOn { addr, .. } => Some(host.index.describe(addr)),
+                    _ => None,
+                };
+                let detail = host.failures.get(&t).map(|f| format!("{f:?}"));
+                blockers.push(Blocker {
+                    thread: info(&r),
+                    reason: reason.into(),
+                    detail,
+                    frame_symbol,
+                });
+            });
             Some(TransitionStatus {
                 patch,
                 target,
@@ -1055,8 +1109,8 @@ impl Process {
         let c = lock(&self.core);
         c.klp
             .listed()
-            .into_iter()
-            .filter_map(|id| c.klp.name_of(id).map(str::to_string))
+            .iter()
+            .filter_map(|id| c.klp.name_of(*id).map(str::to_string))
             .collect()
     }
 
@@ -1097,15 +1151,17 @@ mod tests {
         let p = Process::new(Config::default());
         let mut c = lock(&p.core);
         let h = &mut c.host;
-        h.log(Record {
+        h.log(&Record {
             level: Level::Debug,
             func: "klp_init_transition",
-            text: "livepatch: 'x': initializing patching transition",
+            prefix: klp::log::PREFIX,
+            args: format_args!("'x': initializing patching transition"),
         });
-        h.log(Record {
+        h.log(&Record {
             level: Level::Notice,
             func: "klp_start_transition",
-            text: "livepatch: 'x': starting patching transition",
+            prefix: klp::log::PREFIX,
+            args: format_args!("'{}': starting {} transition", 'x', "patching"),
         });
         h.warn("something odd");
         drop(c);
@@ -1125,10 +1181,11 @@ mod tests {
         });
         let mut c = lock(&p.core);
         for f in ["klp_init_transition", "klp_try_switch_task"] {
-            c.host.log(Record {
+            c.host.log(&Record {
                 level: Level::Debug,
                 func: f,
-                text: f,
+                prefix: "",
+                args: format_args!("{f}"),
             });
         }
         drop(c);
@@ -1170,6 +1227,8 @@ mod tests {
             c.host.hook_register(f),
             Err(HookError::Register(Errno::EINVAL))
         );
-        assert!(c.host.idle_tasks().is_empty());
+        let mut idle = 0;
+        c.host.for_each_idle_task(&mut |_, _| idle += 1);
+        assert_eq!(idle, 0);
     }
 }

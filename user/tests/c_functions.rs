@@ -539,7 +539,7 @@ fn library_function_with_a_sleeper(p: &Process) {
     assert!(
         st.blockers.iter().any(|b| matches!(
             &b.reason,
-            klp::Blocked::SleepingOn { func, .. } if func == "klp_cso_call"
+            klp_user::BlockReason::SleepingOn { func, .. } if func == "klp_cso_call"
         )),
         "{st:?}"
     );

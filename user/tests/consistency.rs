@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use klp::{Blocked, FuncDesc, ObjectDesc, PatchDesc, PatchState};
+use klp::{FuncDesc, ObjectDesc, PatchDesc, PatchState};
+use klp_user::BlockReason as Blocked;
 use klp_user::{Process, ProcessHost};
 use park::{Parker, maybe_park};
 

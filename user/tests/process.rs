@@ -260,8 +260,8 @@ fn new_threads_inherit_their_creators_state(p: &Process) {
     // Natively the blocked signal is visible in /proc (running); under qemu-user it is
     // not, and the thread does not answer the stack check instead.
     assert!(
-        bl.reason == klp::Blocked::Running
-            || (bl.reason == klp::Blocked::Unreliable(klp::TraceError::Unreliable)
+        bl.reason == klp_user::BlockReason::Running
+            || (bl.reason == klp_user::BlockReason::Unreliable(klp::TraceError::Unreliable)
                 && bl.detail.as_deref() == Some("NoAnswer")),
         "{bl:?}"
     );

@@ -462,7 +462,7 @@ fn a_parked_thread_blocks_the_transition(p: &Process) {
         .find(|b| b.thread.tid == parked.tid)
         .unwrap_or_else(|| panic!("the parked thread blocks: {st:?}"));
     match &b.reason {
-        klp::Blocked::SleepingOn { func, .. } => assert_eq!(func, "klp_redirect_parked"),
+        klp_user::BlockReason::SleepingOn { func, .. } => assert_eq!(func, "klp_redirect_parked"),
         other => panic!("{other:?}"),
     }
     assert!(

@@ -91,7 +91,11 @@ impl Epochs {
             let mut chunk: &Chunk = &self.first;
             loop {
                 for i in 0..SLOTS_PER_CHUNK {
-                    let slot = &chunk.slots[(start + i) % SLOTS_PER_CHUNK].0;
+                    let Some(slot) = chunk.slots.get(start.wrapping_add(i) % SLOTS_PER_CHUNK)
+                    else {
+                        continue;
+                    };
+                    let slot = &slot.0;
                     if slot.load(Ordering::Relaxed) != FREE {
                         continue;
                     }
@@ -295,7 +299,7 @@ impl RetireList {
             unsafe { (*self.tail).next = item };
         }
         self.tail = item;
-        self.len += 1;
+        self.len = self.len.saturating_add(1);
     }
 
     /// Detaches the items that can be freed at global epoch `global`.
@@ -312,7 +316,7 @@ impl RetireList {
             if next.is_null() {
                 self.tail = ptr::null_mut();
             }
-            self.len -= 1;
+            self.len = self.len.saturating_sub(1);
             // SAFETY: `item` left this list and goes to `out`, keeping its tag; it stays
             // exclusively owned and unreachable.
             unsafe { out.push(item, tag) };

@@ -412,6 +412,8 @@ impl ShadowStore {
     }
 
     #[inline]
+    // reason: the top SHARD_BITS bits of a u64 are always below the shard count.
+    #[allow(clippy::indexing_slicing)]
     fn shard(&self, h: u64) -> &Shard {
         &self.shards[(h >> (64 - SHARD_BITS)) as usize].0
     }
@@ -664,12 +666,12 @@ impl ShadowStore {
     /// guard to return everything. Returns how many items (variables and old tables) were
     /// released.
     pub fn reclaim(&self) -> usize {
-        let mut released = 0;
+        let mut released: usize = 0;
         for _ in 0..3 {
             let global = self.epochs.try_advance();
             for shard in &self.shards {
                 let garbage = shard.0.take_expired(global);
-                released += garbage.len();
+                released = released.saturating_add(garbage.len());
                 // SAFETY: `take_expired` only returns expired items.
                 unsafe { garbage.free_all() };
             }

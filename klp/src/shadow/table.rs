@@ -59,7 +59,7 @@ pub(crate) const UNTYPED_ALIGN: usize = 16;
 #[inline]
 pub(crate) const fn data_offset(align: usize) -> usize {
     let header = core::mem::size_of::<Node>();
-    (header + align - 1) & !(align - 1)
+    header.next_multiple_of(align)
 }
 
 /// What a new variable looks like.
@@ -212,7 +212,7 @@ impl Table {
         // valid empty atomics.
         unsafe {
             ptr::addr_of_mut!((*raw).retired).write(Retired::new(free_table));
-            ptr::addr_of_mut!((*raw).mask).write(cap - 1);
+            ptr::addr_of_mut!((*raw).mask).write(cap.saturating_sub(1));
         }
         Some(table)
     }
@@ -259,7 +259,7 @@ impl Table {
                 // SAFETY: checked non-null.
                 return Some((i, unsafe { NonNull::new_unchecked(node) }));
             }
-            i = (i + 1) & mask;
+            i = i.wrapping_add(1) & mask;
         }
         None
     }
@@ -301,7 +301,7 @@ impl Table {
                 slot.node.store(node, Ordering::Release);
                 return false;
             }
-            i = (i + 1) & mask;
+            i = i.wrapping_add(1) & mask;
         }
         false
     }
@@ -313,7 +313,7 @@ impl Table {
     /// 1. `table` is live.
     unsafe fn cap(table: NonNull<Table>) -> usize {
         // SAFETY: live (condition 1).
-        unsafe { (*table.as_ptr()).mask + 1 }
+        unsafe { (*table.as_ptr()).mask.saturating_add(1) }
     }
 }
 
@@ -327,7 +327,7 @@ unsafe fn free_table(item: *mut Retired) {
     // SAFETY: `Retired` is the first field of the `#[repr(C)]` table, which is live and
     // ours (condition 1); it was allocated with `Table::layout(mask + 1)` (invariant 1).
     unsafe {
-        let cap = (*table).mask + 1;
+        let cap = (*table).mask.saturating_add(1);
         if let Some(layout) = Table::layout(cap) {
             alloc::alloc::dealloc(table.cast(), layout);
         }
@@ -423,8 +423,8 @@ impl Shard {
         // `find` above saw no live entry for the key.
         let consumed =
             unsafe { Table::insert(NonNull::new_unchecked(table), hash, obj, id, node.as_ptr()) };
-        inner.live += 1;
-        inner.used += usize::from(consumed);
+        inner.live = inner.live.saturating_add(1);
+        inner.used = inner.used.saturating_add(usize::from(consumed));
         let garbage = self.collect(&mut inner, epochs);
         drop(inner);
         // SAFETY: `collect` only returns expired items.
@@ -440,10 +440,18 @@ impl Shard {
             Some(t) => unsafe { Table::cap(t) },
             None => 0,
         };
-        if (inner.used + 1) * 4 <= cap * 3 {
+        if inner.used.saturating_add(1).saturating_mul(4) <= cap.saturating_mul(3) {
             return true;
         }
-        let want = ((inner.live + 1) * 2).next_power_of_two().max(MIN_CAP);
+        let Some(want) = inner
+            .live
+            .saturating_add(1)
+            .saturating_mul(2)
+            .checked_next_power_of_two()
+        else {
+            return false;
+        };
+        let want = want.max(MIN_CAP);
         self.rebuild(inner, epochs, want)
     }
 
@@ -505,16 +513,16 @@ impl Shard {
         let Some(table) = NonNull::new(self.table.load(Ordering::Relaxed)) else {
             return 0;
         };
-        let mut removed = 0;
+        let mut removed: usize = 0;
         let mut unlink = |inner: &mut Inner, slot: &Slot, node: NonNull<Node>| {
             slot.node.store(TOMB, Ordering::Release);
-            inner.live -= 1;
+            inner.live = inner.live.saturating_sub(1);
             on_removed(node);
             let tag = epochs.retire_epoch();
             // SAFETY: the node was just unlinked from the only table that held it, under
             // the lock; it starts with its `Retired` header whose `free` is `free_node`.
             unsafe { inner.retired.push(node.as_ptr().cast(), tag) };
-            removed += 1;
+            removed = removed.saturating_add(1);
         };
         match only {
             Some((h, obj, id)) => {
@@ -554,8 +562,13 @@ impl Shard {
             let cap = unsafe { Table::cap(table) };
             if inner.live == 0 {
                 self.rebuild(&mut inner, epochs, 0);
-            } else if cap > MIN_CAP && inner.live * 8 < cap {
-                let want = (inner.live * 2).next_power_of_two().max(MIN_CAP);
+            } else if cap > MIN_CAP && inner.live.saturating_mul(8) < cap {
+                let want = inner
+                    .live
+                    .saturating_mul(2)
+                    .checked_next_power_of_two()
+                    .unwrap_or(cap)
+                    .max(MIN_CAP);
                 // Failing to shrink only keeps the bigger table.
                 self.rebuild(&mut inner, epochs, want);
             }
@@ -576,7 +589,7 @@ impl Shard {
         }
         let global = epochs.try_advance();
         let expired = inner.retired.take_expired(global);
-        inner.collect_at = inner.retired.len() + RECLAIM_BATCH;
+        inner.collect_at = inner.retired.len().saturating_add(RECLAIM_BATCH);
         expired
     }
 
@@ -586,7 +599,7 @@ impl Shard {
     pub(crate) fn take_expired(&self, global: usize) -> RetireList {
         let mut inner = self.inner.lock();
         let expired = inner.retired.take_expired(global);
-        inner.collect_at = inner.retired.len() + RECLAIM_BATCH;
+        inner.collect_at = inner.retired.len().saturating_add(RECLAIM_BATCH);
         expired
     }
 
@@ -631,7 +644,8 @@ impl Shard {
 pub(crate) fn hash(obj: usize, id: u64) -> u64 {
     #[inline(always)]
     fn fold(a: u64, b: u64) -> u64 {
-        let p = u128::from(a) * u128::from(b);
+        // A product of two u64 always fits in a u128.
+        let p = u128::from(a).wrapping_mul(u128::from(b));
         (p as u64) ^ ((p >> 64) as u64)
     }
     const K0: u64 = 0x243F_6A88_85A3_08D3;
