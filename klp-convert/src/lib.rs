@@ -1,0 +1,120 @@
+//! `klp-convert`: turns an ordinarily compiled patch object into a livepatch object.
+//!
+//! A patch's new functions call static functions and read static variables of the
+//! code they patch, and use symbols of objects that may not be loaded yet. Ordinary
+//! linking cannot resolve those references. This crate rewrites them into the
+//! kernel's livepatch ELF format (`Documentation/livepatch/module-elf-format.rst`,
+//! spec §8): each such symbol becomes `.klp.sym.<object>.<name>,<sympos>` with
+//! `st_shndx = SHN_LIVEPATCH`, and each relocation against it moves into a
+//! `.klp.rela.<object>.<section>` section flagged `SHF_RELA_LIVEPATCH`, which the
+//! livepatch core writes when the object is there.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), klp_convert::Error> {
+//! use klp_convert::{Manifest, Options, TargetInput, convert};
+//! let patch = std::fs::read("patch.o").unwrap();
+//! let vmlinux = std::fs::read("System.map").unwrap();
+//! let targets = [TargetInput { name: "vmlinux".into(), file: "System.map".into(), data: &vmlinux }];
+//! let out = convert("patch.o", &patch, &targets, &Manifest::default(), &Options::default())?;
+//! std::fs::write("patch-klp.o", &out.data).unwrap();
+//! # Ok(()) }
+//! ```
+//!
+//! The steps are separate modules: [`elf`] reads the patch, [`target`] reads the
+//! targets' symbols, [`plan`] decides each undefined symbol, `write` rewrites the
+//! file. Library code returns [`Error`] for every bad input and never panics on one.
+
+pub mod elf;
+pub mod error;
+pub mod manifest;
+pub mod names;
+pub mod plan;
+pub mod reloc;
+pub mod target;
+mod write;
+
+use std::collections::HashSet;
+
+pub use crate::elf::Arch;
+pub use crate::error::{Bind, Candidate, Error, Kind, Visibility};
+pub use crate::manifest::{Manifest, SymbolChoice};
+pub use crate::plan::{ConvertReason, Decision, KeepReason, Options, SymbolDecision};
+pub use crate::target::{Exports, TargetInput, TargetObject, load_target};
+pub use crate::write::{KlpSection, MovedRela};
+
+/// What a conversion did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The architecture of the patch.
+    pub arch: Arch,
+    /// The target objects read, by name, with the table used.
+    pub objects: Vec<(String, &'static str)>,
+    /// The decision for each undefined symbol of the patch, in symbol-table order.
+    pub symbols: Vec<SymbolDecision>,
+    /// The `.klp.rela` sections written.
+    pub sections: Vec<KlpSection>,
+    /// Whether `livepatch=Y` was added to `.modinfo`.
+    pub modinfo_added: bool,
+    /// Notes for a person (nothing was refused).
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// The symbols converted: (original name, livepatch name).
+    pub fn converted(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.symbols.iter().filter_map(|s| match &s.decision {
+            Decision::Convert { klp_name, .. } => Some((s.name.as_str(), klp_name.as_str())),
+            Decision::Keep { .. } => None,
+        })
+    }
+}
+
+/// The livepatch object and what was done to make it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Converted {
+    /// The output file's bytes.
+    pub data: Vec<u8>,
+    /// What was done.
+    pub report: Report,
+}
+
+/// Converts the patch object `patch` (read from `patch_file`, used in messages)
+/// against `targets`.
+pub fn convert(
+    patch_file: &str,
+    patch: &[u8],
+    targets: &[TargetInput<'_>],
+    manifest: &Manifest,
+    options: &Options,
+) -> Result<Converted, Error> {
+    manifest.check()?;
+    let object = elf::PatchObject::parse(patch_file, patch)?;
+    let wanted: HashSet<String> = plan::undefined_names(&object)
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    let mut objects: Vec<TargetObject> = Vec::new();
+    for t in targets {
+        for o in load_target(t, &wanted, object.arch)? {
+            if objects.iter().any(|x| x.name == o.name) {
+                return Err(Error::DuplicateObject { name: o.name });
+            }
+            objects.push(o);
+        }
+    }
+    let mut warnings = Vec::new();
+    let symbols = plan::plan(&object, &objects, manifest, options, &mut warnings)?;
+    let arch = object.arch;
+    let rewritten = write::rewrite(object, &symbols)?;
+    Ok(Converted {
+        data: rewritten.data,
+        report: Report {
+            arch,
+            objects: objects.iter().map(|o| (o.name.clone(), o.table)).collect(),
+            symbols,
+            sections: rewritten.sections,
+            modinfo_added: rewritten.modinfo_added,
+            warnings,
+        },
+    })
+}

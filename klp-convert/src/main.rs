@@ -1,0 +1,190 @@
+//! The `klp-convert` command: see the crate's README.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use klp_convert::names::infer_object_name;
+use klp_convert::{
+    ConvertReason, Decision, Error, KeepReason, Manifest, Options, TargetInput, convert,
+};
+
+/// Turns an ordinarily compiled patch object into a livepatch object: references the
+/// loader cannot resolve (static symbols, hidden symbols, symbols of objects that may
+/// not be loaded) become .klp.sym symbols with their relocations in .klp.rela sections.
+#[derive(Debug, Parser)]
+#[command(name = "klp-convert", version)]
+struct Cli {
+    /// The patch object (ET_REL: a .o or .ko from gcc or rustc).
+    input: PathBuf,
+
+    /// Where to write the livepatch object.
+    #[arg(short, long)]
+    output: PathBuf,
+
+    /// A binary the patch applies to, as NAME=PATH: an executable, shared object,
+    /// vmlinux or .ko, or a System.map-style list ("ADDRESS TYPE NAME", kallsyms
+    /// [module] tags allowed). NAME is vmlinux for the kernel or the main executable,
+    /// else the module's name. NAME= may be left out for vmlinux*, System.map*,
+    /// NAME.ko and NAME.so* files. Repeat for each object.
+    #[arg(short, long = "target", value_name = "[NAME=]PATH")]
+    targets: Vec<String>,
+
+    /// A JSON manifest choosing definitions ({"symbols": {"foo": {"object":
+    /// "vmlinux", "sympos": 2, "file": "bar.c"}}}) and listing symbols to convert
+    /// anyway ("force_klp") or to leave alone ("keep").
+    #[arg(short, long)]
+    manifest: Option<PathBuf>,
+
+    /// Convert this symbol even if the loader could resolve it (adds to the
+    /// manifest's "force_klp").
+    #[arg(long, value_name = "SYMBOL")]
+    force_klp: Vec<String>,
+
+    /// Leave this symbol an ordinary undefined symbol (adds to the manifest's "keep").
+    #[arg(long, value_name = "SYMBOL")]
+    keep: Vec<String>,
+
+    /// Leave symbols that no target defines as ordinary undefined symbols, with a
+    /// warning, instead of refusing.
+    #[arg(long)]
+    keep_unresolved: bool,
+
+    /// Print what happens to each undefined symbol and each .klp.rela section.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn split_target(arg: &str) -> Result<(String, String), Error> {
+    if let Some((name, path)) = arg.split_once('=')
+        && !name.contains('/')
+    {
+        if path.is_empty() {
+            return Err(Error::TargetArgument {
+                arg: arg.to_string(),
+                reason: "the path after '=' is empty".to_string(),
+            });
+        }
+        return Ok((name.to_string(), path.to_string()));
+    }
+    match infer_object_name(arg) {
+        Some(name) => Ok((name, arg.to_string())),
+        None => Err(Error::TargetArgument {
+            arg: arg.to_string(),
+            reason: "its object name cannot be told from the file name; write NAME=PATH \
+                     (vmlinux=PATH for the kernel or the main executable)"
+                .to_string(),
+        }),
+    }
+}
+
+fn run(cli: &Cli) -> Result<Vec<String>, Error> {
+    let mut manifest = match &cli.manifest {
+        Some(path) => {
+            let text = read(path)?;
+            let text = String::from_utf8(text).map_err(|_| Error::Manifest {
+                reason: format!("{} is not UTF-8 text", path.display()),
+            })?;
+            Manifest::from_json(&text)?
+        }
+        None => Manifest::default(),
+    };
+    manifest.force_klp.extend(cli.force_klp.iter().cloned());
+    manifest.keep.extend(cli.keep.iter().cloned());
+
+    let patch = read(&cli.input)?;
+    let mut files = Vec::new();
+    for arg in &cli.targets {
+        let (name, path) = split_target(arg)?;
+        let data = read(&PathBuf::from(&path))?;
+        files.push((name, path, data));
+    }
+    let targets: Vec<TargetInput<'_>> = files
+        .iter()
+        .map(|(name, path, data)| TargetInput {
+            name: name.clone(),
+            file: path.clone(),
+            data,
+        })
+        .collect();
+    let options = Options {
+        keep_unresolved: cli.keep_unresolved,
+    };
+    let input = cli.input.display().to_string();
+    let out = convert(&input, &patch, &targets, &manifest, &options)?;
+    std::fs::write(&cli.output, &out.data).map_err(|e| Error::Io {
+        path: cli.output.display().to_string(),
+        reason: e.to_string(),
+    })?;
+
+    let mut lines = Vec::new();
+    if cli.verbose {
+        for s in &out.report.symbols {
+            lines.push(match &s.decision {
+                Decision::Convert {
+                    klp_name, reason, ..
+                } => {
+                    let why = match reason {
+                        ConvertReason::Local => "a static symbol",
+                        ConvertReason::Hidden => "a hidden symbol",
+                        ConvertReason::OtherObject => "in an object that may not be loaded",
+                        ConvertReason::NotExported => "not resolved by the loader (not exported)",
+                        ConvertReason::Forced => "forced by the manifest",
+                    };
+                    format!("{} -> {klp_name} ({why})", s.name)
+                }
+                Decision::Keep { reason, object } => {
+                    let why = match reason {
+                        KeepReason::Manifest => "kept by the manifest".to_string(),
+                        KeepReason::LoaderProvided => "provided by the linker/loader".to_string(),
+                        KeepReason::Resolvable => format!(
+                            "resolved by the loader of {}",
+                            object.as_deref().unwrap_or("vmlinux")
+                        ),
+                        KeepReason::Unresolved => "defined by no target".to_string(),
+                    };
+                    format!("{} stays undefined ({why})", s.name)
+                }
+            });
+        }
+        for k in &out.report.sections {
+            lines.push(format!(
+                "{}: {} relocation(s) of {} against {}",
+                k.name,
+                k.relocations.len(),
+                k.target,
+                k.object
+            ));
+        }
+        if out.report.modinfo_added {
+            lines.push(".modinfo: added livepatch=Y".to_string());
+        }
+    }
+    for w in &out.report.warnings {
+        lines.push(format!("klp-convert: warning: {w}."));
+    }
+    Ok(lines)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(lines) => {
+            for l in lines {
+                eprintln!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("klp-convert: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Which relocation types the livepatch core can write, asked of klp's own
+//! architecture back-ends (`Arch::apply_relocation`, which implements the kernel's
+//! `apply_relocate_add` for each of the four), so a `.klp.rela` entry that could
+//! never be written is refused here rather than when the patch is loaded.
+
+use klp_arch::{Arch as _, Reloc, RelocCtx, RelocError};
+
+use crate::elf::Arch;
+
+/// Whether the livepatch core of `arch` writes relocations of type `r_type`.
+///
+/// The type is tried on a scratch section; only "unsupported type" counts as no
+/// (a scratch value out of range, or a scratch instruction the type does not
+/// expect, still shows the back-end knows the type).
+pub fn writable(arch: Arch, r_type: u32) -> bool {
+    let mut scratch = [0u8; 32];
+    let reloc = Reloc {
+        r_type,
+        offset: 8,
+        sym: 0x1000,
+        addend: 0,
+        external: true,
+    };
+    let ctx = RelocCtx { toc: Some(0x8000) };
+    let result = match arch {
+        Arch::X86_64 => {
+            klp_arch_x86_64::X86_64::apply_relocation(&mut scratch, 0x1000, &reloc, &ctx)
+        }
+        Arch::Aarch64 => {
+            klp_arch_aarch64::Aarch64::apply_relocation(&mut scratch, 0x1000, &reloc, &ctx)
+        }
+        Arch::Ppc64le => {
+            klp_arch_ppc64le::Ppc64le::apply_relocation(&mut scratch, 0x1000, &reloc, &ctx)
+        }
+        Arch::S390x => klp_arch_s390x::S390x::apply_relocation(&mut scratch, 0x1000, &reloc, &ctx),
+    };
+    !matches!(result, Err(RelocError::UnsupportedType { .. }))
+}
+
+/// The psABI name of a relocation type, when known.
+pub fn type_name(arch: Arch, r_type: u32) -> Option<&'static str> {
+    let machine = match arch {
+        Arch::X86_64 => object::elf::EM_X86_64,
+        Arch::Aarch64 => object::elf::EM_AARCH64,
+        Arch::Ppc64le => object::elf::EM_PPC64,
+        Arch::S390x => object::elf::EM_S390,
+    };
+    object::elf::machine_names(machine)
+        .r
+        .name(object::elf::RelocationType(r_type))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_usual_types_are_writable_and_got_types_are_not() {
+        // x86_64: R_X86_64_PLT32 (4), R_X86_64_PC32 (2) yes; R_X86_64_GOTPCREL (9) no.
+        assert!(writable(Arch::X86_64, 4) && writable(Arch::X86_64, 2));
+        assert!(!writable(Arch::X86_64, 9));
+        // aarch64: CALL26 (283), ADR_PREL_PG_HI21 (275); ADR_GOT_PAGE (311) no.
+        assert!(writable(Arch::Aarch64, 283) && writable(Arch::Aarch64, 275));
+        assert!(!writable(Arch::Aarch64, 311));
+        // ppc64le: REL24 (10), TOC16_HA (50), ADDR64 (38).
+        assert!(writable(Arch::Ppc64le, 10) && writable(Arch::Ppc64le, 50));
+        assert!(writable(Arch::Ppc64le, 38));
+        // s390x: PLT32DBL (20), PC32DBL (19); GOTENT (26) no.
+        assert!(writable(Arch::S390x, 20) && writable(Arch::S390x, 19));
+        assert!(!writable(Arch::S390x, 26));
+        assert_eq!(type_name(Arch::X86_64, 9), Some("R_X86_64_GOTPCREL"));
+        assert_eq!(type_name(Arch::S390x, 20), Some("R_390_PLT32DBL"));
+    }
+}

@@ -1,0 +1,434 @@
+//! Rewriting the patch object into a livepatch object.
+//!
+//! Nothing is reordered and no section or symbol is removed, so every section index
+//! and every symbol index of the input stays valid (section groups, `SHF_LINK_ORDER`
+//! links, `.llvm_addrsig`, relocations). The changes are:
+//!
+//! * each converted symbol gets its `.klp.sym.…` name (appended to the symbol string
+//!   table), `st_shndx = SHN_LIVEPATCH`, `st_value = st_size = 0`; its binding and
+//!   type stay (an undefined symbol is `GLOBAL`/`WEAK`, so locals still come first
+//!   and `.symtab`'s `sh_info` stays right);
+//! * every `Rela` entry against a converted symbol leaves its `.rela<sec>` section,
+//!   with type, offset, addend and symbol index unchanged, for a new section
+//!   `.klp.rela.<object>.<sec>` (`SHT_RELA`, `SHF_ALLOC | SHF_INFO_LINK |
+//!   SHF_RELA_LIVEPATCH` — `readelf` shows `AIo` as in the seed — `sh_link` = the
+//!   symbol table, `sh_info` = the relocated section), one per object and relocated
+//!   section, appended after the existing sections;
+//! * `.modinfo` gains `livepatch=Y` if it has no such entry (a `.modinfo` section is
+//!   added if there is none).
+//!
+//! The file is then laid out afresh: the ELF header, each section's bytes in index
+//! order at its alignment, the section header table last.
+
+use std::collections::HashMap;
+
+use object::elf;
+use object::write::elf::{FileHeaderLayout, Rel, SectionHeader};
+
+use crate::elf::{PatchObject, Section};
+use crate::error::Error;
+use crate::names::{SHF_RELA_LIVEPATCH, SHN_LIVEPATCH, klp_rela_name};
+use crate::plan::{Decision, SymbolDecision};
+use crate::reloc;
+
+/// `SHT_CREL`: LLVM's compact relocations, which this tool does not decode.
+const SHT_CREL: u32 = 0x4000_0014;
+
+/// The largest section alignment accepted (larger ones would make the output huge).
+const MAX_ALIGN: u64 = 1 << 20;
+
+/// One relocation moved into a livepatch relocation section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MovedRela {
+    /// `r_offset`.
+    pub offset: u64,
+    /// `r_type`.
+    pub r_type: u32,
+    /// `r_addend`.
+    pub addend: i64,
+    /// The symbol's index in `.symtab`.
+    pub symbol_index: u32,
+    /// The symbol's (livepatch) name.
+    pub symbol: String,
+}
+
+/// One `.klp.rela` section written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KlpSection {
+    /// Its name.
+    pub name: String,
+    /// Its section index in the output.
+    pub index: usize,
+    /// The object its symbols belong to.
+    pub object: String,
+    /// The section it relocates (its name).
+    pub target: String,
+    /// The section it relocates (its index, `sh_info`).
+    pub target_index: usize,
+    /// Its entries, in input order.
+    pub relocations: Vec<MovedRela>,
+}
+
+/// What the rewrite did besides the symbols.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Rewritten {
+    pub data: Vec<u8>,
+    pub sections: Vec<KlpSection>,
+    pub modinfo_added: bool,
+}
+
+fn append_string(section: &mut Section, s: &str) -> u32 {
+    let off = section.data.len() as u32;
+    section.data.extend_from_slice(s.as_bytes());
+    section.data.push(0);
+    off
+}
+
+fn decode_rels(p: &PatchObject, s: &Section) -> Result<Vec<u32>, Error> {
+    let size: usize = if p.is_64 { 16 } else { 8 };
+    if s.header.sh_entsize != size as u64 || !s.data.len().is_multiple_of(size) {
+        return Err(Error::RelocationSection {
+            section: s.name_lossy(),
+            reason: format!(
+                "its entry size is {} and its size {}, which is no array of {size}-byte Rel \
+                 entries",
+                s.header.sh_entsize,
+                s.data.len()
+            ),
+        });
+    }
+    let mut syms = Vec::new();
+    for c in s.data.chunks_exact(size) {
+        let sym = if p.is_64 {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&c[8..16]);
+            let info = match p.endian {
+                object::Endianness::Little => u64::from_le_bytes(a),
+                object::Endianness::Big => u64::from_be_bytes(a),
+            };
+            (info >> 32) as u32
+        } else {
+            let mut a = [0u8; 4];
+            a.copy_from_slice(&c[4..8]);
+            let info = match p.endian {
+                object::Endianness::Little => u32::from_le_bytes(a),
+                object::Endianness::Big => u32::from_be_bytes(a),
+            };
+            info >> 8
+        };
+        syms.push(sym);
+    }
+    Ok(syms)
+}
+
+/// Applies `decisions` to `p` and lays out the result.
+pub(crate) fn rewrite(
+    mut p: PatchObject,
+    decisions: &[SymbolDecision],
+) -> Result<Rewritten, Error> {
+    // Symbol index -> (object, livepatch name, original name).
+    let converted: HashMap<usize, (&str, &str, &str)> = decisions
+        .iter()
+        .filter_map(|d| match &d.decision {
+            Decision::Convert {
+                object, klp_name, ..
+            } => Some((
+                d.index,
+                (object.as_str(), klp_name.as_str(), d.name.as_str()),
+            )),
+            Decision::Keep { .. } => None,
+        })
+        .collect();
+
+    let original = p.sections.len();
+
+    // Symbols: new names, SHN_LIVEPATCH.
+    let sym_size = p.encoder().sym_size() as usize;
+    let mut indices: Vec<usize> = converted.keys().copied().collect();
+    indices.sort_unstable();
+    for &i in &indices {
+        let (_, klp_name, _) = converted[&i];
+        let st_name = append_string(&mut p.sections[p.strtab], klp_name);
+        let Some(sym) = p.symbols.get_mut(i) else {
+            continue;
+        };
+        sym.sym.st_name = st_name;
+        sym.sym.section = None;
+        sym.sym.st_shndx = elf::SymbolSection(SHN_LIVEPATCH);
+        sym.sym.st_value = 0;
+        sym.sym.st_size = 0;
+        sym.name = klp_name.as_bytes().to_vec();
+        let bytes = p.encode_symbol(&p.symbols[i].sym);
+        let symtab = &mut p.sections[p.symtab];
+        let name = symtab.name_lossy();
+        let Some(slot) = symtab
+            .data
+            .get_mut(i * sym_size..(i + 1) * sym_size)
+            .filter(|s| s.len() == bytes.len())
+        else {
+            return Err(Error::Malformed {
+                file: p.file.clone(),
+                reason: format!("symbol {i} lies outside the symbol table {name}"),
+            });
+        };
+        slot.copy_from_slice(&bytes);
+    }
+
+    // Relocations: move the entries against converted symbols.
+    let symtab = p.symtab as u32;
+    let mut groups: Vec<((String, usize), Vec<Rel>)> = Vec::new();
+    if !converted.is_empty() {
+        for i in 1..p.sections.len() {
+            let s = &p.sections[i];
+            if s.header.sh_link != symtab {
+                continue;
+            }
+            let t = s.header.sh_type;
+            if t == elf::SHT_REL {
+                if let Some((_, _, name)) = decode_rels(&p, s)?
+                    .into_iter()
+                    .find_map(|r| converted.get(&(r as usize)))
+                {
+                    return Err(Error::RelocationSection {
+                        section: s.name_lossy(),
+                        reason: format!(
+                            "it is a SHT_REL section (no addends) with an entry against symbol \
+                             '{name}', and livepatch relocation sections are SHT_RELA"
+                        ),
+                    });
+                }
+                continue;
+            }
+            if t == elf::SectionType(SHT_CREL) {
+                return Err(Error::RelocationSection {
+                    section: s.name_lossy(),
+                    reason: "it holds SHT_CREL compact relocations, which klp-convert does not \
+                             decode; build the patch without --crel"
+                        .to_string(),
+                });
+            }
+            if t != elf::SHT_RELA {
+                continue;
+            }
+            let relas = p.decode_relas(i)?;
+            if !relas
+                .iter()
+                .any(|r| converted.contains_key(&(r.r_sym as usize)))
+            {
+                continue;
+            }
+            let target = s.header.sh_info as usize;
+            let Some(ts) = p.sections.get(target).filter(|_| target != 0) else {
+                return Err(Error::RelocationSection {
+                    section: s.name_lossy(),
+                    reason: format!(
+                        "its sh_info {target} names no section, so it relocates nothing"
+                    ),
+                });
+            };
+            let mut kept = Vec::with_capacity(relas.len());
+            for r in relas {
+                let Some(&(object, _, name)) = converted.get(&(r.r_sym as usize)) else {
+                    kept.push(r);
+                    continue;
+                };
+                if !ts.header.sh_flags.contains(elf::SHF_ALLOC) {
+                    return Err(Error::NotLoaded {
+                        symbol: name.to_string(),
+                        section: ts.name_lossy(),
+                    });
+                }
+                if !reloc::writable(p.arch, r.r_type.0) {
+                    return Err(Error::UnsupportedRelocation {
+                        arch: p.arch.name(),
+                        r_type: r.r_type.0,
+                        type_name: reloc::type_name(p.arch, r.r_type.0),
+                        section: ts.name_lossy(),
+                        offset: r.r_offset,
+                        symbol: name.to_string(),
+                    });
+                }
+                let key = (object.to_string(), target);
+                match groups.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, v)) => v.push(r),
+                    None => groups.push((key, vec![r])),
+                }
+            }
+            let data = p.encode_relas(&kept);
+            p.sections[i].data = data;
+        }
+    }
+
+    // .modinfo: livepatch=Y.
+    let mut modinfo_added = false;
+    match p.sections.iter().position(|s| s.name == b".modinfo") {
+        Some(i) => {
+            let s = &mut p.sections[i];
+            if s.header.sh_type == elf::SHT_NOBITS {
+                return Err(Error::Layout {
+                    reason: "the .modinfo section has no contents (SHT_NOBITS)".to_string(),
+                });
+            }
+            let mut present = false;
+            for entry in s.data.split(|&b| b == 0) {
+                if let Some(v) = entry.strip_prefix(b"livepatch=") {
+                    if v != b"Y" {
+                        return Err(Error::Modinfo {
+                            entry: String::from_utf8_lossy(entry).into_owned(),
+                        });
+                    }
+                    present = true;
+                }
+            }
+            if !present {
+                if s.data.last().is_some_and(|&b| b != 0) {
+                    s.data.push(0);
+                }
+                s.data.extend_from_slice(b"livepatch=Y\0");
+                modinfo_added = true;
+            }
+        }
+        None => {
+            p.sections.push(Section {
+                name: b".modinfo".to_vec(),
+                header: SectionHeader {
+                    sh_type: elf::SHT_PROGBITS,
+                    sh_flags: elf::SHF_ALLOC,
+                    sh_addralign: 1,
+                    ..SectionHeader::default()
+                },
+                data: b"livepatch=Y\0".to_vec(),
+            });
+            modinfo_added = true;
+        }
+    }
+
+    // The .klp.rela sections.
+    let enc = p.encoder();
+    let mut sections = Vec::with_capacity(groups.len());
+    for ((object, target), relas) in groups {
+        let target_name = p.sections[target].name_lossy();
+        let name = klp_rela_name(&object, &target_name);
+        let index = p.sections.len();
+        sections.push(KlpSection {
+            name: name.clone(),
+            index,
+            object,
+            target: target_name,
+            target_index: target,
+            relocations: relas
+                .iter()
+                .map(|r| MovedRela {
+                    offset: r.r_offset,
+                    r_type: r.r_type.0,
+                    addend: r.r_addend,
+                    symbol_index: r.r_sym,
+                    symbol: String::from_utf8_lossy(&p.symbols[r.r_sym as usize].name).into_owned(),
+                })
+                .collect(),
+        });
+        let data = p.encode_relas(&relas);
+        p.sections.push(Section {
+            name: name.into_bytes(),
+            header: SectionHeader {
+                sh_type: elf::SHT_RELA,
+                sh_flags: elf::SectionFlags(
+                    elf::SHF_ALLOC.0 | elf::SHF_INFO_LINK.0 | SHF_RELA_LIVEPATCH,
+                ),
+                sh_link: symtab,
+                sh_info: target as u32,
+                sh_addralign: enc.address_size(),
+                sh_entsize: enc.rel_size(true),
+                ..SectionHeader::default()
+            },
+            data,
+        });
+    }
+
+    // New section names go to the end of the section name table.
+    for i in original..p.sections.len() {
+        let name = p.sections[i].name_lossy();
+        let off = append_string(&mut p.sections[p.shstrndx], &name);
+        p.sections[i].header.sh_name = off;
+    }
+
+    let data = emit(&p)?;
+    Ok(Rewritten {
+        data,
+        sections,
+        modinfo_added,
+    })
+}
+
+fn align_up(v: u64, align: u64) -> Option<u64> {
+    v.checked_next_multiple_of(align.max(1))
+}
+
+/// Lays out and encodes the whole file.
+fn emit(p: &PatchObject) -> Result<Vec<u8>, Error> {
+    let enc = p.encoder();
+    let overflow = |what: &str| Error::Layout {
+        reason: format!("{what} does not fit the file's ELF class"),
+    };
+    let mut offsets = vec![0u64; p.sections.len()];
+    let mut pos = enc.file_header_size();
+    for (i, s) in p.sections.iter().enumerate().skip(1) {
+        if s.header.sh_addralign > MAX_ALIGN {
+            return Err(Error::Layout {
+                reason: format!(
+                    "section {} asks for alignment {:#x}, more than klp-convert lays out",
+                    s.name_lossy(),
+                    s.header.sh_addralign
+                ),
+            });
+        }
+        let at = align_up(pos, s.header.sh_addralign).ok_or_else(|| overflow("an offset"))?;
+        offsets[i] = at;
+        if s.header.sh_type != elf::SHT_NOBITS {
+            pos = at
+                .checked_add(s.data.len() as u64)
+                .ok_or_else(|| overflow("an offset"))?;
+        }
+    }
+    let shoff = align_up(pos, enc.address_size()).ok_or_else(|| overflow("an offset"))?;
+    let total = shoff
+        .checked_add(enc.section_header_size() * p.sections.len() as u64)
+        .ok_or_else(|| overflow("the file size"))?;
+    if !p.is_64 && total > u64::from(u32::MAX) {
+        return Err(overflow("the file size"));
+    }
+    let layout = FileHeaderLayout {
+        e_phoff: 0,
+        segment_num: 0,
+        e_shoff: shoff,
+        section_num: p.sections.len() as u32,
+        shstrtab_index: p.shstrndx as u32,
+    };
+    let mut out = Vec::with_capacity(total as usize);
+    enc.file_header(&mut out, &p.header, &layout)
+        .map_err(|e| Error::Layout {
+            reason: e.to_string(),
+        })?;
+    for (i, s) in p.sections.iter().enumerate().skip(1) {
+        if s.header.sh_type == elf::SHT_NOBITS {
+            continue;
+        }
+        out.resize(offsets[i] as usize, 0);
+        out.extend_from_slice(&s.data);
+    }
+    out.resize(shoff as usize, 0);
+    enc.null_section_header(&mut out, &layout);
+    for (i, s) in p.sections.iter().enumerate().skip(1) {
+        let header = SectionHeader {
+            sh_offset: offsets[i],
+            sh_size: if s.header.sh_type == elf::SHT_NOBITS {
+                s.header.sh_size
+            } else {
+                s.data.len() as u64
+            },
+            ..s.header.clone()
+        };
+        enc.section_header(&mut out, &header);
+    }
+    Ok(out)
+}
