@@ -39,6 +39,7 @@ extern crate alloc;
 
 pub mod arch;
 mod core;
+pub mod elf;
 pub mod errno;
 pub mod fallible;
 pub mod host;

@@ -1,0 +1,230 @@
+//! Resolving livepatch symbols and writing livepatch relocation sections
+//! (`klp_write_section_relocs`, `klp_resolve_symbols`, `apply_relocate_add`).
+//!
+//! Each livepatch symbol is resolved once per call through the host's symbol lookup
+//! with the kernel's sympos rules ([`crate::Klp`]'s `klp_find_object_symbol`), never by
+//! a scan per relocation entry. Every relocation is first written into a copy of its
+//! section by the patch's architecture ([`Arch::apply_relocation`]); the patch's memory
+//! is changed only when every entry of every section for the object succeeded, so a
+//! failure leaves every byte as it was.
+
+use alloc::vec::Vec;
+
+use klp_arch::{Arch, Endian, Reloc, RelocCtx};
+
+use super::{ElfError, PatchObject, parse_sym_name};
+use crate::Klp;
+use crate::errno::{Errno, KResult};
+use crate::fallible::{push_reserved, reserve_total, try_push};
+use crate::host::{Addr, Host};
+use crate::log::{Level, Record, klp_log};
+
+/// The patch module's sections in memory, as the host loaded them.
+pub trait PatchImage {
+    /// The address section `index` is loaded at, if it is loaded.
+    fn section_addr(&self, index: usize) -> Option<Addr>;
+    /// The loaded bytes of section `index`.
+    fn section_bytes(&self, index: usize) -> Option<&[u8]>;
+    /// Replaces the loaded bytes of section `index` with `bytes` (of the same length).
+    /// The host makes the memory writable for the write and keeps instruction caches
+    /// coherent after it.
+    fn write_section(&mut self, index: usize, bytes: &[u8]) -> KResult<()>;
+    /// What some relocation types need besides the symbol (ppc64le: the module's TOC).
+    fn reloc_ctx(&self) -> RelocCtx {
+        RelocCtx::default()
+    }
+}
+
+/// Logs a malformed-object error with the kernel's text where it has one.
+fn report<H: Host>(host: &mut H, module: &str, e: &ElfError<'_>) -> Errno {
+    match e {
+        ElfError::SectionName(_) | ElfError::SymbolName(_) => {
+            klp_log!(host, Level::Err, "klp_write_section_relocs", "{e}");
+            Errno::EINVAL
+        }
+        _ => {
+            host.log(&Record {
+                level: Level::Err,
+                func: "klp_write_section_relocs",
+                prefix: "",
+                args: format_args!("{module}: {e}"),
+            });
+            Errno::ENOEXEC
+        }
+    }
+}
+
+/// A section's new contents, staged until every relocation succeeded.
+struct Staged {
+    index: usize,
+    old: Vec<u8>,
+    new: Vec<u8>,
+}
+
+fn copy_of(bytes: &[u8]) -> KResult<Vec<u8>> {
+    let mut v = Vec::new();
+    reserve_total(&mut v, bytes.len())?;
+    for b in bytes {
+        push_reserved(&mut v, *b).map_err(|_| Errno::ENOMEM)?;
+    }
+    Ok(v)
+}
+
+/// Resolves the livepatch symbol `index` of `obj` for a relocation section of
+/// `sec_objname` (`klp_resolve_symbols` for one entry).
+fn resolve<H: Host>(
+    host: &mut H,
+    obj: &PatchObject<'_>,
+    index: u32,
+    entry: usize,
+    sec_objname: &str,
+) -> KResult<Addr> {
+    let sym = obj.symbol(index as usize).map_err(|_| Errno::ENOEXEC)?;
+    if !sym.is_livepatch() {
+        klp_log!(
+            host,
+            Level::Err,
+            "klp_resolve_symbols",
+            "symbol {} at rela sec {} idx {entry} is not marked as a livepatch symbol",
+            sym.name,
+            obj.symtab_index()
+        );
+        return Err(Errno::EINVAL);
+    }
+    let Some(parsed) = parse_sym_name(sym.name) else {
+        klp_log!(
+            host,
+            Level::Err,
+            "klp_resolve_symbols",
+            "symbol {} has an incorrectly formatted name",
+            sym.name
+        );
+        return Err(Errno::EINVAL);
+    };
+    let sym_vmlinux = parsed.objname == "vmlinux";
+    if sec_objname != "vmlinux" && sym_vmlinux {
+        klp_log!(
+            host,
+            Level::Err,
+            "klp_resolve_symbols",
+            "invalid access to vmlinux symbol '{}' from module-specific livepatch relocation section",
+            parsed.name
+        );
+        return Err(Errno::EINVAL);
+    }
+    let objname = (!sym_vmlinux).then_some(parsed.objname);
+    Klp::<H>::find_object_symbol(host, objname, parsed.name, parsed.sympos)
+}
+
+/// Writes every livepatch relocation section of `obj` that belongs to `target` (`None`:
+/// vmlinux) into the patch module's memory (`klp_apply_section_relocs` over the
+/// module's sections). `A` is the patch's architecture: the object must be built for it.
+///
+/// A section whose name does not parse fails the call even if it belongs to another
+/// object (the kernel checks every livepatch section at this point). Errors: `-EINVAL`
+/// with the kernel's message for malformed names, non-livepatch symbols, vmlinux
+/// symbols from module sections and unresolvable symbols; `-ENOEXEC` for an object of
+/// another architecture or a relocation the architecture cannot write; `-ENOMEM`. On
+/// error no byte of the patch's memory has changed.
+pub fn write_relocs<A: Arch, H: Host>(
+    host: &mut H,
+    module: &str,
+    obj: &PatchObject<'_>,
+    image: &mut dyn PatchImage,
+    target: Option<&str>,
+) -> KResult<()> {
+    if let Err(e) = obj.check_machine(A::ELF_MACHINE, A::ENDIAN == Endian::Big) {
+        return Err(report(host, module, &e));
+    }
+    let want = target.unwrap_or("vmlinux");
+    let ctx = image.reloc_ctx();
+    // One resolution per livepatch symbol: its value once found.
+    let mut resolved: Vec<Option<Addr>> = Vec::new();
+    let mut staged: Vec<Staged> = Vec::new();
+    for sec in obj.klp_relas() {
+        let sec = match sec {
+            Ok(s) => s,
+            Err(e) => return Err(report(host, module, &e)),
+        };
+        if sec.objname != want {
+            continue;
+        }
+        if resolved.is_empty() {
+            reserve_total(&mut resolved, obj.symbol_count())?;
+            for _ in 0..obj.symbol_count() {
+                push_reserved(&mut resolved, None).map_err(|_| Errno::ENOMEM)?;
+            }
+        }
+        let Some(addr) = image.section_addr(sec.target) else {
+            return Err(Errno::ENOEXEC);
+        };
+        let slot = match staged.iter().position(|s| s.index == sec.target) {
+            Some(i) => i,
+            None => {
+                let bytes = image.section_bytes(sec.target).ok_or(Errno::ENOEXEC)?;
+                let stage = Staged {
+                    index: sec.target,
+                    old: copy_of(bytes)?,
+                    new: copy_of(bytes)?,
+                };
+                try_push(&mut staged, stage)?;
+                staged.len().saturating_sub(1)
+            }
+        };
+        let relas = match obj.relas(sec.section.index) {
+            Ok(r) => r,
+            Err(e) => return Err(report(host, module, &e)),
+        };
+        for (entry, r) in relas.enumerate() {
+            let value = match resolved.get(r.sym as usize).copied() {
+                Some(Some(v)) => v,
+                Some(None) => {
+                    let v = resolve(host, obj, r.sym, entry, sec.objname)?;
+                    if let Some(c) = resolved.get_mut(r.sym as usize) {
+                        *c = Some(v);
+                    }
+                    v
+                }
+                None => {
+                    let e = ElfError::SymbolIndex {
+                        section: sec.section.name,
+                        entry,
+                        index: u64::from(r.sym),
+                    };
+                    return Err(report(host, module, &e));
+                }
+            };
+            let reloc = Reloc {
+                r_type: r.r_type,
+                offset: r.offset,
+                sym: value,
+                addend: r.addend,
+                external: true,
+            };
+            let Some(stage) = staged.get_mut(slot) else {
+                return Err(Errno::EINVAL);
+            };
+            if let Err(e) = A::apply_relocation(&mut stage.new, addr, &reloc, &ctx) {
+                host.log(&Record {
+                    level: Level::Err,
+                    func: "apply_relocate_add",
+                    prefix: "",
+                    args: format_args!("{module}: {} (entry {entry} of {})", e, sec.section.name),
+                });
+                return Err(Errno::from_ret(e.errno()));
+            }
+        }
+    }
+    // Everything resolved and written in the copies: now the patch's memory.
+    for (i, s) in staged.iter().enumerate() {
+        if let Err(e) = image.write_section(s.index, &s.new) {
+            for done in staged.iter().take(i) {
+                // Put back what was written; the host failed one write already, and
+                // reports a failure of these itself.
+                let _ = image.write_section(done.index, &done.old);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}

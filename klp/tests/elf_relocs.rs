@@ -1,0 +1,504 @@
+//! Livepatch relocation sections resolved and written for each of the four
+//! architectures, on any host.
+//!
+//! Each object is written by hand (`common/elfbuild.rs`) in its architecture's byte
+//! order: a `.text` with a call and an 8-byte data slot, a `.klp.rela.vmlinux..text`
+//! whose entries reference `.klp.sym.vmlinux.static_fn,2` (the second of two
+//! same-named vmlinux functions) and `.klp.sym.vmlinux.static_var,0`. The expected
+//! bytes are worked out by hand from each psABI's relocation formula and instruction
+//! encoding, noted beside each case.
+
+mod common;
+
+use std::cell::Cell;
+use std::ops::ControlFlow;
+
+use common::elfbuild::*;
+use klp::elf::reloc::{PatchImage, write_relocs};
+use klp::elf::{PatchObject, SHF_RELA_LIVEPATCH, SHN_LIVEPATCH};
+use klp::{
+    Addr, Comm, Errno, HookError, Host, IdleTask, KResult, PatchId, PatchState, Record,
+    RedirectView, TaskId, TraceError,
+};
+use klp_arch::Arch;
+
+const TEXT_ADDR: u64 = 0x1000_0000;
+const FN_FIRST: u64 = 0x1000_2000;
+const FN_SECOND: u64 = 0x1000_4000;
+const VAR: u64 = 0x7fff_1234_5678_9ab0;
+
+#[derive(Default)]
+struct SymHost {
+    log: Vec<String>,
+    lookups: Cell<usize>,
+}
+
+impl Host for SymHost {
+    fn log(&mut self, rec: &Record<'_>) {
+        self.log.push(rec.to_string());
+    }
+    fn warn(&mut self, what: &str) {
+        panic!("WARN {what}");
+    }
+    fn reliable_stacktrace(&self) -> bool {
+        true
+    }
+    fn module_is_livepatch(&self, _: &str) -> bool {
+        true
+    }
+    fn module_get(&mut self, _: &str) -> bool {
+        true
+    }
+    fn module_put(&mut self, _: &str) {}
+    fn for_each_symbol(
+        &self,
+        obj: Option<&str>,
+        name: &str,
+        f: &mut dyn FnMut(Addr) -> ControlFlow<()>,
+    ) {
+        self.lookups.set(self.lookups.get() + 1);
+        let cands: &[Addr] = match (obj, name) {
+            (None, "static_fn") => &[FN_FIRST, FN_SECOND],
+            (None, "static_var") => &[VAR],
+            (Some("mymod"), "mod_fn") => &[0x2000_0000],
+            _ => &[],
+        };
+        for a in cands {
+            if f(*a).is_break() {
+                return;
+            }
+        }
+    }
+    fn symbol_size(&self, _: Addr) -> Option<u64> {
+        None
+    }
+    fn hook_site(&self, _: Addr) -> Option<Addr> {
+        None
+    }
+    fn hook_register(&mut self, _: Addr) -> Result<(), HookError> {
+        Ok(())
+    }
+    fn hook_unregister(&mut self, _: Addr) {}
+    fn hook_publish(&mut self, _: Addr, _: Option<RedirectView>) {}
+    fn for_each_task(&mut self, _: &mut dyn FnMut(&mut Self, TaskId)) {}
+    fn for_each_idle_task(&mut self, _: &mut dyn FnMut(&mut Self, IdleTask)) {}
+    fn current(&self) -> TaskId {
+        TaskId(0)
+    }
+    fn patch_state(&self, _: TaskId) -> PatchState {
+        PatchState::Idle
+    }
+    fn set_patch_state(&mut self, _: TaskId, _: PatchState) {}
+    fn patch_pending(&self, _: TaskId) -> bool {
+        false
+    }
+    fn set_patch_pending(&mut self, _: TaskId, _: bool) {}
+    fn task_ident(&self, _: TaskId) -> (Comm, i64) {
+        (Comm::default(), 0)
+    }
+    fn is_kthread(&self, _: TaskId) -> bool {
+        false
+    }
+    fn task_running_elsewhere(&self, _: TaskId) -> bool {
+        false
+    }
+    fn stack_trace_reliable(&mut self, _: TaskId, _: &mut [Addr]) -> Result<usize, TraceError> {
+        Ok(0)
+    }
+    fn fake_signal(&mut self, _: TaskId) {}
+    fn wake_kthread(&mut self, _: TaskId) {}
+    fn wake_cpu(&mut self, _: u32) {}
+    fn synchronize(&mut self) {}
+    fn schedule_retry(&mut self) {}
+    fn schedule_free(&mut self, _: PatchId) {}
+}
+
+/// The loaded sections: index → (address, bytes).
+struct Image {
+    secs: Vec<Option<(u64, Vec<u8>)>>,
+    writes: usize,
+}
+
+impl Image {
+    fn load(obj: &PatchObject<'_>) -> Image {
+        let mut secs = Vec::new();
+        let mut next = TEXT_ADDR;
+        for s in obj.sections() {
+            let s = s.expect("section");
+            if s.is_alloc() && !s.is_klp_rela() {
+                secs.push(Some((
+                    next,
+                    obj.section_data(s.index).expect("data").to_vec(),
+                )));
+                next += 0x1000;
+            } else {
+                secs.push(None);
+            }
+        }
+        Image { secs, writes: 0 }
+    }
+    fn bytes(&self, i: usize) -> &[u8] {
+        &self.secs[i].as_ref().expect("loaded").1
+    }
+}
+
+impl PatchImage for Image {
+    fn section_addr(&self, index: usize) -> Option<Addr> {
+        self.secs.get(index)?.as_ref().map(|s| s.0)
+    }
+    fn section_bytes(&self, index: usize) -> Option<&[u8]> {
+        self.secs.get(index)?.as_ref().map(|s| s.1.as_slice())
+    }
+    fn write_section(&mut self, index: usize, bytes: &[u8]) -> KResult<()> {
+        let s = self
+            .secs
+            .get_mut(index)
+            .and_then(Option::as_mut)
+            .ok_or(Errno::EINVAL)?;
+        assert_eq!(s.1.len(), bytes.len());
+        s.1.copy_from_slice(bytes);
+        self.writes += 1;
+        Ok(())
+    }
+}
+
+struct Case {
+    machine: u16,
+    big: bool,
+    /// `.text`: the call at 0, the data slot at 8.
+    text: [u8; 16],
+    /// The call's relocation: (offset, type, addend).
+    call: (u64, u32, i64),
+    /// The 64-bit absolute type.
+    abs64: u32,
+    /// `.text` once written.
+    want: [u8; 16],
+}
+
+fn le64(v: u64) -> [u8; 8] {
+    v.to_le_bytes()
+}
+
+fn with_var(head: [u8; 8], var: [u8; 8]) -> [u8; 16] {
+    let mut t = [0u8; 16];
+    t[..8].copy_from_slice(&head);
+    t[8..].copy_from_slice(&var);
+    t
+}
+
+fn cases() -> Vec<(&'static str, Case)> {
+    vec![
+        // x86_64: `call rel32` (e8) at 0, field at 1. R_X86_64_PLT32 = L + A - P with
+        // L = S (no PLT), A = -4, P = 0x1000_0001: 0x1000_4000 - 4 - 0x1000_0001 =
+        // 0x3ffb. R_X86_64_64 = S + A.
+        (
+            "x86_64",
+            Case {
+                machine: 62,
+                big: false,
+                text: with_var([0xe8, 0, 0, 0, 0, 0x90, 0x90, 0x90], [0; 8]),
+                call: (1, 4, -4),
+                abs64: 1,
+                want: with_var([0xe8, 0xfb, 0x3f, 0, 0, 0x90, 0x90, 0x90], le64(VAR)),
+            },
+        ),
+        // aarch64: `bl` (0x94000000) at 0, then `nop` (0xd503201f). R_AARCH64_CALL26:
+        // imm26 = (S + A - P) >> 2 = 0x4000 >> 2 = 0x1000 → 0x94001000.
+        // R_AARCH64_ABS64 = S + A.
+        (
+            "aarch64",
+            Case {
+                machine: 183,
+                big: false,
+                text: with_var([0, 0, 0, 0x94, 0x1f, 0x20, 0x03, 0xd5], [0; 8]),
+                call: (0, 283, 0),
+                abs64: 257,
+                want: with_var([0x00, 0x10, 0x00, 0x94, 0x1f, 0x20, 0x03, 0xd5], le64(VAR)),
+            },
+        ),
+        // ppc64le: `bl` (0x48000001) at 0, then `nop` (0x60000000). R_PPC64_REL24: bits
+        // 6..29 = S + A - P = 0x4000 → 0x48004001. The callee is in another object (a
+        // livepatch symbol), so the nop becomes the TOC restore `ld r2,24(r1)`
+        // (0xe8410018: ELFv2 keeps the caller's TOC at 24(r1)). R_PPC64_ADDR64 = S + A.
+        (
+            "ppc64le",
+            Case {
+                machine: 21,
+                big: false,
+                text: with_var([0x01, 0, 0, 0x48, 0, 0, 0, 0x60], [0; 8]),
+                call: (0, 10, 0),
+                abs64: 38,
+                want: with_var([0x01, 0x40, 0x00, 0x48, 0x18, 0x00, 0x41, 0xe8], le64(VAR)),
+            },
+        ),
+        // s390x (big-endian): `brasl %r14,.` (c0 e5 + 32-bit halfword offset) at 0, then
+        // `nopr` (07 07). R_390_PLT32DBL at the field, offset 2, A = 2:
+        // (L + A - P) >> 1 = (0x1000_4000 + 2 - 0x1000_0002) >> 1 = 0x2000.
+        // R_390_64 = S + A.
+        (
+            "s390x",
+            Case {
+                machine: 22,
+                big: true,
+                text: with_var([0xc0, 0xe5, 0, 0, 0, 0, 0x07, 0x07], [0; 8]),
+                call: (2, 20, 2),
+                abs64: 22,
+                want: with_var(
+                    [0xc0, 0xe5, 0x00, 0x00, 0x20, 0x00, 0x07, 0x07],
+                    VAR.to_be_bytes(),
+                ),
+            },
+        ),
+    ]
+}
+
+/// The object of `c`, with the given livepatch symbol names and relocation section name.
+fn object(c: &Case, fn_sym: &str, var_sym: &str, rela_name: &str, extra_call: bool) -> Vec<u8> {
+    let mut o = Obj::new(c.machine, c.big);
+    let text = o.section(Sec {
+        name: ".text".into(),
+        sh_type: SHT_PROGBITS,
+        flags: SHF_ALLOC | SHF_EXECINSTR,
+        data: if extra_call {
+            [&c.text[..], &[0u8; 8]].concat()
+        } else {
+            c.text.to_vec()
+        },
+        link: 0,
+        info: 0,
+        align: 16,
+        entsize: 0,
+    });
+    o.section(Sec {
+        name: ".modinfo".into(),
+        sh_type: SHT_PROGBITS,
+        flags: SHF_ALLOC,
+        data: b"license=GPL\0livepatch=Y\0".to_vec(),
+        link: 0,
+        info: 0,
+        align: 1,
+        entsize: 0,
+    });
+    // Symbol 1: the section symbol of .text (local); then the livepatch symbols.
+    o.symbol(SymDef {
+        name: String::new(),
+        info: STB_LOCAL_SECTION,
+        shndx: text as u16,
+        value: 0,
+        size: 0,
+    });
+    o.first_global = 2;
+    let f = o.symbol(SymDef {
+        name: fn_sym.into(),
+        info: STB_GLOBAL_FUNC,
+        shndx: SHN_LIVEPATCH,
+        value: 0,
+        size: 0,
+    });
+    let v = o.symbol(SymDef {
+        name: var_sym.into(),
+        info: STB_GLOBAL_OBJECT,
+        shndx: SHN_LIVEPATCH,
+        value: 0,
+        size: 0,
+    });
+    let mut entries = vec![(c.call.0, f, c.call.1, c.call.2), (8, v, c.abs64, 0)];
+    if extra_call {
+        // The same symbol again, in a third slot: resolved once.
+        entries.push((16, f, c.abs64, 0));
+    }
+    let data = o.relas(&entries);
+    let symtab = o.symtab_index() + 1; // after the relocation section itself
+    o.section(Sec {
+        name: rela_name.into(),
+        sh_type: SHT_RELA,
+        flags: SHF_ALLOC | SHF_INFO_LINK | SHF_RELA_LIVEPATCH,
+        data,
+        link: symtab,
+        info: text,
+        align: 8,
+        entsize: 24,
+    });
+    o.build()
+}
+
+fn apply<A: Arch>(file: &[u8], target: Option<&str>) -> (KResult<()>, Image, SymHost) {
+    let obj = PatchObject::parse(file).expect("parses");
+    let mut image = Image::load(&obj);
+    let mut host = SymHost::default();
+    let r = write_relocs::<A, _>(&mut host, "lp", &obj, &mut image, target);
+    (r, image, host)
+}
+
+fn apply_for(arch: &str, file: &[u8], target: Option<&str>) -> (KResult<()>, Image, SymHost) {
+    match arch {
+        "x86_64" => apply::<klp_arch_x86_64::X86_64>(file, target),
+        "aarch64" => apply::<klp_arch_aarch64::Aarch64>(file, target),
+        "ppc64le" => apply::<klp_arch_ppc64le::Ppc64le>(file, target),
+        "s390x" => apply::<klp_arch_s390x::S390x>(file, target),
+        _ => unreachable!(),
+    }
+}
+
+const FN: &str = ".klp.sym.vmlinux.static_fn,2";
+const VARSYM: &str = ".klp.sym.vmlinux.static_var,0";
+const RELA: &str = ".klp.rela.vmlinux..text";
+
+#[test]
+fn relocations_are_written_on_every_architecture() {
+    for (arch, c) in cases() {
+        let file = object(&c, FN, VARSYM, RELA, true);
+        let obj = PatchObject::parse(&file).expect("parses");
+        assert!(obj.is_livepatch(), "{arch}: livepatch=Y");
+        let (r, image, host) = apply_for(arch, &file, None);
+        assert_eq!(r, Ok(()), "{arch}: {:?}", host.log);
+        let slot = if c.big {
+            FN_SECOND.to_be_bytes()
+        } else {
+            FN_SECOND.to_le_bytes()
+        };
+        assert_eq!(image.bytes(1), [&c.want[..], &slot[..]].concat(), "{arch}");
+        assert_eq!(
+            host.lookups.get(),
+            2,
+            "{arch}: one lookup per livepatch symbol"
+        );
+        assert!(host.log.is_empty(), "{arch}: {:?}", host.log);
+        // A module's sections are skipped when vmlinux is written, and the reverse.
+        let (r, image, _) = apply_for(arch, &file, Some("mymod"));
+        assert_eq!(r, Ok(()));
+        assert_eq!(
+            &image.bytes(1)[..16],
+            &c.text,
+            "{arch}: nothing for another object"
+        );
+        assert_eq!(image.writes, 0);
+    }
+}
+
+#[test]
+fn bad_symbols_get_the_kernels_messages_and_change_nothing() {
+    for (arch, c) in cases() {
+        let check = |file: Vec<u8>, want: Errno, line: &str| {
+            let (r, image, host) = apply_for(arch, &file, None);
+            assert_eq!(r, Err(want), "{arch}: {line}");
+            assert_eq!(image.bytes(1), &c.text, "{arch}: {line}: bytes changed");
+            assert_eq!(image.writes, 0);
+            assert!(
+                host.log.iter().any(|l| l == line),
+                "{arch}: {:?}, want {line}",
+                host.log
+            );
+        };
+        check(
+            object(&c, ".klp.sym.vmlinux.static_fn", VARSYM, RELA, false),
+            Errno::EINVAL,
+            "livepatch: symbol .klp.sym.vmlinux.static_fn has an incorrectly formatted name",
+        );
+        check(
+            object(&c, ".klp.sym.vmlinux.no_such_fn,0", VARSYM, RELA, false),
+            Errno::EINVAL,
+            "livepatch: symbol 'no_such_fn' not found in symbol table",
+        );
+        check(
+            object(&c, ".klp.sym.vmlinux.static_fn,0", VARSYM, RELA, false),
+            Errno::EINVAL,
+            "livepatch: unresolvable ambiguity for symbol 'static_fn' in object '(null)'",
+        );
+        check(
+            object(&c, ".klp.sym.vmlinux.static_fn,3", VARSYM, RELA, false),
+            Errno::EINVAL,
+            "livepatch: symbol position 3 for symbol 'static_fn' in object 'vmlinux' not found",
+        );
+        check(
+            object(&c, FN, VARSYM, ".klp.rela..text", false),
+            Errno::EINVAL,
+            "livepatch: section .klp.rela..text has an incorrectly formatted name",
+        );
+        // A module-specific section may not reach vmlinux symbols.
+        let file = object(&c, FN, VARSYM, ".klp.rela.mymod..text", false);
+        let (r, image, host) = apply_for(arch, &file, Some("mymod"));
+        assert_eq!(r, Err(Errno::EINVAL));
+        assert_eq!(image.bytes(1), &c.text);
+        assert_eq!(
+            host.log,
+            [
+                "livepatch: invalid access to vmlinux symbol 'static_fn' from module-specific livepatch relocation section"
+            ]
+        );
+    }
+}
+
+#[test]
+fn a_relocation_out_of_range_leaves_every_byte() {
+    for (arch, c) in cases() {
+        // Make the call's target far away: the second relocation (the data slot) is
+        // fine, the call's field cannot hold the distance.
+        let file = object(&c, FN, VARSYM, RELA, false);
+        let obj = PatchObject::parse(&file).expect("parses");
+        let mut image = Image::load(&obj);
+        image.secs[1].as_mut().unwrap().0 = 0xffff_8000_0000_0000;
+        let mut host = SymHost::default();
+        let r = match arch {
+            "x86_64" => {
+                write_relocs::<klp_arch_x86_64::X86_64, _>(&mut host, "lp", &obj, &mut image, None)
+            }
+            "aarch64" => write_relocs::<klp_arch_aarch64::Aarch64, _>(
+                &mut host, "lp", &obj, &mut image, None,
+            ),
+            "ppc64le" => write_relocs::<klp_arch_ppc64le::Ppc64le, _>(
+                &mut host, "lp", &obj, &mut image, None,
+            ),
+            _ => write_relocs::<klp_arch_s390x::S390x, _>(&mut host, "lp", &obj, &mut image, None),
+        };
+        assert_eq!(r, Err(Errno::ENOEXEC), "{arch}");
+        assert_eq!(image.bytes(1), &c.text, "{arch}");
+        assert_eq!(image.writes, 0, "{arch}");
+        assert!(
+            host.log
+                .iter()
+                .any(|l| l.starts_with("lp: ") && l.contains("overflow")),
+            "{arch}: {:?}",
+            host.log
+        );
+    }
+}
+
+#[test]
+fn an_object_of_another_architecture_is_refused() {
+    let (_, c) = cases().remove(3); // s390x, big-endian
+    let file = object(&c, FN, VARSYM, RELA, false);
+    let (r, image, host) = apply_for("x86_64", &file, None);
+    assert_eq!(r, Err(Errno::ENOEXEC));
+    assert_eq!(image.bytes(1), &c.text);
+    assert_eq!(
+        host.log,
+        ["lp: built for machine 22, the patch's architecture is machine 62"]
+    );
+}
+
+#[test]
+fn a_non_livepatch_symbol_in_a_livepatch_section() {
+    let (arch, c) = cases().remove(0);
+    let mut file = object(&c, FN, VARSYM, RELA, false);
+    // Turn the function's livepatch symbol into an ordinary undefined one: find its
+    // st_shndx (0xff20, little-endian) in the symbol table and clear it.
+    let obj = PatchObject::parse(&file).expect("parses");
+    let sym = obj.symbol(2).expect("sym");
+    assert!(sym.is_livepatch());
+    let pos = file
+        .windows(2)
+        .position(|w| w == [0x20, 0xff])
+        .expect("shndx");
+    file[pos] = 0;
+    file[pos + 1] = 0;
+    let (r, _, host) = apply_for(arch, &file, None);
+    assert_eq!(r, Err(Errno::EINVAL));
+    let symtab = PatchObject::parse(&file).unwrap().symtab_index();
+    assert_eq!(
+        host.log,
+        [format!(
+            "livepatch: symbol {FN} at rela sec {symtab} idx 0 is not marked as a livepatch symbol"
+        )]
+    );
+}
