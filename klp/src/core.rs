@@ -113,6 +113,8 @@ pub(crate) struct Object<H> {
     pub(crate) dynamic: bool,
     pub(crate) patched: bool,
     pub(crate) post_unpatch_enabled: bool,
+    /// Its livepatch relocation sections are written (module objects only).
+    pub(crate) relocs: bool,
 }
 
 impl<H> Object<H> {
@@ -470,7 +472,17 @@ impl<H: Host> Klp<H> {
         id: PatchId,
         oi: usize,
     ) -> KResult<()> {
-        let nfuncs = self.obj(id, oi).ok_or(Errno::EINVAL)?.funcs.len();
+        let obj = self.obj(id, oi).ok_or(Errno::EINVAL)?;
+        let nfuncs = obj.funcs.len();
+        // Only module-specific sections are written here: vmlinux's were written when
+        // the patch module was loaded.
+        if let (Some(m), false) = (obj.name.as_deref(), obj.relocs) {
+            let pname = self.patch(id).map_or("", |p| p.name.as_str());
+            host.apply_object_relocs(pname, m)?;
+            if let Some(o) = self.obj_mut(id, oi) {
+                o.relocs = true;
+            }
+        }
         for fi in 0..nfuncs {
             let r = FuncRef {
                 patch: id,
@@ -512,10 +524,17 @@ impl<H: Host> Klp<H> {
         Ok(())
     }
 
-    /// Forgets what [`Klp::init_object_loaded`] resolved (the object went away, or its
-    /// arrival failed).
-    fn forget_object(&mut self, id: PatchId, oi: usize) {
+    /// Forgets what [`Klp::init_object_loaded`] resolved and wrote (the object went
+    /// away, or its arrival failed).
+    fn forget_object(&mut self, host: &mut H, id: PatchId, oi: usize) {
+        let pname = self.patch(id).map_or("", |p| p.name.as_str());
+        if let Some(o) = self.obj(id, oi)
+            && o.relocs
+        {
+            host.clear_object_relocs(pname, o.display_name());
+        }
         if let Some(o) = self.obj_mut(id, oi) {
+            o.relocs = false;
             o.loaded = false;
             for f in &mut o.funcs {
                 f.old_func = None;
@@ -825,6 +844,7 @@ impl<H: Host> Klp<H> {
                 dynamic: false,
                 patched: false,
                 post_unpatch_enabled: false,
+                relocs: false,
             };
             push_reserved(&mut objs, obj).map_err(|_| Errno::ENOMEM)?;
         }
@@ -1004,6 +1024,7 @@ impl<H: Host> Klp<H> {
             dynamic: true,
             patched: false,
             post_unpatch_enabled: false,
+            relocs: false,
         };
         let p = self.patch_mut(id).ok_or(Errno::EINVAL)?;
         try_push(&mut p.objs, obj)?;
@@ -1202,7 +1223,7 @@ impl<H: Host> Klp<H> {
                     "patch '{pname}' failed for module '{module}', refusing to load module '{module}'"
                 );
                 self.alive.retain(|m| m != module);
-                self.forget_object(pid, oi);
+                self.forget_object(host, pid, oi);
                 self.cleanup_module_patches_limited(host, module, Some(pid));
                 self.compact();
                 return Err(e);
@@ -1298,7 +1319,7 @@ impl<H: Host> Klp<H> {
             );
             self.unpatch_object(host, pid, oi, false);
             self.post_unpatch_step(host, pid, oi);
-            self.forget_object(pid, oi);
+            self.forget_object(host, pid, oi);
         }
     }
 

@@ -174,6 +174,22 @@ pub trait Host {
     fn module_get(&mut self, patch_module: &str) -> bool;
     /// Drops the reference taken by [`Host::module_get`].
     fn module_put(&mut self, patch_module: &str);
+    /// `klp_apply_object_relocs`: the module object `obj` of the patch carried by
+    /// `patch_module` is present now (at enable, or on its arrival); write the patch
+    /// module's `.klp.rela.<obj>.*` sections, with [`crate::elf::reloc::write_relocs`]
+    /// over the module's loaded image. An error fails the enable or refuses the
+    /// arriving module. The default, for patch modules without livepatch relocation
+    /// sections (patches described in code), has nothing to do.
+    fn apply_object_relocs(&mut self, patch_module: &str, obj: &str) -> Result<(), Errno> {
+        let _ = (patch_module, obj);
+        Ok(())
+    }
+    /// `klp_clear_object_relocs`: `obj` went away (or its arrival failed after its
+    /// relocations were written); undo them with [`crate::elf::reloc::clear_relocs`] so
+    /// that they can be written again when it comes back. Default: nothing.
+    fn clear_object_relocs(&mut self, patch_module: &str, obj: &str) {
+        let _ = (patch_module, obj);
+    }
 
     // ----- symbols -----
     /// Hands `f` the address of every symbol named exactly `name` in object `obj`

@@ -60,7 +60,7 @@ impl Host for SymHost {
         let cands: &[Addr] = match (obj, name) {
             (None, "static_fn") => &[FN_FIRST, FN_SECOND],
             (None, "static_var") => &[VAR],
-            (Some("mymod"), "mod_fn") => &[0x2000_0000],
+            (Some("mymod"), "mod_fn") => &[0x1000_8000],
             _ => &[],
         };
         for a in cands {
@@ -501,4 +501,54 @@ fn a_non_livepatch_symbol_in_a_livepatch_section() {
             "livepatch: symbol {FN} at rela sec {symtab} idx 0 is not marked as a livepatch symbol"
         )]
     );
+}
+
+/// Written for a module, cleared when it goes, written again when it comes back, on
+/// every architecture (x86_64 refuses a field that is not zero, ppc64le a TOC restore
+/// where its `nop` should be: both need the clear).
+#[test]
+fn module_relocations_are_cleared_and_written_again() {
+    for (arch, c) in cases() {
+        let file = object(
+            &c,
+            ".klp.sym.mymod.mod_fn,0",
+            ".klp.sym.mymod.mod_fn,0",
+            ".klp.rela.mymod..text",
+            false,
+        );
+        let obj = PatchObject::parse(&file).expect("parses");
+        let mut image = Image::load(&obj);
+        let mut host = SymHost::default();
+        macro_rules! each {
+            ($f:ident) => {
+                match arch {
+                    "x86_64" => $f::<klp_arch_x86_64::X86_64>(&mut host, &obj, &mut image),
+                    "aarch64" => $f::<klp_arch_aarch64::Aarch64>(&mut host, &obj, &mut image),
+                    "ppc64le" => $f::<klp_arch_ppc64le::Ppc64le>(&mut host, &obj, &mut image),
+                    _ => $f::<klp_arch_s390x::S390x>(&mut host, &obj, &mut image),
+                }
+            };
+        }
+        fn write<A: Arch>(h: &mut SymHost, o: &PatchObject<'_>, i: &mut Image) -> KResult<()> {
+            write_relocs::<A, _>(h, "lp", o, i, Some("mymod"))
+        }
+        fn clear<A: Arch>(h: &mut SymHost, o: &PatchObject<'_>, i: &mut Image) -> KResult<()> {
+            klp::elf::reloc::clear_relocs::<A, _>(h, "lp", o, i, "mymod");
+            Ok(())
+        }
+        let r = each!(write);
+        assert_eq!(r, Ok(()), "{arch}: first arrival: {:?}", host.log);
+        let first = image.bytes(1).to_vec();
+        assert_ne!(first, c.text, "{arch}: written");
+        each!(clear).expect("going");
+        // What the next write needs is back: the fields (x86_64), the nop (ppc64le).
+        match arch {
+            "x86_64" => assert_eq!(image.bytes(1), &c.text),
+            "ppc64le" => assert_eq!(&image.bytes(1)[4..8], &c.text[4..8]),
+            _ => {}
+        }
+        each!(write).expect("second arrival");
+        assert_eq!(image.bytes(1), first, "{arch}: the same bytes again");
+        assert!(host.log.is_empty(), "{arch}: {:?}", host.log);
+    }
 }

@@ -168,6 +168,16 @@ pub trait Arch: 'static {
         ctx: &RelocCtx,
     ) -> Result<(), RelocError>;
 
+    /// Undoes what [`Arch::apply_relocation`] wrote for `reloc`, so that the relocation
+    /// can be written again later (the kernel's `clear_relocate_add`, used when the
+    /// object a livepatch relocation section targets goes away). On error the section
+    /// is unchanged. Default: nothing to undo (the arch's relocations overwrite their
+    /// fields whole).
+    fn clear_relocation(section: &mut [u8], reloc: &Reloc) -> Result<(), RelocError> {
+        let _ = (section, reloc);
+        Ok(())
+    }
+
     /// Walks the stack reliably from `start`, handing every return address (innermost
     /// first, starting with `start.pc`) to `sink`. Returns the number of entries, or
     /// why the trace cannot be trusted.

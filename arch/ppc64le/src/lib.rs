@@ -82,6 +82,12 @@ impl Arch for Ppc64le {
         reloc::apply(section, section_addr, reloc, ctx)
     }
 
+    /// Turns the TOC restore after an external `bl` back into the `nop` that
+    /// `apply_relocation` expects there.
+    fn clear_relocation(section: &mut [u8], reloc: &Reloc) -> Result<(), RelocError> {
+        reloc::clear(section, reloc)
+    }
+
     fn unwind_reliable(
         mem: &dyn StackMemory,
         start: &UnwindStart,

@@ -70,6 +70,11 @@ impl Arch for X86_64 {
         reloc::apply(section, section_addr, reloc)
     }
 
+    /// Zeroes the field: x86_64's `apply_relocate_add` refuses a field that is not zero.
+    fn clear_relocation(section: &mut [u8], reloc: &Reloc) -> Result<(), RelocError> {
+        reloc::clear(section, reloc)
+    }
+
     fn unwind_reliable(
         mem: &dyn StackMemory,
         start: &UnwindStart,

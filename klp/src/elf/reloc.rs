@@ -228,3 +228,83 @@ pub fn write_relocs<A: Arch, H: Host>(
     }
     Ok(())
 }
+
+/// Undoes [`write_relocs`] for the livepatch relocation sections of `target`
+/// (`klp_clear_object_relocs`), so that they can be written again when the object
+/// comes back. Like the kernel's, it does not fail the caller: what cannot be undone
+/// (a malformed object, no memory for the staging copy) is logged and left.
+pub fn clear_relocs<A: Arch, H: Host>(
+    host: &mut H,
+    module: &str,
+    obj: &PatchObject<'_>,
+    image: &mut dyn PatchImage,
+    target: &str,
+) {
+    if let Err(e) = clear_staged::<A, H>(host, module, obj, image, target) {
+        host.log(&Record {
+            level: Level::Warn,
+            func: "klp_clear_object_relocs",
+            prefix: "",
+            args: format_args!(
+                "{module}: the relocations for {target} could not be undone ({})",
+                e.to_kernel()
+            ),
+        });
+    }
+}
+
+fn clear_staged<A: Arch, H: Host>(
+    host: &mut H,
+    module: &str,
+    obj: &PatchObject<'_>,
+    image: &mut dyn PatchImage,
+    target: &str,
+) -> KResult<()> {
+    let mut staged: Vec<Staged> = Vec::new();
+    for sec in obj.klp_relas() {
+        let sec = match sec {
+            Ok(s) => s,
+            Err(e) => return Err(report(host, module, &e)),
+        };
+        if sec.objname != target {
+            continue;
+        }
+        let slot = match staged.iter().position(|s| s.index == sec.target) {
+            Some(i) => i,
+            None => {
+                let bytes = image.section_bytes(sec.target).ok_or(Errno::ENOEXEC)?;
+                let stage = Staged {
+                    index: sec.target,
+                    old: copy_of(bytes)?,
+                    new: copy_of(bytes)?,
+                };
+                try_push(&mut staged, stage)?;
+                staged.len().saturating_sub(1)
+            }
+        };
+        let relas = match obj.relas(sec.section.index) {
+            Ok(r) => r,
+            Err(e) => return Err(report(host, module, &e)),
+        };
+        let stage = staged.get_mut(slot).ok_or(Errno::EINVAL)?;
+        for r in relas {
+            let reloc = Reloc {
+                r_type: r.r_type,
+                offset: r.offset,
+                sym: 0,
+                addend: r.addend,
+                external: true,
+            };
+            A::clear_relocation(&mut stage.new, &reloc).map_err(|e| Errno::from_ret(e.errno()))?;
+        }
+    }
+    for (i, s) in staged.iter().enumerate() {
+        if let Err(e) = image.write_section(s.index, &s.new) {
+            for done in staged.iter().take(i) {
+                let _ = image.write_section(done.index, &done.old);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
