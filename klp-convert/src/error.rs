@@ -280,6 +280,104 @@ pub enum Error {
         /// What overflowed.
         reason: String,
     },
+    /// The manifest asks for a patch description and the input has one already.
+    DescriptionExists {
+        /// The patch file.
+        file: String,
+        /// The section found.
+        section: String,
+    },
+    /// A function the description names (a replacement or a callback) is not a
+    /// function defined in the patch object.
+    PatchFunction {
+        /// What the function is for, e.g. "the replacement of 'foo' in vmlinux".
+        role: String,
+        /// The function's name.
+        function: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A function to be replaced is not defined in its object (a given target).
+    UnknownOldFunction {
+        /// The object.
+        object: String,
+        /// The function.
+        function: String,
+        /// The table searched ("`.symtab` of PATH").
+        searched: String,
+        /// Definitions of the name in other targets.
+        elsewhere: Vec<Candidate>,
+    },
+    /// A function to be replaced occurs several times in its object and its sympos
+    /// is 0 ("the unique one").
+    AmbiguousOldFunction {
+        /// The object.
+        object: String,
+        /// The function.
+        function: String,
+        /// Every definition in the object.
+        candidates: Vec<Candidate>,
+    },
+    /// A function to be replaced has a sympos beyond its definitions.
+    BadOldSympos {
+        /// The object.
+        object: String,
+        /// The function.
+        function: String,
+        /// The sympos of the manifest.
+        sympos: u64,
+        /// Every definition in the object.
+        candidates: Vec<Candidate>,
+    },
+    /// The definition a function to be replaced names is a variable.
+    OldNotAFunction {
+        /// The function.
+        function: String,
+        /// The definition.
+        candidate: Candidate,
+    },
+    /// An object has two callbacks of one kind.
+    DuplicateCallback {
+        /// The object.
+        object: String,
+        /// The kind (`pre_patch`, …).
+        kind: &'static str,
+        /// The first function and where it was found.
+        first: String,
+        /// The second function and where it was found.
+        second: String,
+    },
+    /// A function named like a callback is for an object the description does not
+    /// list.
+    CallbackObject {
+        /// The function.
+        function: String,
+        /// The kind (`pre_patch`, …).
+        kind: &'static str,
+        /// The object its name gives.
+        object: String,
+    },
+    /// An object of the description has neither functions nor callbacks.
+    EmptyObject {
+        /// The object.
+        object: String,
+    },
+    /// Adding the description's section symbols renumbers the global symbols, and
+    /// a section refers to symbols in a way klp-convert cannot renumber.
+    Renumber {
+        /// The section.
+        section: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The input's `.modinfo` says something else about atomic replace than the
+    /// manifest.
+    ModinfoReplace {
+        /// The entry found.
+        entry: String,
+        /// The manifest's `replace`.
+        replace: bool,
+    },
 }
 
 fn list(f: &mut fmt::Formatter<'_>, candidates: &[Candidate]) -> fmt::Result {
@@ -459,7 +557,11 @@ impl fmt::Display for Error {
                 symbol,
             } => write!(
                 f,
-                "the relocation at {section}+{offset:#x} against symbol '{symbol}' has type                  {r_type}{}, which the livepatch core cannot write on {arch} (nor can the                  kernel's module loader); build the patch without position-independent code                  (gcc -fno-pic, rustc -C relocation-model=static) so that it uses direct                  relocations.",
+                "the relocation at {section}+{offset:#x} against symbol '{symbol}' has type \
+                 {r_type}{}, which the livepatch core cannot write on {arch} (nor can the \
+                 kernel's module loader); build the patch without position-independent code \
+                 (gcc -fno-pic, rustc -C relocation-model=static) so that it uses direct \
+                 relocations.",
                 type_name.map(|n| format!(" ({n})")).unwrap_or_default()
             ),
             Error::Modinfo { entry } => write!(
@@ -468,6 +570,112 @@ impl fmt::Display for Error {
                  needs livepatch=Y."
             ),
             Error::Layout { reason } => write!(f, "the output cannot be laid out: {reason}."),
+            Error::DescriptionExists { file, section } => write!(
+                f,
+                "{file} already has a patch description ({section}), and the manifest's \
+                 \"patch\" asks for another; a patch has one description: leave \"patch\" out \
+                 of the manifest to keep the one there, or convert the object built without it."
+            ),
+            Error::PatchFunction {
+                role,
+                function,
+                reason,
+            } => write!(
+                f,
+                "'{function}', {role}, must be a function defined in the patch object, but \
+                 {reason}."
+            ),
+            Error::UnknownOldFunction {
+                object,
+                function,
+                searched,
+                elsewhere,
+            } => {
+                write!(
+                    f,
+                    "the manifest's \"patch\" replaces '{function}' in {object}, but {object} \
+                     does not define it (searched {searched}); check the name and the object."
+                )?;
+                if !elsewhere.is_empty() {
+                    write!(f, " It is defined here:")?;
+                    list(f, elsewhere)?;
+                }
+                Ok(())
+            }
+            Error::AmbiguousOldFunction {
+                object,
+                function,
+                candidates,
+            } => {
+                write!(
+                    f,
+                    "the manifest's \"patch\" replaces '{function}' in {object} with sympos 0 \
+                     (\"the unique one\"), but {object} defines it {} times, and the kernel \
+                     would refuse the patch; give the function's \"sympos\", e.g. {{\"old\": \
+                     \"{function}\", \"sympos\": {}, ...}}. Candidates:",
+                    candidates.len(),
+                    candidates.first().map_or(1, |c| c.sympos)
+                )?;
+                list(f, candidates)
+            }
+            Error::BadOldSympos {
+                object,
+                function,
+                sympos,
+                candidates,
+            } => {
+                write!(
+                    f,
+                    "the manifest's \"patch\" replaces '{function}' in {object} with sympos \
+                     {sympos}, but {object} defines it only {} time(s). Candidates:",
+                    candidates.len()
+                )?;
+                list(f, candidates)
+            }
+            Error::OldNotAFunction {
+                function,
+                candidate,
+            } => write!(
+                f,
+                "the manifest's \"patch\" replaces '{function}', but the definition it names \
+                 is a variable, which a livepatch cannot replace: {candidate}."
+            ),
+            Error::DuplicateCallback {
+                object,
+                kind,
+                first,
+                second,
+            } => write!(
+                f,
+                "object {object} has two {kind} callbacks, {first} and {second}; an object \
+                 has at most one callback of each kind: remove one (or rename the function \
+                 whose name makes it a callback)."
+            ),
+            Error::CallbackObject {
+                function,
+                kind,
+                object,
+            } => write!(
+                f,
+                "function '{function}' is named as the {kind} callback of object \"{object}\", \
+                 which the manifest's \"patch\" does not list; add the object, or rename the \
+                 function."
+            ),
+            Error::EmptyObject { object } => write!(
+                f,
+                "the manifest's \"patch\" lists object {object} with neither functions nor \
+                 callbacks; give it its functions or leave it out."
+            ),
+            Error::Renumber { section, reason } => write!(
+                f,
+                "the patch description's section symbols need the global symbols renumbered, \
+                 and section {section} cannot be rewritten for that: {reason}."
+            ),
+            Error::ModinfoReplace { entry, replace } => write!(
+                f,
+                "the patch's .modinfo has the entry \"{entry}\", and the manifest's \"patch\" \
+                 says \"replace\": {replace}; make them agree."
+            ),
         }
     }
 }

@@ -20,10 +20,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! With the manifest's `patch`, the same output also carries the patch description
+//! in upstream klp-build's layout (`.init.klp_objects` / `.init.klp_funcs`, see
+//! [`describe`]).
+//!
 //! The steps are separate modules: [`elf`] reads the patch, [`target`] reads the
-//! targets' symbols, [`plan`] decides each undefined symbol, `write` rewrites the
-//! file. Library code returns [`Error`] for every bad input and never panics on one.
+//! targets' symbols, [`plan`] decides each undefined symbol, [`describe`] checks and
+//! lays out the description, `write` rewrites the file. Library code returns [`Error`] for every bad input and never panics on one.
 
+pub mod describe;
 pub mod elf;
 pub mod error;
 pub mod manifest;
@@ -35,9 +40,12 @@ mod write;
 
 use std::collections::HashSet;
 
+pub use crate::describe::{DescribedFunc, DescribedObject, Description};
 pub use crate::elf::Arch;
 pub use crate::error::{Bind, Candidate, Error, Kind, Visibility};
-pub use crate::manifest::{Manifest, SymbolChoice};
+pub use crate::manifest::{
+    CallbackEntry, FuncEntry, Manifest, ObjectEntry, PatchEntry, SymbolChoice,
+};
 pub use crate::plan::{ConvertReason, Decision, KeepReason, Options, SymbolDecision};
 pub use crate::target::{Exports, TargetInput, TargetObject, load_target};
 pub use crate::write::{KlpSection, MovedRela};
@@ -55,6 +63,8 @@ pub struct Report {
     pub sections: Vec<KlpSection>,
     /// Whether `livepatch=Y` was added to `.modinfo`.
     pub modinfo_added: bool,
+    /// The patch description written from the manifest's `patch`, if any.
+    pub description: Option<Description>,
     /// Notes for a person (nothing was refused).
     pub warnings: Vec<String>,
 }
@@ -89,10 +99,16 @@ pub fn convert(
 ) -> Result<Converted, Error> {
     manifest.check()?;
     let object = elf::PatchObject::parse(patch_file, patch)?;
-    let wanted: HashSet<String> = plan::undefined_names(&object)
+    let mut wanted: HashSet<String> = plan::undefined_names(&object)
         .into_iter()
         .map(|(_, n)| n)
         .collect();
+    // The functions the description replaces are looked up in their targets too.
+    if let Some(patch) = &manifest.patch {
+        for o in &patch.objects {
+            wanted.extend(o.funcs.iter().map(|f| f.old.clone()));
+        }
+    }
     let mut objects: Vec<TargetObject> = Vec::new();
     for t in targets {
         for o in load_target(t, &wanted, object.arch)? {
@@ -104,8 +120,9 @@ pub fn convert(
     }
     let mut warnings = Vec::new();
     let symbols = plan::plan(&object, &objects, manifest, options, &mut warnings)?;
+    let description = describe::plan(&object, &objects, manifest, &mut warnings)?;
     let arch = object.arch;
-    let rewritten = write::rewrite(object, &symbols)?;
+    let rewritten = write::rewrite(object, &symbols, description.as_ref())?;
     Ok(Converted {
         data: rewritten.data,
         report: Report {
@@ -114,6 +131,7 @@ pub fn convert(
             symbols,
             sections: rewritten.sections,
             modinfo_added: rewritten.modinfo_added,
+            description: description.map(|d| d.description),
             warnings,
         },
     })

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use klp_convert::manifest::CALLBACK_KINDS;
 use klp_convert::names::infer_object_name;
 use klp_convert::{
     ConvertReason, Decision, Error, KeepReason, Manifest, Options, TargetInput, convert,
@@ -31,8 +32,10 @@ struct Cli {
     targets: Vec<String>,
 
     /// A JSON manifest choosing definitions ({"symbols": {"foo": {"object":
-    /// "vmlinux", "sympos": 2, "file": "bar.c"}}}) and listing symbols to convert
-    /// anyway ("force_klp") or to leave alone ("keep").
+    /// "vmlinux", "sympos": 2, "file": "bar.c"}}}), listing symbols to convert
+    /// anyway ("force_klp") or to leave alone ("keep"), and describing the patch
+    /// ({"patch": {"objects": [{"object": "vmlinux", "funcs": [{"old": "f", "new":
+    /// "new_f"}]}]}}: written as .init.klp_objects / .init.klp_funcs).
     #[arg(short, long)]
     manifest: Option<PathBuf>,
 
@@ -165,6 +168,36 @@ fn run(cli: &Cli) -> Result<Vec<String>, Error> {
         }
         if out.report.modinfo_added {
             lines.push(".modinfo: added livepatch=Y".to_string());
+        }
+        if let Some(d) = &out.report.description {
+            lines.push(format!(
+                "patch description: {} object(s){}",
+                d.objects.len(),
+                if d.replace {
+                    ", atomic replace (.modinfo klp_replace=Y)"
+                } else {
+                    ""
+                }
+            ));
+            for o in &d.objects {
+                lines.push(format!(
+                    "  {}{}",
+                    o.name,
+                    if o.checked {
+                        ""
+                    } else {
+                        " (not checked: no target)"
+                    }
+                ));
+                for f in &o.funcs {
+                    lines.push(format!("    {},{} -> {}", f.old, f.sympos, f.new));
+                }
+                for (kind, cb) in CALLBACK_KINDS.iter().zip(&o.callbacks) {
+                    if let Some(cb) = cb {
+                        lines.push(format!("    {kind}: {cb}"));
+                    }
+                }
+            }
         }
     }
     for w in &out.report.warnings {

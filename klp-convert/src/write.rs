@@ -15,7 +15,10 @@
 //!   symbol table, `sh_info` = the relocated section), one per object and relocated
 //!   section, appended after the existing sections;
 //! * `.modinfo` gains `livepatch=Y` if it has no such entry (a `.modinfo` section is
-//!   added if there is none).
+//!   added if there is none), and `klp_replace=Y` for a description with
+//!   `replace`;
+//! * with a patch description, its sections and two section symbols (see
+//!   [`crate::describe`]): the only change that renumbers symbols.
 //!
 //! The file is then laid out afresh: the ELF header, each section's bytes in index
 //! order at its alignment, the section header table last.
@@ -25,6 +28,7 @@ use std::collections::HashMap;
 use object::elf;
 use object::write::elf::{FileHeaderLayout, Rel, SectionHeader};
 
+use crate::describe::{self, Planned};
 use crate::elf::{PatchObject, Section};
 use crate::error::Error;
 use crate::names::{SHF_RELA_LIVEPATCH, SHN_LIVEPATCH, klp_rela_name};
@@ -46,7 +50,8 @@ pub struct MovedRela {
     pub r_type: u32,
     /// `r_addend`.
     pub addend: i64,
-    /// The symbol's index in `.symtab`.
+    /// The symbol's index in the output's `.symtab` (the input's, unless a patch
+    /// description's section symbols moved the globals up).
     pub symbol_index: u32,
     /// The symbol's (livepatch) name.
     pub symbol: String,
@@ -125,6 +130,7 @@ fn decode_rels(p: &PatchObject, s: &Section) -> Result<Vec<u32>, Error> {
 pub(crate) fn rewrite(
     mut p: PatchObject,
     decisions: &[SymbolDecision],
+    description: Option<&Planned>,
 ) -> Result<Rewritten, Error> {
     // Symbol index -> (object, livepatch name, original name).
     let converted: HashMap<usize, (&str, &str, &str)> = decisions
@@ -259,49 +265,9 @@ pub(crate) fn rewrite(
         }
     }
 
-    // .modinfo: livepatch=Y.
-    let mut modinfo_added = false;
-    match p.sections.iter().position(|s| s.name == b".modinfo") {
-        Some(i) => {
-            let s = &mut p.sections[i];
-            if s.header.sh_type == elf::SHT_NOBITS {
-                return Err(Error::Layout {
-                    reason: "the .modinfo section has no contents (SHT_NOBITS)".to_string(),
-                });
-            }
-            let mut present = false;
-            for entry in s.data.split(|&b| b == 0) {
-                if let Some(v) = entry.strip_prefix(b"livepatch=") {
-                    if v != b"Y" {
-                        return Err(Error::Modinfo {
-                            entry: String::from_utf8_lossy(entry).into_owned(),
-                        });
-                    }
-                    present = true;
-                }
-            }
-            if !present {
-                if s.data.last().is_some_and(|&b| b != 0) {
-                    s.data.push(0);
-                }
-                s.data.extend_from_slice(b"livepatch=Y\0");
-                modinfo_added = true;
-            }
-        }
-        None => {
-            p.sections.push(Section {
-                name: b".modinfo".to_vec(),
-                header: SectionHeader {
-                    sh_type: elf::SHT_PROGBITS,
-                    sh_flags: elf::SHF_ALLOC,
-                    sh_addralign: 1,
-                    ..SectionHeader::default()
-                },
-                data: b"livepatch=Y\0".to_vec(),
-            });
-            modinfo_added = true;
-        }
-    }
+    // .modinfo: livepatch=Y, and klp_replace=Y for a description with replace.
+    let replace = description.map(|d| d.description.replace);
+    let modinfo_added = modinfo(&mut p, replace)?;
 
     // The .klp.rela sections.
     let enc = p.encoder();
@@ -345,6 +311,11 @@ pub(crate) fn rewrite(
         });
     }
 
+    // The patch description.
+    if let Some(d) = description {
+        describe::write(&mut p, d, &mut sections)?;
+    }
+
     // New section names go to the end of the section name table.
     for i in original..p.sections.len() {
         let name = p.sections[i].name_lossy();
@@ -358,6 +329,68 @@ pub(crate) fn rewrite(
         sections,
         modinfo_added,
     })
+}
+
+/// Adds `livepatch=Y` to `.modinfo` (adding the section when there is none) unless
+/// it is there, and with `replace` = `Some(true)` `klp_replace=Y` likewise; returns
+/// whether `livepatch=Y` was added.
+fn modinfo(p: &mut PatchObject, replace: Option<bool>) -> Result<bool, Error> {
+    let i = match p.sections.iter().position(|s| s.name == b".modinfo") {
+        Some(i) => i,
+        None => {
+            p.sections.push(Section {
+                name: b".modinfo".to_vec(),
+                header: SectionHeader {
+                    sh_type: elf::SHT_PROGBITS,
+                    sh_flags: elf::SHF_ALLOC,
+                    sh_addralign: 1,
+                    ..SectionHeader::default()
+                },
+                data: Vec::new(),
+            });
+            p.sections.len() - 1
+        }
+    };
+    let s = &mut p.sections[i];
+    if s.header.sh_type == elf::SHT_NOBITS {
+        return Err(Error::Layout {
+            reason: "the .modinfo section has no contents (SHT_NOBITS)".to_string(),
+        });
+    }
+    let mut livepatch = false;
+    let mut klp_replace = false;
+    for entry in s.data.split(|&b| b == 0) {
+        if let Some(v) = entry.strip_prefix(b"livepatch=") {
+            if v != b"Y" {
+                return Err(Error::Modinfo {
+                    entry: String::from_utf8_lossy(entry).into_owned(),
+                });
+            }
+            livepatch = true;
+        }
+        if let (Some(v), Some(replace)) = (entry.strip_prefix(b"klp_replace="), replace) {
+            if (v == b"Y") != replace {
+                return Err(Error::ModinfoReplace {
+                    entry: String::from_utf8_lossy(entry).into_owned(),
+                    replace,
+                });
+            }
+            klp_replace = true;
+        }
+    }
+    let mut add = |entry: &[u8]| {
+        if s.data.last().is_some_and(|&b| b != 0) {
+            s.data.push(0);
+        }
+        s.data.extend_from_slice(entry);
+    };
+    if !livepatch {
+        add(b"livepatch=Y\0");
+    }
+    if replace == Some(true) && !klp_replace {
+        add(b"klp_replace=Y\0");
+    }
+    Ok(!livepatch)
 }
 
 fn align_up(v: u64, align: u64) -> Option<u64> {

@@ -15,7 +15,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::parse;
+use common::{Parsed, check_fields, parse};
 
 /// One architecture's tools.
 struct Tools {
@@ -26,6 +26,12 @@ struct Tools {
     rust_target: &'static str,
     /// The relocation type gcc uses for a direct call (readelf's name).
     call: &'static str,
+    /// The 64-bit absolute relocation type, number and readelf's name, from the
+    /// psABIs' relocation tables (all `S + A` on a 64-bit field): x86_64 psABI §4.4
+    /// R_X86_64_64 = 1; AAELF64 §5.7 (static data relocations) R_AARCH64_ABS64 =
+    /// 257; ELFv2 ABI §3.5.3 R_PPC64_ADDR64 = 38; s390x ELF ABI supplement R_390_64
+    /// = 22.
+    abs64: (u32, &'static str),
 }
 
 const TOOLS: [Tools; 4] = [
@@ -36,6 +42,7 @@ const TOOLS: [Tools; 4] = [
         ld: "ld",
         rust_target: "x86_64-unknown-linux-gnu",
         call: "R_X86_64_PLT32",
+        abs64: (1, "R_X86_64_64"),
     },
     Tools {
         name: "aarch64",
@@ -44,6 +51,7 @@ const TOOLS: [Tools; 4] = [
         ld: "aarch64-linux-gnu-ld",
         rust_target: "aarch64-unknown-linux-gnu",
         call: "R_AARCH64_CALL26",
+        abs64: (257, "R_AARCH64_ABS64"),
     },
     Tools {
         name: "ppc64le",
@@ -52,6 +60,7 @@ const TOOLS: [Tools; 4] = [
         ld: "powerpc64le-linux-gnu-ld",
         rust_target: "powerpc64le-unknown-linux-gnu",
         call: "R_PPC64_REL24",
+        abs64: (38, "R_PPC64_ADDR64"),
     },
     Tools {
         name: "s390x",
@@ -60,6 +69,7 @@ const TOOLS: [Tools; 4] = [
         ld: "s390x-linux-gnu-ld",
         rust_target: "s390x-unknown-linux-gnu",
         call: "R_390_PLT32DBL",
+        abs64: (22, "R_390_64"),
     },
 ];
 
@@ -696,5 +706,422 @@ fn the_command_refuses_with_sentences_and_a_non_zero_exit() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const DESCRIBED_PATCH: &str = r#"
+extern int static_helper(int);
+int calls;
+int livepatch_cmdline_proc_show(void *m, void *v) { return static_helper(1); }
+int livepatch_other(void) { return 2; }
+int livepatch_mod_fn(int x) { return x + 3; }
+int my_pre(void *obj) { calls += 4; return 0; }
+void __klp_post_patch_callback_vmlinux(void *obj) { calls += 5; }
+void my_post_unpatch(void *obj) { calls += 6; }
+"#;
+
+/// vmlinux: cmdline_proc_show once, two statics named other.
+const DESCRIBED_MAP: &str = "0000000000001000 t static_helper\n\
+                             0000000000002000 T cmdline_proc_show\n\
+                             0000000000003000 t other\n\
+                             0000000000004000 t other\n";
+
+const DESCRIBED_MANIFEST: &str = r#"{"patch": {"objects": [
+    {"object": "vmlinux",
+     "funcs": [{"old": "cmdline_proc_show", "new": "livepatch_cmdline_proc_show"},
+               {"old": "other", "new": "livepatch_other", "sympos": 2}],
+     "callbacks": {"pre_patch": "my_pre"}},
+    {"object": "mymod", "funcs": [{"old": "mod_fn", "new": "livepatch_mod_fn"}],
+     "callbacks": {"post_unpatch": "my_post_unpatch"}}],
+  "replace": true}}"#;
+
+/// What the module's init code makes of the description, read from a linked file
+/// in which the linker has applied the description's relocations: per object its
+/// name, its functions (old name, new function, sympos) and its callbacks.
+type Walked = Vec<(String, Vec<(String, String, u64)>, [Option<String>; 4])>;
+
+fn walk_linked(p: &Parsed) -> Walked {
+    let read_str = |addr: u64| -> String {
+        let s = p
+            .sections
+            .iter()
+            .find(|s| s.sh_addr <= addr && addr < s.sh_addr + s.data.len() as u64)
+            .unwrap_or_else(|| panic!("no section holds {addr:#x}"));
+        let from = &s.data[(addr - s.sh_addr) as usize..];
+        String::from_utf8(from[..from.iter().position(|&b| b == 0).unwrap()].to_vec()).unwrap()
+    };
+    let function = |addr: u64| -> Option<String> {
+        (addr != 0).then(|| {
+            p.symbols
+                .iter()
+                .find(|s| s.st_type == 2 && s.value == addr)
+                .unwrap_or_else(|| panic!("no function at {addr:#x}"))
+                .name
+                .clone()
+        })
+    };
+    let objects = p.section(".init.klp_objects");
+    let funcs = p.section(".init.klp_funcs");
+    let mut out = Vec::new();
+    for o in objects.data.chunks_exact(64) {
+        let f = |at: usize, w: usize| common::field(p, o, at, w);
+        let name = match f(0, 8) {
+            0 => "vmlinux".to_string(),
+            a => read_str(a),
+        };
+        let nr = f(56, 4);
+        let start = f(8, 8) - funcs.sh_addr;
+        let mut list = Vec::new();
+        for j in 0..nr {
+            let r = &funcs.data[(start + 24 * j) as usize..][..24];
+            let g = |at: usize| common::field(p, r, at, 8);
+            list.push((read_str(g(0)), function(g(8)).unwrap(), g(16)));
+        }
+        let callbacks = [
+            function(f(16, 8)),
+            function(f(24, 8)),
+            function(f(32, 8)),
+            function(f(40, 8)),
+        ];
+        out.push((name, list, callbacks));
+    }
+    out
+}
+
+#[test]
+fn c_patches_get_the_patch_description_in_upstream_layout() {
+    for t in &TOOLS {
+        let dir = workdir("description", t.name);
+        write(&dir, "patch.c", DESCRIBED_PATCH);
+        write(&dir, "System.map", DESCRIBED_MAP);
+        write(&dir, "manifest.json", DESCRIBED_MANIFEST);
+        ok(
+            &dir,
+            t.gcc,
+            &["-c", "-O2", "-fno-pic", "patch.c", "-o", "patch.o"],
+        );
+        let out = klp_convert(
+            &dir,
+            &[
+                "-t",
+                "System.map",
+                "-m",
+                "manifest.json",
+                "patch.o",
+                "-o",
+                "livepatch.o",
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {err}", t.name);
+        // mymod is not a target: one note, nothing else.
+        assert_eq!(err.lines().count(), 1, "{}: {err}", t.name);
+        assert!(
+            err.contains("warning: object mymod of the patch description is not a target"),
+            "{}: {err}",
+            t.name
+        );
+
+        let p = parse(&std::fs::read(dir.join("livepatch.o")).unwrap());
+        common::check_invariants(&p);
+        let (abs, abs_name) = t.abs64;
+
+        // Sections. SHT_PROGBITS = 1, SHT_RELA = 4; SHF_ALLOC = 2, SHF_MERGE = 0x10,
+        // SHF_STRINGS = 0x20, SHF_INFO_LINK = 0x40. Two klp_object_ext of 64 bytes,
+        // three klp_func_ext of 24.
+        let objects = p.section(".init.klp_objects");
+        let funcs = p.section(".init.klp_funcs");
+        let strings = p.section(".init.klp_strings");
+        assert_eq!(
+            (
+                objects.sh_type,
+                objects.sh_flags,
+                objects.sh_addralign,
+                objects.data.len()
+            ),
+            (1, 2, 8, 128),
+            "{}",
+            t.name
+        );
+        assert_eq!(
+            (
+                funcs.sh_type,
+                funcs.sh_flags,
+                funcs.sh_addralign,
+                funcs.data.len()
+            ),
+            (1, 2, 8, 72),
+            "{}",
+            t.name
+        );
+        assert_eq!(
+            (strings.sh_type, strings.sh_flags, strings.sh_entsize),
+            (1, 0x32, 1)
+        );
+        for (rela, target) in [
+            (".rela.init.klp_objects", objects.index),
+            (".rela.init.klp_funcs", funcs.index),
+        ] {
+            let r = p.section(rela);
+            assert_eq!(
+                (
+                    r.sh_type,
+                    r.sh_flags,
+                    r.sh_link as usize,
+                    r.sh_info as usize,
+                    r.sh_entsize
+                ),
+                (4, 0x40, p.symtab, target, 24),
+                "{}: {rela}",
+                t.name
+            );
+        }
+
+        // Strings in order of use: "cmdline_proc_show" @0 (17 + NUL), "other" @18
+        // (0x12; 5 + NUL), "mymod" @24 (0x18), "mod_fn" @30 (0x1e); 37 bytes.
+        assert_eq!(strings.data, b"cmdline_proc_show\0other\0mymod\0mod_fn\0");
+
+        // klp_object_ext[0], vmlinux, @0: name NULL (no relocation); funcs @8 ->
+        // .init.klp_funcs + 0; pre_patch @16 -> my_pre (manifest); post_patch @24
+        // -> __klp_post_patch_callback_vmlinux (its name); pre_unpatch @32,
+        // post_unpatch @40 NULL; post_unpatch_enabled @48 = 0; nr_funcs @56 = 2.
+        // klp_object_ext[1], mymod, @64: name -> .init.klp_strings + 24; funcs @72
+        // -> .init.klp_funcs + 2 * 24 = 48; post_unpatch @64 + 16 + 24 = 104 ->
+        // my_post_unpatch; nr_funcs @64 + 56 = 120 = 1.
+        check_fields(&p, "klp_objects", &objects.data, &[(56, 4, 2), (120, 4, 1)]);
+        let mut got = p.labelled_relas(".rela.init.klp_objects");
+        got.sort();
+        let want: Vec<(u64, u32, i64, String)> = vec![
+            (8, abs, 0, "[.init.klp_funcs]".into()),
+            (16, abs, 0, "my_pre".into()),
+            (24, abs, 0, "__klp_post_patch_callback_vmlinux".into()),
+            (64, abs, 24, "[.init.klp_strings]".into()),
+            (72, abs, 48, "[.init.klp_funcs]".into()),
+            (104, abs, 0, "my_post_unpatch".into()),
+        ];
+        assert_eq!(got, want, "{}", t.name);
+
+        // klp_func_ext[0] @0: old_name -> strings + 0, new_func @8 ->
+        // livepatch_cmdline_proc_show, sympos @16 = 0. [1] @24: -> strings + 18,
+        // @32 -> livepatch_other, sympos @40 = 2. [2] @48: -> strings + 30, @56 ->
+        // livepatch_mod_fn, sympos @64 = 0.
+        check_fields(&p, "klp_funcs", &funcs.data, &[(40, 8, 2)]);
+        let mut got = p.labelled_relas(".rela.init.klp_funcs");
+        got.sort();
+        let want: Vec<(u64, u32, i64, String)> = vec![
+            (0, abs, 0, "[.init.klp_strings]".into()),
+            (8, abs, 0, "livepatch_cmdline_proc_show".into()),
+            (24, abs, 18, "[.init.klp_strings]".into()),
+            (32, abs, 0, "livepatch_other".into()),
+            (48, abs, 30, "[.init.klp_strings]".into()),
+            (56, abs, 0, "livepatch_mod_fn".into()),
+        ];
+        assert_eq!(got, want, "{}", t.name);
+        // The functions the relocations name are the patch's own (defined, STT_FUNC).
+        for name in ["livepatch_cmdline_proc_show", "my_pre", "my_post_unpatch"] {
+            let s = p.symbol(name);
+            assert_eq!(s.st_type, 2, "{}: {name}", t.name);
+            assert_eq!(
+                s.shndx as usize,
+                p.section(".text").index,
+                "{}: {name}",
+                t.name
+            );
+        }
+        assert!(
+            common::modinfo(&p).contains(&"klp_replace=Y".to_string()),
+            "{}",
+            t.name
+        );
+
+        // binutils' view: the type names, and the section symbols by name.
+        let re = ok(&dir, t.readelf, &["-W", "-S", "-s", "-r", "livepatch.o"]);
+        assert!(!re.to_lowercase().contains("warning"), "{}:\n{re}", t.name);
+        for (rela, n) in [(".rela.init.klp_funcs", 6), (".rela.init.klp_objects", 6)] {
+            let lines = reloc_lines(&re, rela);
+            assert_eq!(lines.len(), n, "{}: {lines:#?}", t.name);
+            for l in &lines {
+                assert_eq!(
+                    l.split_whitespace().nth(2),
+                    Some(abs_name),
+                    "{}: {l}",
+                    t.name
+                );
+            }
+        }
+        let lines = reloc_lines(&re, ".rela.init.klp_funcs");
+        assert!(
+            lines[0].ends_with(".init.klp_strings + 0"),
+            "{}: {}",
+            t.name,
+            lines[0]
+        );
+        assert!(
+            lines[2].ends_with(".init.klp_strings + 12"),
+            "{}: {}",
+            t.name,
+            lines[2]
+        );
+        assert!(
+            lines[1].ends_with("livepatch_cmdline_proc_show + 0"),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(
+            section_line(&re, ".init.klp_strings")[6],
+            "AMS",
+            "{}",
+            t.name
+        );
+        assert_eq!(section_line(&re, ".init.klp_objects")[6], "A", "{}", t.name);
+        assert_eq!(
+            section_line(&re, ".rela.init.klp_funcs")[6],
+            "I",
+            "{}",
+            t.name
+        );
+
+        // The linker applies the description's relocations like any others: in the
+        // linked file, the records lead to the right strings and functions, as the
+        // module's init code would follow them.
+        ok(
+            &dir,
+            t.ld,
+            &[
+                "-static",
+                "-e",
+                "livepatch_cmdline_proc_show",
+                "-o",
+                "linked",
+                "livepatch.o",
+            ],
+        );
+        let linked = parse(&std::fs::read(dir.join("linked")).unwrap());
+        let s = |x: &str| x.to_string();
+        let want: Walked = vec![
+            (
+                s("vmlinux"),
+                vec![
+                    (s("cmdline_proc_show"), s("livepatch_cmdline_proc_show"), 0),
+                    (s("other"), s("livepatch_other"), 2),
+                ],
+                [
+                    Some(s("my_pre")),
+                    Some(s("__klp_post_patch_callback_vmlinux")),
+                    None,
+                    None,
+                ],
+            ),
+            (
+                s("mymod"),
+                vec![(s("mod_fn"), s("livepatch_mod_fn"), 0)],
+                [None, None, None, Some(s("my_post_unpatch"))],
+            ),
+        ];
+        assert_eq!(walk_linked(&linked), want, "{}", t.name);
+    }
+}
+
+#[test]
+fn the_command_refuses_a_second_description_and_keeps_the_first() {
+    let t = &TOOLS[0];
+    let dir = workdir("description-cli", t.name);
+    write(&dir, "patch.c", DESCRIBED_PATCH);
+    write(&dir, "System.map", DESCRIBED_MAP);
+    write(&dir, "manifest.json", DESCRIBED_MANIFEST);
+    ok(
+        &dir,
+        t.gcc,
+        &["-c", "-O2", "-fno-pic", "patch.c", "-o", "patch.o"],
+    );
+    let args = [
+        "-v",
+        "-t",
+        "System.map",
+        "-m",
+        "manifest.json",
+        "patch.o",
+        "-o",
+        "once.o",
+    ];
+    let out = klp_convert(&dir, &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for line in [
+        "patch description: 2 object(s), atomic replace (.modinfo klp_replace=Y)",
+        "    other,2 -> livepatch_other",
+        "    post_patch: __klp_post_patch_callback_vmlinux",
+        "  mymod (not checked: no target)",
+    ] {
+        assert!(err.lines().any(|l| l == line), "{line:?} in:\n{err}");
+    }
+
+    let out = klp_convert(
+        &dir,
+        &[
+            "-t",
+            "System.map",
+            "-m",
+            "manifest.json",
+            "once.o",
+            "-o",
+            "bad.o",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!dir.join("bad.o").exists());
+    assert!(
+        err.starts_with("klp-convert: once.o already has a patch description (.init.klp_objects)"),
+        "{err}"
+    );
+
+    // Without a manifest the object passes through with its description.
+    let out = klp_convert(&dir, &["-t", "System.map", "once.o", "-o", "twice.o"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (
+        parse(&std::fs::read(dir.join("once.o")).unwrap()),
+        parse(&std::fs::read(dir.join("twice.o")).unwrap()),
+    );
+    assert_eq!(
+        a.labelled_relas(".rela.init.klp_funcs"),
+        b.labelled_relas(".rela.init.klp_funcs")
+    );
+
+    // The replacement must be the patch's own function.
+    write(
+        &dir,
+        "undefined.json",
+        &DESCRIBED_MANIFEST.replace("\"livepatch_other\"", "\"static_helper\""),
+    );
+    let out = klp_convert(
+        &dir,
+        &[
+            "-t",
+            "System.map",
+            "-m",
+            "undefined.json",
+            "patch.o",
+            "-o",
+            "bad.o",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "'static_helper', the replacement of 'other' in vmlinux, must be a function \
+                      defined in the patch object, but the patch only refers to it"
+        ),
+        "{err}"
     );
 }

@@ -94,6 +94,15 @@ pub struct PatchExtras<'a> {
     /// A non-allocated `.debug_info` with a 64-bit relocation against this symbol
     /// (one of the refs).
     pub debug_ref: Option<&'a str>,
+    /// More symbols defined in `.text` after `new_fn`, 16 bytes each: (name, local,
+    /// function). `.data.defs` holds a 64-bit pointer to each (in `Written`).
+    pub defined: &'a [(&'a str, bool, bool)],
+    /// A function in its own section `.text.<name>`, the signature of a COMDAT
+    /// group of that section.
+    pub comdat: Option<&'a str>,
+    /// A `.llvm_addrsig` section (`SHT_LLVM_ADDRSIG`, `sh_link` = `.symtab`) listing
+    /// these symbols (each index below 128: one ULEB128 byte).
+    pub addrsig: &'a [&'a str],
 }
 
 /// A patch object: `new_fn` in `.text` refers to each of `refs` (alternately with the
@@ -192,6 +201,71 @@ pub fn build_patch(
         },
     )
     .unwrap();
+    if !extras.defined.is_empty() {
+        let defs = o.add_section(Vec::new(), b".data.defs".to_vec(), SectionKind::Data);
+        for (i, &(name, local, func)) in extras.defined.iter().enumerate() {
+            let at = o.append_section_data(text, &[0x33; 16], 16);
+            let id = o.add_symbol(Symbol {
+                name: name.as_bytes().to_vec(),
+                value: at,
+                size: 16,
+                kind: if func {
+                    SymbolKind::Text
+                } else {
+                    SymbolKind::Data
+                },
+                scope: if local {
+                    SymbolScope::Compilation
+                } else {
+                    SymbolScope::Linkage
+                },
+                weak: false,
+                section: SymbolSection::Section(text),
+                flags: SymbolFlags::None,
+            });
+            let offset = o.append_section_data(defs, &[0; 8], 8);
+            assert_eq!(offset, 8 * i as u64);
+            o.add_relocation(
+                defs,
+                Relocation {
+                    offset,
+                    symbol: id,
+                    addend: 0,
+                    flags: RelocationFlags::Elf {
+                        r_type: elf::RelocationType(a.abs64),
+                    },
+                },
+            )
+            .unwrap();
+            written.push(Written {
+                section: ".data.defs",
+                offset,
+                r_type: a.abs64,
+                addend: 0,
+                symbol: name.to_string(),
+            });
+        }
+    }
+    if let Some(name) = extras.comdat {
+        let section_name = format!(".text.{name}");
+        let sec = o.add_section(Vec::new(), section_name.into_bytes(), SectionKind::Text);
+        o.append_section_data(sec, &[0x44; 16], 16);
+        let id = o.add_symbol(Symbol {
+            name: name.as_bytes().to_vec(),
+            value: 0,
+            size: 16,
+            kind: SymbolKind::Text,
+            scope: SymbolScope::Linkage,
+            weak: false,
+            section: SymbolSection::Section(sec),
+            flags: SymbolFlags::None,
+        });
+        o.add_comdat(object::write::Comdat {
+            kind: object::ComdatKind::Any,
+            symbol: id,
+            sections: vec![sec],
+        });
+    }
     if let Some(m) = extras.modinfo {
         let s = o.add_section(Vec::new(), b".modinfo".to_vec(), SectionKind::ReadOnlyData);
         o.append_section_data(s, m, 1);
@@ -217,7 +291,89 @@ pub fn build_patch(
         )
         .unwrap();
     }
-    (o.write().unwrap(), written)
+    if !extras.addrsig.is_empty() {
+        let s = o.add_section(Vec::new(), b".llvm_addrsig".to_vec(), SectionKind::Other);
+        o.append_section_data(s, &vec![0xff; extras.addrsig.len()], 1);
+    }
+    let mut bytes = o.write().unwrap();
+    if !extras.addrsig.is_empty() {
+        // object's writer has no SHT_LLVM_ADDRSIG: write its type, link and indices.
+        let p = parse(&bytes);
+        let sec = p.section(".llvm_addrsig").index;
+        let indices: Vec<u8> = extras
+            .addrsig
+            .iter()
+            .map(|n| {
+                let i = p.symbols.iter().position(|s| s.name == *n).unwrap();
+                u8::try_from(i).ok().filter(|&i| i < 0x80).unwrap()
+            })
+            .collect();
+        let put32 = |b: &mut Vec<u8>, at: usize, v: u32| {
+            let v = if p.big_endian {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            };
+            b[at..at + 4].copy_from_slice(&v);
+        };
+        let get64 = |b: &[u8], at: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[at..at + 8]);
+            if p.big_endian {
+                u64::from_be_bytes(a)
+            } else {
+                u64::from_le_bytes(a)
+            }
+        };
+        // Elf64_Ehdr.e_shoff @0x28; Elf64_Shdr (64 bytes): sh_type @4, sh_offset
+        // @24, sh_link @40.
+        let header = get64(&bytes, 0x28) as usize + 64 * sec;
+        put32(&mut bytes, header + 4, 0x6fff_4c03);
+        put32(&mut bytes, header + 40, p.symtab as u32);
+        let at = get64(&bytes, header + 24) as usize;
+        bytes[at..at + indices.len()].copy_from_slice(&indices);
+    }
+    (bytes, written)
+}
+
+/// The symbol names a `.llvm_addrsig` section lists (its ULEB128 indices).
+pub fn addrsig(p: &Parsed) -> Vec<String> {
+    let data = &p.section(".llvm_addrsig").data;
+    let mut out = Vec::new();
+    let (mut v, mut shift) = (0u64, 0);
+    for &b in data {
+        v |= u64::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            out.push(p.symbols[v as usize].name.clone());
+            (v, shift) = (0, 0);
+        }
+    }
+    out
+}
+
+/// Reads an unsigned field of `width` bytes at `at` in the file's byte order.
+pub fn field(p: &Parsed, data: &[u8], at: usize, width: usize) -> u64 {
+    let b = &data[at..at + width];
+    let mut v = 0u64;
+    for i in 0..width {
+        let byte = if p.big_endian { b[i] } else { b[width - 1 - i] };
+        v = (v << 8) | u64::from(byte);
+    }
+    v
+}
+
+/// Checks that `data` holds the `nonzero` fields (offset, width, value) and zero
+/// bytes everywhere else.
+pub fn check_fields(p: &Parsed, what: &str, data: &[u8], nonzero: &[(usize, usize, u64)]) {
+    for &(at, width, want) in nonzero {
+        assert_eq!(field(p, data, at, width), want, "{what} @{at}");
+    }
+    for (i, &b) in data.iter().enumerate() {
+        if !nonzero.iter().any(|&(at, w, _)| (at..at + w).contains(&i)) {
+            assert_eq!(b, 0, "{what}: byte {i} is not zero");
+        }
+    }
 }
 
 /// A definition in a target.
@@ -329,6 +485,7 @@ pub struct Sec {
     pub name: String,
     pub sh_type: u32,
     pub sh_flags: u64,
+    pub sh_addr: u64,
     pub sh_link: u32,
     pub sh_info: u32,
     pub sh_entsize: u64,
@@ -352,6 +509,7 @@ pub struct SymInfo {
 /// An ELF file read back with `object`'s reader, independently of the converter.
 #[derive(Clone, Debug)]
 pub struct Parsed {
+    pub big_endian: bool,
     pub e_type: u16,
     pub e_machine: u16,
     pub sections: Vec<Sec>,
@@ -375,6 +533,24 @@ impl Parsed {
             .iter()
             .find(|s| s.name == name)
             .unwrap_or_else(|| panic!("no symbol {name}"))
+    }
+    /// A symbol's name, or for a section symbol (`STT_SECTION`, which has none)
+    /// the name of its section in brackets: `[.init.klp_strings]`.
+    pub fn label(&self, index: u32) -> String {
+        let s = &self.symbols[index as usize];
+        if s.st_type == elf::STT_SECTION.0 {
+            format!("[{}]", self.sections[s.shndx as usize].name)
+        } else {
+            s.name.clone()
+        }
+    }
+    /// The relocations of a section as (offset, type, addend, symbol label).
+    pub fn labelled_relas(&self, name: &str) -> Vec<(u64, u32, i64, String)> {
+        self.section(name)
+            .relas
+            .iter()
+            .map(|&(o, t, a, s)| (o, t, a, self.label(s)))
+            .collect()
     }
     /// The relocations of a section as (offset, type, addend, symbol name).
     pub fn relas(&self, name: &str) -> Vec<(u64, u32, i64, String)> {
@@ -412,6 +588,7 @@ pub fn parse(data: &[u8]) -> Parsed {
             name: String::from_utf8(table.section_name(e, s).unwrap().to_vec()).unwrap(),
             sh_type: s.sh_type(e).0,
             sh_flags: s.sh_flags(e).0,
+            sh_addr: s.sh_addr(e),
             sh_link: s.sh_link(e),
             sh_info: s.sh_info(e),
             sh_entsize: s.sh_entsize(e),
@@ -437,6 +614,7 @@ pub fn parse(data: &[u8]) -> Parsed {
         })
         .collect();
     Parsed {
+        big_endian: e == Endianness::Big,
         e_type: h.e_type(e).0,
         e_machine: h.e_machine(e).0,
         sections,
