@@ -270,7 +270,10 @@ fn allocates_nothing(op: &Op) {
     let (rep, _) = counted(op);
     assert_eq!(rep.core_allocs, 0, "{} allocates", op.name);
     assert_eq!(rep.live, 0);
-    report(op, 0);
+    println!(
+        "alloc-failure: {}: 0 allocations: it cannot fail for want of memory",
+        op.name
+    );
 }
 
 #[test]

@@ -19,6 +19,7 @@
 //! livepatch symbols through the host and writes relocation sections through the
 //! patch's architecture.
 
+pub mod desc;
 pub mod reloc;
 
 use core::fmt;
