@@ -5,7 +5,9 @@
 //! binaries that fails the Nth allocation the *core* makes after [`arm`]: allocations
 //! inside [`core`] sections (the simulator wraps its calls into `klp` in them) count,
 //! except those inside [`host`] sections (the simulator's [`klp::Host`] methods and its
-//! modules' callbacks, which are the world's code, not the core's). It also tracks
+//! modules' callbacks, which are the world's code, not the core's; a [`core`] section
+//! inside a host section — the core's ELF code called by a host method — counts
+//! again). It also tracks
 //! every allocation the core makes while armed, so a test can see that a failed
 //! operation left none of them behind.
 //!
@@ -20,8 +22,8 @@ use std::ptr;
 const TRACK_SLOTS: usize = 8192;
 
 thread_local! {
-    static CORE: Cell<u32> = const { Cell::new(0) };
-    static HOST: Cell<u32> = const { Cell::new(0) };
+    /// Whether the innermost section is the core's.
+    static IN_CORE: Cell<bool> = const { Cell::new(false) };
     static ARMED: Cell<bool> = const { Cell::new(false) };
     static FAIL_AT: Cell<Option<u64>> = const { Cell::new(None) };
     static SEEN: Cell<u64> = const { Cell::new(0) };
@@ -30,40 +32,35 @@ thread_local! {
     static LIVE: [Cell<usize>; TRACK_SLOTS] = const { [const { Cell::new(0) }; TRACK_SLOTS] };
 }
 
-/// Marks the current thread as running core code until dropped.
+/// A section of code (the core's or the world's) until dropped; restores the
+/// enclosing one.
 #[derive(Debug)]
 #[must_use]
-pub struct CoreSection(());
+pub struct Section {
+    outer: bool,
+}
 
-impl Drop for CoreSection {
+fn enter(core: bool) -> Section {
+    let outer = IN_CORE.try_with(|c| c.replace(core)).unwrap_or(false);
+    Section { outer }
+}
+
+impl Drop for Section {
     fn drop(&mut self) {
-        let _ = CORE.try_with(|c| c.set(c.get().saturating_sub(1)));
+        let _ = IN_CORE.try_with(|c| c.set(self.outer));
     }
 }
 
 /// Runs `f` as core code: its allocations may be failed.
 pub fn core<R>(f: impl FnOnce() -> R) -> R {
-    let _ = CORE.try_with(|c| c.set(c.get().saturating_add(1)));
-    let _g = CoreSection(());
+    let _s = enter(true);
     f()
 }
 
 /// Marks the current thread as running the world's code (a host method, a callback)
-/// until dropped, even inside a [`core`] section.
-#[derive(Debug)]
-#[must_use]
-pub struct HostSection(());
-
-/// Enters a host section.
-pub fn host() -> HostSection {
-    let _ = HOST.try_with(|c| c.set(c.get().saturating_add(1)));
-    HostSection(())
-}
-
-impl Drop for HostSection {
-    fn drop(&mut self) {
-        let _ = HOST.try_with(|c| c.set(c.get().saturating_sub(1)));
-    }
+/// until dropped.
+pub fn host() -> Section {
+    enter(false)
 }
 
 /// Starts counting (and tracking) the core's allocations on this thread; with
@@ -108,7 +105,7 @@ fn armed() -> bool {
 }
 
 fn in_core() -> bool {
-    CORE.try_with(Cell::get).unwrap_or(0) > 0 && HOST.try_with(Cell::get).unwrap_or(0) == 0
+    IN_CORE.try_with(Cell::get).unwrap_or(false)
 }
 
 /// Counts a core allocation; whether it must fail.

@@ -28,6 +28,8 @@ pub struct Kernel {
     pub kworker: TaskId,
     /// Module definitions available to `insmod`, by name.
     pub catalog: BTreeMap<String, ModuleDef>,
+    /// ELF livepatch modules available to `insmod`, by name (see `elfmod`).
+    pub elf_catalog: BTreeMap<String, Rc<[u8]>>,
     /// The machine's architecture name (for the syscall prefix).
     pub arch_prefix: &'static str,
 }
@@ -184,6 +186,7 @@ impl Kernel {
             shell,
             kworker,
             catalog: modules::catalog(),
+            elf_catalog: BTreeMap::new(),
             arch_prefix: prefix,
         };
         // The selftests' preamble: `setup_config` enables ftrace and dynamic debug.
@@ -342,30 +345,23 @@ impl Kernel {
 
     /// Whether a module file exists.
     pub fn module_exists(&self, name: &str) -> bool {
-        self.catalog.contains_key(name)
+        self.catalog.contains_key(name) || self.elf_catalog.contains_key(name)
     }
 
     /// `insmod`: loads module `name` with `params` (`key=value`).
     pub fn insmod(&mut self, name: &str, params: &[String]) -> Result<(), ModError> {
-        let Some(def) = self.catalog.get(name).cloned() else {
-            return Err(ModError::NotFound);
-        };
         if self.world.modules.contains_key(name) {
             return Err(ModError::Errno(Errno::EEXIST));
         }
+        if let Some(file) = self.elf_catalog.get(name).cloned() {
+            return self.insmod_elf(name, file, params);
+        }
+        let Some(def) = self.catalog.get(name).cloned() else {
+            return Err(ModError::NotFound);
+        };
         let mut values = BTreeMap::new();
         for p in &def.params {
             values.insert(p.name.to_string(), (p.default.clone(), p.perm));
-        }
-        for kv in params {
-            let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
-            let Some(pd) = def.params.iter().find(|p| p.name == k) else {
-                self.world
-                    .printk(&format!("{name}: unknown parameter '{k}' ignored"));
-                continue;
-            };
-            let val = parse_param(pd.kind, v).ok_or(ModError::Errno(Errno::EINVAL))?;
-            values.insert(k.to_string(), (val, pd.perm));
         }
         if def.livepatch && !self.world.tainted {
             self.world.tainted = true;
@@ -388,6 +384,30 @@ impl Kernel {
             self.unlink_module(name);
             return Err(ModError::Errno(e));
         }
+        // As `load_module`: the parameters are parsed after the livepatch arrival (so
+        // their warnings follow its lines), and a rejected one takes the module back
+        // out through the going path.
+        for kv in params {
+            let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+            let Some(pd) = def.params.iter().find(|p| p.name == k) else {
+                self.world
+                    .printk(&format!("{name}: unknown parameter '{k}' ignored"));
+                continue;
+            };
+            let Some(val) = parse_param(pd.kind, v) else {
+                self.world
+                    .printk(&format!("{name}: '{v}' invalid for parameter '{k}'"));
+                if let Some(m) = self.world.modules.get_mut(name) {
+                    m.state = ModState::Going;
+                }
+                failalloc::core(|| self.klp.module_going(&mut self.world, name));
+                self.unlink_module(name);
+                return Err(ModError::Errno(Errno::EINVAL));
+            };
+            if let Some(m) = self.world.modules.get_mut(name) {
+                m.params.insert(k.to_string(), (val, pd.perm));
+            }
+        }
         let r = (def.init)(self);
         if let Err(e) = r {
             if let Some(m) = self.world.modules.get_mut(name) {
@@ -403,7 +423,7 @@ impl Kernel {
         Ok(())
     }
 
-    fn unlink_module(&mut self, name: &str) {
+    pub(crate) fn unlink_module(&mut self, name: &str) {
         self.world.modules.remove(name);
         self.world
             .funcs
@@ -433,6 +453,14 @@ impl Kernel {
         };
         if m.refcnt > 0 {
             return Err(ModError::InUse);
+        }
+        if self.world.elf_images.contains_key(name) {
+            if let Some(m) = self.world.modules.get_mut(name) {
+                m.state = ModState::Going;
+            }
+            failalloc::core(|| self.klp.module_going(&mut self.world, name));
+            self.unlink_elf(name);
+            return Ok(());
         }
         let Some(def) = self.catalog.get(name).cloned() else {
             return Err(ModError::NotLoaded);
@@ -510,6 +538,9 @@ impl Kernel {
         );
         let _ = writeln!(s, "works: {:?}", self.world.works);
         let _ = writeln!(s, "funcs: {}", self.world.funcs.len());
+        for (n, img) in &self.world.elf_images {
+            let _ = writeln!(s, "elf image {n}: {:016x}", img.digest());
+        }
         s
     }
 

@@ -7,6 +7,7 @@
 //! it as `.klpt` scenario files and must produce the kernel's log lines.
 
 pub mod demo;
+pub mod elfmod;
 pub mod failalloc;
 pub mod kernel;
 pub mod modules;

@@ -88,7 +88,7 @@ fn func_addr(k: &Kernel, module: &str, name: &str) -> Option<u64> {
 }
 
 /// Enables `desc` from a livepatch module's init and remembers the patch.
-fn enable(k: &mut Kernel, module: &str, desc: PatchDesc<World>) -> Result<(), Errno> {
+pub(crate) fn enable(k: &mut Kernel, module: &str, desc: PatchDesc<World>) -> Result<(), Errno> {
     let id = crate::failalloc::core(|| k.klp.enable_patch(&mut k.world, desc))?;
     if let Some(m) = k.world.modules.get_mut(module) {
         m.patch = Some(id);

@@ -274,6 +274,8 @@ pub struct World {
     pub record_calls: bool,
     /// Shadow-variable store of the simulated kernel.
     pub shadow: klp::shadow::ShadowStore,
+    /// The loaded sections of modules loaded from ELF files, by module.
+    pub elf_images: BTreeMap<String, crate::elfmod::ElfImage>,
     /// The architecture whose stack format and reliable unwinder the stack checks use;
     /// `None`: the trace is read directly from the simulated frames.
     pub stack_model: Option<crate::stackmodel::ArchModel>,
@@ -326,6 +328,7 @@ impl World {
             next_pid: 1,
             next_task: 1,
             next_text: MODULES_BASE,
+            elf_images: BTreeMap::new(),
             rr: 0,
             call_log: Vec::new(),
             record_calls: false,
@@ -362,6 +365,36 @@ impl World {
     }
 
     // ----------------------------------------------------------------- functions
+
+    /// Reserves `size` bytes of module memory aligned to `align` (a power of two).
+    pub fn reserve_text(&mut self, size: u64, align: u64) -> Addr {
+        let a = self.next_text.next_multiple_of(align.max(1));
+        self.next_text = (a + size).next_multiple_of(0x10);
+        a
+    }
+
+    /// Defines a function of `obj` at a given address (a loaded ELF module's symbol).
+    pub fn define_at(
+        &mut self,
+        obj: Option<&str>,
+        name: &str,
+        addr: Addr,
+        size: u64,
+        traceable: bool,
+        body: Body,
+    ) {
+        self.funcs.insert(
+            addr,
+            FuncDef {
+                name: name.to_string(),
+                obj: obj.map(str::to_string),
+                addr,
+                size,
+                traceable,
+                body,
+            },
+        );
+    }
 
     /// Defines a function in `obj` (or vmlinux) and returns its address.
     pub fn define(
@@ -712,6 +745,16 @@ impl Host for World {
         if let Some(x) = self.modules.get_mut(m) {
             x.refcnt -= 1;
         }
+    }
+
+    fn apply_object_relocs(&mut self, patch_module: &str, obj: &str) -> Result<(), Errno> {
+        let _h = crate::failalloc::host();
+        crate::elfmod::object_relocs(self, patch_module, obj, false)
+    }
+
+    fn clear_object_relocs(&mut self, patch_module: &str, obj: &str) {
+        let _h = crate::failalloc::host();
+        let _ = crate::elfmod::object_relocs(self, patch_module, obj, true);
     }
 
     fn for_each_symbol(

@@ -9,6 +9,8 @@
 //! Operations that allocate nothing are shown to allocate nothing. Run with
 //! `--nocapture` to see the number of failure points per operation.
 
+mod common;
+
 use std::collections::BTreeSet;
 
 use klp::Errno;
@@ -260,6 +262,51 @@ fn module_arrival_with_functions() {
     assert!(
         n >= 2,
         "the arrival, the redirect record and its stack allocate"
+    );
+    report(&op, n);
+}
+
+#[test]
+fn loading_an_elf_patch() {
+    let op = Op {
+        name: "loading an ELF patch",
+        setup: |k| k.add_elf_module(common::LP, common::elf_patch()),
+        run: |k| insmod(k, common::LP, &[]),
+        failure_lines: &[
+            "livepatch: failed to patch object 'vmlinux'",
+            "livepatch: failed to enable patch 'elf_lp'",
+            "livepatch: 'elf_lp': canceling patching transition, going to unpatch",
+            "livepatch: 'elf_lp': completing unpatching transition",
+            "livepatch: 'elf_lp': unpatching complete",
+        ],
+    };
+    let n = sweep(&op);
+    assert!(
+        n >= 5,
+        "the relocation staging, the records and the redirect allocate"
+    );
+    report(&op, n);
+}
+
+#[test]
+fn module_arrival_with_elf_relocations() {
+    let op = Op {
+        name: "module arrival with livepatch relocations",
+        setup: |k| {
+            k.add_elf_module(common::LP, common::elf_patch());
+            loaded(k, common::LP, &[]);
+        },
+        run: |k| insmod(k, common::BUSY, &[]),
+        failure_lines: &[
+            "livepatch: failed to initialize patch 'elf_lp' for module 'test_klp_callbacks_busy' (-12)",
+            "livepatch: failed to apply patch 'elf_lp' to module 'test_klp_callbacks_busy' (-12)",
+            "livepatch: patch 'elf_lp' failed for module 'test_klp_callbacks_busy', refusing to load module 'test_klp_callbacks_busy'",
+        ],
+    };
+    let n = sweep(&op);
+    assert!(
+        n >= 3,
+        "staging the module's section and its redirect allocate"
     );
     report(&op, n);
 }

@@ -254,3 +254,235 @@ impl Obj {
         out
     }
 }
+
+/// One replaced function of a [`patch`]: (old name, sympos, new function's name).
+pub type PatchFunc<'a> = (&'a str, u64, &'a str);
+
+/// A livepatch object for one architecture (`machine`, byte order, the 64-bit
+/// absolute relocation type `abs64`): a `.text` with one 16-byte function per
+/// replacement (and per callback), the patch description in klp-build's layout
+/// (`objects`: object name — `None` for vmlinux — and its functions; callbacks by
+/// their `__klp_*_callback_<object>` names in `callbacks`), `livepatch=Y`, and for each
+/// `(section object, symbol object, symbol, sympos)` of `klp_slots` an 8-byte slot in
+/// `.data.klp` written through `.klp.rela.<section object>..data.klp` with `abs64`.
+pub fn patch(
+    machine: u16,
+    big: bool,
+    abs64: u32,
+    objects: &[(Option<&str>, &[PatchFunc<'_>])],
+    callbacks: &[&str],
+    klp_slots: &[(&str, &str, &str, u64)],
+) -> Vec<u8> {
+    let mut o = Obj::new(machine, big);
+    let new_names: Vec<&str> = objects
+        .iter()
+        .flat_map(|(_, fs)| fs.iter().map(|f| f.2))
+        .chain(callbacks.iter().copied())
+        .collect();
+    let text = o.section(Sec {
+        name: ".text".into(),
+        sh_type: SHT_PROGBITS,
+        flags: SHF_ALLOC | SHF_EXECINSTR,
+        data: vec![0xcc; 16 * new_names.len().max(1)],
+        link: 0,
+        info: 0,
+        align: 16,
+        entsize: 0,
+    });
+    let data = o.section(Sec {
+        name: ".data.klp".into(),
+        sh_type: SHT_PROGBITS,
+        flags: SHF_ALLOC | 1,
+        data: vec![0; 8 * klp_slots.len().max(1)],
+        link: 0,
+        info: 0,
+        align: 8,
+        entsize: 0,
+    });
+    // Strings, records.
+    let mut strings = Vec::new();
+    let mut str_at = |s: &str| {
+        let at = strings.len() as i64;
+        strings.extend_from_slice(s.as_bytes());
+        strings.push(0);
+        at
+    };
+    let nfuncs: usize = objects.iter().map(|(_, f)| f.len()).sum();
+    let mut objects_data = vec![0u8; 64 * objects.len()];
+    let mut funcs_data = vec![0u8; 24 * nfuncs];
+    let mut obj_rel: Vec<(u64, &str, i64)> = Vec::new(); // (offset, target, addend)
+    let mut fn_rel: Vec<(u64, &str, i64)> = Vec::new();
+    let mut fi = 0usize;
+    let word = |v: &mut [u8], at: usize, x: u64, n: usize| {
+        let b = if big {
+            x.to_be_bytes()
+        } else {
+            x.to_le_bytes()
+        };
+        if big {
+            v[at..at + n].copy_from_slice(&b[8 - n..]);
+        } else {
+            v[at..at + n].copy_from_slice(&b[..n]);
+        }
+    };
+    for (i, (name, fs)) in objects.iter().enumerate() {
+        let at = 64 * i;
+        if let Some(n) = name {
+            obj_rel.push((at as u64, "$strings", str_at(n)));
+        }
+        obj_rel.push((at as u64 + 8, "$funcs", 24 * fi as i64));
+        word(&mut objects_data, at + 56, fs.len() as u64, 4);
+        for (old, sympos, new) in fs.iter() {
+            let f = 24 * fi;
+            fn_rel.push((f as u64, "$strings", str_at(old)));
+            fn_rel.push((f as u64 + 8, new, 0));
+            word(&mut funcs_data, f + 16, *sympos, 8);
+            fi += 1;
+        }
+    }
+    let strs = o.section(Sec {
+        name: ".init.klp_strings".into(),
+        sh_type: SHT_PROGBITS,
+        flags: SHF_ALLOC | 0x30,
+        data: strings,
+        link: 0,
+        info: 0,
+        align: 1,
+        entsize: 1,
+    });
+    let objs = o.section(Sec {
+        name: ".init.klp_objects".into(),
+        sh_type: SHT_PROGBITS,
+        flags: SHF_ALLOC,
+        data: objects_data,
+        link: 0,
+        info: 0,
+        align: 8,
+        entsize: 0,
+    });
+    let fns = o.section(Sec {
+        name: ".init.klp_funcs".into(),
+        sh_type: SHT_PROGBITS,
+        flags: SHF_ALLOC,
+        data: funcs_data,
+        link: 0,
+        info: 0,
+        align: 8,
+        entsize: 0,
+    });
+    o.section(Sec {
+        name: ".modinfo".into(),
+        sh_type: SHT_PROGBITS,
+        flags: SHF_ALLOC,
+        data: b"license=GPL\0livepatch=Y\0".to_vec(),
+        link: 0,
+        info: 0,
+        align: 1,
+        entsize: 0,
+    });
+    // Symbols: section symbols, then the functions, then the livepatch symbols.
+    let s_strs = o.symbol(SymDef {
+        name: String::new(),
+        info: STB_LOCAL_SECTION,
+        shndx: strs as u16,
+        value: 0,
+        size: 0,
+    });
+    let s_fns = o.symbol(SymDef {
+        name: String::new(),
+        info: STB_LOCAL_SECTION,
+        shndx: fns as u16,
+        value: 0,
+        size: 0,
+    });
+    o.first_global = 3;
+    let mut fsyms = Vec::new();
+    for (i, n) in new_names.iter().enumerate() {
+        fsyms.push((
+            *n,
+            o.symbol(SymDef {
+                name: n.to_string(),
+                info: STB_GLOBAL_FUNC,
+                shndx: text as u16,
+                value: 16 * i as u64,
+                size: 16,
+            }),
+        ));
+    }
+    let mut klp = Vec::new();
+    for (sec_obj, sym_obj, sym, pos) in klp_slots {
+        let idx = o.symbol(SymDef {
+            name: format!(".klp.sym.{sym_obj}.{sym},{pos}"),
+            info: STB_GLOBAL_FUNC,
+            shndx: 0xff20,
+            value: 0,
+            size: 0,
+        });
+        klp.push((*sec_obj, idx));
+    }
+    let sym_of = |t: &str| match t {
+        "$strings" => s_strs,
+        "$funcs" => s_fns,
+        n => {
+            fsyms
+                .iter()
+                .find(|f| f.0 == n)
+                .expect("a defined function")
+                .1
+        }
+    };
+    let obj_entries: Vec<_> = obj_rel
+        .iter()
+        .map(|&(off, t, a)| (off, sym_of(t), abs64, a))
+        .collect();
+    let fn_entries: Vec<_> = fn_rel
+        .iter()
+        .map(|&(off, t, a)| (off, sym_of(t), abs64, a))
+        .collect();
+    let obj_relas = o.relas(&obj_entries);
+    let fn_relas = o.relas(&fn_entries);
+    // The relocation sections come last, so the symbol table's index is known.
+    let mut sec_objs: Vec<&str> = klp.iter().map(|k| k.0).collect();
+    sec_objs.dedup();
+    let symtab = o.symtab_index() + 2 + sec_objs.len() as u32;
+    o.section(Sec {
+        name: ".rela.init.klp_objects".into(),
+        sh_type: SHT_RELA,
+        flags: SHF_INFO_LINK,
+        data: obj_relas,
+        link: symtab,
+        info: objs,
+        align: 8,
+        entsize: 24,
+    });
+    o.section(Sec {
+        name: ".rela.init.klp_funcs".into(),
+        sh_type: SHT_RELA,
+        flags: SHF_INFO_LINK,
+        data: fn_relas,
+        link: symtab,
+        info: fns,
+        align: 8,
+        entsize: 24,
+    });
+    for so in sec_objs {
+        let entries: Vec<_> = klp
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.0 == so)
+            .map(|(slot, k)| (8 * slot as u64, k.1, abs64, 0))
+            .collect();
+        let d = o.relas(&entries);
+        o.section(Sec {
+            name: format!(".klp.rela.{so}..data.klp"),
+            sh_type: SHT_RELA,
+            flags: SHF_ALLOC | SHF_INFO_LINK | 0x0010_0000,
+            data: d,
+            link: symtab,
+            info: data,
+            align: 8,
+            entsize: 24,
+        });
+    }
+    o.build()
+}
