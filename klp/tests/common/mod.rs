@@ -1,1 +1,5 @@
+#![allow(dead_code)]
+
 pub mod elfbuild;
+pub mod image;
+pub mod symhost;
