@@ -261,15 +261,31 @@ fn malformed_descriptions_are_errors_not_panics() {
 fn write_fuzz_seeds() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/loader");
     std::fs::create_dir_all(&dir).expect("seed dir");
-    for (arch, machine, big, abs64) in [("x86_64", 62, false, 1), ("aarch64", 183, false, 257), ("ppc64le", 21, false, 38), ("s390x", 22, true, 22)] {
-        std::fs::write(dir.join(format!("desc-{arch}")), described(machine, big, abs64)).expect("write");
+    for (arch, machine, big, abs64) in [
+        ("x86_64", 62, false, 1),
+        ("aarch64", 183, false, 257),
+        ("ppc64le", 21, false, 38),
+        ("s390x", 22, true, 22),
+    ] {
+        std::fs::write(
+            dir.join(format!("desc-{arch}")),
+            described(machine, big, abs64),
+        )
+        .expect("write");
         let p = common::elfbuild::patch(
             machine,
             big,
             abs64,
-            &[(None, &[("static_fn", 2, "new_fn")]), (Some("mymod"), &[("mod_fn", 0, "new_mod_fn")])],
+            &[
+                (None, &[("static_fn", 2, "new_fn")]),
+                (Some("mymod"), &[("mod_fn", 0, "new_mod_fn")]),
+            ],
             &["__klp_pre_patch_callback_mymod"],
-            &[("vmlinux", "vmlinux", "static_fn", 2), ("vmlinux", "vmlinux", "static_var", 0), ("mymod", "mymod", "mod_fn", 0)],
+            &[
+                ("vmlinux", "vmlinux", "static_fn", 2),
+                ("vmlinux", "vmlinux", "static_var", 0),
+                ("mymod", "mymod", "mod_fn", 0),
+            ],
         );
         std::fs::write(dir.join(format!("patch-{arch}")), p).expect("write");
     }

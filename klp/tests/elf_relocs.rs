@@ -10,7 +10,6 @@
 
 mod common;
 
-
 use common::elfbuild::*;
 use common::image::Image;
 use common::symhost::{FN_SECOND, SymHost, VAR};
@@ -18,7 +17,6 @@ use klp::elf::reloc::write_relocs;
 use klp::elf::{PatchObject, SHF_RELA_LIVEPATCH, SHN_LIVEPATCH};
 use klp::{Errno, KResult};
 use klp_arch::Arch;
-
 
 struct Case {
     machine: u16,

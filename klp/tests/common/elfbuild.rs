@@ -62,6 +62,11 @@ impl Obj {
         self.secs.len() as u32
     }
 
+    /// The number of symbols added so far.
+    pub fn symbols_len(&self) -> u32 {
+        self.syms.len() as u32
+    }
+
     /// Adds a symbol; returns its index.
     pub fn symbol(&mut self, s: SymDef) -> u32 {
         self.syms.push(s);

@@ -65,4 +65,3 @@ impl PatchImage for Image {
         Ok(())
     }
 }
-
