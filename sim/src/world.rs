@@ -419,17 +419,7 @@ impl World {
                 a
             }
         };
-        self.funcs.insert(
-            addr,
-            FuncDef {
-                name: name.to_string(),
-                obj: obj.map(str::to_string),
-                addr,
-                size,
-                traceable,
-                body,
-            },
-        );
+        self.define_at(obj, name, addr, size, traceable, body);
         addr
     }
 

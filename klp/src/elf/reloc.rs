@@ -61,6 +61,48 @@ struct Staged {
     new: Vec<u8>,
 }
 
+/// The sections a write or a clear changes, staged.
+#[derive(Default)]
+struct Stage(Vec<Staged>);
+
+impl Stage {
+    /// The staged copy of section `index` (made on first use).
+    fn section(&mut self, image: &dyn PatchImage, index: usize) -> KResult<&mut Vec<u8>> {
+        let slot = match self.0.iter().position(|s| s.index == index) {
+            Some(i) => i,
+            None => {
+                let bytes = image.section_bytes(index).ok_or(Errno::ENOEXEC)?;
+                let stage = Staged {
+                    index,
+                    old: copy_of(bytes)?,
+                    new: copy_of(bytes)?,
+                };
+                try_push(&mut self.0, stage)?;
+                self.0.len().saturating_sub(1)
+            }
+        };
+        self.0
+            .get_mut(slot)
+            .map(|s| &mut s.new)
+            .ok_or(Errno::EINVAL)
+    }
+
+    /// Writes every staged section to the image; if the image refuses one, puts back
+    /// those already written.
+    fn commit(self, image: &mut dyn PatchImage) -> KResult<()> {
+        for (i, s) in self.0.iter().enumerate() {
+            if let Err(e) = image.write_section(s.index, &s.new) {
+                for done in self.0.iter().take(i) {
+                    // The host reports a failure of these itself.
+                    let _ = image.write_section(done.index, &done.old);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
 fn copy_of(bytes: &[u8]) -> KResult<Vec<u8>> {
     let mut v = Vec::new();
     reserve_total(&mut v, bytes.len())?;
@@ -140,7 +182,7 @@ pub fn write_relocs<A: Arch, H: Host>(
     let ctx = image.reloc_ctx();
     // One resolution per livepatch symbol: its value once found.
     let mut resolved: Vec<Option<Addr>> = Vec::new();
-    let mut staged: Vec<Staged> = Vec::new();
+    let mut stage = Stage::default();
     for sec in obj.klp_relas() {
         let sec = match sec {
             Ok(s) => s,
@@ -158,23 +200,11 @@ pub fn write_relocs<A: Arch, H: Host>(
         let Some(addr) = image.section_addr(sec.target) else {
             return Err(Errno::ENOEXEC);
         };
-        let slot = match staged.iter().position(|s| s.index == sec.target) {
-            Some(i) => i,
-            None => {
-                let bytes = image.section_bytes(sec.target).ok_or(Errno::ENOEXEC)?;
-                let stage = Staged {
-                    index: sec.target,
-                    old: copy_of(bytes)?,
-                    new: copy_of(bytes)?,
-                };
-                try_push(&mut staged, stage)?;
-                staged.len().saturating_sub(1)
-            }
-        };
         let relas = match obj.relas(sec.section.index) {
             Ok(r) => r,
             Err(e) => return Err(report(host, module, &e)),
         };
+        let bytes = stage.section(image, sec.target)?;
         for (entry, r) in relas.enumerate() {
             let value = match resolved.get(r.sym as usize).copied() {
                 Some(Some(v)) => v,
@@ -201,10 +231,7 @@ pub fn write_relocs<A: Arch, H: Host>(
                 addend: r.addend,
                 external: true,
             };
-            let Some(stage) = staged.get_mut(slot) else {
-                return Err(Errno::EINVAL);
-            };
-            if let Err(e) = A::apply_relocation(&mut stage.new, addr, &reloc, &ctx) {
+            if let Err(e) = A::apply_relocation(bytes, addr, &reloc, &ctx) {
                 host.log(&Record {
                     level: Level::Err,
                     func: "apply_relocate_add",
@@ -216,17 +243,7 @@ pub fn write_relocs<A: Arch, H: Host>(
         }
     }
     // Everything resolved and written in the copies: now the patch's memory.
-    for (i, s) in staged.iter().enumerate() {
-        if let Err(e) = image.write_section(s.index, &s.new) {
-            for done in staged.iter().take(i) {
-                // Put back what was written; the host failed one write already, and
-                // reports a failure of these itself.
-                let _ = image.write_section(done.index, &done.old);
-            }
-            return Err(e);
-        }
-    }
-    Ok(())
+    stage.commit(image)
 }
 
 /// Undoes [`write_relocs`] for the livepatch relocation sections of `target`
@@ -260,7 +277,7 @@ fn clear_staged<A: Arch, H: Host>(
     image: &mut dyn PatchImage,
     target: &str,
 ) -> KResult<()> {
-    let mut staged: Vec<Staged> = Vec::new();
+    let mut stage = Stage::default();
     for sec in obj.klp_relas() {
         let sec = match sec {
             Ok(s) => s,
@@ -269,24 +286,11 @@ fn clear_staged<A: Arch, H: Host>(
         if sec.objname != target {
             continue;
         }
-        let slot = match staged.iter().position(|s| s.index == sec.target) {
-            Some(i) => i,
-            None => {
-                let bytes = image.section_bytes(sec.target).ok_or(Errno::ENOEXEC)?;
-                let stage = Staged {
-                    index: sec.target,
-                    old: copy_of(bytes)?,
-                    new: copy_of(bytes)?,
-                };
-                try_push(&mut staged, stage)?;
-                staged.len().saturating_sub(1)
-            }
-        };
         let relas = match obj.relas(sec.section.index) {
             Ok(r) => r,
             Err(e) => return Err(report(host, module, &e)),
         };
-        let stage = staged.get_mut(slot).ok_or(Errno::EINVAL)?;
+        let bytes = stage.section(image, sec.target)?;
         for r in relas {
             let reloc = Reloc {
                 r_type: r.r_type,
@@ -295,16 +299,8 @@ fn clear_staged<A: Arch, H: Host>(
                 addend: r.addend,
                 external: true,
             };
-            A::clear_relocation(&mut stage.new, &reloc).map_err(|e| Errno::from_ret(e.errno()))?;
+            A::clear_relocation(bytes, &reloc).map_err(|e| Errno::from_ret(e.errno()))?;
         }
     }
-    for (i, s) in staged.iter().enumerate() {
-        if let Err(e) = image.write_section(s.index, &s.new) {
-            for done in staged.iter().take(i) {
-                let _ = image.write_section(done.index, &done.old);
-            }
-            return Err(e);
-        }
-    }
-    Ok(())
+    stage.commit(image)
 }
