@@ -408,3 +408,37 @@ fn module_relocations_are_cleared_and_written_again() {
         assert!(host.log.is_empty(), "{arch}: {:?}", host.log);
     }
 }
+
+/// An unknown relocation type, a relocation section applying to a section that does
+/// not exist, and the architecture's machine in the wrong byte order: typed errors,
+/// nothing written.
+#[test]
+fn unknown_types_bad_indices_and_byte_order() {
+    let (arch, c) = cases().remove(0);
+    // Type 9999 instead of R_X86_64_PLT32.
+    let odd = Case { call: (1, 9999, -4), ..c };
+    let (r, image, host) = apply_for(arch, &object(&odd, FN, VARSYM, RELA, false), None);
+    assert_eq!(r, Err(Errno::ENOEXEC));
+    assert_eq!(image.bytes(1), &odd.text);
+    assert!(host.log.iter().any(|l| l.contains("unsupported relocation type 9999")), "{:?}", host.log);
+
+    // sh_info of the livepatch section: past the last section.
+    let mut file = object(&odd, FN, VARSYM, RELA, false);
+    let obj = PatchObject::parse(&file).expect("parses");
+    let klp = obj.klp_relas().next().expect("one").expect("ok").section;
+    let shoff = u64::from_le_bytes(file[40..48].try_into().unwrap()) as usize;
+    let info_at = shoff + 64 * klp.index + 44;
+    file[info_at..info_at + 4].copy_from_slice(&999u32.to_le_bytes());
+    let (r, _, host) = apply_for(arch, &file, None);
+    assert_eq!(r, Err(Errno::ENOEXEC));
+    assert_eq!(
+        host.log,
+        ["lp: sh_info of a livepatch relocation section 999 is not a section of the object"]
+    );
+
+    // x86_64's machine number in a big-endian object.
+    let be = Case { big: true, ..cases().remove(0).1 };
+    let (r, _, host) = apply_for(arch, &object(&be, FN, VARSYM, RELA, false), None);
+    assert_eq!(r, Err(Errno::ENOEXEC));
+    assert_eq!(host.log, ["lp: big-endian object for a little-endian architecture"]);
+}
