@@ -72,6 +72,9 @@ fn main() -> ExitCode {
             }
         };
         let mut r = Runner::with_arch(arch);
+        r.base = std::path::Path::new(f)
+            .parent()
+            .map_or_else(|| ".".into(), std::path::Path::to_path_buf);
         let out = r.run(&sc);
         match &out {
             Outcome::Pass => {

@@ -228,6 +228,8 @@ pub struct Runner {
     getpid_callers: Vec<klp::TaskId>,
     /// Every log line the scenario captured so far (after the canary).
     pub verbose: bool,
+    /// Where `elf_module` finds relative paths (the scenario file's directory).
+    pub base: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Runner {
@@ -261,6 +263,7 @@ impl Runner {
             pid_list: String::new(),
             getpid_callers: Vec::new(),
             verbose: false,
+            base: std::path::PathBuf::from("."),
         }
     }
 
@@ -314,6 +317,9 @@ impl Runner {
     }
 
     fn is_livepatch(&mut self, m: &str) -> Result<bool, Stop> {
+        if self.k.elf_catalog.contains_key(m) {
+            return Ok(true);
+        }
         match self.k.catalog.get(m) {
             None => Err(self.die(&format!("Can't find \"test_modules/{m}.ko\", try \"make\""))),
             Some(d) => Ok(d.livepatch),
@@ -398,6 +404,21 @@ impl Runner {
             }
         };
         match verb {
+            // klp's own: makes the livepatch ELF object at PATH (relative to the
+            // scenario file) loadable as module NAME (`load_lp NAME`).
+            "elf_module" => {
+                need(2)?;
+                // `{arch}` in the path: the architecture this kernel runs as.
+                let arch = self.k.world.stack_model.map_or("x86_64", |m| m.name());
+                let path = self.base.join(args[1].replace("{arch}", arch));
+                match std::fs::read(&path) {
+                    Ok(bytes) => {
+                        self.k.add_elf_module(&args[0], bytes);
+                        Ok(())
+                    }
+                    Err(e) => Err(self.die(&format!("cannot read {}: {e}", path.display()))),
+                }
+            }
             "load_mod" => {
                 need(1)?;
                 let m = &args[0];
@@ -769,6 +790,21 @@ pub fn run_text_on(
 ) -> Result<Outcome, ParseError> {
     let sc = parse(text)?;
     let mut r = Runner::with_arch(model);
+    Ok(r.run(&sc))
+}
+
+/// Runs the scenario file at `path` on a fresh kernel that walks stacks as on `model`;
+/// `elf_module` paths are relative to the file's directory.
+pub fn run_file_on(
+    path: &std::path::Path,
+    model: Option<crate::stackmodel::ArchModel>,
+) -> Result<Outcome, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    let sc = parse(&text).map_err(|e| format!("malformed scenario: {e}"))?;
+    let mut r = Runner::with_arch(model);
+    r.base = path
+        .parent()
+        .map_or_else(|| ".".into(), std::path::Path::to_path_buf);
     Ok(r.run(&sc))
 }
 

@@ -220,3 +220,31 @@ fn parameters_are_parsed_after_the_livepatch_arrival() {
     assert!(!k.world.modules.contains_key(BUSY));
     assert_eq!(k.snapshot(), before, "the refused module left nothing");
 }
+
+/// Writes the ELF objects of `scenarios/extra/elf-*.klpt` (`scenarios/extra/elf/`), one
+/// per architecture: `cargo test -p klp-sim --test elf_modules -- --ignored`.
+#[test]
+#[ignore = "writes the scenario fixtures"]
+fn write_scenario_fixtures() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/extra/elf");
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (arch, machine, big, abs64) in common::ARCHES {
+        let f = dir.join(format!("elf_lp-{arch}.ko"));
+        std::fs::write(&f, common::elf_patch_for(machine, big, abs64)).expect("write");
+    }
+}
+
+/// The fixtures in the tree are what the builder writes now.
+#[test]
+fn scenario_fixtures_are_current() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/extra/elf");
+    for (arch, machine, big, abs64) in common::ARCHES {
+        let f = dir.join(format!("elf_lp-{arch}.ko"));
+        let on_disk = std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert!(
+            on_disk == common::elf_patch_for(machine, big, abs64),
+            "{} is stale: cargo test -p klp-sim --test elf_modules -- --ignored",
+            f.display()
+        );
+    }
+}

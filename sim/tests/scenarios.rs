@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use klp_sim::scenario::{Outcome, run_text, run_text_on};
+use klp_sim::scenario::{Outcome, run_file_on, run_text};
 use klp_sim::stackmodel::ArchModel;
 
 fn files(dir: &str) -> Vec<PathBuf> {
@@ -29,8 +29,7 @@ fn run_all(dir: &str, min: usize) {
     let models = std::iter::once(None).chain(ArchModel::ALL.into_iter().map(Some));
     for model in models {
         for f in &fs {
-            let text = std::fs::read_to_string(f).expect("read scenario");
-            match run_text_on(&text, model) {
+            match run_file_on(f, model) {
                 Ok(Outcome::Pass) => {}
                 other => failed.push(format!("{} ({model:?}): {other:?}", f.display())),
             }
