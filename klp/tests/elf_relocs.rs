@@ -416,11 +416,20 @@ fn module_relocations_are_cleared_and_written_again() {
 fn unknown_types_bad_indices_and_byte_order() {
     let (arch, c) = cases().remove(0);
     // Type 9999 instead of R_X86_64_PLT32.
-    let odd = Case { call: (1, 9999, -4), ..c };
+    let odd = Case {
+        call: (1, 9999, -4),
+        ..c
+    };
     let (r, image, host) = apply_for(arch, &object(&odd, FN, VARSYM, RELA, false), None);
     assert_eq!(r, Err(Errno::ENOEXEC));
     assert_eq!(image.bytes(1), &odd.text);
-    assert!(host.log.iter().any(|l| l.contains("unsupported relocation type 9999")), "{:?}", host.log);
+    assert!(
+        host.log
+            .iter()
+            .any(|l| l.contains("unsupported relocation type 9999")),
+        "{:?}",
+        host.log
+    );
 
     // sh_info of the livepatch section: past the last section.
     let mut file = object(&odd, FN, VARSYM, RELA, false);
@@ -437,8 +446,14 @@ fn unknown_types_bad_indices_and_byte_order() {
     );
 
     // x86_64's machine number in a big-endian object.
-    let be = Case { big: true, ..cases().remove(0).1 };
+    let be = Case {
+        big: true,
+        ..cases().remove(0).1
+    };
     let (r, _, host) = apply_for(arch, &object(&be, FN, VARSYM, RELA, false), None);
     assert_eq!(r, Err(Errno::ENOEXEC));
-    assert_eq!(host.log, ["lp: big-endian object for a little-endian architecture"]);
+    assert_eq!(
+        host.log,
+        ["lp: big-endian object for a little-endian architecture"]
+    );
 }
