@@ -26,11 +26,14 @@
 //!
 //! The steps are separate modules: [`elf`] reads the patch, [`target`] reads the
 //! targets' symbols, [`plan`] decides each undefined symbol, [`describe`] checks and
-//! lays out the description, `write` rewrites the file. Library code returns [`Error`] for every bad input and never panics on one.
+//! lays out the description, `write` rewrites the file. [`inspect`] is the library side
+//! of the `klp-inspect` command, which shows a livepatch object as the livepatch
+//! core reads it. Library code returns [`Error`] for every bad input and never panics on one.
 
 pub mod describe;
 pub mod elf;
 pub mod error;
+pub mod inspect;
 pub mod manifest;
 pub mod names;
 pub mod plan;
@@ -47,7 +50,7 @@ pub use crate::manifest::{
     CallbackEntry, FuncEntry, Manifest, ObjectEntry, PatchEntry, SymbolChoice,
 };
 pub use crate::plan::{ConvertReason, Decision, KeepReason, Options, SymbolDecision};
-pub use crate::target::{Exports, TargetInput, TargetObject, load_target};
+pub use crate::target::{Exports, TargetInput, TargetObject, load_target, parse_target_arg};
 pub use crate::write::{KlpSection, MovedRela};
 
 /// What a conversion did.

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use klp_convert::manifest::CALLBACK_KINDS;
-use klp_convert::names::infer_object_name;
 use klp_convert::{
     ConvertReason, Decision, Error, KeepReason, Manifest, Options, TargetInput, convert,
+    parse_target_arg,
 };
 
 /// Turns an ordinarily compiled patch object into a livepatch object: references the
@@ -65,29 +65,6 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, Error> {
     })
 }
 
-fn split_target(arg: &str) -> Result<(String, String), Error> {
-    if let Some((name, path)) = arg.split_once('=')
-        && !name.contains('/')
-    {
-        if path.is_empty() {
-            return Err(Error::TargetArgument {
-                arg: arg.to_string(),
-                reason: "the path after '=' is empty".to_string(),
-            });
-        }
-        return Ok((name.to_string(), path.to_string()));
-    }
-    match infer_object_name(arg) {
-        Some(name) => Ok((name, arg.to_string())),
-        None => Err(Error::TargetArgument {
-            arg: arg.to_string(),
-            reason: "its object name cannot be told from the file name; write NAME=PATH \
-                     (vmlinux=PATH for the kernel or the main executable)"
-                .to_string(),
-        }),
-    }
-}
-
 fn run(cli: &Cli) -> Result<Vec<String>, Error> {
     let mut manifest = match &cli.manifest {
         Some(path) => {
@@ -105,7 +82,7 @@ fn run(cli: &Cli) -> Result<Vec<String>, Error> {
     let patch = read(&cli.input)?;
     let mut files = Vec::new();
     for arg in &cli.targets {
-        let (name, path) = split_target(arg)?;
+        let (name, path) = parse_target_arg(arg)?;
         let data = read(&PathBuf::from(&path))?;
         files.push((name, path, data));
     }

@@ -21,7 +21,7 @@ use object::{Endianness, FileKind};
 
 use crate::elf::Arch;
 use crate::error::{Bind, Candidate, Error, Kind, Visibility};
-use crate::names::{MAIN_OBJECT, check_object_name};
+use crate::names::{MAIN_OBJECT, check_object_name, infer_object_name};
 
 /// One target file as given to the converter.
 #[derive(Clone, Debug)]
@@ -118,6 +118,32 @@ impl TargetObject {
     /// What the export information is, for reports.
     pub fn exports(&self) -> &Exports {
         &self.exports
+    }
+}
+
+/// Splits a `--target` argument, `[NAME=]PATH`, into the object name and the path
+/// (the name inferred from the file name when it is left out, see
+/// [`infer_object_name`]).
+pub fn parse_target_arg(arg: &str) -> Result<(String, String), Error> {
+    if let Some((name, path)) = arg.split_once('=')
+        && !name.contains('/')
+    {
+        if path.is_empty() {
+            return Err(Error::TargetArgument {
+                arg: arg.to_string(),
+                reason: "the path after '=' is empty".to_string(),
+            });
+        }
+        return Ok((name.to_string(), path.to_string()));
+    }
+    match infer_object_name(arg) {
+        Some(name) => Ok((name, arg.to_string())),
+        None => Err(Error::TargetArgument {
+            arg: arg.to_string(),
+            reason: "its object name cannot be told from the file name; write NAME=PATH \
+                     (vmlinux=PATH for the kernel or the main executable)"
+                .to_string(),
+        }),
     }
 }
 

@@ -1125,3 +1125,466 @@ fn the_command_refuses_a_second_description_and_keeps_the_first() {
         "{err}"
     );
 }
+
+/// A C patch whose replacement calls a static function of vmlinux, reads a static
+/// variable of vmlinux and calls a static function of module `mymod`.
+const CORE_PATCH: &str = r#"
+extern int static_helper(int);
+extern int static_var;
+extern int mod_fn(int);
+int calls;
+int livepatch_cmdline_proc_show(void *m, void *v) { return static_helper(1) + static_var + mod_fn(2); }
+int livepatch_other(void) { return 2; }
+int livepatch_mod_fn(int x) { return x + 3; }
+int my_pre(void *obj) { calls += 4; return 0; }
+void __klp_post_patch_callback_vmlinux(void *obj) { calls += 5; }
+void my_post_unpatch(void *obj) { calls += 6; }
+"#;
+
+/// Addresses chosen so that every branch of every arch reaches from `.text` at
+/// [`CORE_TEXT`] (ppc64le's `bl` reaches ±32 MiB); `static_var` is 4-aligned for
+/// aarch64's scaled `ldr` and even for s390x's `larl`.
+const CORE_TEXT: u64 = 0x1000_0000;
+const CORE_TOC_SECTION: u64 = 0x1000_8000;
+const CORE_HELPER: u64 = 0x1040_0000;
+const CORE_VAR: u64 = 0x1080_1238;
+const CORE_MOD_FN: u64 = 0x10c0_0000;
+const CORE_MAP: &str = "0000000010400000 t static_helper\n\
+                        0000000010600000 T cmdline_proc_show\n\
+                        0000000010700000 t other\n\
+                        0000000010780000 t other\n\
+                        0000000010801238 d static_var\n\
+                        0000000010c00000 t mod_fn [mymod]\n";
+const CORE_MANIFEST: &str = r#"{"patch": {"objects": [
+    {"object": "vmlinux",
+     "funcs": [{"old": "cmdline_proc_show", "new": "livepatch_cmdline_proc_show"},
+               {"old": "other", "new": "livepatch_other", "sympos": 2}],
+     "callbacks": {"pre_patch": "my_pre"}},
+    {"object": "mymod", "funcs": [{"old": "mod_fn", "new": "livepatch_mod_fn"}],
+     "callbacks": {"post_unpatch": "my_post_unpatch"}}]}}"#;
+
+/// Builds and converts [`CORE_PATCH`] for `t` in `dir`; returns the converted bytes.
+fn core_patch(dir: &Path, t: &Tools) -> Vec<u8> {
+    write(dir, "patch.c", CORE_PATCH);
+    write(dir, "System.map", CORE_MAP);
+    write(dir, "manifest.json", CORE_MANIFEST);
+    ok(
+        dir,
+        t.gcc,
+        &["-c", "-O2", "-fno-pic", "patch.c", "-o", "patch.o"],
+    );
+    let out = klp_convert(
+        dir,
+        &[
+            "-t",
+            "System.map",
+            "-m",
+            "manifest.json",
+            "patch.o",
+            "-o",
+            "livepatch.o",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {err}", t.name);
+    assert!(err.is_empty(), "{}: {err}", t.name);
+    std::fs::read(dir.join("livepatch.o")).unwrap()
+}
+
+fn arch_of(t: &Tools) -> klp_convert::Arch {
+    match t.name {
+        "x86_64" => klp_convert::Arch::X86_64,
+        "aarch64" => klp_convert::Arch::Aarch64,
+        "ppc64le" => klp_convert::Arch::Ppc64le,
+        _ => klp_convert::Arch::S390x,
+    }
+}
+
+/// The `.klp.rela` entries of a converted file, read with `object`'s reader
+/// (independently of the core): (section, relocated section, offset, type, addend,
+/// symbol name).
+fn klp_entries(p: &Parsed) -> Vec<(String, String, u64, u32, i64, String)> {
+    p.sections
+        .iter()
+        .filter(|s| s.name.starts_with(".klp.rela."))
+        .flat_map(|s| {
+            let target = p.sections[s.sh_info as usize].name.clone();
+            s.relas.iter().map(move |&(o, ty, a, sym)| {
+                (
+                    s.name.clone(),
+                    target.clone(),
+                    o,
+                    ty,
+                    a,
+                    p.symbols[sym as usize].name.clone(),
+                )
+            })
+        })
+        .collect()
+}
+
+fn word_at(bytes: &[u8], at: usize, n: usize, big: bool) -> u64 {
+    let b = &bytes[at..at + n];
+    let mut v = 0u64;
+    for i in 0..n {
+        v = (v << 8) | u64::from(if big { b[i] } else { b[n - 1 - i] });
+    }
+    v
+}
+
+/// The core reads what klp-convert made of gcc's objects for every arch: the
+/// description is the manifest's, and the `.klp.rela` sections are written by the
+/// arch's back-end (resolved through a host that answers from the System.map the
+/// object was converted against), a call and a data reference checked against the
+/// psABI formula; mymod's section is written only for mymod and cleared again.
+#[test]
+fn the_core_loads_resolves_and_relocates_gcc_built_patches() {
+    use common::corehost::{
+        Loaded, MapHost, clear_for, core_description, manifest_description, write_for,
+    };
+    use klp::elf::PatchObject;
+    for t in &TOOLS {
+        let arch = arch_of(t);
+        let dir = workdir("core", t.name);
+        let data = core_patch(&dir, t);
+        let obj = PatchObject::parse(&data).unwrap_or_else(|e| panic!("{}: {e}", t.name));
+        assert!(obj.is_livepatch(), "{}", t.name);
+        let m = klp_convert::Manifest::from_json(CORE_MANIFEST).unwrap();
+        assert_eq!(
+            core_description(&obj),
+            manifest_description(&m, &[("vmlinux", 1, "__klp_post_patch_callback_vmlinux")]),
+            "{}",
+            t.name
+        );
+
+        let p = parse(&data);
+        let big = p.big_endian;
+        let entries = klp_entries(&p);
+        let entry = |sym: &str, ty: &str| {
+            entries
+                .iter()
+                .find(|e| e.5 == sym && e.3 == name_type(ty))
+                .unwrap_or_else(|| panic!("{}: no {ty} against {sym} in {entries:#?}", t.name))
+                .clone()
+        };
+        let helper = entry(".klp.sym.vmlinux.static_helper,0", t.call);
+        let (var_type, var_section) = match t.name {
+            "x86_64" => ("R_X86_64_PC32", ".text"),
+            "aarch64" => ("R_AARCH64_ADR_PREL_PG_HI21", ".text"),
+            // ppc64le reaches data through a .toc entry.
+            "ppc64le" => ("R_PPC64_ADDR64", ".toc"),
+            _ => ("R_390_PC32DBL", ".text"),
+        };
+        let var = entry(".klp.sym.vmlinux.static_var,0", var_type);
+        assert_eq!(var.1, var_section, "{}", t.name);
+        let modfn = entry(".klp.sym.mymod.mod_fn,0", t.call);
+        assert_eq!(modfn.0, ".klp.rela.mymod.text");
+
+        let toc_addr = if p.has_section(".toc") {
+            vec![(".text", CORE_TEXT), (".toc", CORE_TOC_SECTION)]
+        } else {
+            vec![(".text", CORE_TEXT)]
+        };
+        let toc = (arch == klp_convert::Arch::Ppc64le).then_some(CORE_TOC_SECTION + 0x8000);
+        let mut image = Loaded::load(&obj, &toc_addr, toc);
+        let text0 = image.bytes(&obj, ".text");
+        let mut host = MapHost::from_map(CORE_MAP);
+        assert_eq!(
+            write_for(arch, &mut host, &obj, &mut image, None),
+            Ok(()),
+            "{}: {:?}",
+            t.name,
+            host.log
+        );
+        let text1 = image.bytes(&obj, ".text");
+
+        // The call: S = 0x1040_0000, P = .text + r_offset.
+        let (off, a) = (helper.2 as usize, helper.4);
+        let s_a_p = CORE_HELPER
+            .wrapping_add(a as u64)
+            .wrapping_sub(CORE_TEXT + off as u64);
+        let call = match t.name {
+            // R_X86_64_PLT32: L + A - P in the 32-bit field (L = S: no PLT).
+            "x86_64" => (off, 4, s_a_p & 0xffff_ffff),
+            // R_AARCH64_CALL26: bits 0-25 of bl = (S + A - P) >> 2.
+            "aarch64" => (
+                off,
+                4,
+                (word_at(&text0, off, 4, big) & 0xfc00_0000) | ((s_a_p >> 2) & 0x03ff_ffff),
+            ),
+            // R_PPC64_REL24: LI (bits 2-25) = S + A - P, AA and LK kept.
+            "ppc64le" => (
+                off,
+                4,
+                (word_at(&text0, off, 4, big) & 0xfc00_0003) | (s_a_p & 0x03ff_fffc),
+            ),
+            // R_390_PLT32DBL: (L + A - P) >> 1 in the 32-bit I2 field.
+            _ => (off, 4, (s_a_p >> 1) & 0xffff_ffff),
+        };
+        assert_eq!(
+            word_at(&text1, call.0, call.1, big),
+            call.2,
+            "{}: the call to static_helper",
+            t.name
+        );
+        if t.name == "ppc64le" {
+            // The callee is in another object: the nop after the bl restores r2.
+            assert_eq!(word_at(&text0, off + 4, 4, big), 0x6000_0000);
+            assert_eq!(word_at(&text1, off + 4, 4, big), 0xe841_0018);
+        }
+
+        // The data reference: S = 0x1080_1238.
+        let (off, a) = (var.2 as usize, var.4);
+        let s_a = CORE_VAR.wrapping_add(a as u64);
+        let got = match t.name {
+            // R_X86_64_PC32: S + A - P.
+            "x86_64" => {
+                let want = s_a.wrapping_sub(CORE_TEXT + off as u64) & 0xffff_ffff;
+                (word_at(&text1, off, 4, big), want)
+            }
+            // R_AARCH64_ADR_PREL_PG_HI21: Page(S + A) - Page(P), >> 12, as immlo
+            // (bits 29-30) and immhi (bits 5-23) of adrp.
+            "aarch64" => {
+                let pages = ((s_a & !0xfff).wrapping_sub((CORE_TEXT + off as u64) & !0xfff)) >> 12;
+                let want = (word_at(&text0, off, 4, big) & 0x9f00_001f)
+                    | ((pages & 3) << 29)
+                    | (((pages >> 2) & 0x7ffff) << 5);
+                (word_at(&text1, off, 4, big), want)
+            }
+            // R_PPC64_ADDR64 (in .toc): S + A.
+            "ppc64le" => (word_at(&image.bytes(&obj, ".toc"), off, 8, big), s_a),
+            // R_390_PC32DBL: (S + A - P) >> 1.
+            _ => {
+                let want = (s_a.wrapping_sub(CORE_TEXT + off as u64) >> 1) & 0xffff_ffff;
+                (word_at(&text1, off, 4, big), want)
+            }
+        };
+        assert_eq!(got.0, got.1, "{}: the reference to static_var", t.name);
+
+        // mymod's call is untouched until mymod comes, written then, cleared when
+        // it goes (x86_64: the field is zero again; ppc64le: the nop is back) and
+        // written to the same bytes when it comes again.
+        let m_off = modfn.2 as usize;
+        assert_eq!(
+            text1[m_off..m_off + 8],
+            text0[m_off..m_off + 8],
+            "{}",
+            t.name
+        );
+        assert_eq!(
+            write_for(arch, &mut host, &obj, &mut image, Some("mymod")),
+            Ok(()),
+            "{}: {:?}",
+            t.name,
+            host.log
+        );
+        let text2 = image.bytes(&obj, ".text");
+        assert_ne!(
+            text2[m_off..m_off + 8],
+            text1[m_off..m_off + 8],
+            "{}",
+            t.name
+        );
+        let changed: Vec<usize> = (0..text2.len()).filter(|&i| text2[i] != text1[i]).collect();
+        assert!(
+            changed.iter().all(|&i| (m_off..m_off + 8).contains(&i)),
+            "{}: mymod's write changed {changed:?}",
+            t.name
+        );
+        clear_for(arch, &mut host, &obj, &mut image, "mymod");
+        let text3 = image.bytes(&obj, ".text");
+        match t.name {
+            "x86_64" => assert_eq!(text3, text1, "x86_64: cleared"),
+            "ppc64le" => assert_eq!(text3[m_off + 4..m_off + 8], text0[m_off + 4..m_off + 8]),
+            _ => {}
+        }
+        assert_eq!(
+            write_for(arch, &mut host, &obj, &mut image, Some("mymod")),
+            Ok(())
+        );
+        assert_eq!(
+            image.bytes(&obj, ".text"),
+            text2,
+            "{}: written again",
+            t.name
+        );
+        assert!(host.log.is_empty(), "{}: {:?}", t.name, host.log);
+    }
+}
+
+/// readelf's name of a relocation type → its number, for the types these tests
+/// meet (x86_64 psABI §4.4, AAELF64 §5.7, ELFv2 ABI §3.5.3, s390x ELF ABI
+/// supplement).
+fn name_type(name: &str) -> u32 {
+    match name {
+        "R_X86_64_64" => 1,
+        "R_X86_64_PC32" => 2,
+        "R_X86_64_PLT32" => 4,
+        "R_AARCH64_ABS64" => 257,
+        "R_AARCH64_ADR_PREL_PG_HI21" => 275,
+        "R_AARCH64_CALL26" => 283,
+        "R_AARCH64_LDST32_ABS_LO12_NC" => 285,
+        "R_PPC64_REL24" => 10,
+        "R_PPC64_ADDR64" => 38,
+        "R_390_PC32DBL" => 19,
+        "R_390_PLT32DBL" => 20,
+        _ => panic!("unknown type {name}"),
+    }
+}
+
+/// klp-inspect on gcc's converted objects: the JSON holds what the test put in the
+/// object (the manifest, the relocations as `object`'s reader sees them, the
+/// addresses of the System.map), the text shows the same.
+#[test]
+fn klp_inspect_shows_gcc_built_patches() {
+    for t in &TOOLS {
+        let dir = workdir("inspect", t.name);
+        let data = core_patch(&dir, t);
+        let inspect = |args: &[&str]| {
+            let o = Command::new(env!("CARGO_BIN_EXE_klp-inspect"))
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success() && err.is_empty(), "{}: {err}", t.name);
+            String::from_utf8(o.stdout).unwrap()
+        };
+        let j: serde_json::Value =
+            serde_json::from_str(&inspect(&["--json", "-t", "System.map", "livepatch.o"])).unwrap();
+        assert_eq!(j["machine"], t.name);
+        assert_eq!(j["livepatch"], true);
+        assert_eq!(j["replace"], false);
+        assert_eq!(j["warnings"], serde_json::json!([]), "{}", t.name);
+        let hex = |v: u64| format!("{v:#x}");
+        let resolved = |v: u64| serde_json::json!({"status": "resolved", "address": hex(v)});
+
+        // The description.
+        let funcs = |o: &serde_json::Value| -> Vec<(String, u64, String, serde_json::Value)> {
+            o["funcs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    (
+                        f["old_name"]["name"].as_str().unwrap().to_string(),
+                        f["sympos"].as_u64().unwrap(),
+                        f["new_func"]["symbol"]["name"]
+                            .as_str()
+                            .unwrap()
+                            .to_string(),
+                        f["old"].clone(),
+                    )
+                })
+                .collect()
+        };
+        let s = |x: &str| x.to_string();
+        assert_eq!(j["objects"][0]["name"], "vmlinux");
+        assert_eq!(
+            funcs(&j["objects"][0]),
+            [
+                (
+                    s("cmdline_proc_show"),
+                    0,
+                    s("livepatch_cmdline_proc_show"),
+                    resolved(0x1060_0000)
+                ),
+                (s("other"), 2, s("livepatch_other"), resolved(0x1078_0000)),
+            ],
+            "{}",
+            t.name
+        );
+        let cb = |o: usize, k: &str| j["objects"][o]["callbacks"][k]["symbol"]["name"].clone();
+        assert_eq!(cb(0, "pre_patch"), "my_pre");
+        assert_eq!(cb(0, "post_patch"), "__klp_post_patch_callback_vmlinux");
+        assert!(cb(0, "pre_unpatch").is_null());
+        assert_eq!(j["objects"][1]["name"], "mymod");
+        assert_eq!(
+            funcs(&j["objects"][1]),
+            [(s("mod_fn"), 0, s("livepatch_mod_fn"), resolved(CORE_MOD_FN))]
+        );
+        assert_eq!(cb(1, "post_unpatch"), "my_post_unpatch");
+
+        // Every .klp.rela entry, as object's reader sees it, with its symbol
+        // parsed and resolved where the System.map puts it.
+        let p = parse(&data);
+        let mut want: Vec<_> = klp_entries(&p)
+            .into_iter()
+            .map(|(sec, _, off, ty, addend, sym)| {
+                let (addr, name) = match sym.as_str() {
+                    ".klp.sym.vmlinux.static_helper,0" => (CORE_HELPER, "static_helper"),
+                    ".klp.sym.vmlinux.static_var,0" => (CORE_VAR, "static_var"),
+                    ".klp.sym.mymod.mod_fn,0" => (CORE_MOD_FN, "mod_fn"),
+                    other => panic!("{}: unexpected {other}", t.name),
+                };
+                (sec, off, ty, addend, sym, s(name), resolved(addr))
+            })
+            .collect();
+        let mut got = Vec::new();
+        for sec in j["sections"].as_array().unwrap() {
+            for e in sec["relocations"].as_array().unwrap() {
+                let ty = e["type"].as_u64().unwrap() as u32;
+                assert_eq!(
+                    name_type(e["type_name"].as_str().unwrap()),
+                    ty,
+                    "{}",
+                    t.name
+                );
+                got.push((
+                    s(sec["name"].as_str().unwrap()),
+                    e["offset"].as_u64().unwrap(),
+                    ty,
+                    e["addend"].as_i64().unwrap(),
+                    s(e["symbol"].as_str().unwrap()),
+                    s(e["klp_sym"]["name"]["name"].as_str().unwrap()),
+                    e["resolution"].clone(),
+                ));
+            }
+        }
+        want.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        got.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        assert_eq!(got, want, "{}", t.name);
+        assert!(
+            got.iter().any(|g| g.5 == "static_helper"
+                && g.2 == name_type(t.call)
+                && g.0 == ".klp.rela.vmlinux.text"),
+            "{}",
+            t.name
+        );
+
+        // The text: the description's lines and the call's row.
+        let text = inspect(&["-t", "vmlinux=System.map", "livepatch.o"]);
+        let line = |first: &str| -> String {
+            text.lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .find(|l| l.starts_with(first))
+                .unwrap_or_else(|| panic!("{}: no {first} in:\n{text}", t.name))
+        };
+        assert_eq!(
+            line("machine"),
+            format!(
+                "machine {}, {}-endian",
+                t.name,
+                if t.name == "s390x" { "big" } else { "little" }
+            )
+        );
+        assert_eq!(
+            line("other,2"),
+            "other,2 -> livepatch_other (old: 0x10780000)"
+        );
+        assert_eq!(line("post_unpatch:"), "post_unpatch: my_post_unpatch");
+        let call = got.iter().find(|g| g.5 == "static_helper").unwrap();
+        assert!(
+            text.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() == 7
+                    && f[0] == format!("{:#x}", call.1)
+                    && f[1] == t.call
+                    && f[3..] == ["vmlinux", "static_helper", "0", "0x10400000"]
+            }),
+            "{}:\n{text}",
+            t.name
+        );
+        assert_eq!(line("Warnings:"), "Warnings: none");
+    }
+}

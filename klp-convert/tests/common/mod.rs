@@ -4,6 +4,12 @@
 
 #![allow(dead_code)]
 
+pub mod cases;
+pub mod corehost;
+/// klp's own test image (a patch module's sections at made-up addresses).
+#[path = "../../../klp/tests/common/image.rs"]
+pub mod image;
+
 use object::elf;
 use object::read::elf::{FileHeader, SectionHeader as _, Sym as _};
 use object::write::{Object, Relocation, Symbol, SymbolSection};

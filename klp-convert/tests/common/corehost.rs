@@ -1,0 +1,277 @@
+//! The livepatch core on the test's side: a host whose symbol lookup answers from
+//! the `System.map`-style text the test gave `klp-convert` as its target, and the
+//! patch's sections "loaded" at addresses the test chooses, so the core's
+//! `klp::elf::reloc::write_relocs` can be run on converted objects of every arch.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+
+use klp::elf::PatchObject;
+use klp::elf::reloc::{PatchImage, clear_relocs, write_relocs};
+use klp::{
+    Addr, Comm, HookError, Host, IdleTask, KResult, PatchId, PatchState, Record, RedirectView,
+    TaskId, TraceError,
+};
+use klp_arch::{Arch, RelocCtx};
+
+use super::image::Image;
+
+/// A host that knows the symbols of a symbol map and records the log. Everything
+/// that is not symbol lookup or logging is inert.
+#[derive(Default)]
+pub struct MapHost {
+    /// (object, name) → addresses in line order (object `None`: vmlinux, the
+    /// untagged lines).
+    pub symbols: HashMap<(Option<String>, String), Vec<Addr>>,
+    /// Every line logged.
+    pub log: Vec<String>,
+    /// Symbol lookups made.
+    pub lookups: Cell<usize>,
+}
+
+impl MapHost {
+    /// The defined symbols of `ADDRESS TYPE NAME [\[module\]]` lines.
+    pub fn from_map(text: &str) -> MapHost {
+        let mut h = MapHost::default();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 3 || matches!(f[1], "U" | "w" | "v") {
+                continue;
+            }
+            let addr = u64::from_str_radix(f[0], 16).expect("hex address");
+            let obj = f
+                .get(3)
+                .map(|m| m.trim_start_matches('[').trim_end_matches(']').to_string());
+            h.symbols
+                .entry((obj, f[2].to_string()))
+                .or_default()
+                .push(addr);
+        }
+        h
+    }
+}
+
+impl Host for MapHost {
+    fn log(&mut self, rec: &Record<'_>) {
+        self.log.push(rec.to_string());
+    }
+    fn warn(&mut self, what: &str) {
+        panic!("WARN {what}");
+    }
+    fn reliable_stacktrace(&self) -> bool {
+        true
+    }
+    fn module_is_livepatch(&self, _: &str) -> bool {
+        true
+    }
+    fn module_get(&mut self, _: &str) -> bool {
+        true
+    }
+    fn module_put(&mut self, _: &str) {}
+    fn for_each_symbol(
+        &self,
+        obj: Option<&str>,
+        name: &str,
+        f: &mut dyn FnMut(Addr) -> ControlFlow<()>,
+    ) {
+        self.lookups.set(self.lookups.get() + 1);
+        let key = (obj.map(str::to_string), name.to_string());
+        for a in self.symbols.get(&key).map_or(&[][..], Vec::as_slice) {
+            if f(*a).is_break() {
+                return;
+            }
+        }
+    }
+    fn symbol_size(&self, _: Addr) -> Option<u64> {
+        None
+    }
+    fn hook_site(&self, _: Addr) -> Option<Addr> {
+        None
+    }
+    fn hook_register(&mut self, _: Addr) -> Result<(), HookError> {
+        Ok(())
+    }
+    fn hook_unregister(&mut self, _: Addr) {}
+    fn hook_publish(&mut self, _: Addr, _: Option<RedirectView>) {}
+    fn for_each_task(&mut self, _: &mut dyn FnMut(&mut Self, TaskId)) {}
+    fn for_each_idle_task(&mut self, _: &mut dyn FnMut(&mut Self, IdleTask)) {}
+    fn current(&self) -> TaskId {
+        TaskId(0)
+    }
+    fn patch_state(&self, _: TaskId) -> PatchState {
+        PatchState::Idle
+    }
+    fn set_patch_state(&mut self, _: TaskId, _: PatchState) {}
+    fn patch_pending(&self, _: TaskId) -> bool {
+        false
+    }
+    fn set_patch_pending(&mut self, _: TaskId, _: bool) {}
+    fn task_ident(&self, _: TaskId) -> (Comm, i64) {
+        (Comm::default(), 0)
+    }
+    fn is_kthread(&self, _: TaskId) -> bool {
+        false
+    }
+    fn task_running_elsewhere(&self, _: TaskId) -> bool {
+        false
+    }
+    fn stack_trace_reliable(&mut self, _: TaskId, _: &mut [Addr]) -> Result<usize, TraceError> {
+        Ok(0)
+    }
+    fn fake_signal(&mut self, _: TaskId) {}
+    fn wake_kthread(&mut self, _: TaskId) {}
+    fn wake_cpu(&mut self, _: u32) {}
+    fn synchronize(&mut self) {}
+    fn schedule_retry(&mut self) {}
+    fn schedule_free(&mut self, _: PatchId) {}
+}
+
+/// The patch module's allocated sections, each at the address the test chose
+/// (by section name), and the module's TOC pointer for ppc64le.
+pub struct Loaded {
+    /// The sections (klp's test image).
+    pub image: Image,
+    /// `.TOC.` (r2) of the patch module.
+    pub toc: Option<u64>,
+}
+
+impl Loaded {
+    /// Loads every allocated section of `obj`, then moves the named ones to the
+    /// given addresses.
+    pub fn load(obj: &PatchObject<'_>, at: &[(&str, u64)], toc: Option<u64>) -> Loaded {
+        let mut image = Image::load(obj);
+        for &(name, addr) in at {
+            let s = obj
+                .section_by_name(name)
+                .unwrap_or_else(|| panic!("no section {name}"));
+            image.secs[s.index].as_mut().expect("allocated").0 = addr;
+        }
+        Loaded { image, toc }
+    }
+
+    /// The bytes of the section named `name`.
+    pub fn bytes(&self, obj: &PatchObject<'_>, name: &str) -> Vec<u8> {
+        let s = obj.section_by_name(name).expect("section");
+        self.image.bytes(s.index).to_vec()
+    }
+}
+
+impl PatchImage for Loaded {
+    fn section_addr(&self, index: usize) -> Option<Addr> {
+        self.image.section_addr(index)
+    }
+    fn section_bytes(&self, index: usize) -> Option<&[u8]> {
+        self.image.section_bytes(index)
+    }
+    fn write_section(&mut self, index: usize, bytes: &[u8]) -> KResult<()> {
+        self.image.write_section(index, bytes)
+    }
+    fn reloc_ctx(&self) -> RelocCtx {
+        RelocCtx { toc: self.toc }
+    }
+}
+
+fn write_as<A: Arch>(
+    host: &mut MapHost,
+    obj: &PatchObject<'_>,
+    image: &mut Loaded,
+    target: Option<&str>,
+) -> KResult<()> {
+    write_relocs::<A, _>(host, "livepatch_test", obj, image, target)
+}
+
+fn clear_as<A: Arch>(host: &mut MapHost, obj: &PatchObject<'_>, image: &mut Loaded, target: &str) {
+    clear_relocs::<A, _>(host, "livepatch_test", obj, image, target);
+}
+
+/// `write_relocs` with the back-end of `arch`.
+pub fn write_for(
+    arch: klp_convert::Arch,
+    host: &mut MapHost,
+    obj: &PatchObject<'_>,
+    image: &mut Loaded,
+    target: Option<&str>,
+) -> KResult<()> {
+    use klp_convert::Arch as C;
+    match arch {
+        C::X86_64 => write_as::<klp_arch_x86_64::X86_64>(host, obj, image, target),
+        C::Aarch64 => write_as::<klp_arch_aarch64::Aarch64>(host, obj, image, target),
+        C::Ppc64le => write_as::<klp_arch_ppc64le::Ppc64le>(host, obj, image, target),
+        C::S390x => write_as::<klp_arch_s390x::S390x>(host, obj, image, target),
+    }
+}
+
+/// `clear_relocs` with the back-end of `arch`.
+pub fn clear_for(
+    arch: klp_convert::Arch,
+    host: &mut MapHost,
+    obj: &PatchObject<'_>,
+    image: &mut Loaded,
+    target: &str,
+) {
+    use klp_convert::Arch as C;
+    match arch {
+        C::X86_64 => clear_as::<klp_arch_x86_64::X86_64>(host, obj, image, target),
+        C::Aarch64 => clear_as::<klp_arch_aarch64::Aarch64>(host, obj, image, target),
+        C::Ppc64le => clear_as::<klp_arch_ppc64le::Ppc64le>(host, obj, image, target),
+        C::S390x => clear_as::<klp_arch_s390x::S390x>(host, obj, image, target),
+    }
+}
+
+/// The patch description as the core reads it: per object its name (`vmlinux` for
+/// the record without one), its functions (old name, new function's symbol,
+/// sympos) and its callbacks' symbol names.
+pub type CoreDescription = Vec<(String, Vec<(String, String, u64)>, [Option<String>; 4])>;
+
+pub fn core_description(obj: &PatchObject<'_>) -> CoreDescription {
+    let mut out = Vec::new();
+    for o in obj.klp_objects().expect("description") {
+        let o = o.expect("object record");
+        let funcs = obj
+            .klp_funcs(&o)
+            .map(|f| {
+                let f = f.expect("function record");
+                assert_eq!(f.new_func.addend, 0, "new_func points at its symbol");
+                (
+                    f.old_name.to_string(),
+                    f.new_func.symbol.name.to_string(),
+                    f.sympos,
+                )
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(o.nr_funcs as usize, funcs.len());
+        let callbacks = o.callbacks.map(|c| c.map(|p| p.symbol.name.to_string()));
+        out.push((o.name.unwrap_or("vmlinux").to_string(), funcs, callbacks));
+    }
+    out
+}
+
+/// The description a manifest asks for, in [`CoreDescription`]'s form; `by_name`
+/// adds the callbacks the patch gives by their function names (object, kind
+/// index, function).
+pub fn manifest_description(
+    m: &klp_convert::Manifest,
+    by_name: &[(&str, usize, &str)],
+) -> CoreDescription {
+    let p = m.patch.as_ref().expect("patch");
+    p.objects
+        .iter()
+        .map(|o| {
+            let mut callbacks = o.callbacks.by_kind().map(|c| c.map(str::to_string));
+            for &(obj, kind, f) in by_name {
+                if obj == o.object {
+                    callbacks[kind] = Some(f.to_string());
+                }
+            }
+            (
+                o.object.clone(),
+                o.funcs
+                    .iter()
+                    .map(|f| (f.old.clone(), f.new.clone(), f.sympos))
+                    .collect(),
+                callbacks,
+            )
+        })
+        .collect()
+}
