@@ -370,20 +370,20 @@ fn resolve(targets: &[TargetObject], object: &str, name: &str, sympos: u64) -> R
     };
     let defs = t.definitions(name);
     let count = defs.len();
-    // The kernel counts matches and stops at the sympos-th (or at the second when
-    // sympos is 0); then: none found, ambiguous, or fewer than sympos.
-    match (count, sympos) {
-        (0, _) => Resolution::NotFound,
-        (1, 0) => Resolution::Resolved {
-            address: defs[0].address,
-        },
-        (n, 0) => Resolution::Ambiguous { candidates: n },
-        (n, p) if p > n as u64 => Resolution::Beyond {
-            position: p,
-            count: n,
-        },
-        (_, p) => Resolution::Resolved {
-            address: defs[(p - 1) as usize].address,
+    // The core's rule (klp_find_object_symbol's), offered the definitions in order.
+    let mut scan = klp::SymposScan::new(sympos);
+    for d in defs {
+        if scan.offer(d.address).is_break() {
+            break;
+        }
+    }
+    match scan.finish() {
+        Ok(address) => Resolution::Resolved { address },
+        Err(klp::SymposError::NotFound) => Resolution::NotFound,
+        Err(klp::SymposError::Ambiguous) => Resolution::Ambiguous { candidates: count },
+        Err(klp::SymposError::Beyond { .. }) => Resolution::Beyond {
+            position: sympos,
+            count,
         },
     }
 }

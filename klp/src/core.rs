@@ -31,6 +31,66 @@ pub const MODULE_NAME_LEN: usize = 56;
 /// A function or symbol name must be shorter than this.
 pub const KSYM_NAME_LEN: usize = 512;
 
+/// Why [`SymposScan`] found no address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SymposError {
+    /// No symbol of that name.
+    NotFound,
+    /// Position 0 (the name must be unique) and more than one symbol.
+    Ambiguous,
+    /// Fewer symbols of that name than the position asked for.
+    Beyond {
+        /// How many there are.
+        count: u64,
+    },
+}
+
+/// The kernel's sympos rule (`klp_find_object_symbol`): offered the addresses of the
+/// symbols of one name in symbol-table order, it keeps the `sympos`-th (1-based; 0: the
+/// name must be unique) and says when to stop looking.
+#[derive(Clone, Copy, Debug)]
+pub struct SymposScan {
+    sympos: u64,
+    count: u64,
+    addr: Addr,
+}
+
+impl SymposScan {
+    /// A scan for position `sympos`.
+    pub const fn new(sympos: u64) -> SymposScan {
+        SymposScan {
+            sympos,
+            count: 0,
+            addr: 0,
+        }
+    }
+
+    /// Offers the next candidate; `Break` once the answer cannot change.
+    pub fn offer(&mut self, addr: Addr) -> ControlFlow<()> {
+        self.addr = addr;
+        self.count = self.count.saturating_add(1);
+        let (s, n) = (self.sympos, self.count);
+        if (s > 0 && n == s) || (s == 0 && n > 1) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    /// The address, or why there is none (the kernel's order of checks).
+    pub fn finish(&self) -> Result<Addr, SymposError> {
+        if self.count == 0 {
+            Err(SymposError::NotFound)
+        } else if self.count > 1 && self.sympos == 0 {
+            Err(SymposError::Ambiguous)
+        } else if self.sympos > 0 && self.sympos != self.count {
+            Err(SymposError::Beyond { count: self.count })
+        } else {
+            Ok(self.addr)
+        }
+    }
+}
+
 /// `old_sympos` as the sysfs directory shows it (0 counts as 1).
 fn norm_sympos(s: u64) -> u64 {
     s.max(1)
@@ -423,45 +483,39 @@ impl<H: Host> Klp<H> {
         name: &str,
         sympos: u64,
     ) -> KResult<Addr> {
-        let mut count: u64 = 0;
-        let mut addr: Addr = 0;
-        host.for_each_symbol(objname, name, &mut |a| {
-            addr = a;
-            count = count.saturating_add(1);
-            if (sympos > 0 && count == sympos) || (sympos == 0 && count > 1) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
+        let mut scan = SymposScan::new(sympos);
+        host.for_each_symbol(objname, name, &mut |a| scan.offer(a));
+        match scan.finish() {
+            Ok(addr) => Ok(addr),
+            Err(SymposError::NotFound) => {
+                klp_log!(
+                    host,
+                    Level::Err,
+                    "klp_find_object_symbol",
+                    "symbol '{name}' not found in symbol table"
+                );
+                Err(Errno::EINVAL)
             }
-        });
-        if count == 0 {
-            klp_log!(
-                host,
-                Level::Err,
-                "klp_find_object_symbol",
-                "symbol '{name}' not found in symbol table"
-            );
-            Err(Errno::EINVAL)
-        } else if count > 1 && sympos == 0 {
-            klp_log!(
-                host,
-                Level::Err,
-                "klp_find_object_symbol",
-                "unresolvable ambiguity for symbol '{name}' in object '{}'",
-                objname.unwrap_or("(null)")
-            );
-            Err(Errno::EINVAL)
-        } else if sympos > 0 && sympos != count {
-            klp_log!(
-                host,
-                Level::Err,
-                "klp_find_object_symbol",
-                "symbol position {sympos} for symbol '{name}' in object '{}' not found",
-                objname.unwrap_or("vmlinux")
-            );
-            Err(Errno::EINVAL)
-        } else {
-            Ok(addr)
+            Err(SymposError::Ambiguous) => {
+                klp_log!(
+                    host,
+                    Level::Err,
+                    "klp_find_object_symbol",
+                    "unresolvable ambiguity for symbol '{name}' in object '{}'",
+                    objname.unwrap_or("(null)")
+                );
+                Err(Errno::EINVAL)
+            }
+            Err(SymposError::Beyond { .. }) => {
+                klp_log!(
+                    host,
+                    Level::Err,
+                    "klp_find_object_symbol",
+                    "symbol position {sympos} for symbol '{name}' in object '{}' not found",
+                    objname.unwrap_or("vmlinux")
+                );
+                Err(Errno::EINVAL)
+            }
         }
     }
 

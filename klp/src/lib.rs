@@ -53,7 +53,7 @@ mod transition;
 
 pub use crate::core::{
     FuncDirName, KSYM_NAME_LEN, Klp, MAX_STACK_ENTRIES, MODULE_NAME_LEN, PatchedFunc, RecordInfo,
-    SIGNALS_TIMEOUT,
+    SIGNALS_TIMEOUT, SymposError, SymposScan,
 };
 pub use errno::{Errno, KResult};
 pub use host::{
