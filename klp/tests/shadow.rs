@@ -12,6 +12,12 @@ const OBJ_B: usize = 0xffff_8880_0000_2000;
 const ID1: u64 = 0x1234;
 const ID2: u64 = 0x1235;
 
+/// `normal`, or `miri` under Miri (an interpreter: the concurrent tests keep their
+/// shape, with fewer rounds).
+fn scaled(normal: u64, miri: u64) -> u64 {
+    if cfg!(miri) { miri } else { normal }
+}
+
 fn read_u64(store: &ShadowStore, obj: usize, id: u64) -> Option<u64> {
     let g = store.pin();
     let r = g.get(obj, id)?;
@@ -347,8 +353,8 @@ fn concurrent_readers_and_writers_stay_consistent() {
         for w in 0..2u64 {
             let (s, done) = (&s, &done);
             sc.spawn(move || {
-                for round in 0..40u64 {
-                    for k in 0..2_000u64 {
+                for round in 0..scaled(40, 4) {
+                    for k in 0..scaled(2_000, 48) {
                         let obj = (k * 2 + w) as usize * 64;
                         s.alloc_with(obj, round % 3, 8, |o, d| {
                             d.copy_from_slice(&(o as u64 ^ 0xabcd).to_ne_bytes());
@@ -356,7 +362,7 @@ fn concurrent_readers_and_writers_stay_consistent() {
                         })
                         .unwrap();
                     }
-                    for k in 0..2_000u64 {
+                    for k in 0..scaled(2_000, 48) {
                         assert!(s.free((k * 2 + w) as usize * 64, round % 3));
                     }
                 }
@@ -368,7 +374,7 @@ fn concurrent_readers_and_writers_stay_consistent() {
             sc.spawn(move || {
                 while done.load(Ordering::SeqCst) < 2 {
                     let g = s.pin();
-                    for k in 0..4_000usize {
+                    for k in 0..scaled(4_000, 96) as usize {
                         for id in 0..3 {
                             if let Some(r) = g.get(k * 64, id) {
                                 let b: [u8; 8] = r.bytes().unwrap().try_into().unwrap();

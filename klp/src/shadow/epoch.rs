@@ -226,11 +226,17 @@ fn expired(tag: usize, global: usize) -> bool {
 }
 
 /// The header every retirable allocation starts with (`#[repr(C)]`, first field).
+///
+/// `next` and `epoch` are written when the allocation is retired, while readers that
+/// were pinned before may still hold a reference to the whole allocation (a shadow
+/// node): they are atomics, so that those references do not claim these bytes
+/// unchanging (found by Miri as a data race). Only the list owner touches them, with
+/// `Relaxed` accesses: the list's own synchronisation (its lock) orders them.
 #[repr(C)]
 #[derive(Debug)]
 pub(crate) struct Retired {
-    next: *mut Retired,
-    epoch: usize,
+    next: AtomicPtr<Retired>,
+    epoch: AtomicUsize,
     /// Frees the whole allocation this header starts.
     free: unsafe fn(*mut Retired),
 }
@@ -238,8 +244,8 @@ pub(crate) struct Retired {
 impl Retired {
     pub(crate) const fn new(free: unsafe fn(*mut Retired)) -> Self {
         Retired {
-            next: ptr::null_mut(),
-            epoch: 0,
+            next: AtomicPtr::new(ptr::null_mut()),
+            epoch: AtomicUsize::new(0),
             free,
         }
     }
@@ -289,14 +295,14 @@ impl RetireList {
     pub(crate) unsafe fn push(&mut self, item: *mut Retired, epoch: usize) {
         // SAFETY: `item` is live and exclusively ours (conditions 1, 2).
         unsafe {
-            (*item).next = ptr::null_mut();
-            (*item).epoch = epoch;
+            (*item).next.store(ptr::null_mut(), Ordering::Relaxed);
+            (*item).epoch.store(epoch, Ordering::Relaxed);
         }
         if self.tail.is_null() {
             self.head = item;
         } else {
             // SAFETY: a non-null tail is a live item of this list (invariant 1).
-            unsafe { (*self.tail).next = item };
+            unsafe { (*self.tail).next.store(item, Ordering::Relaxed) };
         }
         self.tail = item;
         self.len = self.len.saturating_add(1);
@@ -308,7 +314,12 @@ impl RetireList {
         while !self.head.is_null() {
             let item = self.head;
             // SAFETY: `item` is a live item of this list (invariant 1).
-            let (tag, next) = unsafe { ((*item).epoch, (*item).next) };
+            let (tag, next) = unsafe {
+                (
+                    (*item).epoch.load(Ordering::Relaxed),
+                    (*item).next.load(Ordering::Relaxed),
+                )
+            };
             if !expired(tag, global) {
                 break;
             }
@@ -339,7 +350,7 @@ impl RetireList {
             // SAFETY: `item` is live and owned by the list (invariant 1); we read its link
             // before freeing it, and no reader uses it (condition 1).
             unsafe {
-                let next = (*item).next;
+                let next = (*item).next.load(Ordering::Relaxed);
                 ((*item).free)(item);
                 item = next;
             }
