@@ -97,12 +97,15 @@ fn patch() -> Vec<u8> {
 }
 
 /// One parse of the target's symbol table into a name index.
-fn index(file: &[u8]) -> HashMap<String, Vec<u64>> {
+fn index(file: &[u8]) -> HashMap<(Option<String>, String), Vec<u64>> {
     let obj = PatchObject::parse(file).expect("target");
-    let mut m: HashMap<String, Vec<u64>> = HashMap::with_capacity(obj.symbol_count());
+    let mut m: HashMap<(Option<String>, String), Vec<u64>> =
+        HashMap::with_capacity(obj.symbol_count());
     for s in obj.symbols().flatten() {
         if !s.name.is_empty() {
-            m.entry(s.name.to_string()).or_default().push(s.value);
+            m.entry((None, s.name.to_string()))
+                .or_default()
+                .push(s.value);
         }
     }
     m

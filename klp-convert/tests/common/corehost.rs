@@ -3,37 +3,22 @@
 //! patch's sections "loaded" at addresses the test chooses, so the core's
 //! `klp::elf::reloc::write_relocs` can be run on converted objects of every arch.
 
-use std::cell::Cell;
-use std::collections::HashMap;
-use std::ops::ControlFlow;
-
+use klp::{Addr, KResult};
 use klp::elf::PatchObject;
 use klp::elf::reloc::{PatchImage, clear_relocs, write_relocs};
-use klp::{
-    Addr, Comm, HookError, Host, IdleTask, KResult, PatchId, PatchState, Record, RedirectView,
-    TaskId, TraceError,
-};
 use klp_arch::{Arch, RelocCtx};
 
 use super::image::Image;
+use super::symhost::SymHost;
 
-/// A host that knows the symbols of a symbol map and records the log. Everything
-/// that is not symbol lookup or logging is inert.
-#[derive(Default)]
-pub struct MapHost {
-    /// (object, name) → addresses in line order (object `None`: vmlinux, the
-    /// untagged lines).
-    pub symbols: HashMap<(Option<String>, String), Vec<Addr>>,
-    /// Every line logged.
-    pub log: Vec<String>,
-    /// Symbol lookups made.
-    pub lookups: Cell<usize>,
-}
+/// A host that answers symbol lookups from a symbol map and records the log (klp's
+/// own test host, its table filled from the map).
+pub type MapHost = SymHost;
 
-impl MapHost {
+impl SymHost {
     /// The defined symbols of `ADDRESS TYPE NAME [\[module\]]` lines.
-    pub fn from_map(text: &str) -> MapHost {
-        let mut h = MapHost::default();
+    pub fn from_map(text: &str) -> SymHost {
+        let mut h = SymHost::default();
         for line in text.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 3 || matches!(f[1], "U" | "w" | "v") {
@@ -43,88 +28,13 @@ impl MapHost {
             let obj = f
                 .get(3)
                 .map(|m| m.trim_start_matches('[').trim_end_matches(']').to_string());
-            h.symbols
+            h.table
                 .entry((obj, f[2].to_string()))
                 .or_default()
                 .push(addr);
         }
         h
     }
-}
-
-impl Host for MapHost {
-    fn log(&mut self, rec: &Record<'_>) {
-        self.log.push(rec.to_string());
-    }
-    fn warn(&mut self, what: &str) {
-        panic!("WARN {what}");
-    }
-    fn reliable_stacktrace(&self) -> bool {
-        true
-    }
-    fn module_is_livepatch(&self, _: &str) -> bool {
-        true
-    }
-    fn module_get(&mut self, _: &str) -> bool {
-        true
-    }
-    fn module_put(&mut self, _: &str) {}
-    fn for_each_symbol(
-        &self,
-        obj: Option<&str>,
-        name: &str,
-        f: &mut dyn FnMut(Addr) -> ControlFlow<()>,
-    ) {
-        self.lookups.set(self.lookups.get() + 1);
-        let key = (obj.map(str::to_string), name.to_string());
-        for a in self.symbols.get(&key).map_or(&[][..], Vec::as_slice) {
-            if f(*a).is_break() {
-                return;
-            }
-        }
-    }
-    fn symbol_size(&self, _: Addr) -> Option<u64> {
-        None
-    }
-    fn hook_site(&self, _: Addr) -> Option<Addr> {
-        None
-    }
-    fn hook_register(&mut self, _: Addr) -> Result<(), HookError> {
-        Ok(())
-    }
-    fn hook_unregister(&mut self, _: Addr) {}
-    fn hook_publish(&mut self, _: Addr, _: Option<RedirectView>) {}
-    fn for_each_task(&mut self, _: &mut dyn FnMut(&mut Self, TaskId)) {}
-    fn for_each_idle_task(&mut self, _: &mut dyn FnMut(&mut Self, IdleTask)) {}
-    fn current(&self) -> TaskId {
-        TaskId(0)
-    }
-    fn patch_state(&self, _: TaskId) -> PatchState {
-        PatchState::Idle
-    }
-    fn set_patch_state(&mut self, _: TaskId, _: PatchState) {}
-    fn patch_pending(&self, _: TaskId) -> bool {
-        false
-    }
-    fn set_patch_pending(&mut self, _: TaskId, _: bool) {}
-    fn task_ident(&self, _: TaskId) -> (Comm, i64) {
-        (Comm::default(), 0)
-    }
-    fn is_kthread(&self, _: TaskId) -> bool {
-        false
-    }
-    fn task_running_elsewhere(&self, _: TaskId) -> bool {
-        false
-    }
-    fn stack_trace_reliable(&mut self, _: TaskId, _: &mut [Addr]) -> Result<usize, TraceError> {
-        Ok(0)
-    }
-    fn fake_signal(&mut self, _: TaskId) {}
-    fn wake_kthread(&mut self, _: TaskId) {}
-    fn wake_cpu(&mut self, _: u32) {}
-    fn synchronize(&mut self) {}
-    fn schedule_retry(&mut self) {}
-    fn schedule_free(&mut self, _: PatchId) {}
 }
 
 /// The patch module's allocated sections, each at the address the test chose

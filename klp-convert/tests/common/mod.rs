@@ -9,6 +9,9 @@ pub mod corehost;
 /// klp's own test image (a patch module's sections at made-up addresses).
 #[path = "../../../klp/tests/common/image.rs"]
 pub mod image;
+/// klp's own test host (symbol lookups and the log), filled from a symbol map here.
+#[path = "../../../klp/tests/common/symhost.rs"]
+pub mod symhost;
 
 use object::elf;
 use object::read::elf::{FileHeader, SectionHeader as _, Sym as _};

@@ -24,8 +24,9 @@ pub struct SymHost {
     pub log: Vec<String>,
     /// Symbol lookups made.
     pub lookups: Cell<usize>,
-    /// More vmlinux symbols: name → addresses in symbol-table order.
-    pub table: HashMap<String, Vec<Addr>>,
+    /// (object — `None` for vmlinux —, name) → addresses in symbol-table order. When
+    /// it is not empty, it is the only answer; otherwise the constants above are.
+    pub table: HashMap<(Option<String>, String), Vec<Addr>>,
 }
 
 impl Host for SymHost {
@@ -52,19 +53,16 @@ impl Host for SymHost {
         f: &mut dyn FnMut(Addr) -> ControlFlow<()>,
     ) {
         self.lookups.set(self.lookups.get() + 1);
-        if let (None, Some(v)) = (obj, self.table.get(name)) {
-            for a in v {
-                if f(*a).is_break() {
-                    return;
-                }
+        let cands: &[Addr] = if !self.table.is_empty() {
+            let key = (obj.map(str::to_string), name.to_string());
+            self.table.get(&key).map_or(&[], Vec::as_slice)
+        } else {
+            match (obj, name) {
+                (None, "static_fn") => &[FN_FIRST, FN_SECOND],
+                (None, "static_var") => &[VAR],
+                (Some("mymod"), "mod_fn") => &[0x1000_8000],
+                _ => &[],
             }
-            return;
-        }
-        let cands: &[Addr] = match (obj, name) {
-            (None, "static_fn") => &[FN_FIRST, FN_SECOND],
-            (None, "static_var") => &[VAR],
-            (Some("mymod"), "mod_fn") => &[0x1000_8000],
-            _ => &[],
         };
         for a in cands {
             if f(*a).is_break() {
