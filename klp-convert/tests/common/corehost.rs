@@ -3,9 +3,9 @@
 //! patch's sections "loaded" at addresses the test chooses, so the core's
 //! `klp::elf::reloc::write_relocs` can be run on converted objects of every arch.
 
-use klp::{Addr, KResult};
 use klp::elf::PatchObject;
 use klp::elf::reloc::{PatchImage, clear_relocs, write_relocs};
+use klp::{Addr, KResult};
 use klp_arch::{Arch, RelocCtx};
 
 use super::image::Image;

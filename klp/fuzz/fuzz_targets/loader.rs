@@ -7,6 +7,7 @@
 #![no_main]
 
 #[path = "../../tests/common/image.rs"]
+#[allow(dead_code)]
 mod image;
 #[path = "../../tests/common/symhost.rs"]
 mod symhost;
