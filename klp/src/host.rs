@@ -228,6 +228,14 @@ pub trait Host {
     fn patch_state(&self, t: TaskId) -> PatchState;
     /// Sets `task->patch_state`.
     fn set_patch_state(&mut self, t: TaskId, s: PatchState);
+    /// The transition's target changed (`klp_target_state`): a host whose safe points
+    /// read the target without the core's lock (the kernel's `klp_update_patch_state`
+    /// on the entry paths) publishes it here. The core calls this before it sets any
+    /// task's pending flag for the new target, as the kernel orders its stores.
+    /// Default: nothing (the core's own [`crate::Klp::update_patch_state`] reads it).
+    fn publish_target(&mut self, target: PatchState) {
+        let _ = target;
+    }
     /// `TIF_PATCH_PENDING`.
     fn patch_pending(&self, t: TaskId) -> bool;
     /// Sets or clears `TIF_PATCH_PENDING`.
@@ -249,6 +257,18 @@ pub trait Host {
         t: TaskId,
         entries: &mut [Addr],
     ) -> Result<usize, TraceError>;
+    /// Runs `f` with task `t` kept off every CPU (`task_call_func`): the check of a task
+    /// and its switch happen inside, so the task cannot start running between the stack
+    /// check and the change of its state. Inside `f` the core only calls
+    /// [`Host::task_running_elsewhere`], [`Host::stack_trace_reliable`],
+    /// [`Host::reliable_stacktrace`], [`Host::current`], [`Host::patch_state`],
+    /// [`Host::set_patch_pending`] and [`Host::set_patch_state`]; it logs only after `f`
+    /// returned. A host whose tasks cannot run while the core looks at them (the
+    /// simulator), or that keeps a task held by other means, just calls `f` (the default).
+    fn task_call(&mut self, t: TaskId, f: &mut dyn FnMut(&mut Self)) {
+        let _ = t;
+        f(self);
+    }
     /// Called by `klp_try_complete_transition` before it checks the tasks whose state
     /// is not `target` yet. A host that must stop a task to read its stack can stop
     /// them all at once here instead of one after the other; the kernel needs no such

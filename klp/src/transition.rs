@@ -142,7 +142,17 @@ impl Scratch {
         if host.patch_state(t) == target {
             return Ok(());
         }
-        if let Err(why) = self.examine(host, t) {
+        // `klp_check_and_switch_task` under `task_call_func`: the check and the switch
+        // with the task held, the message after.
+        let mut checked = Ok(());
+        host.task_call(t, &mut |h| {
+            checked = self.examine(h, t);
+            if checked.is_ok() {
+                h.set_patch_pending(t, false);
+                h.set_patch_state(t, target);
+            }
+        });
+        if let Err(why) = checked {
             let (comm, pid) = host.task_ident(t);
             match why.name(patches) {
                 Blocked::NoReliableStacks => {}
@@ -167,8 +177,6 @@ impl Scratch {
             }
             return Err(why);
         }
-        host.set_patch_pending(t, false);
-        host.set_patch_state(t, target);
         Ok(())
     }
 }
@@ -187,6 +195,7 @@ impl<H: Host> Klp<H> {
         }
         self.transition = Some(id);
         self.target = state;
+        host.publish_target(self.target);
         klp_log!(
             host,
             Level::Debug,
@@ -465,6 +474,7 @@ impl<H: Host> Klp<H> {
             target.verb()
         );
         self.target = PatchState::Idle;
+        host.publish_target(self.target);
         self.transition = None;
     }
 
@@ -484,6 +494,7 @@ impl<H: Host> Klp<H> {
                 .unwrap_or("")
         );
         self.target = PatchState::Unpatched;
+        host.publish_target(self.target);
         self.complete_transition(host);
     }
 
@@ -508,6 +519,7 @@ impl<H: Host> Klp<H> {
             p.enabled = !p.enabled;
         }
         self.target = self.target.inverted();
+        host.publish_target(self.target);
         self.start_transition(host);
     }
 

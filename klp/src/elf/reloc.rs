@@ -133,13 +133,28 @@ fn resolve<H: Host>(
         );
         return Err(Errno::EINVAL);
     }
-    let Some(parsed) = parse_sym_name(sym.name) else {
+    resolve_livepatch_symbol(host, sym.name, sec_objname)
+}
+
+/// The address of the livepatch symbol named `name` (`.klp.sym.<obj>.<name>,<pos>`) for
+/// a relocation section of `sec_objname` (`vmlinux` or a module): the part of
+/// `klp_resolve_symbols` after the caller checked that the symbol is marked
+/// `SHN_LIVEPATCH`. A host that writes the relocations with its own relocator (the
+/// kernel's `apply_relocate_add`) stores the result in the symbol's `st_value`.
+///
+/// Errors: `-EINVAL` with the kernel's message for a malformed name, a vmlinux symbol
+/// referenced from a module's section, and a symbol that cannot be resolved.
+pub fn resolve_livepatch_symbol<H: Host>(
+    host: &mut H,
+    name: &str,
+    sec_objname: &str,
+) -> KResult<Addr> {
+    let Some(parsed) = parse_sym_name(name) else {
         klp_log!(
             host,
             Level::Err,
             "klp_resolve_symbols",
-            "symbol {} has an incorrectly formatted name",
-            sym.name
+            "symbol {name} has an incorrectly formatted name"
         );
         return Err(Errno::EINVAL);
     };
