@@ -91,6 +91,7 @@
 //! ```
 
 mod epoch;
+mod sync;
 mod table;
 mod typed;
 
@@ -98,9 +99,8 @@ use core::any::TypeId;
 use core::fmt;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
-use core::sync::atomic::AtomicUsize;
-
 use epoch::{Epochs, Padded};
+use sync::{AtomicUsize, loom_const_fn};
 pub(crate) use table::hash;
 use table::{Found, Node, Shard, Spec, UNTYPED_ALIGN, Untyped};
 
@@ -403,11 +403,13 @@ impl Drop for ShadowStore {
 }
 
 impl ShadowStore {
-    /// An empty store. Allocates nothing; usable in a `static`.
-    pub const fn new() -> Self {
-        ShadowStore {
-            shards: [const { Padded(Shard::new()) }; SHARDS],
-            epochs: Epochs::new(),
+    loom_const_fn! {
+        /// An empty store. Allocates nothing; usable in a `static`.
+        pub fn new() -> Self {
+            ShadowStore {
+                shards: [const { Padded(Shard::new()) }; SHARDS],
+                epochs: Epochs::new(),
+            }
         }
     }
 
