@@ -43,6 +43,24 @@ fn main() {
     println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-changed=build.rs");
     let var = |k: &str| std::env::var(k).unwrap_or_default();
+    // A sanitizer that intercepts `pthread_create` (`-Zsanitizer=address|thread|…`,
+    // ci/test's ASan and TSan runs): the interposer in `thread.rs` must forward to the
+    // sanitizer's interceptor rather than to the C library's function.
+    // (Cargo sets `CARGO_CFG_SANITIZE` from `-Zsanitizer`, with a nightly rustc only.)
+    // ThreadSanitizer also has klp's text writes hidden from it (`klp_tsan`, see
+    // `redirect/text.rs`).
+    println!("cargo::rustc-check-cfg=cfg(klp_sanitizer)");
+    println!("cargo::rustc-check-cfg=cfg(klp_tsan)");
+    let sanitize = var("CARGO_CFG_SANITIZE");
+    if sanitize
+        .split(',')
+        .any(|s| matches!(s, "address" | "thread" | "memory" | "leak"))
+    {
+        println!("cargo:rustc-cfg=klp_sanitizer");
+    }
+    if sanitize.split(',').any(|s| s == "thread") {
+        println!("cargo:rustc-cfg=klp_tsan");
+    }
     if var("CARGO_CFG_TARGET_ARCH") == "x86_64" && var("CARGO_CFG_TARGET_OS") == "linux" {
         // Keep the relocations in klp-user's own executables (tests, benches,
         // binaries): `redirect::callsites` finds the direct calls of a function in
@@ -67,6 +85,14 @@ fn main() {
 
     let so = out.join("libklpcfun.so");
     let mut cmd = build(src, "klp_cso_", flags).get_compiler().to_command();
+    // Under AddressSanitizer cc instruments the C code too (`-fsanitize=address`),
+    // which suits the archive linked into the Rust tests (rustc links its runtime
+    // there), but gcc would link this shared object against its own dynamic
+    // `libasan`, which refuses to load beside the Rust program's static runtime
+    // ("ASan runtime does not come first"): the shared object stays plain.
+    if sanitize.split(',').any(|s| s == "address") {
+        cmd.arg("-fno-sanitize=address");
+    }
     cmd.args([
         "-DKLP_CPFX=klp_cso_",
         "-shared",

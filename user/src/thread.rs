@@ -10,7 +10,12 @@
 //! * **Threads created with `pthread_create`** (which includes `std::thread::spawn`) are
 //!   registered by an interposed `pthread_create`: this crate defines the symbol, the
 //!   link editor binds the program's (and std's) calls to it, and it forwards to the C
-//!   library's through `dlsym(RTLD_NEXT, "pthread_create")`. The wrapper creates the
+//!   library's through `dlsym(RTLD_NEXT, "pthread_create")` — or, in a program built
+//!   with a sanitizer that intercepts `pthread_create` (AddressSanitizer,
+//!   ThreadSanitizer…: `cfg(klp_sanitizer)`, set by the build script), to the
+//!   sanitizer's interceptor, which the interposer replaces in the link (the
+//!   sanitizer's definition is weak) and which must see every thread it will later be
+//!   asked to join. The wrapper creates the
 //!   child's record *in the creating thread*, copying the creator's state and pending
 //!   flag under the fork gate (see below), before the child exists: the kernel's
 //!   `copy_process` under `tasklist_lock`. The child then runs inside a small frame
@@ -569,7 +574,27 @@ static REAL_CREATE: AtomicUsize = AtomicUsize::new(0);
 /// Threads created through the interposer (for tests and diagnostics).
 pub(crate) static CREATED: AtomicU64 = AtomicU64::new(0);
 
+// The sanitizer runtime's `pthread_create` (sanitizer_common's interception: the weak
+// `pthread_create` it defines is an alias of this one). Forwarding past it to the C
+// library made the runtime miss every thread klp creates: AddressSanitizer aborted on
+// the first join ("Joining already joined thread") or detach (a CHECK in
+// `ThreadArgRetval::DetachLocked`).
+#[cfg(klp_sanitizer)]
+unsafe extern "C" {
+    fn __interceptor_pthread_create(
+        thread: *mut libc::pthread_t,
+        attr: *const libc::pthread_attr_t,
+        start: StartRoutine,
+        arg: *mut c_void,
+    ) -> libc::c_int;
+}
+
+/// The `pthread_create` the interposer forwards to: the sanitizer's interceptor when
+/// there is one, else the next definition after this one (the C library's).
 fn real_create() -> Option<PthreadCreate> {
+    #[cfg(klp_sanitizer)]
+    return Some(__interceptor_pthread_create);
+    #[allow(unreachable_code)]
     let mut p = REAL_CREATE.load(Ordering::Acquire);
     if p == 0 {
         // SAFETY: `dlsym` with `RTLD_NEXT` and a NUL-terminated name is always sound;
@@ -776,6 +801,31 @@ pub unsafe extern "C" fn entry_frame(
 mod tests {
     use super::*;
 
+    /// The interposer forwards to the sanitizer's interceptor in a sanitizer build (the
+    /// C library's function otherwise): forwarding past it aborted every thread join
+    /// under AddressSanitizer (ci/test's sanitizer runs).
+    #[test]
+    fn the_interposer_forwards_to_the_sanitizers_pthread_create() {
+        let real = real_create().expect("a pthread_create to forward to") as usize;
+        #[cfg(klp_sanitizer)]
+        assert_eq!(real, __interceptor_pthread_create as *const () as usize);
+        #[cfg(not(klp_sanitizer))]
+        {
+            // SAFETY: as in `real_create`.
+            let next = unsafe { libc::dlsym(libc::RTLD_NEXT, c"pthread_create".as_ptr()) };
+            assert_eq!(real, next as usize);
+        }
+        assert_ne!(real, pthread_create as *const () as usize);
+        // A thread created through the interposer is known to the sanitizer: joining
+        // it is fine.
+        let before = CREATED.load(Ordering::Relaxed);
+        std::thread::spawn(|| ()).join().expect("join");
+        assert!(
+            CREATED.load(Ordering::Relaxed) > before,
+            "created through klp"
+        );
+    }
+
     #[test]
     fn packed_state_round_trips() {
         let r = ThreadRecord::new(1, ST_IDLE);
@@ -797,9 +847,11 @@ mod tests {
     #[test]
     fn entry_frame_passes_arguments() {
         extern "C" fn f(a: *mut c_void, frame: *mut c_void) -> *mut c_void {
-            let here = 0u8;
-            let sp = &here as *const u8 as usize;
-            // The frame is above this function's locals, and close.
+            // The stack pointer itself, not the address of a local: AddressSanitizer
+            // puts address-taken locals on a stack of its own (use-after-return
+            // detection), far from the machine stack.
+            let sp = crate::stack::capture_here().sp as usize;
+            // The frame is above this function's frame, and close.
             assert!((frame as usize) > sp && (frame as usize) - sp < 1 << 16);
             (a as usize + 1) as *mut c_void
         }
@@ -814,7 +866,8 @@ mod tests {
         let h = std::thread::spawn(|| {
             let r = current_record().expect("registered by the interposed pthread_create");
             let (low, high) = r.stack();
-            let here = &r as *const _ as u64;
+            // (The stack pointer, not the address of a local: see above.)
+            let here = crate::stack::capture_here().sp;
             assert!(low < here && here < high, "{low:#x} {here:#x} {high:#x}");
             assert!(r.entry_frame() > here && r.entry_frame() < high);
             assert_eq!(r.tid(), gettid());

@@ -521,6 +521,14 @@ impl Stress {
 }
 
 #[test]
+// Not under ThreadSanitizer (ci/test's TSan run): it defers klp's stop signal to its
+// own safe points and runs the handler with the context saved when the signal arrived,
+// so the stack checks this test waits for find stale registers or no answer (threads
+// in a blocking call): they stay unreliable and the transition never completes.
+#[cfg_attr(
+    klp_tsan,
+    ignore = "ThreadSanitizer defers signals: stack checks see stale contexts"
+)]
 fn no_thread_ever_runs_a_mixed_chain() {
     let p = host::init();
     let t0 = Instant::now();

@@ -20,6 +20,14 @@ fn count(out: &str, tag: &str, version: &str) -> u64 {
 }
 
 #[test]
+// Not under ThreadSanitizer (ci/test's TSan run): it defers klp's stop signal to its
+// own safe points and runs the handler with the context saved when the signal arrived,
+// so the stack checks this test waits for find stale registers or no answer (threads
+// in a blocking call): they stay unreliable and the transition never completes.
+#[cfg_attr(
+    klp_tsan,
+    ignore = "ThreadSanitizer defers signals: stack checks see stale contexts"
+)]
 fn demo_shows_the_live_change() {
     let out = common::bin_command(env!("CARGO_BIN_EXE_klp-demo"))
         .output()

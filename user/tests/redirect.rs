@@ -534,6 +534,14 @@ fn force_completes_a_blocked_transition(p: &Process) {
 }
 
 #[test]
+// Not under ThreadSanitizer (ci/test's TSan run): it defers klp's stop signal to its
+// own safe points and runs the handler with the context saved when the signal arrived,
+// so the stack checks this test waits for find stale registers or no answer (threads
+// in a blocking call): they stay unreliable and the transition never completes.
+#[cfg_attr(
+    klp_tsan,
+    ignore = "ThreadSanitizer defers signals: stack checks see stale contexts"
+)]
 fn functions_of_the_process_are_redirected() {
     let p = host::init();
     redirect_and_revert(p);
