@@ -372,6 +372,15 @@ pub unsafe extern "C" fn klp_rs_sched_key() -> bool {
 /// Mode bit that marks a directory in [`klp_rs_sysfs_node`]'s answer (`S_IFDIR`).
 const S_IFDIR: c_int = 0o040000;
 
+/// Patch attributes of the core that Linux 6.12 does not have (`stack_order` came in
+/// 6.14): the kernel built here follows 6.12's ABI, so they are not shown.
+const NOT_IN_6_12: [&str; 1] = ["stack_order"];
+
+/// Whether `path` names something 6.12 does not have.
+fn hidden(path: &[&str]) -> bool {
+    matches!(path, [_, a] if NOT_IN_6_12.contains(a))
+}
+
 /// Collects up to four path components.
 ///
 /// # Safety
@@ -413,6 +422,9 @@ pub unsafe extern "C" fn klp_rs_sysfs_node(path: *const *const c_char, n: c_uint
         return neg(Errno::ENOENT);
     };
     let p = p.get(..n).unwrap_or(&[]);
+    if hidden(p) {
+        return neg(Errno::ENOENT);
+    }
     // SAFETY: (1).
     unsafe { with_core(|core, _| core.sysfs_node(p).map_or(neg(Errno::ENOENT), node_mode)) }
 }
@@ -453,6 +465,9 @@ pub unsafe extern "C" fn klp_rs_sysfs_list(
                 let mode = match child.get_mut(n) {
                     Some(slot) => {
                         *slot = s;
+                        if child.get(..=n).is_some_and(hidden) {
+                            return;
+                        }
                         child
                             .get(..=n)
                             .and_then(|c| core.sysfs_node(c))
@@ -489,6 +504,9 @@ pub unsafe extern "C" fn klp_rs_sysfs_show(
         return neg(Errno::ENOENT) as isize;
     };
     let p = p.get(..n).unwrap_or(&[]);
+    if hidden(p) {
+        return neg(Errno::ENOENT) as isize;
+    }
     // SAFETY: (2).
     let page = unsafe { core::slice::from_raw_parts_mut(buf, klp::sysfs::SYSFS_PAGE) };
     // SAFETY: (1).
@@ -518,6 +536,9 @@ pub unsafe extern "C" fn klp_rs_sysfs_store(
         return neg(Errno::ENOENT) as isize;
     };
     let p = p.get(..n).unwrap_or(&[]);
+    if hidden(p) {
+        return neg(Errno::ENOENT) as isize;
+    }
     // SAFETY: (2).
     let bytes = unsafe { core::slice::from_raw_parts(buf, len) };
     let Ok(data) = core::str::from_utf8(bytes) else {
