@@ -634,3 +634,85 @@ fn typed_concurrent_get_or_alloc_one_value() {
         8
     );
 }
+
+/// A calling context that records what the store asks of it: the allocation of each
+/// new variable (with whether a shard lock was held then), and the lock hooks.
+struct RecordingCx {
+    in_lock: core::cell::Cell<u32>,
+    enters: core::cell::Cell<u32>,
+    allocs_in_lock: core::cell::Cell<u32>,
+    allocs: core::cell::Cell<u32>,
+    fail: bool,
+    ctor_in_lock: core::cell::Cell<bool>,
+}
+
+impl RecordingCx {
+    fn new(fail: bool) -> RecordingCx {
+        RecordingCx {
+            in_lock: Default::default(),
+            enters: Default::default(),
+            allocs_in_lock: Default::default(),
+            allocs: Default::default(),
+            fail,
+            ctor_in_lock: Default::default(),
+        }
+    }
+}
+
+// SAFETY: (1) the global allocator's memory; (2) `lock_exit` undoes `lock_enter`'s count.
+unsafe impl klp::shadow::ShadowCx for RecordingCx {
+    fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        self.allocs.set(self.allocs.get() + 1);
+        if self.in_lock.get() > 0 {
+            self.allocs_in_lock.set(self.allocs_in_lock.get() + 1);
+        }
+        if self.fail {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: node layouts are never zero-sized.
+        unsafe { std::alloc::alloc_zeroed(layout) }
+    }
+    fn lock_enter(&self) -> usize {
+        self.enters.set(self.enters.get() + 1);
+        self.in_lock.set(self.in_lock.get() + 1);
+        7
+    }
+    fn lock_exit(&self, token: usize) {
+        assert_eq!(token, 7, "lock_exit gets lock_enter's token");
+        self.in_lock.set(self.in_lock.get() - 1);
+    }
+}
+
+#[test]
+fn a_calling_context_allocates_outside_the_lock_and_brackets_every_lock() {
+    let store = ShadowStore::new();
+    let cx = RecordingCx::new(false);
+    let s = store.in_cx(&cx);
+    s.alloc_with(0x1000, 1, 8, |_, _| {
+        cx.ctor_in_lock.set(cx.in_lock.get() > 0);
+        Ok(())
+    })
+    .unwrap();
+    assert!(cx.ctor_in_lock.get(), "the constructor runs under the shard lock");
+    s.get_or_alloc_with(0x1000, 1, 8, |_, _| panic!("exists: no constructor"))
+        .unwrap();
+    s.get_or_alloc_with(0x2000, 1, 8, |_, _| Ok(())).unwrap();
+    assert_eq!(cx.allocs.get(), 2, "one allocation per new variable, none for a found one");
+    assert_eq!(cx.allocs_in_lock.get(), 0, "variables are allocated before the lock");
+    assert!(s.free_with(0x1000, 1, |_, _| assert_eq!(cx.in_lock.get(), 1)));
+    assert_eq!(s.free_all_with(1, |_, _| {}), 1);
+    assert_eq!(cx.in_lock.get(), 0, "every lock_enter has its lock_exit");
+    assert!(cx.enters.get() >= 4, "alloc, the new get_or_alloc, free and free_all lock");
+    assert!(store.is_empty());
+}
+
+#[test]
+fn a_calling_context_without_memory_fails_with_nomem_and_publishes_nothing() {
+    let store = ShadowStore::new();
+    let cx = RecordingCx::new(true);
+    let s = store.in_cx(&cx);
+    assert_eq!(s.alloc_with(0x1000, 1, 8, |_, _| Ok(())), Err(ShadowError::NoMem));
+    assert_eq!(s.get_or_alloc_with(0x1000, 1, 8, |_, _| Ok(())), Err(ShadowError::NoMem));
+    assert_eq!(store.get(0x1000, 1), None);
+    assert_eq!(cx.in_lock.get(), 0);
+}

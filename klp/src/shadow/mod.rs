@@ -117,6 +117,114 @@ const ENOMEM: i32 = 12;
 /// `-EINVAL`.
 const EINVAL: i32 = 22;
 
+/// The calling context of a store operation, as a kernel knows it: where the memory
+/// of a new variable comes from (the caller's `gfp_t`) and what must hold while a
+/// shard's spin lock is held (`spin_lock_irqsave`: interrupts off on this CPU, so that
+/// an interrupt handler using the store cannot spin on a lock its CPU holds).
+/// [`GlobalCx`] is the default: the global allocator, nothing around the lock.
+/// [`ShadowStore::in_cx`] runs the kernel-like calls in another context.
+///
+/// Memory the store needs while it holds a lock (its tables grow and shrink there)
+/// always comes from the global allocator: a kernel's allocator must then not sleep
+/// (it sees interrupts off).
+///
+/// # Safety
+///
+/// Implementations guarantee:
+/// 1. [`ShadowCx::alloc_zeroed`] returns null or a block of `layout`'s size and alignment,
+///    zero-filled, that the global allocator's `dealloc` can free with that layout
+///    (the store frees every variable that way, possibly from another context).
+/// 2. [`ShadowCx::lock_exit`] undoes what the [`ShadowCx::lock_enter`] that returned
+///    `token` did; pairs nest.
+pub unsafe trait ShadowCx {
+    /// Zeroed memory for a new variable, taken before any lock (null on failure).
+    fn alloc_zeroed(&self, layout: core::alloc::Layout) -> *mut u8;
+    /// Called just before a shard's lock is taken; the result goes to `lock_exit`.
+    fn lock_enter(&self) -> usize {
+        0
+    }
+    /// Called just after the shard's lock is released.
+    fn lock_exit(&self, token: usize) {
+        let _ = token;
+    }
+}
+
+/// The default context: the global allocator, nothing done around the locks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GlobalCx;
+
+// SAFETY: (1) `alloc_zeroed` is the global allocator's own; (2) the lock hooks do
+// nothing.
+unsafe impl ShadowCx for GlobalCx {
+    fn alloc_zeroed(&self, layout: core::alloc::Layout) -> *mut u8 {
+        if layout.size() == 0 {
+            return core::ptr::null_mut();
+        }
+        // SAFETY: the layout is not zero-sized (checked above).
+        unsafe { alloc::alloc::alloc_zeroed(layout) }
+    }
+}
+
+/// A store seen from one calling context ([`ShadowStore::in_cx`]): the kernel-like calls
+/// that allocate or take a lock, with the context's allocation and lock hooks.
+#[derive(Clone, Copy)]
+pub struct InCx<'s> {
+    store: &'s ShadowStore,
+    cx: &'s dyn ShadowCx,
+}
+
+impl fmt::Debug for InCx<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InCx")
+            .field("store", self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InCx<'_> {
+    /// [`ShadowStore::alloc_with`] in this context.
+    ///
+    /// # Errors
+    ///
+    /// As [`ShadowStore::alloc_with`].
+    pub fn alloc_with(
+        &self,
+        obj: usize,
+        id: u64,
+        size: usize,
+        ctor: impl FnOnce(usize, &mut [u8]) -> Result<(), i32>,
+    ) -> Result<ShadowAddr, ShadowError> {
+        self.store
+            .create_untyped(obj, id, size, false, ctor, self.cx)
+    }
+
+    /// [`ShadowStore::get_or_alloc_with`] in this context.
+    ///
+    /// # Errors
+    ///
+    /// As [`ShadowStore::get_or_alloc_with`].
+    pub fn get_or_alloc_with(
+        &self,
+        obj: usize,
+        id: u64,
+        size: usize,
+        ctor: impl FnOnce(usize, &mut [u8]) -> Result<(), i32>,
+    ) -> Result<ShadowAddr, ShadowError> {
+        self.store
+            .create_untyped(obj, id, size, true, ctor, self.cx)
+    }
+
+    /// [`ShadowStore::free_with`] in this context.
+    pub fn free_with(&self, obj: usize, id: u64, dtor: impl FnOnce(usize, ShadowRef<'_>)) -> bool {
+        self.store.free_in(obj, id, dtor, self.cx)
+    }
+
+    /// [`ShadowStore::free_all_with`] in this context.
+    pub fn free_all_with(&self, id: u64, dtor: impl FnMut(usize, ShadowRef<'_>)) -> usize {
+        self.store.free_all_in(id, dtor, self.cx)
+    }
+}
+
 /// Why a shadow-variable operation failed.
 ///
 /// `Display` gives the kernel's message text, without the `livepatch: ` prefix and
@@ -420,6 +528,12 @@ impl ShadowStore {
         &self.shards[(h >> (64 - SHARD_BITS)) as usize].0
     }
 
+    /// The store's allocating and locking calls in the calling context `cx` (see
+    /// [`ShadowCx`]).
+    pub fn in_cx<'s>(&'s self, cx: &'s dyn ShadowCx) -> InCx<'s> {
+        InCx { store: self, cx }
+    }
+
     /// Pins the store for lock-free reads.
     #[inline]
     pub fn pin(&self) -> Guard<'_> {
@@ -446,6 +560,7 @@ impl ShadowStore {
         spec: &Spec,
         mode: Mode<'_, '_>,
         init: impl FnOnce(NonNull<u8>) -> Result<(), i32>,
+        cx: &dyn ShadowCx,
     ) -> Result<NonNull<Node>, ShadowError> {
         let existing = |node: NonNull<Node>| match mode {
             Mode::Alloc(_) => Err(ShadowError::Exists { obj, id }),
@@ -467,7 +582,7 @@ impl ShadowStore {
         if let Some(node) = pinned.and_then(|guard| self.lookup(guard, obj, id)) {
             return existing(node);
         }
-        let node = Node::alloc(obj, id, spec).ok_or(ShadowError::NoMem)?;
+        let node = Node::alloc(obj, id, spec, cx).ok_or(ShadowError::NoMem)?;
         let h = hash(obj, id);
         let result = self.shard(h).insert_with(
             &self.epochs,
@@ -479,6 +594,7 @@ impl ShadowStore {
                 init(data).map_err(|err| ShadowError::Ctor { obj, id, err })
             },
             ShadowError::NoMem,
+            cx,
         );
         match result {
             Ok(Found::Inserted) => Ok(node),
@@ -503,6 +619,7 @@ impl ShadowStore {
         size: usize,
         get_existing: bool,
         ctor: impl FnOnce(usize, &mut [u8]) -> Result<(), i32>,
+        cx: &dyn ShadowCx,
     ) -> Result<ShadowAddr, ShadowError> {
         let mut created = None;
         let init = |data: NonNull<u8>| {
@@ -517,7 +634,7 @@ impl ShadowStore {
         };
         if get_existing {
             let guard = self.pin();
-            let node = self.create(obj, id, &untyped(size), Mode::GetOrAlloc(&guard), init)?;
+            let node = self.create(obj, id, &untyped(size), Mode::GetOrAlloc(&guard), init, cx)?;
             // `guard` is still pinned, so the node is live while we read its address.
             return Ok(ShadowRef {
                 node,
@@ -527,7 +644,7 @@ impl ShadowStore {
         }
         // No pin: the look-up under the lock decides, and the address is taken there
         // (another thread may free the variable as soon as the lock drops).
-        self.create(obj, id, &untyped(size), Mode::Alloc(None), init)?;
+        self.create(obj, id, &untyped(size), Mode::Alloc(None), init, cx)?;
         created.ok_or(ShadowError::NoMem)
     }
 
@@ -545,7 +662,7 @@ impl ShadowStore {
     ///
     /// [`ShadowError::Exists`] if the pair exists, [`ShadowError::NoMem`].
     pub fn alloc(&self, obj: usize, id: u64, size: usize) -> Result<ShadowAddr, ShadowError> {
-        self.create_untyped(obj, id, size, false, |_, _| Ok(()))
+        self.create_untyped(obj, id, size, false, |_, _| Ok(()), &GlobalCx)
     }
 
     /// `klp_shadow_alloc` with a constructor: `ctor(obj, data)` runs on the zeroed data
@@ -563,7 +680,7 @@ impl ShadowStore {
         size: usize,
         ctor: impl FnOnce(usize, &mut [u8]) -> Result<(), i32>,
     ) -> Result<ShadowAddr, ShadowError> {
-        self.create_untyped(obj, id, size, false, ctor)
+        self.create_untyped(obj, id, size, false, ctor, &GlobalCx)
     }
 
     /// `klp_shadow_get_or_alloc` without constructor: the existing variable, or a new one
@@ -579,7 +696,7 @@ impl ShadowStore {
         id: u64,
         size: usize,
     ) -> Result<ShadowAddr, ShadowError> {
-        self.create_untyped(obj, id, size, true, |_, _| Ok(()))
+        self.create_untyped(obj, id, size, true, |_, _| Ok(()), &GlobalCx)
     }
 
     /// `klp_shadow_get_or_alloc` with a constructor, which runs only if this call creates
@@ -596,7 +713,7 @@ impl ShadowStore {
         size: usize,
         ctor: impl FnOnce(usize, &mut [u8]) -> Result<(), i32>,
     ) -> Result<ShadowAddr, ShadowError> {
-        self.create_untyped(obj, id, size, true, ctor)
+        self.create_untyped(obj, id, size, true, ctor, &GlobalCx)
     }
 
     /// `klp_shadow_free` without destructor. Returns whether a variable was freed.
@@ -609,6 +726,16 @@ impl ShadowStore {
     /// then). Nothing happens if the pair does not exist. Returns whether a variable was
     /// freed.
     pub fn free_with(&self, obj: usize, id: u64, dtor: impl FnOnce(usize, ShadowRef<'_>)) -> bool {
+        self.free_in(obj, id, dtor, &GlobalCx)
+    }
+
+    fn free_in(
+        &self,
+        obj: usize,
+        id: u64,
+        dtor: impl FnOnce(usize, ShadowRef<'_>),
+        cx: &dyn ShadowCx,
+    ) -> bool {
         let h = hash(obj, id);
         let mut dtor = Some(dtor);
         self.shard(h).remove(
@@ -627,6 +754,7 @@ impl ShadowStore {
                     );
                 }
             },
+            cx,
         ) > 0
     }
 
@@ -638,7 +766,16 @@ impl ShadowStore {
     /// `klp_shadow_free_all`: frees every variable with `id`, whatever its parent,
     /// calling `dtor(obj, data)` for each under its shard's lock. Returns how many were
     /// freed.
-    pub fn free_all_with(&self, id: u64, mut dtor: impl FnMut(usize, ShadowRef<'_>)) -> usize {
+    pub fn free_all_with(&self, id: u64, dtor: impl FnMut(usize, ShadowRef<'_>)) -> usize {
+        self.free_all_in(id, dtor, &GlobalCx)
+    }
+
+    fn free_all_in(
+        &self,
+        id: u64,
+        mut dtor: impl FnMut(usize, ShadowRef<'_>),
+        cx: &dyn ShadowCx,
+    ) -> usize {
         self.shards
             .iter()
             .map(|shard| {
@@ -658,6 +795,7 @@ impl ShadowStore {
                             },
                         );
                     },
+                    cx,
                 )
             })
             .sum()

@@ -13,8 +13,9 @@ use core::any::TypeId;
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
-use spin::mutex::SpinMutex;
+use spin::mutex::{SpinMutex, SpinMutexGuard};
 
+use super::ShadowCx;
 use super::epoch::{Epochs, RetireList, Retired};
 
 /// Smallest table (slots).
@@ -74,7 +75,12 @@ pub(crate) struct Spec {
 impl Node {
     /// Allocates a zero-filled, unpublished node. `None` when the layout overflows or the
     /// allocator fails.
-    pub(crate) fn alloc(obj: usize, id: u64, spec: &Spec) -> Option<NonNull<Node>> {
+    pub(crate) fn alloc(
+        obj: usize,
+        id: u64,
+        spec: &Spec,
+        cx: &dyn ShadowCx,
+    ) -> Option<NonNull<Node>> {
         if !spec.align.is_power_of_two() {
             return None;
         }
@@ -83,8 +89,9 @@ impl Node {
         let layout = Layout::from_size_align(offset.checked_add(spec.size)?, align)
             .ok()?
             .pad_to_align();
-        // SAFETY: `layout` has the non-zero size of at least one `Node`.
-        let raw = unsafe { alloc::alloc::alloc_zeroed(layout) }.cast::<Node>();
+        // `layout` has the non-zero size of at least one `Node`; `cx` returns zeroed
+        // memory of it that the global allocator can free (its contract).
+        let raw = cx.alloc_zeroed(layout).cast::<Node>();
         let node = NonNull::new(raw)?;
         // SAFETY: `raw` is a fresh allocation that fits and aligns a `Node`.
         unsafe {
@@ -334,6 +341,48 @@ unsafe fn free_table(item: *mut Retired) {
     }
 }
 
+/// A shard's lock taken in a caller's context: [`ShadowCx::lock_enter`] before the
+/// lock is taken, [`ShadowCx::lock_exit`] after it is released (a kernel disables
+/// interrupts around it, as `spin_lock_irqsave` does).
+struct CxGuard<'a> {
+    guard: core::mem::ManuallyDrop<SpinMutexGuard<'a, Inner>>,
+    cx: &'a dyn ShadowCx,
+    token: usize,
+}
+
+impl<'a> CxGuard<'a> {
+    fn lock(m: &'a SpinMutex<Inner>, cx: &'a dyn ShadowCx) -> CxGuard<'a> {
+        let token = cx.lock_enter();
+        CxGuard {
+            guard: core::mem::ManuallyDrop::new(m.lock()),
+            cx,
+            token,
+        }
+    }
+}
+
+impl core::ops::Deref for CxGuard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.guard
+    }
+}
+
+impl core::ops::DerefMut for CxGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.guard
+    }
+}
+
+impl Drop for CxGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the guard is dropped here once and never used again: the lock is
+        // released before the caller's context is restored.
+        unsafe { core::mem::ManuallyDrop::drop(&mut self.guard) };
+        self.cx.lock_exit(self.token);
+    }
+}
+
 /// Writer-side state of a shard, behind its lock.
 #[derive(Debug)]
 struct Inner {
@@ -404,10 +453,11 @@ impl Shard {
         node: NonNull<Node>,
         init: impl FnOnce(NonNull<Node>) -> Result<(), E>,
         oom: E,
+        cx: &dyn ShadowCx,
     ) -> Result<Found, E> {
         // SAFETY: the caller hands over a fresh node from `Node::alloc`.
         let (obj, id) = unsafe { ((*node.as_ptr()).obj, (*node.as_ptr()).id) };
-        let mut inner = self.inner.lock();
+        let mut inner = CxGuard::lock(&self.inner, cx);
         if let Some(table) = NonNull::new(self.table.load(Ordering::Relaxed)) {
             // SAFETY: we hold the lock, so the current table stays live (invariant 1).
             if let Some((_, existing)) = unsafe { Table::find(table, hash, obj, id) } {
@@ -508,8 +558,9 @@ impl Shard {
         id_filter: u64,
         mut pick: impl FnMut(&Node) -> bool,
         mut on_removed: impl FnMut(NonNull<Node>),
+        cx: &dyn ShadowCx,
     ) -> usize {
-        let mut inner = self.inner.lock();
+        let mut inner = CxGuard::lock(&self.inner, cx);
         let Some(table) = NonNull::new(self.table.load(Ordering::Relaxed)) else {
             return 0;
         };
@@ -666,7 +717,7 @@ mod tests {
             tag: TypeId::of::<Untyped>(),
             drop_data: None,
         };
-        let node = Node::alloc(1, 2, &spec).unwrap();
+        let node = Node::alloc(1, 2, &spec, &super::super::GlobalCx).unwrap();
         // SAFETY: fresh live node, discarded once below without having been published.
         unsafe {
             let n = node.as_ref();
@@ -683,7 +734,7 @@ mod tests {
         }
         assert_eq!(data_offset(4096) % 4096, 0);
         let odd = Spec { align: 3, ..spec };
-        assert!(Node::alloc(1, 2, &odd).is_none());
+        assert!(Node::alloc(1, 2, &odd, &super::super::GlobalCx).is_none());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use super::table::{Node, Spec};
-use super::{Guard, Mode, ShadowError, ShadowStore};
+use super::{GlobalCx, Guard, Mode, ShadowError, ShadowStore};
 
 /// A shadow-variable id whose data is a `T`.
 ///
@@ -148,15 +148,20 @@ impl<T: Send + Sync + 'static> ShadowId<T> {
         } else {
             Mode::Alloc(Some(guard))
         };
-        let node = guard
-            .store
-            .create(obj, self.id, &Self::spec(), mode, |data| {
+        let node = guard.store.create(
+            obj,
+            self.id,
+            &Self::spec(),
+            mode,
+            |data| {
                 let value = ctor(obj)?;
                 // SAFETY: the fresh node's data is sized and aligned for `T` (Spec) and
                 // unshared; the value is written only on success, as `create` assumes.
                 unsafe { data.cast::<T>().write(value) };
                 Ok(())
-            })?;
+            },
+            &GlobalCx,
+        )?;
         // SAFETY: `create` returns a node that is live while `guard` is pinned (it was
         // found or published while pinned), tagged `T` (a new node has our spec; an
         // existing one passed the tag check).
@@ -241,6 +246,7 @@ impl<T: Send + Sync + 'static> ShadowId<T> {
                     d(obj, unsafe { Self::data(node) });
                 }
             },
+            &GlobalCx,
         ) > 0
     }
 
@@ -256,13 +262,18 @@ impl<T: Send + Sync + 'static> ShadowId<T> {
             .shards
             .iter()
             .map(|shard| {
-                shard
-                    .0
-                    .remove(&store.epochs, None, self.id, Self::is_mine, |node| {
+                shard.0.remove(
+                    &store.epochs,
+                    None,
+                    self.id,
+                    Self::is_mine,
+                    |node| {
                         // SAFETY: just unlinked, not yet retired: live; tag checked by `pick`.
                         let (obj, value) = unsafe { (node.as_ref().obj, Self::data(node)) };
                         dtor(obj, value);
-                    })
+                    },
+                    &GlobalCx,
+                )
             })
             .sum()
     }
