@@ -693,16 +693,30 @@ fn a_calling_context_allocates_outside_the_lock_and_brackets_every_lock() {
         Ok(())
     })
     .unwrap();
-    assert!(cx.ctor_in_lock.get(), "the constructor runs under the shard lock");
+    assert!(
+        cx.ctor_in_lock.get(),
+        "the constructor runs under the shard lock"
+    );
     s.get_or_alloc_with(0x1000, 1, 8, |_, _| panic!("exists: no constructor"))
         .unwrap();
     s.get_or_alloc_with(0x2000, 1, 8, |_, _| Ok(())).unwrap();
-    assert_eq!(cx.allocs.get(), 2, "one allocation per new variable, none for a found one");
-    assert_eq!(cx.allocs_in_lock.get(), 0, "variables are allocated before the lock");
+    assert_eq!(
+        cx.allocs.get(),
+        2,
+        "one allocation per new variable, none for a found one"
+    );
+    assert_eq!(
+        cx.allocs_in_lock.get(),
+        0,
+        "variables are allocated before the lock"
+    );
     assert!(s.free_with(0x1000, 1, |_, _| assert_eq!(cx.in_lock.get(), 1)));
     assert_eq!(s.free_all_with(1, |_, _| {}), 1);
     assert_eq!(cx.in_lock.get(), 0, "every lock_enter has its lock_exit");
-    assert!(cx.enters.get() >= 4, "alloc, the new get_or_alloc, free and free_all lock");
+    assert!(
+        cx.enters.get() >= 4,
+        "alloc, the new get_or_alloc, free and free_all lock"
+    );
     assert!(store.is_empty());
 }
 
@@ -711,8 +725,14 @@ fn a_calling_context_without_memory_fails_with_nomem_and_publishes_nothing() {
     let store = ShadowStore::new();
     let cx = RecordingCx::new(true);
     let s = store.in_cx(&cx);
-    assert_eq!(s.alloc_with(0x1000, 1, 8, |_, _| Ok(())), Err(ShadowError::NoMem));
-    assert_eq!(s.get_or_alloc_with(0x1000, 1, 8, |_, _| Ok(())), Err(ShadowError::NoMem));
+    assert_eq!(
+        s.alloc_with(0x1000, 1, 8, |_, _| Ok(())),
+        Err(ShadowError::NoMem)
+    );
+    assert_eq!(
+        s.get_or_alloc_with(0x1000, 1, 8, |_, _| Ok(())),
+        Err(ShadowError::NoMem)
+    );
     assert_eq!(store.get(0x1000, 1), None);
     assert_eq!(cx.in_lock.get(), 0);
 }
