@@ -52,14 +52,17 @@ int klp_rs_section_relocs(Elf_Shdr *sechdrs, const char *shstrtab, const char *s
 			  unsigned int symndx, unsigned int secndx, const char *objname,
 			  bool apply);
 void *klp_rs_shadow_get(void *obj, unsigned long id);
-void *klp_rs_shadow_alloc(void *obj, unsigned long id, size_t size, klp_shadow_ctor_t ctor,
-			  void *ctor_data, bool get_or, int *err);
+void *klp_rs_shadow_alloc(void *obj, unsigned long id, size_t size, unsigned int gfp,
+			  klp_shadow_ctor_t ctor, void *ctor_data, bool get_or, int *err);
 void klp_rs_shadow_free(void *obj, unsigned long id, klp_shadow_dtor_t dtor);
 void klp_rs_shadow_free_all(unsigned long id, klp_shadow_dtor_t dtor);
 
 
 /* What the Rust host calls (kernel/host/src/ffi.rs declares the same). */
-void *klp_c_alloc(size_t size);
+void *klp_c_alloc(size_t size, bool may_sleep);
+void *klp_c_alloc_gfp(size_t size, unsigned int gfp);
+unsigned long klp_c_irq_save(void);
+void klp_c_irq_restore(unsigned long flags);
 void klp_c_free(void *p);
 void klp_c_log(int level, const char *func, size_t func_len, const char *msg, size_t len);
 void klp_c_warn(const char *msg, size_t len);

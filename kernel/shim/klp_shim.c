@@ -57,9 +57,32 @@ static int klp_target_state = KLP_TRANSITION_IDLE;
 
 /* ------------------------------------------------------------------ memory, log */
 
-void *klp_c_alloc(size_t size)
+/*
+ * The Rust object's allocator: only the task that runs the core under klp_mutex may
+ * sleep for memory; the shadow store's own allocations can come from any context.
+ */
+void *klp_c_alloc(size_t size, bool may_sleep)
 {
-	return kmalloc(size, irqs_disabled() ? GFP_ATOMIC : GFP_KERNEL);
+	return kmalloc(size, may_sleep && !irqs_disabled() ? GFP_KERNEL : GFP_ATOMIC);
+}
+
+/* A shadow variable, with its caller's flags. */
+void *klp_c_alloc_gfp(size_t size, unsigned int gfp)
+{
+	return kmalloc(size, (__force gfp_t)gfp | __GFP_ZERO);
+}
+
+unsigned long klp_c_irq_save(void)
+{
+	unsigned long flags;
+
+	local_irq_save(flags);
+	return flags;
+}
+
+void klp_c_irq_restore(unsigned long flags)
+{
+	local_irq_restore(flags);
 }
 
 void klp_c_free(void *p)
@@ -977,32 +1000,25 @@ EXPORT_SYMBOL_GPL(klp_get_prev_state);
 /* ------------------------------------------------------------------ shadow variables */
 
 /*
- * Interrupts are off around the store: its per-shard spin locks are then safe against
- * an interrupt on the same CPU, as the kernel's spin_lock_irqsave() makes them. Memory
- * for a new variable is therefore GFP_ATOMIC whatever @gfp_flags allows.
+ * The core's store: lock-free look-ups; a new variable is allocated with the caller's
+ * @gfp_flags before any lock; each shard's spin lock is held with interrupts off.
  */
 void *klp_shadow_get(void *obj, unsigned long id)
 {
-	unsigned long flags;
-	void *ret;
-
-	local_irq_save(flags);
-	ret = klp_rs_shadow_get(obj, id);
-	local_irq_restore(flags);
-	return ret;
+	return klp_rs_shadow_get(obj, id);
 }
 EXPORT_SYMBOL_GPL(klp_shadow_get);
 
-static void *klp_c_shadow_alloc(void *obj, unsigned long id, size_t size,
+static void *klp_c_shadow_alloc(void *obj, unsigned long id, size_t size, gfp_t gfp_flags,
 				klp_shadow_ctor_t ctor, void *ctor_data, bool get_or)
 {
-	unsigned long flags;
 	void *ret;
 	int err;
 
-	local_irq_save(flags);
-	ret = klp_rs_shadow_alloc(obj, id, size, ctor, ctor_data, get_or, &err);
-	local_irq_restore(flags);
+	if (gfpflags_allow_blocking(gfp_flags))
+		might_sleep();
+	ret = klp_rs_shadow_alloc(obj, id, size, (__force unsigned int)gfp_flags, ctor,
+				  ctor_data, get_or, &err);
 	if (!ret && err == -EEXIST)
 		WARN(1, "Duplicate shadow variable <%p, %lx>\n", obj, id);
 	else if (!ret && err != -ENOMEM)
@@ -1014,34 +1030,26 @@ static void *klp_c_shadow_alloc(void *obj, unsigned long id, size_t size,
 void *klp_shadow_alloc(void *obj, unsigned long id, size_t size, gfp_t gfp_flags,
 		       klp_shadow_ctor_t ctor, void *ctor_data)
 {
-	return klp_c_shadow_alloc(obj, id, size, ctor, ctor_data, false);
+	return klp_c_shadow_alloc(obj, id, size, gfp_flags, ctor, ctor_data, false);
 }
 EXPORT_SYMBOL_GPL(klp_shadow_alloc);
 
 void *klp_shadow_get_or_alloc(void *obj, unsigned long id, size_t size, gfp_t gfp_flags,
 			      klp_shadow_ctor_t ctor, void *ctor_data)
 {
-	return klp_c_shadow_alloc(obj, id, size, ctor, ctor_data, true);
+	return klp_c_shadow_alloc(obj, id, size, gfp_flags, ctor, ctor_data, true);
 }
 EXPORT_SYMBOL_GPL(klp_shadow_get_or_alloc);
 
 void klp_shadow_free(void *obj, unsigned long id, klp_shadow_dtor_t dtor)
 {
-	unsigned long flags;
-
-	local_irq_save(flags);
 	klp_rs_shadow_free(obj, id, dtor);
-	local_irq_restore(flags);
 }
 EXPORT_SYMBOL_GPL(klp_shadow_free);
 
 void klp_shadow_free_all(unsigned long id, klp_shadow_dtor_t dtor)
 {
-	unsigned long flags;
-
-	local_irq_save(flags);
 	klp_rs_shadow_free_all(id, dtor);
-	local_irq_restore(flags);
 }
 EXPORT_SYMBOL_GPL(klp_shadow_free_all);
 

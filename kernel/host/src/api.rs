@@ -11,7 +11,7 @@ use core::ffi::{CStr, c_char, c_int, c_uint, c_ulong, c_void};
 use core::ptr;
 
 use klp::fallible::{try_push, try_string};
-use klp::shadow::{ShadowError, ShadowStore};
+use klp::shadow::{ShadowCx, ShadowError, ShadowStore};
 use klp::{
     Errno, FuncDesc, Host, Klp, ObjectDesc, PatchDesc, PatchState, SharedCallbacks, State,
     StateData, decide,
@@ -46,11 +46,21 @@ unsafe fn with_core<R>(f: impl FnOnce(&mut Klp<KHost>, &mut KHost) -> R) -> R {
     // reference to either cell exists.
     let (core, host) = unsafe { (&mut *G.core.get(), &mut *G.host.get()) };
     let core = core.get_or_insert_with(Klp::new);
-    f(core, host)
+    // SAFETY: `current` is always valid.
+    let me = unsafe { ffi::klp_c_current() };
+    let outer = crate::rt::CORE_TASK.swap(me, core::sync::atomic::Ordering::AcqRel);
+    let r = f(core, host);
+    crate::rt::CORE_TASK.store(outer, core::sync::atomic::Ordering::Release);
+    r
 }
 
 fn neg(e: Errno) -> c_int {
     e.to_kernel()
+}
+
+/// 0 or `-errno`.
+fn status(r: klp::KResult<()>) -> c_int {
+    r.map_or_else(neg, |()| 0)
 }
 
 /// A C string as `&str`; `None` for NULL or text that is not UTF-8.
@@ -150,10 +160,7 @@ pub unsafe extern "C" fn klp_rs_desc_object(
         let cb: SharedCallbacks<KHost> = cb;
         o.callbacks = Some(cb);
     }
-    match try_push(&mut d.0.objs, o) {
-        Ok(()) => 0,
-        Err(e) => neg(e),
-    }
+    status(try_push(&mut d.0.objs, o))
 }
 
 /// Adds a function to the last object. `old_name` may be NULL (refused by the core).
@@ -190,10 +197,7 @@ pub unsafe extern "C" fn klp_rs_desc_func(
     let Some(funcs) = d.0.objs.last_mut().and_then(|o| o.funcs.as_mut()) else {
         return neg(Errno::EINVAL);
     };
-    match try_push(funcs, f) {
-        Ok(()) => 0,
-        Err(e) => neg(e),
-    }
+    status(try_push(funcs, f))
 }
 
 /// Declares a system state, backed by the patch's `struct klp_state`.
@@ -217,10 +221,7 @@ pub unsafe extern "C" fn klp_rs_desc_state(
     let data: StateData = data;
     let mut s = State::new(id, version);
     s.data = Some(data);
-    match try_push(&mut d.0.states, s) {
-        Ok(()) => 0,
-        Err(e) => neg(e),
-    }
+    status(try_push(&mut d.0.states, s))
 }
 
 /// `klp_enable_patch`: hands the description to the core (it is consumed).
@@ -284,12 +285,7 @@ pub unsafe extern "C" fn klp_rs_module_coming(name: *const c_char) -> c_int {
         return neg(Errno::EINVAL);
     };
     // SAFETY: (1).
-    unsafe {
-        with_core(|core, host| match core.module_coming(host, name) {
-            Ok(()) => 0,
-            Err(e) => neg(e),
-        })
-    }
+    unsafe { with_core(|core, host| status(core.module_coming(host, name))) }
 }
 
 /// `klp_module_going`.
@@ -786,11 +782,44 @@ fn key(obj: *mut c_void) -> usize {
     obj.expose_provenance()
 }
 
+/// The calling context of a shadow-variable call: the variable's memory comes from
+/// `kmalloc` with the caller's `gfp_t` (before any lock), and interrupts are off while a
+/// shard's spin lock is held (`spin_lock_irqsave`), so that the API can be used from
+/// any context the kernel allows. The store's own tables, grown under the lock, come
+/// from the global allocator, which is `GFP_ATOMIC` there.
+struct KernelCx {
+    gfp: c_uint,
+}
+
+// SAFETY: (1) `kmalloc(.., gfp | __GFP_ZERO)` of `size_for`'s size is zeroed and
+// aligned as the layout asks (see `Kmalloc::size_for`), and `kfree` (the global
+// allocator's `dealloc`) frees it; (2) `local_irq_restore` undoes `local_irq_save`.
+unsafe impl ShadowCx for KernelCx {
+    fn alloc_zeroed(&self, layout: core::alloc::Layout) -> *mut u8 {
+        let Some(size) = crate::rt::Kmalloc::size_for(layout) else {
+            return ptr::null_mut();
+        };
+        // SAFETY: any size and flags may be asked for; null on failure.
+        unsafe { ffi::klp_c_alloc_gfp(size, self.gfp) }.cast()
+    }
+
+    fn lock_enter(&self) -> usize {
+        // SAFETY: no preconditions.
+        let flags = unsafe { ffi::klp_c_irq_save() };
+        usize::try_from(flags).unwrap_or(0)
+    }
+
+    fn lock_exit(&self, token: usize) {
+        // SAFETY: `token` is what `lock_enter` saved (ShadowCx condition 2).
+        unsafe { ffi::klp_c_irq_restore(token as c_ulong) }
+    }
+}
+
 /// `klp_shadow_get`.
 ///
 /// # Safety
 ///
-/// 1. Called with interrupts disabled (the shim's wrapper), as every shadow call.
+/// 1. None beyond the kernel API's (lock-free; any context).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn klp_rs_shadow_get(obj: *mut c_void, id: c_ulong) -> *mut c_void {
     SHADOWS
@@ -798,19 +827,21 @@ pub unsafe extern "C" fn klp_rs_shadow_get(obj: *mut c_void, id: c_ulong) -> *mu
         .map_or(ptr::null_mut(), |a| a.as_ptr().cast())
 }
 
-/// `klp_shadow_alloc` (`get_or` false) and `klp_shadow_get_or_alloc` (true). The
-/// error code of a failure is stored in `*err` for the shim's message: `-EEXIST`
-/// (duplicate), the constructor's error, `-ENOMEM`.
+/// `klp_shadow_alloc` (`get_or` false) and `klp_shadow_get_or_alloc` (true), with the
+/// caller's `gfp`. The error code of a failure is stored in `*err` for the shim's
+/// message: `-EEXIST` (duplicate), the constructor's error, `-ENOMEM`.
 ///
 /// # Safety
 ///
-/// 1. As [`klp_rs_shadow_get`]; `ctor` follows `klp_shadow_ctor_t`'s contract (runs
-///    under a spin lock, does not call the shadow API); `err` is a valid out-pointer.
+/// 1. `gfp` suits the calling context (the kernel API's contract); `ctor` follows
+///    `klp_shadow_ctor_t`'s (runs under a spin lock with interrupts off, does not call
+///    the shadow API); `err` is a valid out-pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn klp_rs_shadow_alloc(
     obj: *mut c_void,
     id: c_ulong,
     size: usize,
+    gfp: c_uint,
     ctor: ShadowCtor,
     ctor_data: *mut c_void,
     get_or: bool,
@@ -829,10 +860,12 @@ pub unsafe extern "C" fn klp_rs_shadow_alloc(
         };
         if r == 0 { Ok(()) } else { Err(r) }
     };
+    let cx = KernelCx { gfp };
+    let store = SHADOWS.in_cx(&cx);
     let res = if get_or {
-        SHADOWS.get_or_alloc_with(key(obj), id, size, run)
+        store.get_or_alloc_with(key(obj), id, size, run)
     } else {
-        SHADOWS.alloc_with(key(obj), id, size, run)
+        store.alloc_with(key(obj), id, size, run)
     };
     match res {
         Ok(a) => {
@@ -862,10 +895,11 @@ pub unsafe extern "C" fn klp_rs_shadow_alloc(
 ///
 /// # Safety
 ///
-/// 1. As [`klp_rs_shadow_get`]; `dtor` follows `klp_shadow_dtor_t`'s contract.
+/// 1. `dtor` follows `klp_shadow_dtor_t`'s contract (as the constructor's).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn klp_rs_shadow_free(obj: *mut c_void, id: c_ulong, dtor: ShadowDtor) {
-    SHADOWS.free_with(key(obj), id, |o, r| {
+    let cx = KernelCx { gfp: 0 };
+    SHADOWS.in_cx(&cx).free_with(key(obj), id, |o, r| {
         if let Some(dtor) = dtor {
             // SAFETY: (1).
             unsafe {
@@ -885,7 +919,8 @@ pub unsafe extern "C" fn klp_rs_shadow_free(obj: *mut c_void, id: c_ulong, dtor:
 /// 1. As [`klp_rs_shadow_free`].
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn klp_rs_shadow_free_all(id: c_ulong, dtor: ShadowDtor) {
-    SHADOWS.free_all_with(id, |o, r| {
+    let cx = KernelCx { gfp: 0 };
+    SHADOWS.in_cx(&cx).free_all_with(id, |o, r| {
         if let Some(dtor) = dtor {
             // SAFETY: (1).
             unsafe {

@@ -8,39 +8,29 @@
 
 use core::ffi::{c_char, c_int, c_uint, c_ulong, c_void};
 
-/// `struct task_struct`.
-#[repr(C)]
-#[derive(Debug)]
-pub struct Task {
-    _opaque: [u8; 0],
+/// Declares an opaque kernel type, only ever handled through a pointer.
+macro_rules! opaque {
+    ($($(#[$doc:meta])* $name:ident;)*) => {$(
+        $(#[$doc])*
+        #[repr(C)]
+        #[derive(Debug)]
+        pub struct $name {
+            _opaque: [u8; 0],
+        }
+    )*};
 }
 
-/// `struct module`.
-#[repr(C)]
-#[derive(Debug)]
-pub struct Module {
-    _opaque: [u8; 0],
-}
-
-/// `struct klp_patch` of `include/linux/livepatch.h`.
-#[repr(C)]
-#[derive(Debug)]
-pub struct CPatch {
-    _opaque: [u8; 0],
-}
-
-/// `struct klp_object`.
-#[repr(C)]
-#[derive(Debug)]
-pub struct CObject {
-    _opaque: [u8; 0],
-}
-
-/// `struct klp_state`.
-#[repr(C)]
-#[derive(Debug)]
-pub struct CState {
-    _opaque: [u8; 0],
+opaque! {
+    /// `struct task_struct`.
+    Task;
+    /// `struct module`.
+    Module;
+    /// `struct klp_patch` of `include/linux/livepatch.h`.
+    CPatch;
+    /// `struct klp_object`.
+    CObject;
+    /// `struct klp_state`.
+    CState;
 }
 
 /// What the ftrace handler of one patched function decides from (`struct klp_c_view`
@@ -85,8 +75,15 @@ pub const HOOK_STAGE_FILTER: c_int = 0;
 
 unsafe extern "C" {
     // ----- memory, log, faults -----
-    /// `kmalloc` of `size` bytes (`GFP_ATOMIC` with interrupts off, else `GFP_KERNEL`).
-    pub fn klp_c_alloc(size: usize) -> *mut c_void;
+    /// `kmalloc` of `size` bytes: `GFP_KERNEL` if `may_sleep` and interrupts are on,
+    /// else `GFP_ATOMIC`.
+    pub fn klp_c_alloc(size: usize, may_sleep: bool) -> *mut c_void;
+    /// `kmalloc(size, gfp | __GFP_ZERO)`: a shadow variable, with its caller's flags.
+    pub fn klp_c_alloc_gfp(size: usize, gfp: c_uint) -> *mut c_void;
+    /// `local_irq_save()`: the flags to restore.
+    pub fn klp_c_irq_save() -> c_ulong;
+    /// `local_irq_restore(flags)`.
+    pub fn klp_c_irq_restore(flags: c_ulong);
     /// `kfree`.
     pub fn klp_c_free(p: *mut c_void);
     /// Prints `msg` at printk `level` (3 err … 7 debug) from the call site that belongs

@@ -48,4 +48,4 @@ pub mod api;
 pub mod ffi;
 pub mod host;
 mod line;
-mod rt;
+pub(crate) mod rt;

@@ -2,6 +2,7 @@
 //! (`kmalloc`/`kfree`) and the panic handler.
 
 use core::alloc::{GlobalAlloc, Layout};
+use core::sync::atomic::{AtomicPtr, Ordering};
 
 use crate::ffi;
 use crate::line::Line;
@@ -10,16 +11,23 @@ use crate::line::Line;
 /// x86_64), and natural alignment for power-of-two sizes.
 const KMALLOC_MINALIGN: usize = 8;
 
-/// The kernel's allocator. The shim picks `GFP_KERNEL` where the core runs (process
-/// context under `klp_mutex`) and `GFP_ATOMIC` where interrupts are off (the shadow
-/// variable calls). A failure is a null pointer, which the core turns into `-ENOMEM`.
-struct Kmalloc;
+/// The task that runs the core now (under `klp_mutex`, in process context), or null.
+/// Set by `api::with_core`.
+pub(crate) static CORE_TASK: AtomicPtr<ffi::Task> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The kernel's allocator. Only the task that runs the core (under `klp_mutex`, in
+/// process context) may sleep for memory (`GFP_KERNEL`, unless interrupts are off);
+/// every other allocation of this object — the shadow store's tables and reader slots,
+/// which any context may cause — is `GFP_ATOMIC`. (A shadow variable itself is
+/// allocated with its caller's flags, see `api::KernelCx`.) A failure is a null pointer,
+/// which the core turns into `-ENOMEM`.
+pub(crate) struct Kmalloc;
 
 impl Kmalloc {
     /// The size to ask `kmalloc` for so that the block has `layout`'s alignment: the
     /// size itself up to the minimum alignment, else the next power of two at least
     /// as large as both size and alignment. `None` if that overflows.
-    fn size_for(layout: Layout) -> Option<usize> {
+    pub(crate) fn size_for(layout: Layout) -> Option<usize> {
         if layout.align() <= KMALLOC_MINALIGN {
             Some(layout.size())
         } else {
@@ -39,8 +47,10 @@ unsafe impl GlobalAlloc for Kmalloc {
         let Some(size) = Kmalloc::size_for(layout) else {
             return core::ptr::null_mut();
         };
+        // SAFETY: `current` is always valid.
+        let may_sleep = CORE_TASK.load(Ordering::Acquire) == unsafe { ffi::klp_c_current() };
         // SAFETY: any size may be asked for; null is returned on failure.
-        unsafe { ffi::klp_c_alloc(size) }.cast()
+        unsafe { ffi::klp_c_alloc(size, may_sleep) }.cast()
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
