@@ -561,10 +561,14 @@ void __klp_sched_try_switch(void)
 
 /* ------------------------------------------------------------------ work */
 
+static void klp_c_after_op(void);
+
 static void klp_transition_work_fn(struct work_struct *work)
 {
 	mutex_lock(&klp_mutex);
 	klp_rs_retry_work();
+	/* The transition may have completed: nop directories and the static key follow. */
+	klp_c_after_op();
 	mutex_unlock(&klp_mutex);
 }
 static DECLARE_DELAYED_WORK(klp_transition_work, klp_transition_work_fn);
@@ -659,8 +663,6 @@ static ssize_t klp_c_attr_show(struct kobject *kobj, struct attribute *attr, cha
 	mutex_unlock(&klp_mutex);
 	return ret;
 }
-
-static void klp_c_after_op(void);
 
 static ssize_t klp_c_attr_store(struct kobject *kobj, struct attribute *attr,
 				const char *buf, size_t count)
