@@ -23,16 +23,27 @@
 //!
 //! Answers: `{"ok":true,"result":…}` or `{"ok":false,"error":{"kind","message","errno","name"}}`
 //! with `kind` one of `bad_request`, `unknown_op`, `errno` (the core refused: `errno`
-//! is the kernel's negative value, `name` its symbol) and `permission`.
+//! is the kernel's negative value, `name` its symbol), `permission` and `busy`.
+//!
+//! ## Hostile clients
+//!
+//! The server is one event loop over non-blocking sockets: a client can hold up no
+//! other. A request line longer than [`MAX_REQUEST`] bytes is answered with a
+//! `bad_request` error and its connection closed; so is a line that is not UTF-8 or
+//! not JSON (the connection stays open); a connection that has not completed a
+//! request [`REQUEST_TIMEOUT`] after it connected or got its last answer (it stopped
+//! mid-request, sends nothing, or does not read its answers) is dropped, with an error
+//! line if it was mid-request; beyond [`MAX_CLIENTS`] connections a new one gets a
+//! `busy` error.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use klp::{Errno, PatchState, TraceError};
 
@@ -61,6 +72,9 @@ pub struct ServeOptions {
     pub path: Option<PathBuf>,
     /// Uids allowed to connect (empty: the process's effective uid).
     pub allowed_uids: Vec<u32>,
+    /// How long a connection may take to complete a request (`None`:
+    /// [`REQUEST_TIMEOUT`]).
+    pub request_timeout: Option<Duration>,
 }
 
 /// A running control server; stops (and removes its socket) when dropped.
@@ -131,11 +145,20 @@ fn state_json(s: PatchState) -> i32 {
 
 /// Answers one request line.
 pub fn handle_request(p: &Process, line: &str) -> Value {
-    let Ok(req) = serde_json::from_str::<Value>(line) else {
-        return error("bad_request", "not a JSON object");
+    let req = match serde_json::from_str::<Value>(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                "bad_request",
+                &format!("the request is not JSON ({e}): send one JSON object per line"),
+            );
+        }
     };
     let Some(op) = req.get("op").and_then(Value::as_str) else {
-        return error("bad_request", "missing \"op\"");
+        return error(
+            "bad_request",
+            "the request has no \"op\": send an object such as {\"op\":\"list\"}",
+        );
     };
     let patch = req.get("patch").and_then(Value::as_str);
     let result = match op {
@@ -217,36 +240,257 @@ pub fn handle_request(p: &Process, line: &str) -> Value {
     json!({"ok": true, "result": result})
 }
 
-fn serve_conn(p: &Process, s: UnixStream, allowed: &[u32]) {
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut w = match s.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    match peer_uid(&s) {
-        Ok(uid) if allowed.contains(&uid) => {}
-        Ok(uid) => {
+/// The longest request line the server reads (bytes, without the newline): a longer
+/// one is answered with a `bad_request` error and its connection closed.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long a connection may take to send a complete request (from its connection or
+/// its previous answer) and to read its answer: a client that stops mid-request, sends
+/// nothing, or does not read is dropped after this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; one more is told so and closed.
+pub const MAX_CLIENTS: usize = 256;
+/// Answers waiting for a client that does not read, at most (the server stops reading
+/// its requests until they drain).
+const MAX_PENDING_OUT: usize = 1 << 20;
+
+/// One client connection of the server's event loop.
+struct Conn {
+    s: UnixStream,
+    /// Bytes of the request being received (no newline yet).
+    inbuf: Vec<u8>,
+    /// Answers not written yet.
+    out: Vec<u8>,
+    /// When the connection is dropped unless a request completes first.
+    deadline: Instant,
+    /// The server's request timeout.
+    timeout: Duration,
+    /// No more requests: close once `out` is written.
+    closing: bool,
+    /// The peer's uid, when it may not control the process (it gets one `permission`
+    /// error).
+    refused: Option<u32>,
+}
+
+impl Conn {
+    fn answer(&mut self, v: &Value) {
+        self.out.extend_from_slice(v.to_string().as_bytes());
+        self.out.push(b'\n');
+    }
+
+    /// Answers every complete line received so far.
+    fn answer_lines(&mut self, p: &Process) {
+        while let Some(n) = self.inbuf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.inbuf.drain(..=n).collect();
+            let line = &line[..n];
+            self.answer_line(p, line);
+            if self.closing {
+                self.inbuf.clear();
+                return;
+            }
+        }
+        if self.inbuf.len() > MAX_REQUEST {
+            self.inbuf.clear();
+            self.answer(&error(
+                "bad_request",
+                &format!(
+                    "the request is longer than {MAX_REQUEST} bytes; the connection is closed"
+                ),
+            ));
+            self.closing = true;
+        }
+    }
+
+    fn answer_line(&mut self, p: &Process, line: &[u8]) {
+        if let Some(uid) = self.refused {
             // Read the request first: closing a socket with unread data makes the
             // client's write or read fail, and it would never see the answer.
-            let _ = BufReader::new(&s).read_line(&mut String::new());
-            let v = error(
+            self.answer(&error(
                 "permission",
                 &format!("uid {uid} may not control this process"),
-            );
-            let _ = writeln!(w, "{v}");
+            ));
+            self.closing = true;
             return;
         }
-        Err(_) => return,
+        if line.len() > MAX_REQUEST {
+            self.answer(&error(
+                "bad_request",
+                &format!(
+                    "the request is longer than {MAX_REQUEST} bytes; the connection is closed"
+                ),
+            ));
+            self.closing = true;
+            return;
+        }
+        let Ok(text) = std::str::from_utf8(line) else {
+            self.answer(&error(
+                "bad_request",
+                "the request is not UTF-8 text: send one JSON object per line",
+            ));
+            return;
+        };
+        if text.trim().is_empty() {
+            return;
+        }
+        let v = handle_request(p, text);
+        self.answer(&v);
+        self.deadline = Instant::now() + self.timeout;
     }
-    let r = BufReader::new(s);
-    for line in r.lines() {
-        let Ok(line) = line else { return };
-        if line.trim().is_empty() {
+
+    /// Reads what the client sent; `false` at the end of its stream or on an error.
+    fn read_some(&mut self) -> bool {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match (&self.s).read(&mut buf) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.inbuf
+                        .extend_from_slice(buf.get(..n).unwrap_or_default());
+                    if self.inbuf.len() > MAX_REQUEST || n < buf.len() {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Writes what it can of the pending answers; `false` on an error.
+    fn write_some(&mut self) -> bool {
+        while !self.out.is_empty() {
+            match (&self.s).write(&self.out) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+/// The server's event loop: every connection is non-blocking and polled, so a client
+/// that is slow, silent, stops mid-request or does not read its answers cannot hold up
+/// the others; each is bounded in time ([`REQUEST_TIMEOUT`]) and memory
+/// ([`MAX_REQUEST`]). Requests are answered one at a time, in the order they complete.
+fn serve_loop(
+    p: &Process,
+    listener: &UnixListener,
+    allowed: &[u32],
+    timeout: Duration,
+    stop: &AtomicBool,
+) {
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        thread::safe_point();
+        fds.clear();
+        fds.push(libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for c in &conns {
+            let mut events = 0;
+            if !c.closing && c.out.len() < MAX_PENDING_OUT {
+                events |= libc::POLLIN;
+            }
+            if !c.out.is_empty() {
+                events |= libc::POLLOUT;
+            }
+            fds.push(libc::pollfd {
+                fd: c.s.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` holds `fds.len()` initialised `pollfd`s of open descriptors.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
+        if n < 0 {
+            // EINTR (klp's own signal, a stack check of this thread): poll again.
             continue;
         }
-        let v = handle_request(p, &line);
-        if writeln!(w, "{v}").is_err() {
-            return;
+        let ready: Vec<libc::c_short> = fds.iter().skip(1).map(|f| f.revents).collect();
+        let now = Instant::now();
+        let mut keep = Vec::with_capacity(conns.len());
+        for (mut c, revents) in conns.drain(..).zip(ready) {
+            let mut alive = true;
+            if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !c.closing {
+                if !c.read_some() {
+                    // The end of the client's stream: a last request without its
+                    // newline is answered all the same.
+                    if !c.inbuf.is_empty() && c.inbuf.len() <= MAX_REQUEST {
+                        c.inbuf.push(b'\n');
+                    }
+                    c.closing = true;
+                }
+                c.answer_lines(p);
+            }
+            if !c.out.is_empty() && !c.write_some() {
+                alive = false;
+            }
+            if c.closing && c.out.is_empty() {
+                alive = false;
+            }
+            if alive && now >= c.deadline {
+                // Too slow: a request left half-sent, no request at all, or answers not
+                // read. Tell it (if it can take it) and drop it.
+                if c.out.is_empty() && !c.inbuf.is_empty() {
+                    c.answer(&error(
+                        "bad_request",
+                        &format!(
+                            "the request was not complete after {} s; the connection is closed",
+                            timeout.as_secs_f64()
+                        ),
+                    ));
+                    let _ = c.write_some();
+                }
+                alive = false;
+            }
+            if alive {
+                keep.push(c);
+            }
+        }
+        conns = keep;
+        // New connections.
+        loop {
+            let s = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if s.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let mut c = Conn {
+                s,
+                inbuf: Vec::new(),
+                out: Vec::new(),
+                deadline: Instant::now() + timeout,
+                timeout,
+                closing: false,
+                refused: None,
+            };
+            match peer_uid(&c.s) {
+                Ok(uid) if allowed.contains(&uid) => {}
+                Ok(uid) => c.refused = Some(uid),
+                Err(_) => continue,
+            }
+            if conns.len() >= MAX_CLIENTS {
+                c.answer(&error(
+                    "busy",
+                    &format!(
+                        "the process serves {MAX_CLIENTS} connections already; try again later"
+                    ),
+                ));
+                let _ = c.write_some();
+                continue;
+            }
+            conns.push(c);
         }
     }
 }
@@ -274,23 +518,14 @@ impl Process {
             // SAFETY: `geteuid` has no preconditions.
             allowed.push(unsafe { libc::geteuid() });
         }
+        let timeout = opts.request_timeout.unwrap_or(REQUEST_TIMEOUT);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let handle = std::thread::Builder::new()
             .name("klp-ctl".into())
             .spawn(move || {
                 thread::mark_kthread();
-                while !stop2.load(Ordering::Acquire) {
-                    match listener.accept() {
-                        Ok((s, _)) => {
-                            let _ = s.set_nonblocking(false);
-                            serve_conn(self, s, &allowed);
-                        }
-                        Err(_) => {
-                            thread::idle_wait(Duration::from_millis(20));
-                        }
-                    }
-                }
+                serve_loop(self, &listener, &allowed, timeout, &stop2);
             })?;
         Ok(Server {
             path,
@@ -306,7 +541,7 @@ impl Process {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CtlError {
     /// `connect`, `io`, `protocol`, or the server's kind (`bad_request`, `unknown_op`,
-    /// `errno`, `permission`).
+    /// `errno`, `permission`, `busy`).
     pub kind: String,
     /// Human-readable text.
     pub message: String,

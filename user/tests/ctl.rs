@@ -63,6 +63,7 @@ fn control_socket_end_to_end() {
         .serve(ServeOptions {
             path: Some(path.clone()),
             allowed_uids: Vec::new(),
+            ..ServeOptions::default()
         })
         .expect("serve");
     assert_eq!(server.path(), path.as_path());
@@ -193,6 +194,7 @@ fn control_socket_end_to_end() {
         .serve(ServeOptions {
             path: Some(other.clone()),
             allowed_uids: vec![me.wrapping_add(1)],
+            ..ServeOptions::default()
         })
         .expect("serve");
     let e = request(&other, &json!({"op": "list"})).expect_err("refused");
