@@ -302,6 +302,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The log line of a site that could not be rewritten: what failed, the errno in
+/// brackets, and the remedy where there is one. Nothing was changed.
+fn site_error(index: &SymbolIndex, site: Addr, e: Errno) -> String {
+    let func = index.lookup(site).map_or_else(
+        || "a function".to_string(),
+        |(_, s)| format!("'{}'", s.name),
+    );
+    let (what, remedy) = match e {
+        Errno::ENOMEM => (
+            "the kernel refused to make its text writable (mprotect)",
+            "; free memory or raise the data size limit (ulimit -d)",
+        ),
+        Errno::EACCES | Errno::EPERM => (
+            "the kernel refused to make its text writable (mprotect)",
+            "; a W^X policy (SELinux execmod, PaX) forbids writing text",
+        ),
+        Errno::ERANGE => ("the branch cannot reach its target", ""),
+        _ => ("the site could not be rewritten", ""),
+    };
+    format!(
+        "klp-user: cannot patch {func} at {site:#x}: {what} [{}]{remedy}; nothing was changed",
+        e.name().unwrap_or("?")
+    )
+}
+
 /// Whether `sig` is blocked in thread `tid` (`SigBlk` of its status file).
 fn signal_blocked(tid: i32, sig: libc::c_int) -> bool {
     let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
@@ -401,15 +426,17 @@ impl Host for ProcessHost {
             return Err(HookError::Register(Errno::EBUSY));
         }
         let answer = self.config.checks.answer;
-        redirect::native::set(
+        if let Err(e) = redirect::native::set(
             &found,
             SiteState::Original,
             SiteState::Trampoline,
             &mut || {
                 stack::sync_round(answer);
             },
-        )
-        .map_err(HookError::Register)?;
+        ) {
+            self.line(site_error(&self.index, site, e));
+            return Err(HookError::Register(e));
+        }
         if let Some((start, end)) = redirect::native::body_of(&self.index, &found) {
             self.bodies.push((start, end, site));
         }
@@ -521,13 +548,23 @@ impl Host for ProcessHost {
     }
 
     /// A thread the batch holds answered klp's signal and cannot run; any other is
-    /// asked `/proc` whether it blocks the signal (then a stop cannot reach it).
+    /// asked `/proc` whether it blocks the signal (then a stop cannot reach it), unless
+    /// it is inside klp's own handler.
     fn task_running_elsewhere(&self, t: TaskId) -> bool {
         if self.batch.as_ref().is_some_and(|b| b.holds(t)) {
             return false;
         }
+        // A thread inside klp's own handler (leaving it after the release of a check,
+        // or answering a synchronisation round) shows the signal blocked while it is
+        // there: it does not block it, and a stop waits for it to leave. Read before
+        // and after `/proc`, since it may enter or leave meanwhile.
         self.rec(t).is_some_and(|r| {
-            r.alive() && r.tid() != 0 && signal_blocked(r.tid(), stack::signal_number())
+            let in_handler = || r.in_handler.load(Ordering::Acquire) != 0;
+            r.alive()
+                && r.tid() != 0
+                && !in_handler()
+                && signal_blocked(r.tid(), stack::signal_number())
+                && !in_handler()
         })
     }
 
@@ -1129,6 +1166,16 @@ impl Process {
     pub fn site_state(&self, func: Addr) -> Option<SiteKind> {
         lock(&self.core).host.site_state(func)
     }
+}
+
+/// The core's locks (the core, then its log) for `fork(2)`'s prepare handler
+/// ([`thread::install_atfork`]), when the process host exists; released when the
+/// value drops.
+pub(crate) fn fork_lock() -> Option<Box<dyn std::any::Any>> {
+    let p = GLOBAL.get()?;
+    let core = lock(&p.core);
+    let log = lock(&p.log);
+    Some(Box::new((core, log)))
 }
 
 fn info(r: &ThreadRecord) -> ThreadInfo {

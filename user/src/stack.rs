@@ -319,7 +319,9 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut l
         // SAFETY: the record outlives the thread's registration, and the thread cannot
         // unregister while it runs this handler.
         let rec = unsafe { &*p };
+        rec.in_handler.fetch_add(1, Ordering::AcqRel);
         on_signal(rec, uc);
+        rec.in_handler.fetch_sub(1, Ordering::AcqRel);
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };

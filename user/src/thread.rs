@@ -135,6 +135,10 @@ pub struct ThreadRecord {
     pub(crate) sync_ack: AtomicU64,
     /// Signals this thread's handler has run (for tests and diagnostics).
     pub(crate) signals: AtomicU64,
+    /// Non-zero while the thread runs klp's signal handler (which blocks klp's signal
+    /// while it runs: `/proc` then shows it blocked, though the thread does not block
+    /// it).
+    pub(crate) in_handler: AtomicU32,
     /// Set by a fake signal; [`idle_wait`] sleeps on it.
     wake: AtomicU32,
     /// Non-zero while the thread runs the redirect decision ([`crate::redirect`]);
@@ -158,6 +162,7 @@ impl ThreadRecord {
             sync_req: AtomicU64::new(0),
             sync_ack: AtomicU64::new(0),
             signals: AtomicU64::new(0),
+            in_handler: AtomicU32::new(0),
             wake: AtomicU32::new(0),
             in_decide: AtomicU32::new(0),
         }
@@ -560,6 +565,89 @@ impl Drop for ForkGate {
     }
 }
 
+// ------------------------------------------------------------------ fork
+
+/// What the forking thread holds across `fork(2)` (see [`install_atfork`]): taken by
+/// the prepare handler, dropped by the parent and child handlers.
+struct ForkHeld {
+    _gate: ForkGate,
+    _core: Option<Box<dyn std::any::Any>>,
+    registry: MutexGuard<'static, Vec<Arc<ThreadRecord>>>,
+}
+
+thread_local! {
+    /// The locks the forking thread holds between the prepare handler and the parent
+    /// or child handler (a thread-local of the forking thread, which the child's only
+    /// thread continues).
+    static FORK_HELD: std::cell::RefCell<Option<ForkHeld>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `pthread_atfork`'s prepare handler: takes klp's locks in their order (the fork
+/// gate, the core and its log, the registry), so that no other thread holds one while
+/// the process is copied. A core operation in progress finishes first (core operations
+/// are bounded); a thread that forks from inside a core operation (a callback) holds
+/// the gate and the core already.
+extern "C" fn fork_prepare() {
+    let in_core = IN_CORE.with(Cell::get);
+    // Exclusively: a thread being created holds the gate shared while it copies its
+    // creator's state and inserts its record, and a child that inherited that share
+    // could never take the gate exclusively (its core operations would hang).
+    let gate = ForkGate::exclusive();
+    let core = if in_core {
+        None
+    } else {
+        crate::process::fork_lock()
+    };
+    let registry = lock_registry();
+    let held = ForkHeld {
+        _gate: gate,
+        _core: core,
+        registry,
+    };
+    let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = Some(held));
+}
+
+/// The parent side: releases what [`fork_prepare`] took.
+extern "C" fn fork_parent() {
+    let _ = FORK_HELD.try_with(|h| h.borrow_mut().take());
+}
+
+/// The child side: the child has one thread, the one that forked. Its registry keeps
+/// that thread's record alone, with the child's thread id; its patch state and pending
+/// flag are the forking thread's (the kernel's `klp_copy_process`). Every other record
+/// is marked gone. Then the locks are released.
+extern "C" fn fork_child() {
+    let _ = FORK_HELD.try_with(|h| {
+        if let Some(mut held) = h.borrow_mut().take() {
+            let me = CURRENT.with(Cell::get);
+            for r in held.registry.iter() {
+                if !std::ptr::eq(Arc::as_ptr(r), me) {
+                    r.alive.store(false, Ordering::Release);
+                }
+            }
+            held.registry.retain(|r| std::ptr::eq(Arc::as_ptr(r), me));
+            if let Some(r) = held.registry.first() {
+                r.tid.store(gettid(), Ordering::Release);
+                r.cap.store(cap::IDLE, Ordering::Release);
+            }
+        }
+    });
+}
+
+/// Installs klp's `fork(2)` handlers (once per process): a child never inherits one of
+/// klp's locks held by a thread that does not exist in it, and its registry describes
+/// its one thread.
+pub(crate) fn install_atfork() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the three handlers are `extern "C" fn()` that stay valid for the
+        // life of the process.
+        unsafe {
+            libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child));
+        }
+    });
+}
+
 // ------------------------------------------------------------------ pthread_create
 
 type StartRoutine = extern "C" fn(*mut c_void) -> *mut c_void;
@@ -614,6 +702,7 @@ fn real_create() -> Option<PthreadCreate> {
 /// archive member that defines it is pulled in with the registry).
 fn ensure_interposer() {
     std::hint::black_box(pthread_create as *const () as usize);
+    install_atfork();
 }
 
 struct StartData {
