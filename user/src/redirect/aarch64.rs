@@ -275,7 +275,7 @@ pub(crate) fn set(
         return Ok(());
     }
     // SAFETY: the site is text of a loaded object (`find`) (1).
-    let _w = unsafe { super::text::Writable::new(addr, LEN) }.ok_or(Errno::EPERM)?;
+    let _w = unsafe { super::text::Writable::new(addr, LEN) }?;
     for (i, w) in steps {
         if i == 0 {
             PATCHING.store(addr, Ordering::Release);

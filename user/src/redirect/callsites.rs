@@ -365,7 +365,7 @@ fn write_single(p: &Plan) -> bool {
     }
     // SAFETY: the word holds bytes of the site, which `read` found in text (1): its
     // page is text.
-    let Some(_w) = (unsafe { super::text::Writable::new(word, 8) }) else {
+    let Ok(_w) = (unsafe { super::text::Writable::new(word, 8) }) else {
         return false;
     };
     // SAFETY: `word` is 8-aligned and lies in the pages made writable above (they
@@ -410,8 +410,7 @@ fn write_breakpoint(plans: &[Plan], func: u64, sync: &mut dyn FnMut()) -> Vec<Pl
             break;
         };
         // SAFETY: the site's bytes are text (`read` checked them) (1).
-        let Some(w) =
-            (unsafe { super::text::Writable::new(p.site.addr, p.site.form.len() as u64) })
+        let Ok(w) = (unsafe { super::text::Writable::new(p.site.addr, p.site.form.len() as u64) })
         else {
             continue;
         };

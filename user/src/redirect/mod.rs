@@ -197,6 +197,13 @@ mod stubs;
     target_arch = "s390x"
 ))]
 mod text;
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    all(target_arch = "powerpc64", target_endian = "little"),
+    target_arch = "s390x"
+))]
+pub use text::fail_text_write;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod callsites;

@@ -326,7 +326,7 @@ fn write(
         return Ok(());
     }
     // SAFETY: the site is text of a loaded object (`find`) (1).
-    let _w = unsafe { super::text::Writable::new(addr, psite::LEN as u64) }.ok_or(Errno::EPERM)?;
+    let _w = unsafe { super::text::Writable::new(addr, psite::LEN as u64) }?;
     PATCHING.store(addr, Ordering::SeqCst);
     for &(off, word) in &steps {
         // SAFETY: the word is mapped and writable now, 4-aligned (1); the order of the

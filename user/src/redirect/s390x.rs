@@ -274,7 +274,7 @@ fn write(addr: u64, old: &[u8; LEN], new: &[u8; LEN], sync: &mut dyn FnMut()) ->
         return Err(Errno::EINVAL);
     }
     // SAFETY: the site is text of a loaded object (`find`) (1).
-    let _w = unsafe { super::text::Writable::new(addr, LEN as u64) }.ok_or(Errno::EPERM)?;
+    let _w = unsafe { super::text::Writable::new(addr, LEN as u64) }?;
     let mut op = op_old;
     if d_old != d_new {
         if op != NOP {

@@ -138,7 +138,7 @@ pub(crate) unsafe fn stub_for(
     };
     // SAFETY: `start` is a read + execute stub page of ours (1); the other stubs on
     // it stay executable while it is writable.
-    let w = unsafe { super::text::Writable::new(start, page) }.ok_or(Errno::EPERM)?;
+    let w = unsafe { super::text::Writable::new(start, page) }?;
     // SAFETY: `at..at + bytes.len()` lies in the page (`len` fits after `used`), which
     // is writable now; no site branches to this slot yet, so nobody executes it; text
     // writes are serialised by the caller's lock (1); `write` is a text writer (2).

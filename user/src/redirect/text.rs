@@ -2,6 +2,40 @@
 //! writable *and* executable while the write runs (other threads keep running them),
 //! then read + execute again.
 
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+use klp::Errno;
+
+/// The errno of the injected failure (0: none armed) and how many text writes pass
+/// before it ([`fail_text_write`]).
+static FAIL_ERRNO: AtomicI32 = AtomicI32::new(0);
+static FAIL_SKIP: AtomicU32 = AtomicU32::new(0);
+
+/// Fault injection: the text write after the next `skip` ones fails as if `mprotect(2)`
+/// had returned `errno` (once; `errno` 0 disarms). Everything after the failed call is
+/// the real error path. For tests of what a refused `mprotect` leaves behind.
+pub fn fail_text_write(skip: u32, errno: i32) {
+    FAIL_SKIP.store(skip, Ordering::SeqCst);
+    FAIL_ERRNO.store(errno, Ordering::SeqCst);
+}
+
+fn injected_failure() -> Option<Errno> {
+    let e = FAIL_ERRNO.load(Ordering::SeqCst);
+    if e == 0 {
+        return None;
+    }
+    if FAIL_SKIP
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return None;
+    }
+    FAIL_ERRNO
+        .compare_exchange(e, 0, Ordering::SeqCst, Ordering::SeqCst)
+        .ok()
+        .map(Errno::from_ret)
+}
+
 /// The page size (at least 4 KiB).
 pub(crate) fn page_size() -> u64 {
     // SAFETY: `sysconf` has no preconditions.
@@ -54,27 +88,36 @@ mod tsan {
 
 impl Writable {
     /// Makes the pages of `[at, at + len)` readable, writable and executable (other
-    /// threads keep running them); `None` if the kernel refuses.
+    /// threads keep running them); the kernel's error if it refuses.
     ///
     /// # Safety
     ///
     /// 1. `[at, at + len)` lies in read + execute pages: text of a loaded object or a
     ///    stub page of klp (they are made read + execute again when the value drops).
-    pub(crate) unsafe fn new(at: u64, len: u64) -> Option<Writable> {
+    pub(crate) unsafe fn new(at: u64, len: u64) -> Result<Writable, Errno> {
         let page = page_size();
         let start = at & !(page - 1);
-        let end = at.checked_add(len)?.checked_add(page - 1)? & !(page - 1);
-        let len = usize::try_from(end - start).ok()?;
+        let end = at
+            .checked_add(len)
+            .and_then(|e| e.checked_add(page - 1))
+            .ok_or(Errno::EINVAL)?
+            & !(page - 1);
+        let len = usize::try_from(end - start).map_err(|_| Errno::EINVAL)?;
+        if let Some(e) = injected_failure() {
+            return Err(e);
+        }
         let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
         // SAFETY: the range covers whole read + execute pages (condition 1); they stay
         // executable while writable, so threads running them are not disturbed.
-        let w = (unsafe { libc::mprotect(start as *mut libc::c_void, len, rwx) } == 0)
-            .then_some(Writable { start, len });
-        #[cfg(klp_tsan)]
-        if w.is_some() {
-            tsan::ignore_begin();
+        if unsafe { libc::mprotect(start as *mut libc::c_void, len, rwx) } != 0 {
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EPERM);
+            return Err(Errno::from_ret(e));
         }
-        w
+        #[cfg(klp_tsan)]
+        tsan::ignore_begin();
+        Ok(Writable { start, len })
     }
 }
 

@@ -449,7 +449,7 @@ pub(crate) fn set(
 fn write(site: &Site, bytes: &[u8], whole: bool, sync: &mut dyn FnMut()) -> Result<(), Errno> {
     let addr = site.addr();
     // SAFETY: the site is text of a loaded object (`find`) (1).
-    let _w = unsafe { super::text::Writable::new(addr, bytes.len() as u64) }.ok_or(Errno::EPERM)?;
+    let _w = unsafe { super::text::Writable::new(addr, bytes.len() as u64) }?;
     // SAFETY: the site's word is mapped and writable now (1) and text writes are
     // serialised by `TEXT` (2).
     let atomic = whole && unsafe { trampoline::write_site(addr as *mut u8, bytes) };
