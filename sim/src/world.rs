@@ -270,6 +270,8 @@ pub struct World {
     rr: usize,
     /// Calls a task made to each function, for invariant checks: (task, fn, impl addr).
     pub call_log: Vec<(TaskId, Addr, Addr)>,
+    /// How many tasks the core has signalled or woken (`klp_send_signals`), for tests.
+    pub signals_sent: u64,
     /// Whether to keep `call_log`.
     pub record_calls: bool,
     /// Shadow-variable store of the simulated kernel.
@@ -331,6 +333,7 @@ impl World {
             elf_images: BTreeMap::new(),
             rr: 0,
             call_log: Vec::new(),
+            signals_sent: 0,
             record_calls: false,
             shadow: klp::shadow::ShadowStore::new(),
             vars: BTreeMap::new(),
@@ -907,6 +910,7 @@ impl Host for World {
 
     fn fake_signal(&mut self, t: TaskId) {
         let _h = crate::failalloc::host();
+        self.signals_sent += 1;
         if let Some(x) = self.task_mut(t)
             && x.sleep == Sleep::Interruptible
         {
@@ -916,6 +920,7 @@ impl Host for World {
 
     fn wake_kthread(&mut self, t: TaskId) {
         let _h = crate::failalloc::host();
+        self.signals_sent += 1;
         if let Some(x) = self.task_mut(t)
             && x.sleep == Sleep::Interruptible
         {
