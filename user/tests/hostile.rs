@@ -359,8 +359,12 @@ fn child_checks(p: &Process, before: (PatchState, bool)) -> i32 {
     if p.status().is_none_or(|s| s.total != 1) {
         return 14;
     }
+    // Not under ThreadSanitizer (it does not support threads started after a
+    // multi-threaded fork) nor under qemu-user (creating a thread in the child of a
+    // multi-threaded guest aborts the emulator itself: "cpu_exec: assertion failed:
+    // (cpu == current_cpu)").
     #[cfg(not(klp_tsan))]
-    {
+    if !under_qemu_user() {
         let r = std::thread::spawn(|| {
             let r = thread::current_record().map(|r| r.patch_state());
             (r, klp_hostile_f(1))
@@ -371,6 +375,23 @@ fn child_checks(p: &Process, before: (PatchState, bool)) -> i32 {
         }
     }
     0
+}
+
+/// Whether this runs under qemu-user, which does not implement `process_vm_readv`.
+fn under_qemu_user() -> bool {
+    let mut b = [0u8; 1];
+    let src = [1u8; 1];
+    let local = libc::iovec {
+        iov_base: b.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let remote = libc::iovec {
+        iov_base: src.as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: both iovecs describe one valid byte of this process.
+    let r = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS)
 }
 
 /// Waits for child `pid` at most `d`; kills it after. `Some(status)` if it exited.
