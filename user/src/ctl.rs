@@ -436,7 +436,19 @@ fn serve_loop(
             if c.closing && c.out.is_empty() {
                 alive = false;
             }
-            if alive && now >= c.deadline {
+            if alive && now >= c.deadline && !c.closing {
+                // The server may have been busy with other requests past this deadline:
+                // what the client sent meanwhile is taken first (it is not the client
+                // that was slow).
+                if !c.read_some() {
+                    c.closing = true;
+                }
+                c.answer_lines(p);
+                if !c.write_some() {
+                    alive = false;
+                }
+            }
+            if alive && Instant::now() >= c.deadline {
                 // Too slow: a request left half-sent, no request at all, or answers not
                 // read. Tell it (if it can take it) and drop it.
                 if c.out.is_empty() && !c.inbuf.is_empty() {

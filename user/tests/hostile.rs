@@ -2,6 +2,11 @@
 //! the behaviour it shows; RELIABILITY.md lists them with their outcome.
 //!
 //! The host is process-wide, so the tests take turns (`serial`).
+//!
+//! Under ThreadSanitizer (ci/test's TSan run) only the tests that need no stack check
+//! of another thread run: it defers klp's stop signal to its own safe points and runs
+//! the handler with the context saved when the signal arrived (see RELIABILITY.md), so
+//! transitions held by a check never complete there.
 #![cfg(any(
     target_arch = "x86_64",
     target_arch = "aarch64",
@@ -166,6 +171,10 @@ fn block_klp_signal() {
 /// hang, crash or report an exited thread as a blocker for long; the transition then
 /// completes when the parked thread leaves.
 #[test]
+#[cfg_attr(
+    klp_tsan,
+    ignore = "ThreadSanitizer defers signals: stack checks of other threads see stale contexts or no answer"
+)]
 fn a_thread_that_exits_while_being_checked() {
     let _s = serial();
     let p = host::init();
@@ -228,6 +237,10 @@ fn a_thread_that_exits_while_being_checked() {
 /// `blockers` (klpctl status) names it as sleeping on that function, and the
 /// transition completes once the call returns.
 #[test]
+#[cfg_attr(
+    klp_tsan,
+    ignore = "ThreadSanitizer defers signals: stack checks of other threads see stale contexts or no answer"
+)]
 fn a_thread_blocked_in_a_system_call_for_the_whole_transition() {
     let _s = serial();
     let p = host::init();
@@ -480,6 +493,10 @@ const FORKS: usize = 20;
 /// open descriptors; klp leaves none open across `exec` (its socket and pipes are
 /// close-on-exec), and the parent's transition is not disturbed.
 #[test]
+#[cfg_attr(
+    klp_tsan,
+    ignore = "ThreadSanitizer defers signals: stack checks of other threads see stale contexts or no answer"
+)]
 fn fork_and_exec_during_a_transition() {
     let _s = serial();
     let p = host::init();
@@ -654,6 +671,10 @@ fn a_signal_handler_that_blocks_klps_signal() {
 /// every thread idle, the function's code unchanged. The same after a first text write
 /// succeeded (the failure on a later one). Then a patch enables normally.
 #[test]
+#[cfg_attr(
+    klp_tsan,
+    ignore = "ThreadSanitizer defers signals: stack checks of other threads see stale contexts or no answer"
+)]
 fn mprotect_failing_leaves_everything_as_it_was() {
     let _s = serial();
     let p = host::init();
@@ -746,6 +767,10 @@ fn closed(s: &UnixStream) -> bool {
 /// the patch in transition; `status`: the parked thread sleeping on the function;
 /// `threads`: it pending), and no answer waits for the slow clients.
 #[test]
+#[cfg_attr(
+    klp_tsan,
+    ignore = "ThreadSanitizer defers signals: stack checks of other threads see stale contexts or no answer"
+)]
 fn a_hundred_control_clients_during_a_transition() {
     let _s = serial();
     let p = host::init();
