@@ -10,11 +10,10 @@ use core::cell::UnsafeCell;
 use core::ffi::{CStr, c_char, c_int, c_uint, c_ulong, c_void};
 use core::ptr;
 
-use klp::fallible::{try_push, try_string};
+use klp::fallible::{try_opt_string, try_push, try_string};
 use klp::shadow::{ShadowCx, ShadowError, ShadowStore};
 use klp::{
-    Errno, FuncDesc, Host, Klp, ObjectDesc, PatchDesc, PatchState, SharedCallbacks, State,
-    StateData, decide,
+    Errno, FuncDesc, Host, Klp, ObjectDesc, PatchDesc, SharedCallbacks, State, StateData, decide,
 };
 
 use crate::ffi::{self, CObject, CPatch, CState, CView, Module};
@@ -177,17 +176,14 @@ pub unsafe extern "C" fn klp_rs_desc_func(
 ) -> c_int {
     // SAFETY: (1).
     let d = unsafe { &mut *d };
-    let old_name = if old_name.is_null() {
-        None
-    } else {
-        // SAFETY: (1).
-        match unsafe { c_str(old_name) } {
-            Some(n) => match try_string(n) {
-                Ok(s) => Some(s),
-                Err(e) => return neg(e),
-            },
-            None => return neg(Errno::EINVAL),
-        }
+    // SAFETY: (1).
+    let name = unsafe { c_str(old_name) };
+    if name.is_none() && !old_name.is_null() {
+        return neg(Errno::EINVAL);
+    }
+    let old_name = match try_opt_string(name) {
+        Ok(n) => n,
+        Err(e) => return neg(e),
     };
     let f = FuncDesc {
         old_name,
@@ -372,29 +368,61 @@ const S_IFDIR: c_int = 0o040000;
 /// 6.14): the kernel built here follows 6.12's ABI, so they are not shown.
 const NOT_IN_6_12: [&str; 1] = ["stack_order"];
 
-/// Whether `path` names something 6.12 does not have.
-fn hidden(path: &[&str]) -> bool {
-    matches!(path, [_, a] if NOT_IN_6_12.contains(a))
+/// A path under `/sys/kernel/livepatch`: up to four components from the shim, and room
+/// for one more (a directory's entry).
+#[derive(Clone, Copy)]
+struct Path<'a> {
+    parts: [&'a str; 5],
+    n: usize,
 }
 
-/// Collects up to four path components.
+impl<'a> Path<'a> {
+    /// The shim's path, if it has at most four components that are strings.
+    ///
+    /// # Safety
+    ///
+    /// 1. `path` points to `n` NUL-terminated strings alive for `'a`.
+    unsafe fn from_c(path: *const *const c_char, n: c_uint) -> Option<Path<'a>> {
+        let n = usize::try_from(n).ok()?;
+        if n > 4 {
+            return None;
+        }
+        let mut parts = [""; 5];
+        for (i, slot) in parts.iter_mut().enumerate().take(n) {
+            // SAFETY: (1): `i < n`.
+            let p = unsafe { *path.add(i) };
+            // SAFETY: (1).
+            *slot = unsafe { c_str(p) }?;
+        }
+        Some(Path { parts, n })
+    }
+
+    fn as_slice(&self) -> &[&'a str] {
+        self.parts.get(..self.n).unwrap_or(&[])
+    }
+
+    /// Whether the path names something Linux 6.12 has (see [`NOT_IN_6_12`]).
+    fn visible(&self) -> bool {
+        !matches!(self.as_slice(), [_, a] if NOT_IN_6_12.contains(a))
+    }
+
+    /// The path of `name` inside this directory.
+    fn child(&self, name: &'a str) -> Option<Path<'a>> {
+        let mut c = *self;
+        *c.parts.get_mut(self.n)? = name;
+        c.n = self.n.checked_add(1)?;
+        Some(c)
+    }
+}
+
+/// The visible path the shim names, if any.
 ///
 /// # Safety
 ///
 /// 1. `path` points to `n` NUL-terminated strings.
-unsafe fn path_of<'a>(path: *const *const c_char, n: c_uint) -> Option<([&'a str; 4], usize)> {
-    let n = usize::try_from(n).ok()?;
-    if n > 4 {
-        return None;
-    }
-    let mut out = [""; 4];
-    for (i, slot) in out.iter_mut().enumerate().take(n) {
-        // SAFETY: (1): `i < n`.
-        let p = unsafe { *path.add(i) };
-        // SAFETY: (1).
-        *slot = unsafe { c_str(p) }?;
-    }
-    Some((out, n))
+unsafe fn visible_path<'a>(path: *const *const c_char, n: c_uint) -> Option<Path<'a>> {
+    // SAFETY: (1).
+    unsafe { Path::from_c(path, n) }.filter(Path::visible)
 }
 
 fn node_mode(n: klp::sysfs::Node) -> c_int {
@@ -414,15 +442,16 @@ fn node_mode(n: klp::sysfs::Node) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn klp_rs_sysfs_node(path: *const *const c_char, n: c_uint) -> c_int {
     // SAFETY: (1).
-    let Some((p, n)) = (unsafe { path_of(path, n) }) else {
+    let Some(p) = (unsafe { visible_path(path, n) }) else {
         return neg(Errno::ENOENT);
     };
-    let p = p.get(..n).unwrap_or(&[]);
-    if hidden(p) {
-        return neg(Errno::ENOENT);
-    }
     // SAFETY: (1).
-    unsafe { with_core(|core, _| core.sysfs_node(p).map_or(neg(Errno::ENOENT), node_mode)) }
+    unsafe {
+        with_core(|core, _| {
+            core.sysfs_node(p.as_slice())
+                .map_or(neg(Errno::ENOENT), node_mode)
+        })
+    }
 }
 
 /// Calls `cb` with each entry of the directory at `path`: its name and mode (as
@@ -440,37 +469,24 @@ pub unsafe extern "C" fn klp_rs_sysfs_list(
     ctx: *mut c_void,
 ) -> c_int {
     // SAFETY: (1).
-    let Some((p, n)) = (unsafe { path_of(path, n) }) else {
+    let Some(dir) = (unsafe { visible_path(path, n) }) else {
         return neg(Errno::ENOENT);
     };
-    let dir = p.get(..n).unwrap_or(&[]);
     // SAFETY: (1).
     unsafe {
         with_core(|core, _| {
             let mut names = crate::line::Line::new();
-            let r = core.sysfs_list(dir, &mut |name| {
+            let r = core.sysfs_list(dir.as_slice(), &mut |name| {
                 names.clear();
                 let _ = core::fmt::Write::write_fmt(&mut names, format_args!("{name}"));
                 let Ok(s) = core::str::from_utf8(names.as_bytes()) else {
                     return;
                 };
-                let mut child = [""; 5];
-                for (slot, c) in child.iter_mut().zip(dir.iter()) {
-                    *slot = c;
+                let Some(child) = dir.child(s) else { return };
+                if !child.visible() {
+                    return;
                 }
-                let mode = match child.get_mut(n) {
-                    Some(slot) => {
-                        *slot = s;
-                        if child.get(..=n).is_some_and(hidden) {
-                            return;
-                        }
-                        child
-                            .get(..=n)
-                            .and_then(|c| core.sysfs_node(c))
-                            .map_or(0, node_mode)
-                    }
-                    None => 0,
-                };
+                let mode = core.sysfs_node(child.as_slice()).map_or(0, node_mode);
                 // (Inside the `unsafe` block below.) SAFETY: (2); the name lives for
                 // the call.
                 cb(ctx, s.as_ptr().cast(), s.len(), mode);
@@ -496,18 +512,14 @@ pub unsafe extern "C" fn klp_rs_sysfs_show(
     buf: *mut u8,
 ) -> isize {
     // SAFETY: (1).
-    let Some((p, n)) = (unsafe { path_of(path, n) }) else {
+    let Some(p) = (unsafe { visible_path(path, n) }) else {
         return neg(Errno::ENOENT) as isize;
     };
-    let p = p.get(..n).unwrap_or(&[]);
-    if hidden(p) {
-        return neg(Errno::ENOENT) as isize;
-    }
     // SAFETY: (2).
     let page = unsafe { core::slice::from_raw_parts_mut(buf, klp::sysfs::SYSFS_PAGE) };
     // SAFETY: (1).
     unsafe {
-        with_core(|core, _| match core.sysfs_read(p, page) {
+        with_core(|core, _| match core.sysfs_read(p.as_slice(), page) {
             Ok(len) => isize::try_from(len).unwrap_or(0),
             Err(e) => neg(e) as isize,
         })
@@ -528,13 +540,9 @@ pub unsafe extern "C" fn klp_rs_sysfs_store(
     len: usize,
 ) -> isize {
     // SAFETY: (1).
-    let Some((p, n)) = (unsafe { path_of(path, n) }) else {
+    let Some(p) = (unsafe { visible_path(path, n) }) else {
         return neg(Errno::ENOENT) as isize;
     };
-    let p = p.get(..n).unwrap_or(&[]);
-    if hidden(p) {
-        return neg(Errno::ENOENT) as isize;
-    }
     // SAFETY: (2).
     let bytes = unsafe { core::slice::from_raw_parts(buf, len) };
     let Ok(data) = core::str::from_utf8(bytes) else {
@@ -542,10 +550,12 @@ pub unsafe extern "C" fn klp_rs_sysfs_store(
     };
     // SAFETY: (1).
     unsafe {
-        with_core(|core, host| match core.sysfs_write(host, p, data) {
-            Ok(_) => isize::try_from(len).unwrap_or(0),
-            Err(e) => neg(e) as isize,
-        })
+        with_core(
+            |core, host| match core.sysfs_write(host, p.as_slice(), data) {
+                Ok(_) => isize::try_from(len).unwrap_or(0),
+                Err(e) => neg(e) as isize,
+            },
+        )
     }
 }
 
@@ -567,30 +577,12 @@ pub unsafe extern "C" fn klp_rs_decide(
 ) -> u64 {
     // SAFETY: (1).
     let v = unsafe { &*view };
-    let target = |a: u64| {
-        if a == 0 {
-            klp::Target::Original
-        } else {
-            klp::Target::Func(a)
-        }
-    };
-    let rv = klp::RedirectView {
-        top: target(v.top),
-        top_transition: v.top_transition != 0,
-        below: target(v.below),
-    };
-    let state = match state {
-        0 => PatchState::Unpatched,
-        1 => PatchState::Patched,
-        _ => PatchState::Idle,
-    };
+    let rv = v.to_view();
+    let state = crate::host::state_from_c(state);
     let (t, a) = decide(&rv, state);
     // SAFETY: (1).
     unsafe { *anomaly = a != klp::Anomaly::None };
-    match t {
-        klp::Target::Original => 0,
-        klp::Target::Func(addr) => addr,
-    }
+    crate::ffi::target_addr(t)
 }
 
 // ------------------------------------------------------------------ states

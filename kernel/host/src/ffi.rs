@@ -48,6 +48,43 @@ pub struct CView {
     pub valid: u8,
 }
 
+/// An implementation's address as the view holds it (0: the original function).
+pub fn target_addr(t: klp::Target) -> u64 {
+    match t {
+        klp::Target::Original => 0,
+        klp::Target::Func(a) => a,
+    }
+}
+
+fn target_of(a: u64) -> klp::Target {
+    if a == 0 {
+        klp::Target::Original
+    } else {
+        klp::Target::Func(a)
+    }
+}
+
+impl CView {
+    /// The core's view in the shim's layout (`None`: no record).
+    pub fn from_view(view: Option<klp::RedirectView>) -> CView {
+        view.map_or(CView::default(), |v| CView {
+            top: target_addr(v.top),
+            below: target_addr(v.below),
+            top_transition: u8::from(v.top_transition),
+            valid: 1,
+        })
+    }
+
+    /// The core's view back (of a valid view).
+    pub fn to_view(&self) -> klp::RedirectView {
+        klp::RedirectView {
+            top: target_of(self.top),
+            top_transition: self.top_transition != 0,
+            below: target_of(self.below),
+        }
+    }
+}
+
 const _: () = {
     assert!(core::mem::size_of::<CView>() == 24);
     assert!(core::mem::offset_of!(CView, top) == 0);

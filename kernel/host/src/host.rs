@@ -50,7 +50,7 @@ fn state_to_c(s: PatchState) -> c_int {
     s.as_i32()
 }
 
-fn state_from_c(s: c_int) -> PatchState {
+pub(crate) fn state_from_c(s: c_int) -> PatchState {
     match s {
         0 => PatchState::Unpatched,
         1 => PatchState::Patched,
@@ -322,12 +322,7 @@ impl Host for KHost {
     }
 
     fn hook_publish(&mut self, site: Addr, view: Option<klp::RedirectView>) {
-        let cview = view.map_or(CView::default(), |v| CView {
-            top: target_addr(v.top),
-            below: target_addr(v.below),
-            top_transition: u8::from(v.top_transition),
-            valid: 1,
-        });
+        let cview = CView::from_view(view);
         // SAFETY: `cview` lives for the call; the core publishes only registered sites.
         unsafe { ffi::klp_c_hook_publish(site, &cview) }
     }
@@ -482,12 +477,5 @@ impl Host for KHost {
             Some(m) => unsafe { ffi::klp_c_schedule_free(m.cpatch) },
             None => self.warn("klp_free_patch_async: unknown patch"),
         }
-    }
-}
-
-fn target_addr(t: klp::Target) -> u64 {
-    match t {
-        klp::Target::Original => 0,
-        klp::Target::Func(a) => a,
     }
 }
