@@ -38,6 +38,7 @@
 //! frame pointers never makes a check pass wrongly.
 
 pub mod ctl;
+pub mod loader;
 pub mod process;
 pub mod redirect;
 pub mod stack;

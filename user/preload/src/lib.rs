@@ -1,0 +1,1 @@
+//! libklp.so (being written).

@@ -1,0 +1,1 @@
+//! Which patch files get in: build ids and signatures. (Being written.)
