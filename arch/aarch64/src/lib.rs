@@ -23,6 +23,7 @@
 //!   dsb ish; isb`, register capture.
 
 pub mod insn;
+pub mod link;
 pub mod reloc;
 pub mod site;
 pub mod unwind;
@@ -76,6 +77,18 @@ impl Arch for Aarch64 {
         _ctx: &RelocCtx,
     ) -> Result<(), RelocError> {
         reloc::apply(section, section_addr, reloc)
+    }
+
+    fn link_class(r_type: u32) -> klp_arch::LinkClass {
+        link::class(r_type)
+    }
+
+    fn call_stub(
+        at: u64,
+        target: u64,
+        out: &mut [u8; klp_arch::MAX_CALL_STUB],
+    ) -> Result<usize, EncodeError> {
+        link::call_stub(at, target, out)
     }
 
     fn unwind_reliable(

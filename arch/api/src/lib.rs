@@ -31,12 +31,14 @@
 
 mod bytes;
 pub mod conformance;
+mod link;
 pub mod model;
 mod reloc;
 mod site;
 mod unwind;
 
 pub use bytes::{InsnBytes, read_u16, read_u32};
+pub use link::{LinkClass, MAX_CALL_STUB};
 pub use reloc::{Reloc, RelocCtx, RelocError, field};
 pub use site::{
     EncodeError, FuncInfo, Redirect, RedirectKind, Site, SiteError, SiteForm, displacement,
@@ -176,6 +178,38 @@ pub trait Arch: 'static {
     fn clear_relocation(section: &mut [u8], reloc: &Reloc) -> Result<(), RelocError> {
         let _ = (section, reloc);
         Ok(())
+    }
+
+    /// Whether a call from a loaded patch object to any function outside it goes
+    /// through a call stub whatever the distance (ppc64le: the callee has another TOC,
+    /// which the stub switches to after saving the caller's, see the arch's `reloc`).
+    const CALLS_LEAVING_OBJECT_NEED_STUB: bool = false;
+
+    /// How a user-space loader links an ordinary relocation of type `r_type` (see
+    /// [`LinkClass`]). Default: every type is written as it is.
+    fn link_class(r_type: u32) -> LinkClass {
+        let _ = r_type;
+        LinkClass::Plain
+    }
+
+    /// Writes into `out` a call stub placed at `at` that jumps to `target`, clobbering
+    /// only registers the calling convention lets a linker's stub clobber, and returns
+    /// its length (at most [`MAX_CALL_STUB`]; `at` must be 8-aligned). Default: no
+    /// stubs on this arch.
+    fn call_stub(
+        at: u64,
+        target: u64,
+        out: &mut [u8; MAX_CALL_STUB],
+    ) -> Result<usize, EncodeError> {
+        let _ = (at, target, out);
+        Err(EncodeError::Unsupported)
+    }
+
+    /// The address a direct call from the same object enters the function at `addr`
+    /// whose symbol has `st_other` (ppc64le: the local entry, past the TOC setup).
+    fn local_entry(addr: u64, st_other: u8) -> u64 {
+        let _ = st_other;
+        addr
     }
 
     /// Walks the stack reliably from `start`, handing every return address (innermost

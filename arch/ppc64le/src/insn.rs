@@ -18,6 +18,10 @@ pub const ADDI_R2_R2: u32 = 0x3842_0000;
 pub const LD_R2_24_R1: u32 = 0xe841_0018;
 /// `std r2,24(r1)`: saves the TOC in the caller's frame (done by a call stub).
 pub const STD_R2_24_R1: u32 = 0xf841_0018;
+/// `mtctr r12`.
+pub const MTCTR_R12: u32 = 0x7d89_03a6;
+/// `bctr`.
+pub const BCTR: u32 = 0x4e80_0420;
 /// Reach of `b`/`bl`: `[-32 MiB, 32 MiB)`.
 pub const BRANCH_LIMIT: u64 = 1 << 25;
 /// The displacement bits of `b`/`bl` (`LI || 0b00`).

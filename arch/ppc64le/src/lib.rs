@@ -26,6 +26,7 @@
 //! * `live` (powerpc64 builds only): text writes with `dcbst; sync; icbi; sync; isync`.
 
 pub mod insn;
+pub mod link;
 pub mod reloc;
 pub mod site;
 pub mod toc;
@@ -86,6 +87,24 @@ impl Arch for Ppc64le {
     /// `apply_relocation` expects there.
     fn clear_relocation(section: &mut [u8], reloc: &Reloc) -> Result<(), RelocError> {
         reloc::clear(section, reloc)
+    }
+
+    const CALLS_LEAVING_OBJECT_NEED_STUB: bool = true;
+
+    fn link_class(r_type: u32) -> klp_arch::LinkClass {
+        link::class(r_type)
+    }
+
+    fn call_stub(
+        at: u64,
+        target: u64,
+        out: &mut [u8; klp_arch::MAX_CALL_STUB],
+    ) -> Result<usize, EncodeError> {
+        link::call_stub(at, target, out)
+    }
+
+    fn local_entry(addr: u64, st_other: u8) -> u64 {
+        addr.wrapping_add(site::local_entry_offset(st_other).unwrap_or(0))
     }
 
     fn unwind_reliable(

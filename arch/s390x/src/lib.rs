@@ -24,6 +24,7 @@
 //!   z/Architecture keeps instruction fetch coherent with stores, so no cache flush.
 
 pub mod insn;
+pub mod link;
 pub mod reloc;
 pub mod site;
 pub mod unwind;
@@ -71,6 +72,18 @@ impl Arch for S390x {
         _ctx: &RelocCtx,
     ) -> Result<(), RelocError> {
         reloc::apply(section, section_addr, reloc)
+    }
+
+    fn link_class(r_type: u32) -> klp_arch::LinkClass {
+        link::class(r_type)
+    }
+
+    fn call_stub(
+        at: u64,
+        target: u64,
+        out: &mut [u8; klp_arch::MAX_CALL_STUB],
+    ) -> Result<usize, EncodeError> {
+        link::call_stub(at, target, out)
     }
 
     fn unwind_reliable(

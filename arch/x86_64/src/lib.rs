@@ -26,6 +26,7 @@
 //! running the new bytes (the kernel's `text_poke_sync`), which the host provides.
 
 pub mod insn;
+pub mod link;
 pub mod reloc;
 pub mod site;
 pub mod unwind;
@@ -73,6 +74,18 @@ impl Arch for X86_64 {
     /// Zeroes the field: x86_64's `apply_relocate_add` refuses a field that is not zero.
     fn clear_relocation(section: &mut [u8], reloc: &Reloc) -> Result<(), RelocError> {
         reloc::clear(section, reloc)
+    }
+
+    fn link_class(r_type: u32) -> klp_arch::LinkClass {
+        link::class(r_type)
+    }
+
+    fn call_stub(
+        at: u64,
+        target: u64,
+        out: &mut [u8; klp_arch::MAX_CALL_STUB],
+    ) -> Result<usize, EncodeError> {
+        link::call_stub(at, target, out)
     }
 
     fn unwind_reliable(
