@@ -38,9 +38,23 @@ fn build(src: &str, prefix: &str, flags: &[&str]) -> cc::Build {
     b
 }
 
+/// The flags a patch object is compiled with on each architecture, so that its
+/// references to the program's static symbols are PC-relative or TOC-relative (which
+/// the livepatch relocation writer handles), not through a GOT.
+fn patch_flags(arch: &str) -> &'static [&'static str] {
+    match arch {
+        "x86_64" => &["-fPIE"],
+        "s390x" => &["-fno-pic", "-mbackchain"],
+        "aarch64" => &["-fno-pic"],
+        _ => &[],
+    }
+}
+
 fn main() {
     let src = "tests/c/cfuncs.c";
     println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-changed=tests/c/loadee.c");
+    println!("cargo:rerun-if-changed=tests/c/loadfix.c");
     println!("cargo:rerun-if-changed=build.rs");
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     // A sanitizer that intercepts `pthread_create` (`-Zsanitizer=address|thread|…`,
@@ -82,6 +96,35 @@ fn main() {
     build(src, "klp_cexe_", flags).compile("klpcfun_static");
     let archive = out.join("libklpcfun_static.a");
     println!("cargo:rustc-link-arg-tests={}", archive.display());
+
+    // tests/loader.rs: a target linked into the tests, and a patch object (not linked).
+    build("tests/c/loadee.c", "klp_loadee_", flags).compile("klploadee");
+    println!(
+        "cargo:rustc-link-arg-tests={}",
+        out.join("libklploadee.a").display()
+    );
+    let fix = out.join("loadfix.o");
+    let mut cmd = cc::Build::new()
+        .opt_level(2)
+        .cargo_metadata(false)
+        .flag("-fno-omit-frame-pointer")
+        .get_compiler()
+        .to_command();
+    if sanitize.split(',').any(|s| s == "address" || s == "thread") {
+        cmd.arg("-fno-sanitize=all");
+    }
+    cmd.args(patch_flags(&var("CARGO_CFG_TARGET_ARCH")))
+        .args(["-c", "tests/c/loadfix.c", "-o"])
+        .arg(&fix);
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler ({cmd:?}): {e}"));
+    assert!(
+        status.success(),
+        "building {} failed: {cmd:?}",
+        fix.display()
+    );
+    println!("cargo:rustc-env=KLP_LOADFIX_O={}", fix.display());
 
     let so = out.join("libklpcfun.so");
     let mut cmd = build(src, "klp_cso_", flags).get_compiler().to_command();

@@ -7,9 +7,9 @@
 //! `Native` is [`Unsupported`]: every operation returns an error, nothing panics.
 
 pub use klp_arch::{
-    Arch, CacheStep, EncodeError, Endian, FuncInfo, InsnBytes, Redirect, RedirectKind, Reloc,
-    RelocCtx, RelocError, SafePointHook, Site, SiteError, SiteForm, StackBounds, StackMemory,
-    Trace, TraceSink, UnwindError, UnwindStart,
+    Arch, CacheStep, EncodeError, Endian, FuncInfo, InsnBytes, LinkClass, MAX_CALL_STUB, Redirect,
+    RedirectKind, Reloc, RelocCtx, RelocError, SafePointHook, Site, SiteError, SiteForm,
+    StackBounds, StackMemory, Trace, TraceSink, UnwindError, UnwindStart,
 };
 
 use klp_arch::model::HandStack;

@@ -137,9 +137,57 @@ pub struct ProcessHost {
     retry_due: Option<Instant>,
     free_queue: Vec<PatchId>,
     warnings: u64,
+    /// The patch files loaded into the process ([`crate::loader`]), by patch name.
+    patch_files: crate::loader::PatchFiles,
 }
 
 impl ProcessHost {
+    /// Whether the patch module `name` is loaded (its patch not yet freed).
+    pub(crate) fn patch_module_loaded(&self, name: &str) -> bool {
+        self.modules.contains_key(name)
+    }
+
+    /// Takes in a loaded patch file as the patch module `name`: its module registered,
+    /// its code indexed.
+    pub(crate) fn add_patch_file(
+        &mut self,
+        name: &str,
+        file: crate::loader::PatchFile,
+        indexed: Arc<crate::symbols::LoadedObject>,
+    ) {
+        crate::symbols::add_patch_object(indexed.clone());
+        self.index = Arc::new(self.index.with_current_patches());
+        stack::forget_code();
+        self.patch_files.insert(name.to_string(), (file, indexed));
+        self.modules
+            .insert(name.to_string(), PatchModule::default());
+    }
+
+    /// Forgets the patch module `name` if nothing holds it (its enable failed).
+    pub(crate) fn patch_module_put_back(&mut self, name: &str) {
+        if self.modules.get(name).is_some_and(|m| m.refcnt == 0) {
+            self.modules.remove(name);
+        }
+    }
+
+    /// Unmaps the patch file `name` (its patch is gone or never ran). Returns whether
+    /// there was one.
+    pub(crate) fn drop_patch_file(&mut self, name: &str) -> bool {
+        let Some((file, indexed)) = self.patch_files.remove(name) else {
+            return false;
+        };
+        crate::symbols::remove_patch_object(indexed.bias);
+        self.index = Arc::new(self.index.with_current_patches());
+        stack::forget_code();
+        drop(file);
+        true
+    }
+
+    /// The names of the patch files loaded.
+    pub fn patch_files(&self) -> Vec<String> {
+        self.patch_files.keys().cloned().collect()
+    }
+
     fn rec(&self, t: TaskId) -> Option<Arc<ThreadRecord>> {
         match self.cache.get(&t) {
             Some(r) => Some(r.clone()),
@@ -385,6 +433,32 @@ impl Host for ProcessHost {
                 self.modules.remove(patch_module);
             }
         }
+    }
+
+    /// Writes the `.klp.rela.<obj>` sections of a patch file when `obj` is present.
+    fn apply_object_relocs(&mut self, patch_module: &str, obj: &str) -> Result<(), Errno> {
+        let Some((mut file, indexed)) = self.patch_files.remove(patch_module) else {
+            return Ok(());
+        };
+        let r = crate::loader::object_arrived(self, &mut file, obj);
+        self.patch_files
+            .insert(patch_module.to_string(), (file, indexed));
+        r.map_err(|e| {
+            self.line(format!("klp-user: {patch_module}: {}", e.message));
+            e.errno
+        })
+    }
+
+    /// Clears them again when `obj` goes.
+    fn clear_object_relocs(&mut self, patch_module: &str, obj: &str) {
+        let Some((mut file, indexed)) = self.patch_files.remove(patch_module) else {
+            return;
+        };
+        if let Err(e) = crate::loader::object_left(&mut file, obj) {
+            self.line(format!("klp-user: {patch_module}: {}", e.message));
+        }
+        self.patch_files
+            .insert(patch_module.to_string(), (file, indexed));
     }
 
     fn for_each_symbol(
@@ -845,6 +919,7 @@ impl Process {
                     retry_due: None,
                     free_queue: Vec::new(),
                     warnings: 0,
+                    patch_files: Default::default(),
                 },
             }),
             log,

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use klp::Addr;
 use object::{Object, ObjectSymbol, SymbolKind};
@@ -83,10 +83,40 @@ pub struct Changes {
     pub removed: Vec<String>,
 }
 
+/// The patch objects loaded from patch files ([`crate::loader`]): indexed with the
+/// loaded objects (their text is code a stack may hold, their symbols name frames), but
+/// not modules a patch can target.
+static PATCH_OBJECTS: Mutex<Vec<Arc<LoadedObject>>> = Mutex::new(Vec::new());
+
+fn patch_objects() -> Vec<Arc<LoadedObject>> {
+    PATCH_OBJECTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// Adds a loaded patch object to every index built from now on.
+pub fn add_patch_object(o: Arc<LoadedObject>) {
+    PATCH_OBJECTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(o);
+}
+
+/// Removes the patch object at load bias `bias` from the indexes built from now on.
+pub fn remove_patch_object(bias: u64) {
+    PATCH_OBJECTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|o| o.bias != bias);
+}
+
 /// The index: see the module documentation.
 #[derive(Debug, Default)]
 pub struct SymbolIndex {
+    /// The loaded objects (`..real`), then the patch objects.
     objects: Vec<Arc<LoadedObject>>,
+    real: usize,
     /// (object, name) → addresses in table order.
     by_name: HashMap<(Option<String>, String), Vec<Addr>>,
     /// (address, size, object index, symbol index), sorted by address.
@@ -242,10 +272,10 @@ impl SymbolIndex {
             added: objects
                 .iter()
                 .filter_map(|o| o.name.clone())
-                .filter(|n| !self.objects.iter().any(|o| o.name.as_ref() == Some(n)))
+                .filter(|n| !self.objects().iter().any(|o| o.name.as_ref() == Some(n)))
                 .collect(),
             removed: self
-                .objects
+                .objects()
                 .iter()
                 .filter_map(|o| o.name.clone())
                 .filter(|n| !objects.iter().any(|o| o.name.as_ref() == Some(n)))
@@ -259,7 +289,24 @@ impl SymbolIndex {
         Self::build_with(objects, Vec::new())
     }
 
-    fn build_with(objects: Vec<Arc<LoadedObject>>, anon_text: Vec<(Addr, Addr)>) -> SymbolIndex {
+    /// The same loaded objects with the patch objects of now (after a patch file was
+    /// loaded or removed).
+    pub fn with_current_patches(&self) -> SymbolIndex {
+        let anon = self
+            .text
+            .iter()
+            .copied()
+            .filter(|t| !self.objects.iter().any(|o| o.text.contains(t)))
+            .collect();
+        Self::build_with(self.objects().to_vec(), anon)
+    }
+
+    fn build_with(
+        mut objects: Vec<Arc<LoadedObject>>,
+        anon_text: Vec<(Addr, Addr)>,
+    ) -> SymbolIndex {
+        let real = objects.len();
+        objects.extend(patch_objects());
         let mut by_name: HashMap<(Option<String>, String), Vec<Addr>> = HashMap::new();
         let mut by_addr = Vec::new();
         let mut text = anon_text;
@@ -279,6 +326,7 @@ impl SymbolIndex {
         text.sort_unstable();
         SymbolIndex {
             objects,
+            real,
             by_name,
             by_addr,
             text,
@@ -287,12 +335,14 @@ impl SymbolIndex {
 
     /// The loaded objects, the executable first.
     pub fn objects(&self) -> &[Arc<LoadedObject>] {
-        &self.objects
+        self.objects.get(..self.real).unwrap_or(&self.objects)
     }
 
     /// Whether module `name` is loaded.
     pub fn has_module(&self, name: &str) -> bool {
-        self.objects.iter().any(|o| o.name.as_deref() == Some(name))
+        self.objects()
+            .iter()
+            .any(|o| o.name.as_deref() == Some(name))
     }
 
     /// Every symbol named `name` in `obj` (`None` = the executable), in table order.

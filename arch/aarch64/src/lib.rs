@@ -61,6 +61,7 @@ impl Arch for Aarch64 {
     const MAX_SITE_LEN: usize = site::LEN;
     const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
     const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
+    const SITE_FLAGS: &'static str = "-fpatchable-function-entry=2";
 
     fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         site::find(code, func)

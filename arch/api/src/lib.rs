@@ -146,6 +146,9 @@ pub trait Arch: 'static {
     const CACHE_SYNC: &'static [CacheStep];
     /// What the arch adds to the safe-point update.
     const SAFE_POINT_HOOK: SafePointHook;
+    /// The gcc flags that give a C function a patch site this back-end recognises
+    /// (for messages that tell a user how to rebuild).
+    const SITE_FLAGS: &'static str = "";
 
     /// Recognises the unpatched patch site of the function `func` whose first bytes are
     /// `code` (from the symbol address on). Anything that is not one of the arch's

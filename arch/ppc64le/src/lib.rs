@@ -65,6 +65,7 @@ impl Arch for Ppc64le {
     const MAX_SITE_LEN: usize = site::LEN;
     const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
     const SAFE_POINT_HOOK: SafePointHook = SafePointHook::LivepatchStackCheck;
+    const SITE_FLAGS: &'static str = "-pg -mprofile-kernel";
 
     fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         site::find(code, func)

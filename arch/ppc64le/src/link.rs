@@ -44,7 +44,7 @@ pub fn call_stub(
     for (dst, w) in out.chunks_exact_mut(4).zip(words) {
         dst.copy_from_slice(&w.to_le_bytes());
     }
-    Ok(words.len() * 4)
+    Ok(core::mem::size_of_val(&words))
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ impl Arch for S390x {
     const MAX_SITE_LEN: usize = site::MAX_LEN;
     const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
     const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
+    const SITE_FLAGS: &'static str = "-pg -mfentry -mnop-mcount";
 
     fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         site::find(code, func)

@@ -53,6 +53,7 @@ impl Arch for X86_64 {
     const MAX_SITE_LEN: usize = site::MAX_LEN;
     const CACHE_SYNC: &'static [CacheStep] = &[];
     const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
+    const SITE_FLAGS: &'static str = "-fpatchable-function-entry=5";
 
     fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         site::find(code, func)

@@ -273,6 +273,8 @@ pub struct Symbol<'d> {
     pub size: u64,
     /// `st_info`.
     pub info: u8,
+    /// `st_other` (visibility; ppc64le keeps the local entry offset in its top bits).
+    pub other: u8,
 }
 
 impl Symbol<'_> {
@@ -630,6 +632,7 @@ impl<'d> PatchObject<'d> {
             value: s.st_value.get(e),
             size: s.st_size.get(e),
             info: s.st_info.0,
+            other: s.st_other.0,
         })
     }
 

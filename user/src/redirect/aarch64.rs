@@ -100,6 +100,10 @@ static PATCHING: AtomicU64 = AtomicU64::new(0);
 /// Bytes of a site.
 const LEN: u64 = klp_arch_aarch64::site::LEN as u64;
 
+/// Writes new text and makes it visible to instruction fetch (for the patch loader).
+pub(crate) const WRITE_TEXT: Option<unsafe fn(*mut u8, &[u8])> =
+    Some(klp_arch_aarch64::live::write_text);
+
 /// The site at the entry of the function that starts at `addr` (a function symbol of
 /// the index whose first words are an unpatched aarch64 site).
 pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {

@@ -189,14 +189,8 @@ pub(crate) mod native;
     all(target_arch = "powerpc64", target_endian = "little"),
     target_arch = "s390x"
 ))]
-mod stubs;
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    all(target_arch = "powerpc64", target_endian = "little"),
-    target_arch = "s390x"
-))]
-mod text;
+pub(crate) mod stubs;
+pub(crate) mod text;
 #[cfg(any(
     target_arch = "x86_64",
     target_arch = "aarch64",

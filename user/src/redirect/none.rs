@@ -23,6 +23,9 @@ macro_rules! __patchable_wrapper {
     };
 }
 
+/// No text writer on this architecture.
+pub(crate) const WRITE_TEXT: Option<unsafe fn(*mut u8, &[u8])> = None;
+
 /// No site on this architecture.
 pub(crate) fn find(_index: &SymbolIndex, _addr: u64) -> Option<Site> {
     None

@@ -146,6 +146,10 @@ fn local_field(st_other: u8) -> u8 {
     st_other >> 5
 }
 
+/// Writes new text and makes it visible to instruction fetch (for the patch loader).
+pub(crate) const WRITE_TEXT: Option<unsafe fn(*mut u8, &[u8])> =
+    Some(klp_arch_ppc64le::live::write_text);
+
 /// The site at the local entry of the function that starts at `addr` (a function
 /// symbol of the index whose local entry holds two nops).
 pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {

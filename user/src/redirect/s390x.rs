@@ -103,6 +103,10 @@ const HWCAP_S390_VXRS: u64 = 1 << 11;
 
 static TEXT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Writes new text and makes it visible to instruction fetch (for the patch loader).
+pub(crate) const WRITE_TEXT: Option<unsafe fn(*mut u8, &[u8])> =
+    Some(klp_arch_s390x::live::write_text);
+
 /// The site at the entry of the function that starts at `addr` (a function symbol of
 /// the index, whose first instruction is an unpatched `brcl 0,…`).
 pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {

@@ -60,6 +60,10 @@ const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub(super) static TEXT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Writes new text and makes it visible to instruction fetch (for the patch loader).
+pub(crate) const WRITE_TEXT: Option<unsafe fn(*mut u8, &[u8])> =
+    Some(klp_arch_x86_64::live::write_text);
+
 /// The site at the entry of the function that starts at `addr` (a function symbol of
 /// the index, whose bytes are an unpatched x86 nop site).
 pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {

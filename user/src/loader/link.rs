@@ -1,0 +1,339 @@
+//! The relocations of a patch file: the ordinary ones (the patch's own symbols and
+//! the process's exported symbols) and the `.klp.rela` ones (symbols the core resolves
+//! with the kernel's rules), written by one linker with the architecture's stubs and
+//! slots (see `klp_arch::LinkClass`).
+//!
+//! Every entry of a call is written into a copy of its section first; the image changes
+//! only when every entry succeeded, so a refused file or object leaves the sections as
+//! they were (stubs and slots already made stay unused).
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+
+use klp::arch::{Arch, LinkClass, Native, Reloc, RelocError};
+use klp::elf::{PatchObject, Section, Symbol};
+use klp::{Errno, Host};
+
+use super::image::{Image, malformed};
+use super::{LoadError, errno_text};
+
+const SHT_RELA: u32 = 4;
+const SHN_UNDEF: u32 = 0;
+const SHN_ABS: u32 = 0xfff1;
+const SHN_COMMON: u32 = 0xfff2;
+const STB_WEAK: u8 = 2;
+
+/// A symbol's value for a relocation.
+#[derive(Clone, Copy, Debug)]
+struct Value {
+    addr: u64,
+    /// Defined by the patch itself (a call to it stays inside the object).
+    local: bool,
+    other: u8,
+}
+
+fn link_error(errno: Errno, what: String) -> LoadError {
+    LoadError::new(errno, format!("{what} ({})", errno_text(errno)))
+}
+
+/// `name` of the patch's section `index`, for messages.
+fn section_name<'d>(obj: &PatchObject<'d>, index: usize) -> &'d str {
+    obj.section(index).map_or("?", |s| s.name)
+}
+
+/// The value of an ordinary (not livepatch) symbol.
+fn ordinary(img: &Image, sym: &Symbol<'_>) -> Result<Value, LoadError> {
+    let value = |addr| Value {
+        addr,
+        local: false,
+        other: sym.other,
+    };
+    match sym.shndx {
+        SHN_UNDEF => {
+            if sym.name == ".TOC." {
+                return img.toc.map(value).ok_or_else(|| {
+                    link_error(Errno::ENOEXEC, "the patch uses a TOC but has none".into())
+                });
+            }
+            let Ok(c) = CString::new(sym.name) else {
+                return Err(link_error(
+                    Errno::ENOEXEC,
+                    format!(
+                        "the patch needs a symbol with a NUL in its name ({:?})",
+                        sym.name
+                    ),
+                ));
+            };
+            // SAFETY: `c` is a NUL-terminated name; RTLD_DEFAULT searches the global
+            // scope in the dynamic linker's order.
+            let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
+            if !p.is_null() {
+                return Ok(value(p as u64));
+            }
+            if sym.info >> 4 == STB_WEAK {
+                return Ok(value(0));
+            }
+            Err(link_error(
+                Errno::ENOENT,
+                format!(
+                    "the patch needs '{}', which no loaded object of the program exports: if it is a static symbol of the program or a library, run klp-convert with that binary as a target",
+                    super::demangle(sym.name)
+                ),
+            ))
+        }
+        SHN_ABS => Ok(value(sym.value)),
+        SHN_COMMON => Err(link_error(
+            Errno::ENOEXEC,
+            format!(
+                "'{}' is a common symbol: build the patch with -fno-common",
+                sym.name
+            ),
+        )),
+        s if s == u32::from(klp::elf::SHN_LIVEPATCH) => Err(link_error(
+            Errno::ENOEXEC,
+            format!(
+                "the ordinary relocations of the patch reference the livepatch symbol '{}'",
+                sym.name
+            ),
+        )),
+        s => match img.section_addr(s as usize) {
+            Some(base) => Ok(Value {
+                addr: base.wrapping_add(sym.value),
+                local: true,
+                other: sym.other,
+            }),
+            None => Err(link_error(
+                Errno::ENOEXEC,
+                format!(
+                    "'{}' is defined in section {s}, which is not loaded",
+                    sym.name
+                ),
+            )),
+        },
+    }
+}
+
+/// Writes one entry into `bytes` (section loaded at `addr`) with the architecture's
+/// linking rules: a call out of reach, or leaving the object where the arch says so,
+/// goes through a stub; a GOT reference through a slot.
+fn link_one(
+    img: &mut Image,
+    bytes: &mut [u8],
+    addr: u64,
+    r: &klp::elf::Rela,
+    v: Value,
+) -> Result<(), RelocError> {
+    let ctx = klp::arch::RelocCtx { toc: img.toc };
+    let mut reloc = Reloc {
+        r_type: r.r_type,
+        offset: r.offset,
+        sym: v.addr,
+        addend: r.addend,
+        external: false,
+    };
+    match Native::link_class(r.r_type) {
+        LinkClass::Plain => Native::apply_relocation(bytes, addr, &reloc, &ctx),
+        LinkClass::GotSlot { as_type } => {
+            reloc.r_type = as_type;
+            reloc.sym = img.slot_for(v.addr).map_err(|_| RelocError::Unsupported)?;
+            Native::apply_relocation(bytes, addr, &reloc, &ctx)
+        }
+        LinkClass::Call => {
+            let direct = v.local || !Native::CALLS_LEAVING_OBJECT_NEED_STUB;
+            if direct {
+                if v.local {
+                    reloc.sym = Native::local_entry(v.addr, v.other);
+                }
+                match Native::apply_relocation(bytes, addr, &reloc, &ctx) {
+                    Err(RelocError::Overflow { .. }) if !v.local => {}
+                    r => return r,
+                }
+            }
+            reloc.sym = img.stub_for(v.addr).map_err(|_| RelocError::Unsupported)?;
+            reloc.external = true;
+            Native::apply_relocation(bytes, addr, &reloc, &ctx)
+        }
+    }
+}
+
+/// The staged copies of the sections a linking step changes.
+#[derive(Default)]
+struct Stage(BTreeMap<usize, Vec<u8>>);
+
+impl Stage {
+    fn section(&mut self, img: &Image, index: usize) -> Result<&mut Vec<u8>, LoadError> {
+        match self.0.entry(index) {
+            std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let bytes = img.bytes(index).ok_or_else(|| {
+                    link_error(
+                        Errno::ENOEXEC,
+                        format!("relocations for section {index}, which is not loaded"),
+                    )
+                })?;
+                Ok(e.insert(bytes.to_vec()))
+            }
+        }
+    }
+
+    fn commit(self, img: &mut Image) -> Result<(), LoadError> {
+        for (index, bytes) in self.0 {
+            img.write_section(index, &bytes)
+                .map_err(|e| link_error(e, format!("cannot write the patch's section {index}")))?;
+        }
+        Ok(())
+    }
+}
+
+fn reloc_failed(
+    obj: &PatchObject<'_>,
+    rel: &Section<'_>,
+    entry: usize,
+    sym: &str,
+    e: RelocError,
+) -> LoadError {
+    let errno = Errno::from_ret(e.errno());
+    link_error(
+        errno,
+        format!(
+            "cannot link the patch's {}: entry {entry} of {} (against '{}'): {e}",
+            section_name(obj, rel.info as usize),
+            rel.name,
+            super::demangle(sym)
+        ),
+    )
+}
+
+/// Links every ordinary relocation section whose target section is loaded.
+pub(crate) fn link_ordinary(img: &mut Image, obj: &PatchObject<'_>) -> Result<(), LoadError> {
+    let mut stage = Stage::default();
+    for rel in obj.sections() {
+        let rel = rel.map_err(|e| malformed(&e))?;
+        if rel.sh_type != SHT_RELA || rel.is_klp_rela() {
+            continue;
+        }
+        let target = rel.info as usize;
+        let Some(addr) = img.section_addr(target) else {
+            continue;
+        };
+        let relas = obj.relas(rel.index).map_err(|e| malformed(&e))?;
+        for (entry, r) in relas.enumerate() {
+            let sym = obj.symbol(r.sym as usize).map_err(|e| malformed(&e))?;
+            let v = ordinary(img, &sym)?;
+            let bytes = stage.section(img, target)?;
+            let mut copy = std::mem::take(bytes);
+            let res = link_one(img, &mut copy, addr, &r, v);
+            *stage.section(img, target)? = copy;
+            res.map_err(|e| reloc_failed(obj, &rel, entry, sym.name, e))?;
+        }
+    }
+    stage.commit(img)
+}
+
+/// Writes the `.klp.rela.<objname>.*` sections, each livepatch symbol resolved once by
+/// the core (`klp_resolve_symbols`, with its messages in the process's log).
+pub(crate) fn link_klp<H: Host>(
+    host: &mut H,
+    img: &mut Image,
+    obj: &PatchObject<'_>,
+    objname: &str,
+) -> Result<(), LoadError> {
+    let mut stage = Stage::default();
+    let mut resolved: BTreeMap<u32, u64> = BTreeMap::new();
+    for sec in obj.klp_relas() {
+        let sec = sec.map_err(|e| malformed(&e))?;
+        if sec.objname != objname {
+            continue;
+        }
+        let Some(addr) = img.section_addr(sec.target) else {
+            return Err(link_error(
+                Errno::ENOEXEC,
+                format!(
+                    "{} relocates a section that is not loaded",
+                    sec.section.name
+                ),
+            ));
+        };
+        let relas = obj.relas(sec.section.index).map_err(|e| malformed(&e))?;
+        for (entry, r) in relas.enumerate() {
+            let sym = obj.symbol(r.sym as usize).map_err(|e| malformed(&e))?;
+            if !sym.is_livepatch() {
+                return Err(link_error(
+                    Errno::EINVAL,
+                    format!(
+                        "symbol {} at rela sec {} idx {entry} is not marked as a livepatch symbol",
+                        sym.name, sec.section.index
+                    ),
+                ));
+            }
+            let value = match resolved.get(&r.sym) {
+                Some(v) => *v,
+                None => {
+                    let v = klp::elf::reloc::resolve_livepatch_symbol(host, sym.name, objname)
+                        .map_err(|e| {
+                            link_error(
+                                e,
+                                format!(
+                                    "the patch needs '{}' of {}, which cannot be found (the process's log says why)",
+                                    klp::elf::parse_sym_name(sym.name)
+                                        .map_or(sym.name, |p| p.name),
+                                    super::object_label(objname)
+                                ),
+                            )
+                        })?;
+                    resolved.insert(r.sym, v);
+                    v
+                }
+            };
+            let v = Value {
+                addr: value,
+                local: false,
+                other: 0,
+            };
+            let bytes = stage.section(img, sec.target)?;
+            let mut copy = std::mem::take(bytes);
+            let res = link_one(img, &mut copy, addr, &r, v);
+            *stage.section(img, sec.target)? = copy;
+            res.map_err(|e| reloc_failed(obj, &sec.section, entry, sym.name, e))?;
+        }
+    }
+    stage.commit(img)
+}
+
+/// Undoes [`link_klp`] for `objname` (the object went away), so that its relocations
+/// can be written again when it comes back.
+pub(crate) fn unlink_klp(
+    img: &mut Image,
+    obj: &PatchObject<'_>,
+    objname: &str,
+) -> Result<(), LoadError> {
+    let mut stage = Stage::default();
+    for sec in obj.klp_relas() {
+        let sec = sec.map_err(|e| malformed(&e))?;
+        if sec.objname != objname {
+            continue;
+        }
+        let relas = obj.relas(sec.section.index).map_err(|e| malformed(&e))?;
+        let bytes = stage.section(img, sec.target)?;
+        for r in relas {
+            let reloc = Reloc {
+                r_type: match Native::link_class(r.r_type) {
+                    LinkClass::GotSlot { as_type } => as_type,
+                    _ => r.r_type,
+                },
+                offset: r.offset,
+                sym: 0,
+                addend: r.addend,
+                external: Native::CALLS_LEAVING_OBJECT_NEED_STUB
+                    && Native::link_class(r.r_type) == LinkClass::Call,
+            };
+            Native::clear_relocation(bytes, &reloc).map_err(|e| {
+                link_error(
+                    Errno::from_ret(e.errno()),
+                    format!("cannot undo {}: {e}", sec.section.name),
+                )
+            })?;
+        }
+    }
+    stage.commit(img)
+}

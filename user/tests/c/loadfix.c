@@ -1,0 +1,27 @@
+/*
+ * The replacement of klp_loadee_compute (tests/c/loadee.c), built as an ordinary
+ * object and turned into a patch file by klp-convert in tests/loader.rs. It calls the
+ * target's static helper and updates its static counter, and calls into the C library
+ * (resolved by the loader in the dynamic linker's order).
+ */
+
+#include <stdlib.h>
+
+extern int klp_loadee_count;
+extern int klp_loadee_helper(int x);
+
+int klp_loadfix_seen;
+
+int klp_loadee_compute_fixed(int x)
+{
+	klp_loadee_count += 100;
+	klp_loadfix_seen++;
+	return klp_loadee_helper(x) + abs(-2);
+}
+
+int klp_loadfix_pre_patch(void *obj)
+{
+	(void)obj;
+	klp_loadfix_seen = 1000;
+	return 0;
+}

@@ -1,0 +1,170 @@
+//! Patch files loaded into this process: a C function of the test executable replaced
+//! by a patch object that klp-convert turned into a livepatch object against this very
+//! executable (its static helper and counter reached through livepatch symbols, the C
+//! library through the loader's symbol resolution), enabled, disabled, loaded again;
+//! and bad files refused with nothing left behind.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use klp_user::loader::LoadOptions;
+use klp_user::{Config, Process};
+
+unsafe extern "C" {
+    fn klp_loadee_compute(x: i32) -> i32;
+    fn klp_loadee_counter() -> i32;
+    fn klp_loadee_helper_ref(x: i32) -> i32;
+}
+
+fn compute(x: i32) -> i32 {
+    // SAFETY: a plain C function of tests/c/loadee.c, linked into this executable.
+    unsafe { klp_loadee_compute(x) }
+}
+
+fn counter() -> i32 {
+    // SAFETY: as above.
+    unsafe { klp_loadee_counter() }
+}
+
+/// The tests share the patched function and the patch names: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn process() -> (&'static Process, std::sync::MutexGuard<'static, ()>) {
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let p = Process::init(Config::default());
+    // SAFETY: as above (keeps the static helper referenced).
+    assert_eq!(unsafe { klp_loadee_helper_ref(1) }, 10);
+    (p, g)
+}
+
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("klp-loader-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// tests/c/loadfix.o converted against this executable, with `manifest`.
+fn convert(manifest: &str, name: &str) -> PathBuf {
+    let fix = std::fs::read(env!("KLP_LOADFIX_O")).expect("loadfix.o");
+    let exe = std::fs::read("/proc/self/exe").expect("own executable");
+    let targets = [klp_convert::TargetInput {
+        name: "vmlinux".into(),
+        file: "/proc/self/exe".into(),
+        data: &exe,
+    }];
+    let m = klp_convert::Manifest::from_json(manifest).expect("manifest");
+    let out = klp_convert::convert(
+        "loadfix.o",
+        &fix,
+        &targets,
+        &m,
+        &klp_convert::Options::default(),
+    )
+    .expect("klp-convert");
+    let path = dir().join(format!("{name}.klp.o"));
+    std::fs::write(&path, out.data).expect("write patch file");
+    path
+}
+
+const MANIFEST: &str = r#"{
+  "patch": { "objects": [ { "object": "vmlinux",
+     "funcs": [ { "old": "klp_loadee_compute", "new": "klp_loadee_compute_fixed" } ],
+     "callbacks": { "pre_patch": "klp_loadfix_pre_patch" } } ] }
+}"#;
+
+fn wait(p: &Process) {
+    assert!(
+        p.wait_transition(Duration::from_secs(20)),
+        "transition ends"
+    );
+}
+
+#[test]
+fn a_patch_file_replaces_a_function_and_goes_again() {
+    let (p, _g) = process();
+    let path = convert(MANIFEST, "loadfix");
+    assert_eq!(compute(1), 2, "the bug");
+    let before = counter();
+    let loaded = p
+        .load_file(&path, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("load: {e}\nlog: {:?}", p.log().0));
+    assert_eq!(loaded.name, "loadfix");
+    wait(p);
+    // helper(1) + abs(-2), and the counter moved by the replacement's +100.
+    assert_eq!(compute(1), 12, "the fix runs");
+    assert_eq!(
+        counter(),
+        before + 100,
+        "the fix updates the program's static"
+    );
+    assert!(p.list().iter().any(|x| x.name == "loadfix" && x.enabled));
+
+    // Unloading an enabled patch is refused; disabling reverts.
+    let e = p.unload("loadfix").expect_err("busy while enabled");
+    assert!(e.message.contains("-EBUSY"), "{e}");
+    p.disable("loadfix").expect("disable");
+    wait(p);
+    p.run_due_work();
+    assert_eq!(compute(1), 2, "reverted");
+    // The same file can be loaded again once disabled.
+    p.load_file(&path, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("load again: {e}\nlog: {:?}", p.log().0));
+    wait(p);
+    assert_eq!(compute(2), 22);
+    p.disable("loadfix").expect("disable");
+    wait(p);
+    p.run_due_work();
+    p.unload("loadfix").expect("unload");
+    assert_eq!(compute(2), 3);
+    let e = p.unload("loadfix").expect_err("gone");
+    assert!(e.message.contains("-ENOENT"), "{e}");
+}
+
+fn refused(p: &'static Process, path: &Path, errno: &str) -> String {
+    let e = p
+        .load_file(path, &LoadOptions::default())
+        .expect_err("refused");
+    assert!(e.message.contains(errno), "{errno} expected: {e}");
+    assert_eq!(compute(5), 6, "the program is unharmed");
+    e.message
+}
+
+#[test]
+fn bad_files_are_refused_and_leave_nothing() {
+    let (p, _g) = process();
+    let d = dir();
+    // Missing, garbage, truncated, an ordinary object, a wrong old name.
+    refused(p, &d.join("nonexistent.o"), "-ENOENT");
+    let junk = d.join("junk.o");
+    std::fs::write(&junk, b"\x7fELF but not really").unwrap();
+    refused(p, &junk, "-ENOEXEC");
+    let good = convert(MANIFEST, "trunc");
+    let bytes = std::fs::read(&good).unwrap();
+    let trunc = d.join("trunc2.o");
+    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    refused(p, &trunc, "-ENOEXEC");
+    let m = refused(p, Path::new(env!("KLP_LOADFIX_O")), "-ENOEXEC");
+    assert!(m.contains("klp-convert"), "{m}");
+    // A function without a patch site (Rust code here), a sympos that does not exist.
+    let nosite = convert(
+        &MANIFEST.replace(
+            "\"old\": \"klp_loadee_compute\"",
+            "\"old\": \"klp_loader_plain\"",
+        ),
+        "nosite",
+    );
+    let m = refused(p, &nosite, "-EINVAL");
+    assert!(
+        m.starts_with("no patch site at the entry of 'klp_loader_plain' (-EINVAL): build with -"),
+        "{m}"
+    );
+    assert_eq!(klp_loader_plain(1), 1);
+    assert!(p.list().is_empty(), "{:?}", p.list());
+}
+
+/// A function of this executable without a patch site.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn klp_loader_plain(x: i32) -> i32 {
+    std::hint::black_box(x)
+}
