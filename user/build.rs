@@ -50,11 +50,31 @@ fn patch_flags(arch: &str) -> &'static [&'static str] {
     }
 }
 
+/// Builds `src` into the shared object `so` with `flags`, its path in `env`.
+fn shared_object(src: &str, so: &Path, flags: &[&str], sanitize: &str, env: &str) {
+    let mut cmd = build(src, "klp_x_", flags).get_compiler().to_command();
+    // See libklpcfun.so below: the shared object stays uninstrumented.
+    if sanitize.split(',').any(|s| s == "address") {
+        cmd.arg("-fno-sanitize=address");
+    }
+    let name = so.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    cmd.args(["-shared", &format!("-Wl,-soname,{name}"), "-o"])
+        .arg(so)
+        .arg(src);
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler ({cmd:?}): {e}"));
+    assert!(status.success(), "building {} failed: {cmd:?}", so.display());
+    println!("cargo:rustc-env={env}={}", so.display());
+}
+
 fn main() {
     let src = "tests/c/cfuncs.c";
     println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-changed=tests/c/loadee.c");
     println!("cargo:rerun-if-changed=tests/c/loadfix.c");
+    println!("cargo:rerun-if-changed=tests/c/loadlib.c");
+    println!("cargo:rerun-if-changed=tests/c/mcount_ppc64le.h");
     println!("cargo:rerun-if-changed=build.rs");
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     // A sanitizer that intercepts `pthread_create` (`-Zsanitizer=address|thread|…`,
@@ -126,6 +146,13 @@ fn main() {
     );
     println!("cargo:rustc-env=KLP_LOADFIX_O={}", fix.display());
 
+    shared_object(
+        "tests/c/loadlib.c",
+        &out.join("libklploadlib.so"),
+        flags,
+        &sanitize,
+        "KLP_LOADLIB_SO",
+    );
     let so = out.join("libklpcfun.so");
     let mut cmd = build(src, "klp_cso_", flags).get_compiler().to_command();
     // Under AddressSanitizer cc instruments the C code too (`-fsanitize=address`),

@@ -42,12 +42,15 @@ enum Part {
     Data,
 }
 
-/// A bump area of fixed-size entries (stubs or slots) keyed by their target.
+/// A bump area of fixed-size entries (stubs or slots), one per symbol of the patch
+/// (its key), holding the symbol's current address: an object that goes and comes
+/// back elsewhere gets its entries rewritten, not new ones.
 #[derive(Debug, Default)]
 struct Area {
     next: u64,
     end: u64,
-    by_target: HashMap<u64, u64>,
+    /// key → (entry address, target written there).
+    by_key: HashMap<u64, (u64, u64)>,
 }
 
 impl Area {
@@ -199,12 +202,12 @@ impl Image {
             stubs: Area {
                 next: base + sizes[0].next_multiple_of(ALIGN),
                 end: base + text_len,
-                by_target: HashMap::new(),
+                by_key: HashMap::new(),
             },
             slots: Area {
                 next: starts[2] + sizes[2].next_multiple_of(ALIGN),
                 end: starts[2] + data_len,
-                by_target: HashMap::new(),
+                by_key: HashMap::new(),
             },
             toc: None,
             sealed: false,
@@ -341,34 +344,38 @@ impl Image {
         Ok(())
     }
 
-    /// The call stub that jumps to `target`: an existing one, or a new one.
-    pub(crate) fn stub_for(&mut self, target: u64) -> Result<u64, Errno> {
-        if let Some(&s) = self.stubs.by_target.get(&target) {
-            return Ok(s);
-        }
-        let at = self
-            .stubs
-            .take(klp::arch::MAX_CALL_STUB as u64)
-            .ok_or(Errno::ENOSPC)?;
+    /// The call stub of symbol `key` that jumps to `target`: its entry (rewritten if it
+    /// jumped elsewhere), or a new one.
+    pub(crate) fn stub_for(&mut self, key: u64, target: u64) -> Result<u64, Errno> {
+        let at = match self.stubs.by_key.get(&key) {
+            Some(&(at, t)) if t == target => return Ok(at),
+            Some(&(at, _)) => at,
+            None => self
+                .stubs
+                .take(klp::arch::MAX_CALL_STUB as u64)
+                .ok_or(Errno::ENOSPC)?,
+        };
         let mut code = [0u8; klp::arch::MAX_CALL_STUB];
         let n = Native::call_stub(at, target, &mut code).map_err(|e| Errno::from_ret(e.errno()))?;
         self.write_at(at, code.get(..n).ok_or(Errno::EINVAL)?, true)?;
-        self.stubs.by_target.insert(target, at);
+        self.stubs.by_key.insert(key, (at, target));
         Ok(at)
     }
 
-    /// The address slot that holds `target`: an existing one, or a new one.
-    pub(crate) fn slot_for(&mut self, target: u64) -> Result<u64, Errno> {
-        if let Some(&s) = self.slots.by_target.get(&target) {
-            return Ok(s);
-        }
-        let at = self.slots.take(8).ok_or(Errno::ENOSPC)?;
+    /// The address slot of symbol `key` holding `target`: its entry (rewritten if it
+    /// held another address), or a new one.
+    pub(crate) fn slot_for(&mut self, key: u64, target: u64) -> Result<u64, Errno> {
+        let at = match self.slots.by_key.get(&key) {
+            Some(&(at, t)) if t == target => return Ok(at),
+            Some(&(at, _)) => at,
+            None => self.slots.take(8).ok_or(Errno::ENOSPC)?,
+        };
         let bytes = match <Native as Arch>::ENDIAN {
             klp::arch::Endian::Little => target.to_le_bytes(),
             klp::arch::Endian::Big => target.to_be_bytes(),
         };
         self.write_at(at, &bytes, false)?;
-        self.slots.by_target.insert(target, at);
+        self.slots.by_key.insert(key, (at, target));
         Ok(at)
     }
 

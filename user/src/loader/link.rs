@@ -26,6 +26,9 @@ const STB_WEAK: u8 = 2;
 /// A symbol's value for a relocation.
 #[derive(Clone, Copy, Debug)]
 struct Value {
+    /// Which symbol: its index, tagged for livepatch relocations (the key of its stub
+    /// or slot).
+    key: u64,
     addr: u64,
     /// Defined by the patch itself (a call to it stays inside the object).
     local: bool,
@@ -43,7 +46,9 @@ fn section_name<'d>(obj: &PatchObject<'d>, index: usize) -> &'d str {
 
 /// The value of an ordinary (not livepatch) symbol.
 fn ordinary(img: &Image, sym: &Symbol<'_>) -> Result<Value, LoadError> {
+    let key = (sym.index as u64) << 1;
     let value = |addr| Value {
+        key,
         addr,
         local: false,
         other: sym.other,
@@ -98,6 +103,7 @@ fn ordinary(img: &Image, sym: &Symbol<'_>) -> Result<Value, LoadError> {
         )),
         s => match img.section_addr(s as usize) {
             Some(base) => Ok(Value {
+                key,
                 addr: base.wrapping_add(sym.value),
                 local: true,
                 other: sym.other,
@@ -135,7 +141,7 @@ fn link_one(
         LinkClass::Plain => Native::apply_relocation(bytes, addr, &reloc, &ctx),
         LinkClass::GotSlot { as_type } => {
             reloc.r_type = as_type;
-            reloc.sym = img.slot_for(v.addr).map_err(|_| RelocError::Unsupported)?;
+            reloc.sym = img.slot_for(v.key, v.addr).map_err(|_| RelocError::Unsupported)?;
             Native::apply_relocation(bytes, addr, &reloc, &ctx)
         }
         LinkClass::Call => {
@@ -149,7 +155,7 @@ fn link_one(
                     r => return r,
                 }
             }
-            reloc.sym = img.stub_for(v.addr).map_err(|_| RelocError::Unsupported)?;
+            reloc.sym = img.stub_for(v.key, v.addr).map_err(|_| RelocError::Unsupported)?;
             reloc.external = true;
             Native::apply_relocation(bytes, addr, &reloc, &ctx)
         }
@@ -193,13 +199,20 @@ fn reloc_failed(
     e: RelocError,
 ) -> LoadError {
     let errno = Errno::from_ret(e.errno());
-    link_error(
+    let remedy = match e {
+        RelocError::Overflow { .. } => {
+            ": the symbol is out of the instruction's reach from the patch; build the patch with -fPIC, so that it reaches other objects' data through an address slot"
+        }
+        _ => "",
+    };
+    LoadError::new(
         errno,
         format!(
-            "cannot link the patch's {}: entry {entry} of {} (against '{}'): {e}",
+            "cannot link the patch's {}: entry {entry} of {} (against '{}'): {e} ({}){remedy}",
             section_name(obj, rel.info as usize),
             rel.name,
-            super::demangle(sym)
+            super::demangle(sym),
+            errno_text(errno)
         ),
     )
 }
@@ -286,6 +299,7 @@ pub(crate) fn link_klp<H: Host>(
                 }
             };
             let v = Value {
+                key: (u64::from(r.sym) << 1) | 1,
                 addr: value,
                 local: false,
                 other: 0,

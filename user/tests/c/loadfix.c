@@ -25,3 +25,13 @@ int klp_loadfix_pre_patch(void *obj)
 	klp_loadfix_seen = 1000;
 	return 0;
 }
+
+/* The replacement of klp_loadlib_value (tests/c/loadlib.c), for a library loaded later. */
+extern int klp_loadlib_helper(int x);
+extern int klp_loadlib_calls;
+
+int klp_loadlib_value_fixed(int x)
+{
+	klp_loadlib_calls += 10;
+	return klp_loadlib_helper(x);
+}
