@@ -43,15 +43,24 @@ fn dir() -> PathBuf {
     d
 }
 
-/// tests/c/loadfix.o converted against this executable, with `manifest`.
+/// tests/c/loadfix.o converted against this executable and libklploadlib.so, with
+/// `manifest`.
 fn convert(manifest: &str, name: &str) -> PathBuf {
     let fix = std::fs::read(env!("KLP_LOADFIX_O")).expect("loadfix.o");
     let exe = std::fs::read("/proc/self/exe").expect("own executable");
-    let targets = [klp_convert::TargetInput {
-        name: "vmlinux".into(),
-        file: "/proc/self/exe".into(),
-        data: &exe,
-    }];
+    let lib = std::fs::read(env!("KLP_LOADLIB_SO")).expect("libklploadlib.so");
+    let targets = [
+        klp_convert::TargetInput {
+            name: "vmlinux".into(),
+            file: "/proc/self/exe".into(),
+            data: &exe,
+        },
+        klp_convert::TargetInput {
+            name: "libklploadlib".into(),
+            file: env!("KLP_LOADLIB_SO").into(),
+            data: &lib,
+        },
+    ];
     let m = klp_convert::Manifest::from_json(manifest).expect("manifest");
     let out = klp_convert::convert(
         "loadfix.o",
@@ -70,6 +79,14 @@ const MANIFEST: &str = r#"{
   "patch": { "objects": [ { "object": "vmlinux",
      "funcs": [ { "old": "klp_loadee_compute", "new": "klp_loadee_compute_fixed" } ],
      "callbacks": { "pre_patch": "klp_loadfix_pre_patch" } } ] }
+}"#;
+
+const WITH_LIBRARY: &str = r#"{
+  "patch": { "objects": [
+    { "object": "vmlinux",
+      "funcs": [ { "old": "klp_loadee_compute", "new": "klp_loadee_compute_fixed" } ] },
+    { "object": "libklploadlib",
+      "funcs": [ { "old": "klp_loadlib_value", "new": "klp_loadlib_value_fixed" } ] } ] }
 }"#;
 
 fn wait(p: &Process) {
@@ -167,4 +184,60 @@ fn bad_files_are_refused_and_leave_nothing() {
 #[inline(never)]
 pub extern "C" fn klp_loader_plain(x: i32) -> i32 {
     std::hint::black_box(x)
+}
+
+/// `klp_loadlib_value` and `klp_loadlib_count` of the library `l`.
+fn lib_calls(l: &klp_user::Library) -> (i32, i32) {
+    let _ = l;
+    let open = |name: &str| {
+        let c = std::ffi::CString::new(name).unwrap();
+        let path = std::ffi::CString::new(env!("KLP_LOADLIB_SO")).unwrap();
+        // SAFETY: the library is open (`l`); RTLD_NOLOAD only finds it.
+        let h = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+        assert!(!h.is_null(), "library loaded");
+        // SAFETY: `h` is a valid handle, `c` a NUL-terminated name.
+        let f = unsafe { libc::dlsym(h, c.as_ptr()) };
+        // SAFETY: balances the RTLD_NOLOAD reference taken above.
+        unsafe { libc::dlclose(h) };
+        assert!(!f.is_null(), "{name}");
+        f
+    };
+    // SAFETY: both are `int f(int)` / `int f(void)` functions of tests/c/loadlib.c.
+    unsafe {
+        let value: extern "C" fn(i32) -> i32 = std::mem::transmute(open("klp_loadlib_value"));
+        let count: extern "C" fn() -> i32 = std::mem::transmute(open("klp_loadlib_count"));
+        (value(3), count())
+    }
+}
+
+#[test]
+fn a_patch_for_a_library_takes_effect_when_it_loads() {
+    let (p, _g) = process();
+    let path = convert(WITH_LIBRARY, "withlib");
+    p.load_file(&path, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("load: {e}\nlog: {:?}", p.log().0));
+    wait(p);
+    assert_eq!(compute(1), 12, "the program's part is in");
+    let l = p
+        .dlopen(env!("KLP_LOADLIB_SO"))
+        .unwrap_or_else(|e| panic!("dlopen: {e}\nlog: {:?}", p.log().0));
+    wait(p);
+    // helper(3) = 21, and the library's static counter moved by 10.
+    assert_eq!(
+        lib_calls(&l),
+        (21, 10),
+        "the library's part is in on arrival"
+    );
+    l.close(p);
+    // Opened again: the relocations were undone and are written again.
+    let l = p.dlopen(env!("KLP_LOADLIB_SO")).expect("dlopen again");
+    wait(p);
+    assert_eq!(lib_calls(&l), (21, 10), "again after a close");
+    p.disable("withlib").expect("disable");
+    wait(p);
+    p.run_due_work();
+    assert_eq!(lib_calls(&l).0, 2, "reverted in the library");
+    assert_eq!(compute(1), 2, "reverted in the program");
+    l.close(p);
+    p.unload("withlib").expect("unload");
 }

@@ -141,7 +141,9 @@ fn link_one(
         LinkClass::Plain => Native::apply_relocation(bytes, addr, &reloc, &ctx),
         LinkClass::GotSlot { as_type } => {
             reloc.r_type = as_type;
-            reloc.sym = img.slot_for(v.key, v.addr).map_err(|_| RelocError::Unsupported)?;
+            reloc.sym = img
+                .slot_for(v.key, v.addr)
+                .map_err(|_| RelocError::Unsupported)?;
             Native::apply_relocation(bytes, addr, &reloc, &ctx)
         }
         LinkClass::Call => {
@@ -155,7 +157,9 @@ fn link_one(
                     r => return r,
                 }
             }
-            reloc.sym = img.stub_for(v.key, v.addr).map_err(|_| RelocError::Unsupported)?;
+            reloc.sym = img
+                .stub_for(v.key, v.addr)
+                .map_err(|_| RelocError::Unsupported)?;
             reloc.external = true;
             Native::apply_relocation(bytes, addr, &reloc, &ctx)
         }

@@ -168,8 +168,7 @@ pub fn patch_build_ids(elf: &[u8]) -> Result<Vec<(String, Vec<u8>)>, LoadError> 
     let header = elf::FileHeader64::<Endianness>::parse(elf).map_err(bad_elf)?;
     let endian = header.endian().map_err(bad_elf)?;
     let sections = header.sections(endian, elf).map_err(bad_elf)?;
-    let Some((_, section)) = sections.section_by_name(endian, BUILD_ID_SECTION.as_bytes())
-    else {
+    let Some((_, section)) = sections.section_by_name(endian, BUILD_ID_SECTION.as_bytes()) else {
         return Ok(Vec::new());
     };
     if section.sh_type(endian) != elf::SHT_NOTE {
@@ -263,11 +262,9 @@ unsafe fn build_id_in_memory(info: &libc::dl_phdr_info) -> Option<Vec<u8>> {
         // PT_LOAD segment of an object that stays loaded during the callback, so it
         // is mapped and readable; the bytes are only read (copied) here.
         let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, size as usize) };
-        let Ok(mut notes) = NoteIterator::<elf::FileHeader64<NativeEndian>>::new(
-            NativeEndian,
-            note.p_align,
-            bytes,
-        ) else {
+        let Ok(mut notes) =
+            NoteIterator::<elf::FileHeader64<NativeEndian>>::new(NativeEndian, note.p_align, bytes)
+        else {
             continue;
         };
         while let Ok(Some(n)) = notes.next() {
@@ -330,7 +327,10 @@ fn running_object(objname: &str) -> Option<Found> {
     // SAFETY: `cb` matches the callback type and only uses `data` as the `Search`
     // passed here, which outlives the call.
     unsafe {
-        libc::dl_iterate_phdr(Some(cb), &mut search as *mut Search<'_> as *mut libc::c_void)
+        libc::dl_iterate_phdr(
+            Some(cb),
+            &mut search as *mut Search<'_> as *mut libc::c_void,
+        )
     };
     search.found
 }
@@ -469,8 +469,7 @@ pub fn split_signed(file: &[u8]) -> Result<(&[u8], Option<SignatureBlock>), Load
             "its fields take {fields} bytes and the file has {body_len} before the info block"
         )));
     }
-    if id_type != SIG_ID_TYPE_KLP_ED25519 || algo != SIG_ALGO_ED25519 || hash != SIG_HASH_NONE
-    {
+    if id_type != SIG_ID_TYPE_KLP_ED25519 || algo != SIG_ALGO_ED25519 || hash != SIG_HASH_NONE {
         return Err(error(ENOPKG, |e| {
             format!(
                 "the patch is signed with an unsupported scheme (id type {id_type:#x}, \
@@ -613,7 +612,8 @@ impl TrustedKeys {
             }
             Ok(m) => {
                 if let Some(why) = untrusted(&m) {
-                    out.skipped.push(format!("the directory {} ({why})", dir.display()));
+                    out.skipped
+                        .push(format!("the directory {} ({why})", dir.display()));
                     return out;
                 }
             }
@@ -725,7 +725,8 @@ mod tests {
         );
         let e = compare_build_id("libfoo", &[1], Some(&[2])).unwrap_err();
         assert!(
-            e.message.contains("another build of libfoo (build id 01, libfoo has 02)"),
+            e.message
+                .contains("another build of libfoo (build id 01, libfoo has 02)"),
             "{e}"
         );
         let e = compare_build_id("vmlinux", &[1], None).unwrap_err();
@@ -734,7 +735,10 @@ mod tests {
 
     #[test]
     fn split_refuses_damaged_blocks() {
-        assert_eq!(split_signed(b"\x7fELF...").unwrap(), (&b"\x7fELF..."[..], None));
+        assert_eq!(
+            split_signed(b"\x7fELF...").unwrap(),
+            (&b"\x7fELF..."[..], None)
+        );
         let e = split_signed(SIG_MAGIC).unwrap_err();
         assert_eq!(e.errno, EBADMSG);
         assert!(e.message.contains("(-EBADMSG)"), "{e}");
