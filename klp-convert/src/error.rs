@@ -378,6 +378,36 @@ pub enum Error {
         /// The manifest's `replace`.
         replace: bool,
     },
+    /// A GOT-relative relocation against a converted symbol, of a type klp-convert
+    /// relaxes, on an instruction the relaxation rules do not cover (see
+    /// [`crate::relax`]).
+    Relaxation {
+        /// The architecture.
+        arch: &'static str,
+        /// `r_type`.
+        r_type: u32,
+        /// Its psABI name, when known.
+        type_name: Option<&'static str>,
+        /// The relocated section.
+        section: String,
+        /// `r_offset`.
+        offset: u64,
+        /// The symbol.
+        symbol: String,
+        /// Which instructions the relaxation rewrites, and what was found instead.
+        reason: String,
+    },
+    /// The input has a `.note.klp.build-id` section already, and klp-convert would
+    /// write one.
+    BuildIdExists {
+        /// The patch file.
+        file: String,
+    },
+    /// The output could not be signed (`--sign`); the message is the signer's.
+    Signing {
+        /// The sentence.
+        message: String,
+    },
 }
 
 fn list(f: &mut fmt::Formatter<'_>, candidates: &[Candidate]) -> fmt::Result {
@@ -676,6 +706,30 @@ impl fmt::Display for Error {
                 "the patch's .modinfo has the entry \"{entry}\", and the manifest's \"patch\" \
                  says \"replace\": {replace}; make them agree."
             ),
+            Error::Relaxation {
+                arch,
+                r_type,
+                type_name,
+                section,
+                offset,
+                symbol,
+                reason,
+            } => write!(
+                f,
+                "the relocation at {section}+{offset:#x} against symbol '{symbol}' has type \
+                 {r_type}{}, a reference through the GOT, which the livepatch core cannot write \
+                 on {arch}; klp-convert rewrites it into a direct reference, as a linker \
+                 relaxes it, only {reason}; build the patch without position-independent code \
+                 (gcc -fno-pic, rustc -C relocation-model=static).",
+                type_name.map(|n| format!(" ({n})")).unwrap_or_default()
+            ),
+            Error::BuildIdExists { file } => write!(
+                f,
+                "{file} already has a .note.klp.build-id section (it was converted before?), \
+                 and klp-convert would write the build ids of the targets; convert the object \
+                 the compiler wrote, or keep the notes there with --no-build-id."
+            ),
+            Error::Signing { message } => write!(f, "cannot sign the output: {message}."),
         }
     }
 }

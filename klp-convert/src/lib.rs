@@ -30,6 +30,7 @@
 //! of the `klp-inspect` command, which shows a livepatch object as the livepatch
 //! core reads it. Library code returns [`Error`] for every bad input and never panics on one.
 
+pub mod buildid;
 pub mod describe;
 pub mod elf;
 pub mod error;
@@ -37,7 +38,9 @@ pub mod inspect;
 pub mod manifest;
 pub mod names;
 pub mod plan;
+pub mod relax;
 pub mod reloc;
+pub mod sign;
 pub mod target;
 mod write;
 
@@ -50,6 +53,7 @@ pub use crate::manifest::{
     CallbackEntry, FuncEntry, Manifest, ObjectEntry, PatchEntry, SymbolChoice,
 };
 pub use crate::plan::{ConvertReason, Decision, KeepReason, Options, SymbolDecision};
+pub use crate::relax::Relaxed;
 pub use crate::target::{Exports, TargetInput, TargetObject, load_target, parse_target_arg};
 pub use crate::write::{KlpSection, MovedRela};
 
@@ -68,6 +72,12 @@ pub struct Report {
     pub modinfo_added: bool,
     /// The patch description written from the manifest's `patch`, if any.
     pub description: Option<Description>,
+    /// The GOT-relative relocations relaxed into direct ones, in file order.
+    pub relaxed: Vec<Relaxed>,
+    /// Each ELF target's build id, in target order (`None`: the file has none, or
+    /// the target is a symbol map), as recorded in `.note.klp.build-id` unless
+    /// `no_build_id`.
+    pub build_ids: Vec<TargetBuildId>,
     /// Notes for a person (nothing was refused).
     pub warnings: Vec<String>,
 }
@@ -80,6 +90,19 @@ impl Report {
             Decision::Keep { .. } => None,
         })
     }
+}
+
+/// The build id of one target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetBuildId {
+    /// The object name.
+    pub object: String,
+    /// The file it came from.
+    pub file: String,
+    /// Its GNU build id; `None` for a file without one and for a symbol map.
+    pub id: Option<Vec<u8>>,
+    /// Whether it was written into the output.
+    pub recorded: bool,
 }
 
 /// The livepatch object and what was done to make it.
@@ -125,7 +148,29 @@ pub fn convert(
     let symbols = plan::plan(&object, &objects, manifest, options, &mut warnings)?;
     let description = describe::plan(&object, &objects, manifest, &mut warnings)?;
     let arch = object.arch;
-    let rewritten = write::rewrite(object, &symbols, description.as_ref())?;
+    let mut build_ids = Vec::new();
+    for t in targets {
+        let id = if t.data.starts_with(&object::elf::ELFMAG) {
+            buildid::gnu_build_id(t.data).map_err(|reason| Error::Malformed {
+                file: t.file.clone(),
+                reason: format!("its notes cannot be read for its build id: {reason}"),
+            })?
+        } else {
+            None
+        };
+        build_ids.push(TargetBuildId {
+            object: t.name.clone(),
+            file: t.file.clone(),
+            recorded: id.is_some() && !options.no_build_id,
+            id,
+        });
+    }
+    let recorded: Vec<(String, Vec<u8>)> = build_ids
+        .iter()
+        .filter(|b| b.recorded)
+        .filter_map(|b| Some((b.object.clone(), b.id.clone()?)))
+        .collect();
+    let rewritten = write::rewrite(object, &symbols, description.as_ref(), &recorded)?;
     Ok(Converted {
         data: rewritten.data,
         report: Report {
@@ -135,6 +180,8 @@ pub fn convert(
             sections: rewritten.sections,
             modinfo_added: rewritten.modinfo_added,
             description: description.map(|d| d.description),
+            relaxed: rewritten.relaxed,
+            build_ids,
             warnings,
         },
     })

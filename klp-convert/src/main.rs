@@ -53,7 +53,19 @@ struct Cli {
     #[arg(long)]
     keep_unresolved: bool,
 
-    /// Print what happens to each undefined symbol and each .klp.rela section.
+    /// Record no build ids: without it, the GNU build id of every ELF target is
+    /// written into .note.klp.build-id, and the loader refuses the patch for another
+    /// build of that object.
+    #[arg(long)]
+    no_build_id: bool,
+
+    /// Sign the output with this secret key (a NAME.key file of klp-sign keygen):
+    /// the signature is appended as the kernel appends module signatures.
+    #[arg(long, value_name = "KEY")]
+    sign: Option<PathBuf>,
+
+    /// Print what happens to each undefined symbol, each .klp.rela section, each
+    /// relaxed GOT reference and each target's build id.
     #[arg(short, long)]
     verbose: bool,
 }
@@ -96,10 +108,27 @@ fn run(cli: &Cli) -> Result<Vec<String>, Error> {
         .collect();
     let options = Options {
         keep_unresolved: cli.keep_unresolved,
+        no_build_id: cli.no_build_id,
+    };
+    // The key is read before converting: a bad key leaves no output behind.
+    let key = match &cli.sign {
+        Some(path) => Some(
+            klp_convert::sign::read_secret_key(path)
+                .map_err(|e| Error::Signing { message: e.message })?,
+        ),
+        None => None,
     };
     let input = cli.input.display().to_string();
     let out = convert(&input, &patch, &targets, &manifest, &options)?;
-    std::fs::write(&cli.output, &out.data).map_err(|e| Error::Io {
+    let data = match &key {
+        Some(key) => {
+            klp_convert::sign::sign(&out.data, key)
+                .map_err(|e| Error::Signing { message: e.message })?
+                .0
+        }
+        None => out.data.clone(),
+    };
+    std::fs::write(&cli.output, &data).map_err(|e| Error::Io {
         path: cli.output.display().to_string(),
         reason: e.to_string(),
     })?;
@@ -141,6 +170,47 @@ fn run(cli: &Cli) -> Result<Vec<String>, Error> {
                 k.relocations.len(),
                 k.target,
                 k.object
+            ));
+        }
+        for r in &out.report.relaxed {
+            let name = |t| {
+                klp_convert::reloc::type_name(out.report.arch, t)
+                    .map_or_else(|| t.to_string(), str::to_string)
+            };
+            lines.push(format!(
+                "{}+{:#x}: {} -> {} against {} (relaxed: {})",
+                r.section,
+                r.offset,
+                name(r.from),
+                name(r.to),
+                r.symbol,
+                r.rewrite
+            ));
+        }
+        for b in &out.report.build_ids {
+            lines.push(match (&b.id, b.recorded) {
+                (Some(id), true) => format!(
+                    "{}: build id {} recorded (.note.klp.build-id)",
+                    b.object,
+                    klp_convert::buildid::hex(id)
+                ),
+                (Some(id), false) => format!(
+                    "{}: build id {} not recorded (--no-build-id)",
+                    b.object,
+                    klp_convert::buildid::hex(id)
+                ),
+                (None, _) => format!(
+                    "{}: no build id recorded ({} has no NT_GNU_BUILD_ID note), so the patch \
+                     is not tied to one build of it",
+                    b.object, b.file
+                ),
+            });
+        }
+        if let Some(key) = &key {
+            lines.push(format!(
+                "signed with key {} (fingerprint {})",
+                key.name,
+                key.public().fingerprint()
             ));
         }
         if out.report.modinfo_added {

@@ -33,6 +33,8 @@ pub struct Options {
     /// Leave symbols that no target defines as ordinary undefined symbols (with a
     /// warning) instead of refusing.
     pub keep_unresolved: bool,
+    /// Record no build ids (no `.note.klp.build-id`, see [`crate::buildid`]).
+    pub no_build_id: bool,
 }
 
 /// Why a symbol stays an ordinary undefined symbol.
@@ -84,6 +86,9 @@ pub enum Decision {
         klp_name: String,
         /// Why.
         reason: ConvertReason,
+        /// The chosen definition's address in its target (`st_value`, or the symbol
+        /// map's address).
+        address: u64,
     },
 }
 
@@ -361,6 +366,7 @@ fn decide(
         sympos,
         klp_name: klp_symbol_name(&target.name, name, sympos),
         reason,
+        address: def.address,
     })
 }
 

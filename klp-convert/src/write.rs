@@ -18,7 +18,10 @@
 //!   added if there is none), and `klp_replace=Y` for a description with
 //!   `replace`;
 //! * with a patch description, its sections and two section symbols (see
-//!   [`crate::describe`]): the only change that renumbers symbols.
+//!   [`crate::describe`]): the only change that renumbers symbols;
+//! * a GOT-relative relocation against a converted symbol is relaxed into a direct
+//!   one, its instruction rewritten in the relocated section ([`crate::relax`]);
+//! * the targets' build ids, in a `.note.klp.build-id` section ([`crate::buildid`]).
 //!
 //! The file is then laid out afresh: the ELF header, each section's bytes in index
 //! order at its alignment, the section header table last.
@@ -33,7 +36,8 @@ use crate::elf::{PatchObject, Section};
 use crate::error::Error;
 use crate::names::{SHF_RELA_LIVEPATCH, SHN_LIVEPATCH, klp_rela_name};
 use crate::plan::{Decision, SymbolDecision};
-use crate::reloc;
+use crate::relax::{self, Relaxed};
+use crate::{buildid, reloc};
 
 /// `SHT_CREL`: LLVM's compact relocations, which this tool does not decode.
 const SHT_CREL: u32 = 0x4000_0014;
@@ -80,6 +84,7 @@ pub(crate) struct Rewritten {
     pub data: Vec<u8>,
     pub sections: Vec<KlpSection>,
     pub modinfo_added: bool,
+    pub relaxed: Vec<Relaxed>,
 }
 
 fn append_string(section: &mut Section, s: &str) -> u32 {
@@ -126,21 +131,31 @@ fn decode_rels(p: &PatchObject, s: &Section) -> Result<Vec<u32>, Error> {
     Ok(syms)
 }
 
-/// Applies `decisions` to `p` and lays out the result.
+/// Applies `decisions` to `p`, records `build_ids` (object, GNU build id) and lays
+/// out the result.
 pub(crate) fn rewrite(
     mut p: PatchObject,
     decisions: &[SymbolDecision],
     description: Option<&Planned>,
+    build_ids: &[(String, Vec<u8>)],
 ) -> Result<Rewritten, Error> {
-    // Symbol index -> (object, livepatch name, original name).
-    let converted: HashMap<usize, (&str, &str, &str)> = decisions
+    // Symbol index -> (object, livepatch name, original name, target address).
+    let converted: HashMap<usize, (&str, &str, &str, u64)> = decisions
         .iter()
         .filter_map(|d| match &d.decision {
             Decision::Convert {
-                object, klp_name, ..
+                object,
+                klp_name,
+                address,
+                ..
             } => Some((
                 d.index,
-                (object.as_str(), klp_name.as_str(), d.name.as_str()),
+                (
+                    object.as_str(),
+                    klp_name.as_str(),
+                    d.name.as_str(),
+                    *address,
+                ),
             )),
             Decision::Keep { .. } => None,
         })
@@ -153,7 +168,7 @@ pub(crate) fn rewrite(
     let mut indices: Vec<usize> = converted.keys().copied().collect();
     indices.sort_unstable();
     for &i in &indices {
-        let (_, klp_name, _) = converted[&i];
+        let (_, klp_name, _, _) = converted[&i];
         let st_name = append_string(&mut p.sections[p.strtab], klp_name);
         let Some(sym) = p.symbols.get_mut(i) else {
             continue;
@@ -182,6 +197,7 @@ pub(crate) fn rewrite(
 
     // Relocations: move the entries against converted symbols.
     let symtab = p.symtab as u32;
+    let mut relaxed = Vec::new();
     let mut groups: Vec<((String, usize), Vec<Rel>)> = Vec::new();
     if !converted.is_empty() {
         for i in 1..p.sections.len() {
@@ -191,7 +207,7 @@ pub(crate) fn rewrite(
             }
             let t = s.header.sh_type;
             if t == elf::SHT_REL {
-                if let Some((_, _, name)) = decode_rels(&p, s)?
+                if let Some((_, _, name, _)) = decode_rels(&p, s)?
                     .into_iter()
                     .find_map(|r| converted.get(&(r as usize)))
                 {
@@ -232,27 +248,58 @@ pub(crate) fn rewrite(
                     ),
                 });
             };
+            let target_name = ts.name_lossy();
+            let target_alloc = ts.header.sh_flags.contains(elf::SHF_ALLOC);
             let mut kept = Vec::with_capacity(relas.len());
-            for r in relas {
-                let Some(&(object, _, name)) = converted.get(&(r.r_sym as usize)) else {
+            for mut r in relas {
+                let Some(&(object, _, name, address)) = converted.get(&(r.r_sym as usize)) else {
                     kept.push(r);
                     continue;
                 };
-                if !ts.header.sh_flags.contains(elf::SHF_ALLOC) {
+                if !target_alloc {
                     return Err(Error::NotLoaded {
                         symbol: name.to_string(),
-                        section: ts.name_lossy(),
+                        section: target_name,
                     });
                 }
                 if !reloc::writable(p.arch, r.r_type.0) {
-                    return Err(Error::UnsupportedRelocation {
-                        arch: p.arch.name(),
-                        r_type: r.r_type.0,
-                        type_name: reloc::type_name(p.arch, r.r_type.0),
-                        section: ts.name_lossy(),
-                        offset: r.r_offset,
-                        symbol: name.to_string(),
-                    });
+                    let from = r.r_type.0;
+                    let text = &mut p.sections[target].data;
+                    match relax::relax(p.arch, text, from, r.r_offset, r.r_addend, Some(address)) {
+                        Ok(Some(done)) => {
+                            relaxed.push(Relaxed {
+                                section: target_name.clone(),
+                                offset: done.offset,
+                                from,
+                                to: done.r_type,
+                                symbol: name.to_string(),
+                                rewrite: done.rewrite,
+                            });
+                            r.r_type = elf::RelocationType(done.r_type);
+                            r.r_offset = done.offset;
+                        }
+                        Ok(None) => {
+                            return Err(Error::UnsupportedRelocation {
+                                arch: p.arch.name(),
+                                r_type: from,
+                                type_name: reloc::type_name(p.arch, from),
+                                section: target_name,
+                                offset: r.r_offset,
+                                symbol: name.to_string(),
+                            });
+                        }
+                        Err(refused) => {
+                            return Err(Error::Relaxation {
+                                arch: p.arch.name(),
+                                r_type: from,
+                                type_name: reloc::type_name(p.arch, from),
+                                section: target_name,
+                                offset: r.r_offset,
+                                symbol: name.to_string(),
+                                reason: format!("{}, and {}", refused.expected, refused.found),
+                            });
+                        }
+                    }
                 }
                 let key = (object.to_string(), target);
                 match groups.iter_mut().find(|(k, _)| *k == key) {
@@ -316,6 +363,28 @@ pub(crate) fn rewrite(
         describe::write(&mut p, d, &mut sections)?;
     }
 
+    // The build ids of the targets: a note section the loaders do not load.
+    if !build_ids.is_empty() {
+        if p.sections
+            .iter()
+            .any(|s| s.name == buildid::SECTION.as_bytes())
+        {
+            return Err(Error::BuildIdExists {
+                file: p.file.clone(),
+            });
+        }
+        p.sections.push(Section {
+            name: buildid::SECTION.as_bytes().to_vec(),
+            header: SectionHeader {
+                sh_type: elf::SHT_NOTE,
+                sh_flags: elf::SectionFlags(0),
+                sh_addralign: 4,
+                ..SectionHeader::default()
+            },
+            data: buildid::encode(p.endian, build_ids),
+        });
+    }
+
     // New section names go to the end of the section name table.
     for i in original..p.sections.len() {
         let name = p.sections[i].name_lossy();
@@ -328,6 +397,7 @@ pub(crate) fn rewrite(
         data,
         sections,
         modinfo_added,
+        relaxed,
     })
 }
 

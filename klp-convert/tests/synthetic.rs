@@ -102,6 +102,8 @@ fn converts_static_hidden_and_module_symbols_on_every_arch() {
                 sympos: 0,
                 klp_name: ".klp.sym.vmlinux.static_fn,0".into(),
                 reason: ConvertReason::Local,
+                // The first definition of the target: st_value 0.
+                address: 0,
             }
         );
         assert!(matches!(
@@ -408,6 +410,7 @@ fn unknown_symbols_are_refused_or_kept_on_request() {
         &Manifest::default(),
         &Options {
             keep_unresolved: true,
+            ..Options::default()
         },
     )
     .unwrap();

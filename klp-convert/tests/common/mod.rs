@@ -440,7 +440,39 @@ impl<'a> Def<'a> {
 
 /// A relocatable target (like a `.ko`) defining `defs` in order, 16 bytes apart.
 pub fn build_target(a: &ArchSpec, defs: &[Def<'_>]) -> Vec<u8> {
+    build_target_with_build_id(a, defs, None)
+}
+
+/// [`build_target`], with a `.note.gnu.build-id` section (`SHT_NOTE`, an
+/// `NT_GNU_BUILD_ID` note of owner "GNU", as `ld --build-id` writes it) when
+/// `build_id` is given.
+pub fn build_target_with_build_id(
+    a: &ArchSpec,
+    defs: &[Def<'_>],
+    build_id: Option<&[u8]>,
+) -> Vec<u8> {
     let mut o = new_object(a);
+    if let Some(id) = build_id {
+        let word = |v: u32| match a.endian {
+            Endianness::Little => v.to_le_bytes(),
+            Endianness::Big => v.to_be_bytes(),
+        };
+        let mut note = Vec::new();
+        note.extend_from_slice(&word(4));
+        note.extend_from_slice(&word(id.len() as u32));
+        note.extend_from_slice(&word(3)); // NT_GNU_BUILD_ID
+        note.extend_from_slice(b"GNU\0");
+        note.extend_from_slice(id);
+        while note.len() % 4 != 0 {
+            note.push(0);
+        }
+        let s = o.add_section(
+            Vec::new(),
+            b".note.gnu.build-id".to_vec(),
+            SectionKind::Note,
+        );
+        o.append_section_data(s, &note, 4);
+    }
     let text = o.add_section(Vec::new(), b".text".to_vec(), SectionKind::Text);
     o.append_section_data(text, &vec![0; 16 * defs.len().max(1)], 16);
     for (i, d) in defs.iter().enumerate() {
