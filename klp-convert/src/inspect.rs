@@ -310,6 +310,31 @@ pub struct SectionView {
     pub relocations: Vec<EntryView>,
 }
 
+/// One build id the file records (`.note.klp.build-id`, see [`crate::buildid`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BuildIdView {
+    /// The object.
+    pub object: String,
+    /// Its build id, hex.
+    pub id: String,
+    /// The build id of the target of that name, hex, when one was given and has one.
+    pub target_id: Option<String>,
+    /// Whether they are equal (`None`: nothing to compare with).
+    pub matches: Option<bool>,
+}
+
+/// The signature appended to the file (see [`crate::sign`]); not verified here
+/// (`klp-sign verify` does, against trusted keys).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SignatureView {
+    /// The signer's name as the block has it.
+    pub signer: String,
+    /// The key's fingerprint.
+    pub fingerprint: String,
+    /// The size of the signed ELF part.
+    pub signed_bytes: usize,
+}
+
 /// Everything shown about a livepatch object.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Inspection {
@@ -329,6 +354,10 @@ pub struct Inspection {
     pub modinfo: Vec<String>,
     /// The targets read.
     pub targets: Vec<TargetView>,
+    /// The build ids the file records.
+    pub build_ids: Vec<BuildIdView>,
+    /// The appended signature, if the file is signed.
+    pub signature: Option<SignatureView>,
     /// The patch description's objects.
     pub objects: Vec<ObjectView>,
     /// The livepatch relocation sections.
@@ -518,6 +547,19 @@ pub fn inspect(
             s
         })
         .collect();
+    let build_ids = read_build_ids(data, targets, &mut w);
+    let signature = match crate::sign::split(data) {
+        Ok((elf, Some(b))) => Some(SignatureView {
+            signer: b.signer.clone(),
+            fingerprint: b.fingerprint(),
+            signed_bytes: elf.len(),
+        }),
+        Ok((_, None)) => None,
+        Err(e) => {
+            w.push(e.message);
+            None
+        }
+    };
     Ok(Inspection {
         file: file.to_string(),
         machine,
@@ -534,10 +576,69 @@ pub fn inspect(
                 table: t.table.to_string(),
             })
             .collect(),
+        build_ids,
+        signature,
         objects,
         sections,
         warnings: w.list,
     })
+}
+
+/// The file's `.note.klp.build-id` entries, each compared with the target of its
+/// name; a damaged section and another build are warnings.
+fn read_build_ids(data: &[u8], targets: &[TargetInput<'_>], w: &mut Warnings) -> Vec<BuildIdView> {
+    use object::read::elf::{FileHeader as _, SectionHeader as _};
+    type Header = object::elf::FileHeader64<object::Endianness>;
+    let Ok(h) = Header::parse(data) else {
+        return Vec::new();
+    };
+    let Ok(e) = h.endian() else {
+        return Vec::new();
+    };
+    let Ok(table) = h.sections(e, data) else {
+        return Vec::new();
+    };
+    let Some((_, s)) = table.section_by_name(e, crate::buildid::SECTION.as_bytes()) else {
+        return Vec::new();
+    };
+    let entries = s
+        .data(e, data)
+        .map_err(|err| err.to_string())
+        .and_then(|d| crate::buildid::decode::<Header>(e, s.sh_addralign(e), d));
+    let entries = match entries {
+        Ok(v) => v,
+        Err(reason) => {
+            w.push(format!(
+                "{} is damaged ({reason}); the loader refuses the file",
+                crate::buildid::SECTION
+            ));
+            return Vec::new();
+        }
+    };
+    entries
+        .into_iter()
+        .map(|(object, id)| {
+            let target_id = targets
+                .iter()
+                .find(|t| t.name == object && t.data.starts_with(&object::elf::ELFMAG))
+                .and_then(|t| crate::buildid::gnu_build_id(t.data).ok().flatten());
+            let matches = target_id.as_ref().map(|t| *t == id);
+            if matches == Some(false) {
+                w.push(format!(
+                    "the patch was built for another build of {object} (build id {}, the target \
+                     has {}); the loader refuses it for that build",
+                    crate::buildid::hex(&id),
+                    crate::buildid::hex(target_id.as_deref().unwrap_or_default())
+                ));
+            }
+            BuildIdView {
+                object,
+                id: crate::buildid::hex(&id),
+                target_id: target_id.map(|t| crate::buildid::hex(&t)),
+                matches,
+            }
+        })
+        .collect()
 }
 
 fn elf_warning(e: &ElfError<'_>) -> String {
@@ -850,6 +951,27 @@ pub fn render_text(i: &Inspection) -> String {
         head.push(vec![
             key.to_string(),
             format!("{}: {} ({})", t.object, t.file, t.table),
+        ]);
+    }
+    for (n, b) in i.build_ids.iter().enumerate() {
+        let key = if n == 0 { "build ids" } else { "" };
+        let how = match (b.matches, &b.target_id) {
+            (Some(true), _) => " (the target's)".to_string(),
+            (Some(false), Some(t)) => format!(" (the target has {t}: another build)"),
+            _ => String::new(),
+        };
+        head.push(vec![
+            key.to_string(),
+            format!("{}: {}{how}", b.object, b.id),
+        ]);
+    }
+    if let Some(sig) = &i.signature {
+        head.push(vec![
+            "signature".to_string(),
+            format!(
+                "key {} (fingerprint {}) over {} bytes, not verified here (klp-sign verify)",
+                sig.signer, sig.fingerprint, sig.signed_bytes
+            ),
         ]);
     }
     table(&mut out, "", &head);

@@ -485,3 +485,82 @@ fn klp_convert_signs_its_output_and_reports_build_ids() {
     );
     assert!(!dir.join("never.o").exists());
 }
+
+#[test]
+fn klp_inspect_shows_build_ids_and_the_signature() {
+    use klp_convert::inspect::{inspect, render_json, render_text};
+    let a = ALL[1];
+    let (patch, vmlinux, mymod) = inputs(&a);
+    let targets = [
+        TargetInput {
+            name: "vmlinux".into(),
+            file: "vmlinux".into(),
+            data: &vmlinux,
+        },
+        TargetInput {
+            name: "mymod".into(),
+            file: "mymod.o".into(),
+            data: &mymod,
+        },
+    ];
+    let out = convert(
+        "patch.o",
+        &patch,
+        &targets,
+        &Manifest::default(),
+        &Options::default(),
+    )
+    .unwrap();
+    let key = klp_convert::sign::SecretKey::generate("k").unwrap();
+    let (signed, _) = klp_convert::sign::sign(&out.data, &key).unwrap();
+    let id: String = ID.iter().map(|b| format!("{b:02x}")).collect();
+
+    // Against the build it was made for.
+    let i = inspect("lp.o", &signed, &targets).unwrap();
+    assert_eq!(i.build_ids.len(), 1);
+    assert_eq!(i.build_ids[0].object, "vmlinux");
+    assert_eq!(i.build_ids[0].id, id);
+    assert_eq!(i.build_ids[0].matches, Some(true));
+    let sig = i.signature.clone().unwrap();
+    assert_eq!(sig.signer, "k");
+    assert_eq!(sig.fingerprint, key.public().fingerprint());
+    assert_eq!(sig.signed_bytes, out.data.len());
+    assert!(i.warnings.is_empty(), "{:?}", i.warnings);
+    let text = render_text(&i);
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["build", "ids", "vmlinux:", id.as_str(), "(the", "target's)"]),
+        "{text}"
+    );
+    assert!(text.contains("signature  key k (fingerprint "), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&render_json(&i)).unwrap();
+    assert_eq!(json["build_ids"][0]["id"], id.as_str());
+    assert_eq!(json["signature"]["signer"], "k");
+
+    // Against another build: a warning.
+    let other_id = [7u8; 20];
+    let other = build_target_with_build_id(
+        &a,
+        &[
+            Def::local("static_fn", "a.c"),
+            Def::local("static_var", "a.c").data(),
+        ],
+        Some(&other_id),
+    );
+    let t2 = [TargetInput {
+        name: "vmlinux".into(),
+        file: "vmlinux".into(),
+        data: &other,
+    }];
+    let i = inspect("lp.o", &out.data, &t2).unwrap();
+    assert_eq!(i.build_ids[0].matches, Some(false));
+    assert!(i.signature.is_none());
+    assert!(
+        i.warnings
+            .iter()
+            .any(|w| w.contains("another build of vmlinux") && w.contains(&"07".repeat(20))),
+        "{:?}",
+        i.warnings
+    );
+}
