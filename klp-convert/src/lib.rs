@@ -26,9 +26,12 @@
 //!
 //! The steps are separate modules: [`elf`] reads the patch, [`target`] reads the
 //! targets' symbols, [`plan`] decides each undefined symbol, [`describe`] checks and
-//! lays out the description, `write` rewrites the file. [`inspect`] is the library side
-//! of the `klp-inspect` command, which shows a livepatch object as the livepatch
-//! core reads it. Library code returns [`Error`] for every bad input and never panics on one.
+//! lays out the description, [`relax`] rewrites GOT references to converted symbols
+//! into direct ones, [`buildid`] reads the targets' build ids and lays out
+//! `.note.klp.build-id`, `write` rewrites the file. [`sign`] signs and checks patch
+//! files (the `klp-sign` command and `--sign`). [`inspect`] is the library side of the
+//! `klp-inspect` command, which shows a livepatch object as the livepatch core reads
+//! it. Library code returns [`Error`] for every bad input and never panics on one.
 
 pub mod buildid;
 pub mod describe;
