@@ -515,6 +515,25 @@ pub fn run_as_task<R, F: FnOnce() -> R>(f: F) -> R {
     }
 }
 
+/// Records `frame` (an address [`entry_frame`] passed to its callee) as the outermost
+/// walkable frame of the calling thread, registering the thread if needed, and returns
+/// the previous one (0: none). For code that cannot use [`run_as_task`] because its
+/// body must run without Rust frames that catch unwinding around it: libklp.so's
+/// C `main`, which may call `pthread_exit` (a forced unwind that `run_as_task`'s
+/// `catch_unwind` would turn into an abort).
+pub fn set_entry_frame(frame: u64) -> u64 {
+    register_current().entry_frame.swap(frame, Ordering::AcqRel)
+}
+
+/// Whether the calling thread runs a core operation (it holds the fork gate
+/// exclusively: a callback, or the host's own code under the core's lock). Code that
+/// may be reached from there and would start a core operation of its own (an
+/// interposed `dlopen` that announces the library) must not: the core's lock is not
+/// reentrant.
+pub fn in_core_operation() -> bool {
+    IN_CORE.try_with(Cell::get).unwrap_or(false)
+}
+
 // ------------------------------------------------------------------ fork gate
 
 /// Exclusion between core operations and thread creation (see the module docs).
