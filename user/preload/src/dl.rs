@@ -18,6 +18,8 @@ use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use klp::{Host, Level, Record};
+
 use crate::process;
 
 /// The public part of the C library's `struct link_map` (`<link.h>`).
@@ -120,10 +122,38 @@ fn module_of(handle: *mut c_void) -> Option<(String, String)> {
     Some((klp_user::symbols::module_name(&path), path))
 }
 
+/// Re-indexes the loaded objects (the core hears of every module that arrived or went)
+/// and logs what changed, one line per module, in the process's log (and on stderr
+/// with `KLP_LOG=stderr`). Returns the modules the core refused.
+fn refresh() -> Vec<(String, klp::Errno)> {
+    let p = process();
+    let (changes, refused) = p.refresh_modules();
+    if changes.added.is_empty() && changes.removed.is_empty() {
+        return refused;
+    }
+    p.with_core(|_, host| {
+        let line = |host: &mut klp_user::ProcessHost, args: std::fmt::Arguments<'_>| {
+            host.log(&Record {
+                level: Level::Info,
+                func: "dlopen",
+                prefix: "libklp: ",
+                args,
+            })
+        };
+        for m in &changes.added {
+            line(host, format_args!("module '{m}' loaded"));
+        }
+        for m in &changes.removed {
+            line(host, format_args!("module '{m}' unloaded"));
+        }
+    });
+    refused
+}
+
 /// After a successful `dlopen`: tells the core, and returns the refusal of the opened
 /// library's module, if the core refused it.
 fn arrived(handle: *mut c_void) -> Option<(String, String, i32)> {
-    let (_, refused) = process().refresh_modules();
+    let refused = refresh();
     let (module, path) = module_of(handle)?;
     refused
         .into_iter()
@@ -165,7 +195,7 @@ pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c
     if let Some(close) = real_dlclose() {
         // SAFETY: `h` is the handle the C library just returned, closed once here.
         unsafe { close(h) };
-        let _ = std::panic::catch_unwind(|| process().refresh_modules());
+        let _ = std::panic::catch_unwind(refresh);
     }
     let name = klp::Errno(errno)
         .name()
@@ -192,7 +222,7 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
     // SAFETY: the caller's handle, passed on.
     let r = unsafe { real(handle) };
     if r == 0 && !in_core() {
-        let _ = std::panic::catch_unwind(|| process().refresh_modules());
+        let _ = std::panic::catch_unwind(refresh);
     }
     r
 }
