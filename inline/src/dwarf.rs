@@ -101,12 +101,11 @@ struct DieNames {
 #[derive(Default)]
 struct Builder {
     names: Names,
-    dies: HashMap<u64, DieNames>,
-    /// Per func: its entry's offset in `.debug_info`.
+    /// By offset in `.debug_info` (entries are read in that order).
+    dies: Vec<(u64, DieNames)>,
+    /// Per func: its entry's offset in `.debug_info` (in that order).
     func_dies: Vec<u64>,
     funcs: Vec<Func>,
-    /// Entry offset → func.
-    concrete: HashMap<u64, usize>,
     /// (origin entry, func)
     inlined: Vec<(u64, usize)>,
     /// (callee entry, func)
@@ -293,7 +292,7 @@ fn subprogram(
             _ => {}
         }
     }
-    b.dies.insert(offset, names);
+    b.dies.push((offset, names));
     if declaration {
         return None;
     }
@@ -313,7 +312,6 @@ fn subprogram(
         name: None,
     });
     b.func_dies.push(offset);
-    b.concrete.insert(offset, f);
     Some(f)
 }
 
@@ -323,7 +321,10 @@ impl Builder {
     fn resolve(&self, mut offset: u64) -> Option<usize> {
         let mut name = None;
         for _ in 0..MAX_CHAIN {
-            let Some(d) = self.dies.get(&offset) else {
+            let Ok(i) = self.dies.binary_search_by_key(&offset, |d| d.0) else {
+                break;
+            };
+            let Some((_, d)) = self.dies.get(i) else {
                 break;
             };
             if d.linkage.is_some() {
@@ -339,6 +340,8 @@ impl Builder {
     }
 
     fn finish(mut self, symbols: &Symbols) -> Index {
+        // `dies` and `func_dies` are sorted: entries are read in the order of their
+        // offsets (units one after the other, each unit's entries in order).
         let mut ix = Index {
             units: self.units,
             ..Index::default()
@@ -367,7 +370,7 @@ impl Builder {
             }
         }
         for &(callee, f) in &self.calls {
-            if let Some(&c) = self.concrete.get(&callee)
+            if let Ok(c) = self.func_dies.binary_search(&callee)
                 && renamed.contains(&c)
             {
                 ix.called_by.entry(c).or_default().push(f);

@@ -22,6 +22,7 @@
 
 pub mod describe;
 mod image;
+mod inlined;
 mod link;
 pub mod verify;
 
@@ -442,6 +443,7 @@ impl crate::Process {
             ));
         }
         let names = named_objects(&obj);
+        let mut warnings = Vec::new();
         let r = self.with_core(|klp, host| {
             if host.patch_module_loaded(&name) {
                 return Err(LoadError::new(
@@ -453,6 +455,7 @@ impl crate::Process {
                 ));
             }
             check_sites(host, &obj)?;
+            warnings = inlined::warnings(host, &obj);
             // A disabled patch of that name: its file goes now.
             host.drop_patch_file(&name);
             let (lo, hi) = anchor(host, &names);
@@ -485,7 +488,7 @@ impl crate::Process {
         });
         r.map(|()| Loaded {
             name,
-            warnings: Vec::new(),
+            warnings,
             signer,
         })
     }
