@@ -38,14 +38,15 @@ fn build(src: &str, prefix: &str, flags: &[&str]) -> cc::Build {
     b
 }
 
-/// The flags a patch object is compiled with on each architecture, so that its
-/// references to the program's static symbols are PC-relative or TOC-relative (which
-/// the livepatch relocation writer handles), not through a GOT.
+/// The flags a patch object is compiled with on each architecture: position-independent
+/// code, so that its references to another object's data go through the GOT (an
+/// address slot of the loader's, reaching any distance; references to the program's
+/// own symbols klp-convert relaxes into direct ones); ppc64le reaches everything
+/// through its TOC anyway.
 fn patch_flags(arch: &str) -> &'static [&'static str] {
     match arch {
-        "x86_64" => &["-fPIE"],
-        "s390x" => &["-fno-pic", "-mbackchain"],
-        "aarch64" => &["-fno-pic"],
+        "x86_64" | "aarch64" => &["-fPIC"],
+        "s390x" => &["-fPIC", "-mbackchain"],
         _ => &[],
     }
 }
@@ -57,14 +58,21 @@ fn shared_object(src: &str, so: &Path, flags: &[&str], sanitize: &str, env: &str
     if sanitize.split(',').any(|s| s == "address") {
         cmd.arg("-fno-sanitize=address");
     }
-    let name = so.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = so
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     cmd.args(["-shared", &format!("-Wl,-soname,{name}"), "-o"])
         .arg(so)
         .arg(src);
     let status = cmd
         .status()
         .unwrap_or_else(|e| panic!("cannot run the C compiler ({cmd:?}): {e}"));
-    assert!(status.success(), "building {} failed: {cmd:?}", so.display());
+    assert!(
+        status.success(),
+        "building {} failed: {cmd:?}",
+        so.display()
+    );
     println!("cargo:rustc-env={env}={}", so.display());
 }
 

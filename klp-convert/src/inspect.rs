@@ -727,8 +727,10 @@ fn read_entry(
     w: &mut Warnings,
 ) -> RawEntry {
     let type_name = arch.and_then(|a| reloc::type_name(a, r.r_type));
+    let library = sec_object.is_some_and(|o| o != crate::names::MAIN_OBJECT);
     if let Some(a) = arch
         && !reloc::writable(a, r.r_type)
+        && !(library && reloc::got_slot(a, r.r_type))
     {
         w.push(format!(
             "entry {n} of {section}: relocation type {} is not one the livepatch core writes \

@@ -37,6 +37,22 @@ pub fn writable(arch: Arch, r_type: u32) -> bool {
     !matches!(result, Err(RelocError::UnsupportedType { .. }))
 }
 
+/// Whether `r_type` is a GOT-relative reference that a process's loader serves with an
+/// address slot of its own (`klp_arch::LinkClass::GotSlot`): such a reference to a
+/// symbol of a library stays as it is in `.klp.rela.<library>` — the library may be
+/// mapped anywhere, beyond the reach of a direct reference from the patch — while
+/// one to the program's own symbol is relaxed (the loader places the patch near the
+/// program). The kernel has no such loader, but kernel code is not built with `-fPIC`.
+pub fn got_slot(arch: Arch, r_type: u32) -> bool {
+    let class = match arch {
+        Arch::X86_64 => klp_arch_x86_64::X86_64::link_class(r_type),
+        Arch::Aarch64 => klp_arch_aarch64::Aarch64::link_class(r_type),
+        Arch::Ppc64le => klp_arch_ppc64le::Ppc64le::link_class(r_type),
+        Arch::S390x => klp_arch_s390x::S390x::link_class(r_type),
+    };
+    matches!(class, klp_arch::LinkClass::GotSlot { .. })
+}
+
 /// The psABI name of a relocation type, when known.
 pub fn type_name(arch: Arch, r_type: u32) -> Option<&'static str> {
     let machine = match arch {
@@ -69,6 +85,9 @@ mod tests {
         assert!(writable(Arch::S390x, 20) && writable(Arch::S390x, 19));
         assert!(!writable(Arch::S390x, 26));
         assert_eq!(type_name(Arch::X86_64, 9), Some("R_X86_64_GOTPCREL"));
+        // GOT references a process loader serves with slots.
+        assert!(got_slot(Arch::X86_64, 42) && got_slot(Arch::Aarch64, 311));
+        assert!(got_slot(Arch::S390x, 26) && !got_slot(Arch::X86_64, 2));
         assert_eq!(type_name(Arch::S390x, 20), Some("R_390_PLT32DBL"));
     }
 }

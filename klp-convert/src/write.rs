@@ -262,7 +262,11 @@ pub(crate) fn rewrite(
                         section: target_name,
                     });
                 }
-                if !reloc::writable(p.arch, r.r_type.0) {
+                // A library's symbol through the GOT: the process loader's slot (see
+                // `reloc::got_slot`); the program's: relaxed into a direct reference.
+                let slot =
+                    object != crate::names::MAIN_OBJECT && reloc::got_slot(p.arch, r.r_type.0);
+                if !slot && !reloc::writable(p.arch, r.r_type.0) {
                     let from = r.r_type.0;
                     let text = &mut p.sections[target].data;
                     match relax::relax(p.arch, text, from, r.r_offset, r.r_addend, Some(address)) {
