@@ -76,6 +76,10 @@ impl Errno {
             28 => "ENOSPC",
             34 => "ERANGE",
             38 => "ENOSYS",
+            65 => "ENOPKG",
+            74 => "EBADMSG",
+            126 => "ENOKEY",
+            129 => "EKEYREJECTED",
             98 => "EADDRINUSE",
             _ => return None,
         })

@@ -241,3 +241,93 @@ fn a_patch_for_a_library_takes_effect_when_it_loads() {
     l.close(p);
     p.unload("withlib").expect("unload");
 }
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn only_the_right_patch_gets_in() {
+    let (p, _g) = process();
+    let d = dir().join("sig");
+    std::fs::create_dir_all(&d).unwrap();
+    let path = convert(MANIFEST, "rightpatch");
+    let bytes = std::fs::read(&path).unwrap();
+
+    // Unsigned under --require-signature: refused, the program unharmed.
+    let trusted = d.join("trusted");
+    std::fs::create_dir_all(&trusted).unwrap();
+    chmod(&trusted, 0o755);
+    let strict = LoadOptions {
+        require_signature: true,
+        trusted_keys: Some(trusted.clone()),
+    };
+    let e = p.load_file(&path, &strict).expect_err("unsigned refused");
+    assert!(e.message.contains("not signed (-EKEYREJECTED)"), "{e}");
+    assert_eq!(compute(5), 6);
+
+    // Signed by a key in the trusted directory: in, with the signer named.
+    let (key, _, public) = klp_convert::sign::keygen(&d.join("ops")).unwrap();
+    std::fs::copy(&public, trusted.join("ops.pub")).unwrap();
+    chmod(&trusted.join("ops.pub"), 0o644);
+    let (signed, _) = klp_convert::sign::sign(&bytes, &key).unwrap();
+    let signed_path = d.join("rightpatch.klp.o");
+    std::fs::write(&signed_path, &signed).unwrap();
+    let loaded = p
+        .load_file(&signed_path, &strict)
+        .unwrap_or_else(|e| panic!("signed load: {e}"));
+    assert_eq!(loaded.signer.as_deref(), Some("ops"));
+    wait(p);
+    assert_eq!(compute(1), 12);
+    p.disable("rightpatch").unwrap();
+    wait(p);
+    p.run_due_work();
+    p.unload("rightpatch").unwrap();
+
+    // One byte of the signed file changed: refused whatever the policy.
+    let mut tampered = signed.clone();
+    tampered[100] ^= 1;
+    std::fs::write(&signed_path, &tampered).unwrap();
+    let e = p
+        .load_file(
+            &signed_path,
+            &LoadOptions {
+                require_signature: false,
+                trusted_keys: Some(trusted.clone()),
+            },
+        )
+        .expect_err("tampered");
+    assert!(
+        e.message.contains("-EKEYREJECTED") || e.message.contains("-EBADMSG"),
+        "{e}"
+    );
+
+    // Built for another build of the program: its recorded build id differs.
+    let obj = object::read::elf::ElfFile64::<object::Endianness>::parse(&bytes[..]).unwrap();
+    use object::{Object, ObjectSection};
+    let note = obj
+        .section_by_name(".note.klp.build-id")
+        .expect("build id recorded");
+    let (off, size) = note.file_range().unwrap();
+    // The program's note: its descriptor is "vmlinux\0" and then the id.
+    let sec = &bytes[off as usize..(off + size) as usize];
+    let at = sec
+        .windows(8)
+        .position(|w| w == b"vmlinux\0")
+        .expect("the program's build id")
+        + 8;
+    let mut other = bytes.clone();
+    other[off as usize + at] ^= 0xff;
+    let other_path = d.join("otherbuild.klp.o");
+    std::fs::write(&other_path, &other).unwrap();
+    let e = p
+        .load_file(&other_path, &LoadOptions::default())
+        .expect_err("another build");
+    assert!(
+        e.message.contains("-ENOEXEC") && e.message.contains("build"),
+        "{e}"
+    );
+    assert_eq!(compute(5), 6);
+    assert!(p.list().is_empty());
+}

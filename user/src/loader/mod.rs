@@ -135,18 +135,6 @@ pub fn object_label(objname: &str) -> String {
     }
 }
 
-/// The patch name of a file: the `.modinfo` entry `name=`, else the file name up to its
-/// first '.'.
-fn patch_name(obj: &PatchObject<'_>, path: &Path) -> String {
-    if let Some(n) = obj.modinfo().find_map(|e| e.strip_prefix("name=")) {
-        return n.to_string();
-    }
-    let file = path
-        .file_name()
-        .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
-    file.split('.').next().unwrap_or("").to_string()
-}
-
 /// A patch file the process holds: its memory, its bytes, and its index entry.
 #[derive(Debug)]
 pub(crate) struct PatchFile {
@@ -394,7 +382,6 @@ impl crate::Process {
         bytes: Vec<u8>,
         opts: &LoadOptions,
     ) -> Result<Loaded, LoadError> {
-        let _ = opts;
         if redirect::native::WRITE_TEXT.is_none() || !klp::arch::SUPPORTED {
             return Err(LoadError::new(
                 Errno::ENOSYS,
@@ -404,8 +391,13 @@ impl crate::Process {
                 ),
             ));
         }
-        let signer = None;
-        let elf: Arc<[u8]> = bytes.into();
+        let keys = opts
+            .trusted_keys
+            .clone()
+            .unwrap_or_else(verify::default_keys_dir);
+        let (elf, signer) = verify::check(&bytes, opts.require_signature, &keys)?;
+        let elf: Arc<[u8]> = elf.into();
+        drop(bytes);
         let obj = PatchObject::parse(&elf).map_err(|e| image::malformed(&e))?;
         if obj.machine() != Native::ELF_MACHINE
             || obj.is_big_endian() != (Native::ENDIAN == Endian::Big)
@@ -431,7 +423,7 @@ impl crate::Process {
                 ),
             ));
         }
-        let name = patch_name(&obj, path);
+        let name = describe::patch_name(&obj, path);
         if name.is_empty() || name.len() > klp::elf::OBJNAME_MAX {
             return Err(LoadError::new(
                 Errno::EINVAL,
@@ -442,6 +434,9 @@ impl crate::Process {
                 ),
             ));
         }
+        // The program and every loaded library the patch names must be the builds it
+        // was made for; a library that arrives later is checked on arrival.
+        verify::check_build_ids(&elf)?;
         let names = named_objects(&obj);
         let mut warnings = Vec::new();
         let r = self.with_core(|klp, host| {
@@ -528,6 +523,11 @@ pub(crate) fn object_arrived(
     objname: &str,
 ) -> Result<(), LoadError> {
     let elf = file.elf.clone();
+    for (o, id) in verify::patch_build_ids(&elf)? {
+        if o == objname {
+            verify::check_build_id(&o, &id)?;
+        }
+    }
     let obj = PatchObject::parse(&elf).map_err(|e| image::malformed(&e))?;
     link::link_klp(host, &mut file.image, &obj, objname)
 }
