@@ -1948,9 +1948,9 @@ impl Ctl<'_> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("#>-");
             b.set_style(style);
-            b.enable_steady_tick(Duration::from_millis(200));
             b
         });
+        let mut ticking = false;
         let mut last = String::new();
         // An in-process klpctl's own thread holds no patched function here.
         if thread::current_record().is_some() {
@@ -1979,6 +1979,12 @@ impl Ctl<'_> {
                     b.set_prefix(format!("'{}': {}", s.patch, s.target));
                     b.set_length(s.total);
                     b.set_position(s.switched);
+                    if !ticking {
+                        // From the first status on (before it the bar has nothing to
+                        // show): the elapsed time moves between polls.
+                        b.enable_steady_tick(Duration::from_millis(200));
+                        ticking = true;
+                    }
                     b.set_message(if blockers.is_empty() {
                         "  waiting for the threads to switch".to_string()
                     } else {
@@ -2207,7 +2213,9 @@ impl Ctl<'_> {
 
     fn unload(&mut self, name: &str, no_wait: bool) -> Result<Outcome, CtlError> {
         let start = Instant::now();
+        let mut forced = false;
         if let Some(p) = self.find(name)? {
+            forced = p.forced;
             if p.enabled {
                 // Disable (a patching transition is reversed), then wait.
                 let _: Value = self.call(&Request::Disable {
@@ -2230,17 +2238,35 @@ impl Ctl<'_> {
                 }
             }
         }
-        // The patch is freed shortly after its transition: `-EBUSY` until then.
+        // The patch is freed shortly after its transition: `-EBUSY` until then. A
+        // forced patch is never released (a thread may still run its code).
+        let ebusy = Some(i64::from(Errno::EBUSY.to_kernel()));
         loop {
             match self.call::<Value>(&Request::Unload {
                 patch: name.to_string(),
             }) {
                 Ok(_) => break,
-                Err(e)
-                    if e.errno == Some(i64::from(Errno::EBUSY.to_kernel()))
-                        && !no_wait
-                        && start.elapsed() < self.timeout =>
-                {
+                Err(mut e) if e.errno == ebusy => {
+                    let listed = self.find(name)?;
+                    forced |= listed.as_ref().is_some_and(|p| p.forced);
+                    if listed.is_none() {
+                        // Freed, and still held: only a forced patch is.
+                        e.message.push_str(&if forced {
+                            format!(
+                                "; '{name}' was forced, so a thread may still run its code: \
+                                 it stays loaded until the process exits"
+                            )
+                        } else {
+                            format!(
+                                "; '{name}' is disabled and still held: a patch whose \
+                                 transition was forced stays loaded until the process exits"
+                            )
+                        });
+                        return Err(e);
+                    }
+                    if no_wait || start.elapsed() >= self.timeout {
+                        return Err(e);
+                    }
                     pause();
                 }
                 Err(e) => return Err(e),
