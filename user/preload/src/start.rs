@@ -25,7 +25,8 @@ static REAL_MAIN: AtomicUsize = AtomicUsize::new(0);
 /// `main`'s type as the C library calls it (the fourth argument is the auxiliary
 /// vector on powerpc, and absent elsewhere: passing it to a `main` that does not
 /// take it is harmless in the C calling conventions).
-type Main = unsafe extern "C" fn(c_int, *mut *mut c_char, *mut *mut c_char, *mut c_void) -> c_int;
+pub type Main =
+    unsafe extern "C" fn(c_int, *mut *mut c_char, *mut *mut c_char, *mut c_void) -> c_int;
 
 /// Writes `msg` to stderr without allocating (the C library may not be able to print
 /// yet) and aborts: the program cannot start without the C library's
@@ -209,12 +210,16 @@ pub unsafe extern "C" fn __libc_start_main(
 /// powerpc's `struct startup_info` (glibc's `sysdeps/unix/sysv/linux/powerpc/libc-start.c`).
 #[cfg(target_arch = "powerpc64")]
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct StartupInfo {
-    sda_base: *mut c_void,
-    main: Option<Main>,
-    init: *mut c_void,
-    fini: *mut c_void,
+#[derive(Clone, Copy, Debug)]
+pub struct StartupInfo {
+    /// The small-data area base (unused on ppc64).
+    pub sda_base: *mut c_void,
+    /// The program's `main`.
+    pub main: Option<Main>,
+    /// The program's `init` (unused since glibc 2.34).
+    pub init: *mut c_void,
+    /// The program's `fini` (unused since glibc 2.34).
+    pub fini: *mut c_void,
 }
 
 /// powerpc's `__libc_start_main`: `main` is in `stinfo`.
