@@ -37,10 +37,12 @@
 //! pointer held in a local, the address of a function's entry in a spilled register —
 //! which would otherwise report the thread as running that function for as long as the
 //! slot lives. The arch decoders err towards "is a call", so the filter never drops a
-//! real return address. One return address follows no call: the one x86_64's entry
-//! trampoline pushes for the patched function (`S + 5` after the site's `jmp`); it is
-//! recognised by its place (a site's length past a function's entry, or past its
-//! `endbr64`).
+//! real return address. The one return address that follows no call — the `S + 5` that
+//! x86_64's entry trampoline pushes for the patched function while it decides (after the
+//! site's `jmp`) — is not kept: a thread in the trampoline is refused anyway (below),
+//! and a stale copy of that word left below a live frame (a thread that went through
+//! the trampoline and then sleeps in a callee at the same depth) would otherwise hold
+//! the transition for as long as the thread sleeps.
 //!
 //! A thread caught in the redirect machinery — its pc in the entry trampoline or the
 //! decision function, its record marked as deciding, or a return address into the
@@ -574,9 +576,6 @@ impl ThreadStack<'_> {
         if !self.index.is_text(w) {
             return false;
         }
-        if trampoline_return(self.index, w) {
-            return true;
-        }
         let memo = CALL_MEMO.get(memo_slot(w));
         if let Some(m) = memo {
             let e = m.load(Ordering::Relaxed);
@@ -738,26 +737,6 @@ impl Drop for CodeReader {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-/// x86_64: whether `w` is the return address the entry trampoline pushes for a
-/// patched function, `S + 5` where the site `S` is at a function's entry or right
-/// after its `endbr64`. It follows the site's `jmp`, not a call.
-#[cfg(target_arch = "x86_64")]
-fn trampoline_return(index: &SymbolIndex, w: u64) -> bool {
-    use klp_arch_x86_64::live::trampoline::SITE_LEN;
-    const ENDBR64_LEN: u64 = 4;
-    index.lookup(w).is_some_and(|(_, s)| {
-        s.func
-            && matches!(w.wrapping_sub(s.addr), d if d == SITE_LEN || d == SITE_LEN + ENDBR64_LEN)
-    })
-}
-
-/// Elsewhere the trampoline is entered with a branch-and-link at the site: its return
-/// address follows that call.
-#[cfg(not(target_arch = "x86_64"))]
-fn trampoline_return(_index: &SymbolIndex, _w: u64) -> bool {
-    false
 }
 
 impl StackMemory for ThreadStack<'_> {
@@ -1779,7 +1758,7 @@ mod tests {
         let p = candidates
             .iter()
             .map(|f| *f as *const () as u64)
-            .find(|&f| !Native::follows_call(&code_before(&idx, f)) && !trampoline_return(&idx, f))
+            .find(|&f| !Native::follows_call(&code_before(&idx, f)))
             .expect("a function entry that follows no call");
         HELD.store(p, Ordering::Release);
         let sp = Spinner::start_with(false, hold_pointer);
@@ -1881,7 +1860,7 @@ mod tests {
             let entry = f as *const () as u64;
             assert_eq!(
                 mem.returns_after_call(&mut code, entry),
-                Native::follows_call(&code_before(&idx, entry)) || trampoline_return(&idx, entry)
+                Native::follows_call(&code_before(&idx, entry))
             );
         }
         // A function's entry that follows a call stands for the function before it (the

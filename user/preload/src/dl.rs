@@ -5,8 +5,10 @@
 //! goes. After the C library's `dlopen` succeeds, [`dlopen`] re-indexes the loaded
 //! objects ([`klp_user::Process::refresh_modules`]); if the core refuses the library it
 //! opened (a patch for it cannot be applied), the library is closed again and `dlopen`
-//! returns `NULL`, with the reason for [`dlerror`]. [`dlclose`] re-indexes after the C
-//! library's `dlclose`, so that the core lets go of a library that was unloaded.
+//! returns `NULL`, with the reason for [`dlerror`]. [`dlclose`] goes through
+//! [`klp_user::Process::close_library`]: if the close unloads the library, the core
+//! removes its patches while its code is still mapped (the kernel's order), and a
+//! library that other handles keep loaded comes back at once.
 //!
 //! The C library's functions are found with `dlsym(RTLD_NEXT, …)`. One effect of any
 //! `dlopen` interposer: the C library sees the call as made from this library, so a
@@ -219,12 +221,14 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
         set_error("libklp: the C library's dlclose cannot be found".into());
         return -1;
     };
-    // SAFETY: the caller's handle, passed on.
-    let r = unsafe { real(handle) };
-    if r == 0 && !in_core() {
-        let _ = std::panic::catch_unwind(refresh);
+    if in_core() {
+        // SAFETY: the caller's handle, passed on.
+        return unsafe { real(handle) };
     }
-    r
+    // SAFETY: the caller's handle (condition 1 of `close_library`), closed by the C
+    // library's `dlclose` (condition 2).
+    let closed = std::panic::catch_unwind(|| unsafe { process().close_library(handle, real) });
+    closed.unwrap_or(-1)
 }
 
 /// The interposed `dlerror`: the reason of this thread's last refused `dlopen` if it
