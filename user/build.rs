@@ -51,10 +51,15 @@ fn patch_flags(arch: &str) -> &'static [&'static str] {
     }
 }
 
-/// Builds `src` into the shared object `so` with `flags`, its path in `env`.
-fn shared_object(src: &str, so: &Path, flags: &[&str], sanitize: &str, env: &str) {
-    let mut cmd = build(src, "klp_x_", flags).get_compiler().to_command();
-    // See libklpcfun.so below: the shared object stays uninstrumented.
+/// Builds `src` (names prefixed with `prefix`) into the shared object `so` with
+/// `flags`, its path in `env`.
+fn shared_object(src: &str, prefix: &str, so: &Path, flags: &[&str], sanitize: &str, env: &str) {
+    let mut cmd = build(src, prefix, flags).get_compiler().to_command();
+    // Under AddressSanitizer cc instruments the C code too (`-fsanitize=address`),
+    // which suits the archives linked into the Rust tests (rustc links its runtime
+    // there), but gcc would link a shared object against its own dynamic `libasan`,
+    // which refuses to load beside the Rust program's static runtime ("ASan runtime
+    // does not come first"): shared objects stay plain.
     if sanitize.split(',').any(|s| s == "address") {
         cmd.arg("-fno-sanitize=address");
     }
@@ -62,7 +67,8 @@ fn shared_object(src: &str, so: &Path, flags: &[&str], sanitize: &str, env: &str
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    cmd.args(["-shared", &format!("-Wl,-soname,{name}"), "-o"])
+    cmd.arg(format!("-DKLP_CPFX={prefix}"))
+        .args(["-shared", &format!("-Wl,-soname,{name}"), "-o"])
         .arg(so)
         .arg(src);
     let status = cmd
@@ -156,36 +162,18 @@ fn main() {
 
     shared_object(
         "tests/c/loadlib.c",
+        "klp_x_",
         &out.join("libklploadlib.so"),
         flags,
         &sanitize,
         "KLP_LOADLIB_SO",
     );
-    let so = out.join("libklpcfun.so");
-    let mut cmd = build(src, "klp_cso_", flags).get_compiler().to_command();
-    // Under AddressSanitizer cc instruments the C code too (`-fsanitize=address`),
-    // which suits the archive linked into the Rust tests (rustc links its runtime
-    // there), but gcc would link this shared object against its own dynamic
-    // `libasan`, which refuses to load beside the Rust program's static runtime
-    // ("ASan runtime does not come first"): the shared object stays plain.
-    if sanitize.split(',').any(|s| s == "address") {
-        cmd.arg("-fno-sanitize=address");
-    }
-    cmd.args([
-        "-DKLP_CPFX=klp_cso_",
-        "-shared",
-        "-Wl,-soname,libklpcfun.so",
-        "-o",
-    ])
-    .arg(&so)
-    .arg(src);
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run the C compiler ({cmd:?}): {e}"));
-    assert!(
-        status.success(),
-        "building {} failed: {cmd:?}",
-        so.display()
+    shared_object(
+        src,
+        "klp_cso_",
+        &out.join("libklpcfun.so"),
+        flags,
+        &sanitize,
+        "KLP_CFUN_SO",
     );
-    println!("cargo:rustc-env=KLP_CFUN_SO={}", so.display());
 }

@@ -22,6 +22,17 @@ pub const STD_R2_24_R1: u32 = 0xf841_0018;
 pub const MTCTR_R12: u32 = 0x7d89_03a6;
 /// `bctr`.
 pub const BCTR: u32 = 0x4e80_0420;
+/// `lis; ori; sldi; oris; ori`: r12 = `v`, from immediates (no TOC, no LR).
+pub const fn load_r12(v: u64) -> [u32; 5] {
+    [
+        0x3d80_0000 | ((v >> 48) & 0xffff) as u32, // lis   r12,v@highest
+        0x618c_0000 | ((v >> 32) & 0xffff) as u32, // ori   r12,r12,v@higher
+        0x798c_07c6,                               // sldi  r12,r12,32
+        0x658c_0000 | ((v >> 16) & 0xffff) as u32, // oris  r12,r12,v@h
+        0x618c_0000 | (v & 0xffff) as u32,         // ori   r12,r12,v@l
+    ]
+}
+
 /// Reach of `b`/`bl`: `[-32 MiB, 32 MiB)`.
 pub const BRANCH_LIMIT: u64 = 1 << 25;
 /// The displacement bits of `b`/`bl` (`LI || 0b00`).

@@ -30,16 +30,16 @@ pub fn call_stub(
             align: 4,
         });
     }
-    let half = |shift: u32| u32::from((target >> shift) as u16);
+    let [l0, l1, l2, l3, l4] = insn::load_r12(target);
     let words: [u32; 8] = [
-        insn::STD_R2_24_R1,     // std   r2,24(r1)
-        0x3d80_0000 | half(48), // lis   r12,target@highest
-        0x618c_0000 | half(32), // ori   r12,r12,target@higher
-        0x798c_07c6,            // sldi  r12,r12,32
-        0x658c_0000 | half(16), // oris  r12,r12,target@h
-        0x618c_0000 | half(0),  // ori   r12,r12,target@l
-        insn::MTCTR_R12,        // mtctr r12
-        insn::BCTR,             // bctr
+        insn::STD_R2_24_R1,
+        l0,
+        l1,
+        l2,
+        l3,
+        l4,
+        insn::MTCTR_R12,
+        insn::BCTR,
     ];
     for (dst, w) in out.chunks_exact_mut(4).zip(words) {
         dst.copy_from_slice(&w.to_le_bytes());

@@ -162,10 +162,7 @@ pub fn address() -> u64 {
 /// Bytes of a far stub ([`stub_bytes`]).
 pub const STUB_LEN: usize = 32;
 
-/// `mtctr r12`.
-const MTCTR_R12: u32 = 0x7d89_03a6;
-/// `bctr`.
-const BCTR: u32 = 0x4e80_0420;
+use crate::insn::{BCTR, MTCTR_R12};
 /// `trap`: pads the stub (never reached).
 const TRAP: u32 = 0x7fe0_0008;
 
@@ -189,17 +186,8 @@ const TRAP: u32 = 0x7fe0_0008;
 /// from immediates, so the stub needs no TOC and no `bcl` (which would clobber LR);
 /// it may be anywhere within `bl` reach of its site.
 pub fn stub_bytes_to(target: u64) -> [u8; STUB_LEN] {
-    let h = |shift: u32| ((target >> shift) & 0xffff) as u32;
-    let words = [
-        0x3d80_0000 | h(48),
-        0x618c_0000 | h(32),
-        0x798c_07c6,
-        0x658c_0000 | h(16),
-        0x618c_0000 | h(0),
-        MTCTR_R12,
-        BCTR,
-        TRAP,
-    ];
+    let [l0, l1, l2, l3, l4] = crate::insn::load_r12(target);
+    let words = [l0, l1, l2, l3, l4, MTCTR_R12, BCTR, TRAP];
     let mut b = [0u8; STUB_LEN];
     for (d, w) in b.chunks_exact_mut(4).zip(words) {
         d.copy_from_slice(&w.to_le_bytes());
