@@ -1,6 +1,7 @@
 //! `cargo run -p klp-inline --example inlined -- FILE FUNC...`: what the crate finds for
 //! each FUNC in FILE, and the time `Analysis::new` took.
 
+use std::io::Write;
 use std::time::Instant;
 
 fn main() {
@@ -24,7 +25,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    println!(
+    let mut out = std::io::stdout().lock();
+    // Output errors (a closed pipe) end the listing quietly.
+    let _ = writeln!(
+        out,
         "{path}: {} bytes, Analysis::new {:.3} s, {} function symbols, debug info: {}, relocations: {}",
         data.len(),
         t.elapsed().as_secs_f64(),
@@ -36,9 +40,9 @@ fn main() {
         let t = Instant::now();
         let i = a.inlined_into(&f);
         let dt = t.elapsed();
-        println!("{f} ({:.1} µs): {i:#x?}", dt.as_secs_f64() * 1e6);
+        let _ = writeln!(out, "{f} ({:.1} µs): {i:#x?}", dt.as_secs_f64() * 1e6);
         if let Some(w) = klp_inline::warning(&f, "the program", &i) {
-            println!("warning: {w}");
+            let _ = writeln!(out, "warning: {w}");
         }
     }
 }

@@ -90,20 +90,22 @@ pub(crate) struct Index {
     pub(crate) units: usize,
 }
 
-/// A `DW_TAG_subprogram` entry's naming facts.
+/// A `DW_TAG_subprogram` entry's naming facts. The names are read when needed (most
+/// entries' never are): a string attribute in a form that needs no unit to be read
+/// (`DW_FORM_strx*` is turned into `DW_FORM_strp` when the entry is read).
 #[derive(Clone, Copy, Debug, Default)]
-struct DieNames {
-    name: Option<usize>,
-    linkage: Option<usize>,
+struct DieNames<'d> {
+    name: Option<AttributeValue<R<'d>>>,
+    linkage: Option<AttributeValue<R<'d>>>,
     link: Option<u64>,
 }
 
 #[derive(Default)]
-struct Builder {
-    names: Names,
-    /// By offset in `.debug_info` (entries are read in that order).
-    dies: Vec<(u64, DieNames)>,
-    /// Per func: its entry's offset in `.debug_info` (in that order).
+struct Builder<'d> {
+    /// By offset in `.debug_info`: entries are read in that order (units one after the
+    /// other, each unit's entries in order), so this is sorted.
+    dies: Vec<(u64, DieNames<'d>)>,
+    /// Per func: its entry's offset in `.debug_info` (sorted likewise).
     func_dies: Vec<u64>,
     funcs: Vec<Func>,
     /// (origin entry, func)
@@ -149,7 +151,7 @@ pub(crate) fn index(
         b.units += 1;
         walk(&dwarf, &unit, symbols, &mut b)?;
     }
-    Ok(b.finish(symbols))
+    Ok(b.finish(&dwarf, symbols))
 }
 
 /// A reference attribute as an offset in `.debug_info`.
@@ -161,17 +163,46 @@ fn reference(unit: &gimli::Unit<R<'_>>, v: AttributeValue<R<'_>>) -> Option<u64>
     }
 }
 
+/// A string attribute in a form that can be read without its unit.
+fn string_ref<'d>(
+    dwarf: &gimli::Dwarf<R<'d>>,
+    unit: &gimli::Unit<R<'d>>,
+    v: AttributeValue<R<'d>>,
+) -> Option<AttributeValue<R<'d>>> {
+    match v {
+        AttributeValue::String(_)
+        | AttributeValue::DebugStrRef(_)
+        | AttributeValue::DebugLineStrRef(_) => Some(v),
+        AttributeValue::DebugStrOffsetsIndex(i) => dwarf
+            .string_offset(unit, i)
+            .ok()
+            .map(AttributeValue::DebugStrRef),
+        _ => None,
+    }
+}
+
 /// Whether `addr` is where the link editor put a function it discarded (`0`, `1` in
 /// range lists, lld's `-1`/`-2`), unless a symbol is there.
 fn discarded(addr: u64, symbols: &Symbols) -> bool {
     (addr <= 1 || addr >= u64::MAX - 1) && symbols.at(addr).is_empty()
 }
 
-fn walk(
-    dwarf: &gimli::Dwarf<R<'_>>,
-    unit: &gimli::Unit<R<'_>>,
+/// What a subprogram entry says.
+#[derive(Default)]
+struct Sub<'d> {
+    names: DieNames<'d>,
+    low: Option<u64>,
+    high: Option<u64>,
+    size: Option<u64>,
+    ranges: Vec<(u64, u64)>,
+    declaration: bool,
+}
+
+fn walk<'d>(
+    dwarf: &gimli::Dwarf<R<'d>>,
+    unit: &gimli::Unit<R<'d>>,
     symbols: &Symbols,
-    b: &mut Builder,
+    b: &mut Builder<'d>,
 ) -> Result<(), Error> {
     let base = unit.header.offset().0 as u64;
     let mut entries = unit
@@ -183,7 +214,6 @@ fn walk(
         })?;
     // (depth, the concrete subprogram of that depth or None for an abstract one)
     let mut stack: Vec<(isize, Option<usize>)> = Vec::new();
-    let mut attrs = Vec::new();
     while !entries.is_empty() {
         let depth = entries.next_depth();
         let offset = base.saturating_add(entries.next_offset().0 as u64);
@@ -192,170 +222,175 @@ fn walk(
             continue;
         };
         let tag = abbrev.tag();
-        let wanted = matches!(
-            tag,
-            constants::DW_TAG_subprogram
-                | constants::DW_TAG_inlined_subroutine
-                | constants::DW_TAG_call_site
-                | constants::DW_TAG_GNU_call_site
-        );
-        if !wanted {
-            entries.skip_attributes(abbrev.attributes()).map_err(bad)?;
-            continue;
-        }
-        entries
-            .read_attributes(abbrev.attributes(), &mut attrs)
-            .map_err(bad)?;
-        while stack.last().is_some_and(|&(d, _)| d >= depth) {
-            stack.pop();
-        }
-        let enclosing = stack.last().and_then(|&(_, f)| f);
         match tag {
             constants::DW_TAG_subprogram => {
-                let f = subprogram(dwarf, unit, symbols, b, offset, &attrs);
+                let mut sub = Sub::default();
+                for &spec in abbrev.attributes() {
+                    let a = entries.read_attribute(spec).map_err(bad)?;
+                    subprogram_attribute(dwarf, unit, &mut sub, a);
+                }
+                while stack.last().is_some_and(|&(d, _)| d >= depth) {
+                    stack.pop();
+                }
+                let f = b.subprogram(symbols, offset, sub);
                 if abbrev.has_children() {
                     stack.push((depth, f));
                 }
             }
-            constants::DW_TAG_inlined_subroutine => {
-                let origin = attrs
-                    .iter()
-                    .find(|a| a.name() == constants::DW_AT_abstract_origin)
-                    .and_then(|a| reference(unit, a.value()));
+            constants::DW_TAG_inlined_subroutine
+            | constants::DW_TAG_call_site
+            | constants::DW_TAG_GNU_call_site => {
+                // The origin of an inlined copy, the callee of a call site.
+                let mut origin = None;
+                for &spec in abbrev.attributes() {
+                    let a = entries.read_attribute(spec).map_err(bad)?;
+                    let name = a.name();
+                    if name == constants::DW_AT_abstract_origin
+                        || (name == constants::DW_AT_call_origin
+                            && tag != constants::DW_TAG_inlined_subroutine)
+                    {
+                        origin = reference(unit, a.value()).or(origin);
+                    }
+                }
+                while stack.last().is_some_and(|&(d, _)| d >= depth) {
+                    stack.pop();
+                }
+                let enclosing = stack.last().and_then(|&(_, f)| f);
                 if let (Some(o), Some(f)) = (origin, enclosing) {
-                    b.inlined.push((o, f));
+                    if tag == constants::DW_TAG_inlined_subroutine {
+                        b.inlined.push((o, f));
+                    } else {
+                        b.calls.push((o, f));
+                    }
                 }
             }
-            _ => {
-                let callee = attrs
-                    .iter()
-                    .find(|a| {
-                        a.name() == constants::DW_AT_call_origin
-                            || a.name() == constants::DW_AT_abstract_origin
-                    })
-                    .and_then(|a| reference(unit, a.value()));
-                if let (Some(c), Some(f)) = (callee, enclosing) {
-                    b.calls.push((c, f));
-                }
-            }
+            _ => entries.skip_attributes(abbrev.attributes()).map_err(bad)?,
         }
     }
     Ok(())
 }
 
-/// Records a subprogram entry; its func if it is concrete.
-fn subprogram(
-    dwarf: &gimli::Dwarf<R<'_>>,
-    unit: &gimli::Unit<R<'_>>,
-    symbols: &Symbols,
-    b: &mut Builder,
-    offset: u64,
-    attrs: &[gimli::Attribute<R<'_>>],
-) -> Option<usize> {
-    let mut names = DieNames::default();
-    let (mut low, mut high, mut size) = (None, None, None);
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    let mut declaration = false;
-    let string = |b: &mut Builder, v| {
-        let s = dwarf.attr_string(unit, v).ok()?;
-        Some(b.names.intern(s.slice()))
-    };
-    for a in attrs {
-        match a.name() {
-            constants::DW_AT_name => names.name = string(b, a.value()),
-            constants::DW_AT_linkage_name | constants::DW_AT_MIPS_linkage_name => {
-                names.linkage = string(b, a.value());
-            }
-            constants::DW_AT_specification | constants::DW_AT_abstract_origin => {
-                names.link = reference(unit, a.value()).or(names.link);
-            }
-            constants::DW_AT_declaration => {
-                declaration = matches!(a.value(), AttributeValue::Flag(true));
-            }
-            constants::DW_AT_low_pc => low = dwarf.attr_address(unit, a.value()).ok().flatten(),
-            constants::DW_AT_high_pc => match a.value() {
-                AttributeValue::Udata(n) => size = Some(n),
-                v => high = dwarf.attr_address(unit, v).ok().flatten(),
-            },
-            constants::DW_AT_ranges => {
-                if let Ok(Some(mut list)) = dwarf.attr_ranges(unit, a.value()) {
-                    while let Ok(Some(r)) = list.next() {
-                        if r.begin < r.end {
-                            ranges.push((r.begin, r.end));
-                        }
-                        if ranges.len() >= MAX_RANGES {
-                            break;
-                        }
+/// Takes in one attribute of a subprogram entry.
+fn subprogram_attribute<'d>(
+    dwarf: &gimli::Dwarf<R<'d>>,
+    unit: &gimli::Unit<R<'d>>,
+    sub: &mut Sub<'d>,
+    a: gimli::Attribute<R<'d>>,
+) {
+    match a.name() {
+        constants::DW_AT_name => sub.names.name = string_ref(dwarf, unit, a.value()),
+        constants::DW_AT_linkage_name | constants::DW_AT_MIPS_linkage_name => {
+            sub.names.linkage = string_ref(dwarf, unit, a.value());
+        }
+        constants::DW_AT_specification | constants::DW_AT_abstract_origin => {
+            sub.names.link = reference(unit, a.value()).or(sub.names.link);
+        }
+        constants::DW_AT_declaration => {
+            sub.declaration = matches!(a.value(), AttributeValue::Flag(true));
+        }
+        constants::DW_AT_low_pc => sub.low = dwarf.attr_address(unit, a.value()).ok().flatten(),
+        constants::DW_AT_high_pc => match a.value() {
+            AttributeValue::Udata(n) => sub.size = Some(n),
+            v => sub.high = dwarf.attr_address(unit, v).ok().flatten(),
+        },
+        constants::DW_AT_ranges => {
+            if let Ok(Some(mut list)) = dwarf.attr_ranges(unit, a.value()) {
+                while let Ok(Some(r)) = list.next() {
+                    if r.begin < r.end {
+                        sub.ranges.push((r.begin, r.end));
+                    }
+                    if sub.ranges.len() >= MAX_RANGES {
+                        break;
                     }
                 }
             }
-            _ => {}
         }
+        _ => {}
     }
-    b.dies.push((offset, names));
-    if declaration {
-        return None;
-    }
-    if let Some(low) = low {
-        let end = size.and_then(|s| low.checked_add(s)).or(high);
-        ranges.insert(0, (low, end.unwrap_or(low)));
-    }
-    ranges.retain(|&(begin, _)| !discarded(begin, symbols));
-    let &(entry, end) = ranges
-        .iter()
-        .find(|r| !symbols.at(r.0).is_empty())
-        .or_else(|| ranges.first())?;
-    let f = b.funcs.len();
-    b.funcs.push(Func {
-        entry,
-        end: (end > entry).then_some(end),
-        name: None,
-    });
-    b.func_dies.push(offset);
-    Some(f)
 }
 
-impl Builder {
-    /// The name of the subprogram entry at `offset`: the first linkage name along its
-    /// `DW_AT_specification` / `DW_AT_abstract_origin` chain, else the first name.
-    fn resolve(&self, mut offset: u64) -> Option<usize> {
+impl<'d> Builder<'d> {
+    /// Records a subprogram entry; its func if it is concrete.
+    fn subprogram(&mut self, symbols: &Symbols, offset: u64, mut sub: Sub<'d>) -> Option<usize> {
+        self.dies.push((offset, sub.names));
+        if sub.declaration {
+            return None;
+        }
+        if let Some(low) = sub.low {
+            let end = sub.size.and_then(|s| low.checked_add(s)).or(sub.high);
+            sub.ranges.insert(0, (low, end.unwrap_or(low)));
+        }
+        sub.ranges.retain(|&(begin, _)| !discarded(begin, symbols));
+        let &(entry, end) = sub
+            .ranges
+            .iter()
+            .find(|r| !symbols.at(r.0).is_empty())
+            .or_else(|| sub.ranges.first())?;
+        let f = self.funcs.len();
+        self.funcs.push(Func {
+            entry,
+            end: (end > entry).then_some(end),
+            name: None,
+        });
+        self.func_dies.push(offset);
+        Some(f)
+    }
+
+    /// The index in `dies` of the subprogram entry at `offset`.
+    fn die(&self, offset: u64) -> Option<usize> {
+        self.dies.binary_search_by_key(&offset, |d| d.0).ok()
+    }
+
+    /// The entry whose string names the subprogram entry `i`, and whether it is a
+    /// linkage name: the first linkage name along its `DW_AT_specification` /
+    /// `DW_AT_abstract_origin` chain, else the first name.
+    fn name_source(&self, mut i: usize) -> Option<AttributeValue<R<'d>>> {
         let mut name = None;
         for _ in 0..MAX_CHAIN {
-            let Ok(i) = self.dies.binary_search_by_key(&offset, |d| d.0) else {
-                break;
-            };
-            let Some((_, d)) = self.dies.get(i) else {
-                break;
-            };
+            let (_, d) = self.dies.get(i)?;
             if d.linkage.is_some() {
                 return d.linkage;
             }
             name = name.or(d.name);
-            match d.link {
-                Some(next) => offset = next,
+            match d.link.and_then(|o| self.die(o)) {
+                Some(next) => i = next,
                 None => break,
             }
         }
         name
     }
 
-    fn finish(mut self, symbols: &Symbols) -> Index {
-        // `dies` and `func_dies` are sorted: entries are read in the order of their
-        // offsets (units one after the other, each unit's entries in order).
+    fn finish(self, dwarf: &gimli::Dwarf<R<'d>>, symbols: &Symbols) -> Index {
         let mut ix = Index {
             units: self.units,
             ..Index::default()
         };
-        let names: Vec<Option<usize>> = self.func_dies.iter().map(|&o| self.resolve(o)).collect();
-        for (f, name) in self.funcs.iter_mut().zip(names) {
-            f.name = name;
+        // Each entry's name is read and interned once.
+        let mut memo: Vec<Option<Option<usize>>> = vec![None; self.dies.len()];
+        let mut resolve = |names: &mut Names, offset: u64| -> Option<usize> {
+            let i = self.die(offset)?;
+            if let Some(Some(known)) = memo.get(i) {
+                return *known;
+            }
+            let id = self
+                .name_source(i)
+                .and_then(|v| dwarf.attr_line_string(v).ok())
+                .map(|s| names.intern(s.slice()));
+            if let Some(m) = memo.get_mut(i) {
+                *m = Some(id);
+            }
+            id
+        };
+        let mut funcs = self.funcs.clone();
+        for (f, &o) in funcs.iter_mut().zip(&self.func_dies) {
+            f.name = resolve(&mut ix.names, o);
         }
-        for (i, f) in self.funcs.iter().enumerate() {
+        for (i, f) in funcs.iter().enumerate() {
             let Some(n) = f.name else {
                 continue;
             };
             ix.described.insert(n);
-            let dwarf_name = self.names.get(n);
+            let dwarf_name = ix.names.get(n);
             if let Some(sym) = symbols.name_at(f.entry, Some(dwarf_name))
                 && sym != dwarf_name
             {
@@ -364,7 +399,7 @@ impl Builder {
         }
         let renamed: HashSet<usize> = ix.renamed.values().flatten().copied().collect();
         for &(origin, f) in &self.inlined {
-            if let Some(n) = self.resolve(origin) {
+            if let Some(n) = resolve(&mut ix.names, origin) {
                 ix.inlined.entry(n).or_default().push(f);
                 ix.described.insert(n);
             }
@@ -376,8 +411,7 @@ impl Builder {
                 ix.called_by.entry(c).or_default().push(f);
             }
         }
-        ix.names = std::mem::take(&mut self.names);
-        ix.funcs = std::mem::take(&mut self.funcs);
+        ix.funcs = funcs;
         ix
     }
 }

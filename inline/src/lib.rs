@@ -23,12 +23,13 @@
 //!   and from the relocations `-Wl,--emit-relocs` keeps. A caller of a clone does not
 //!   reach `F`'s site either: it is as stale as an inlined copy;
 //! * [`Inlined::direct_calls`]: how many direct calls and tail jumps of this file
-//!   reach `F`'s out-of-line copy, counted from the relocations kept by
-//!   `-Wl,--emit-relocs` (`SHT_RELA` sections of executable sections), when that count
-//!   is complete: the assembler resolves a call to a *local* symbol in the same section
-//!   without a relocation (x86_64, aarch64, ppc64le; s390x keeps one), so the count is
-//!   given for global (or hidden) functions and for every function on s390x, and is
-//!   `None` otherwise, or without such relocations;
+//!   reach `F`'s out-of-line copy (through the PLT included), counted from the
+//!   relocations kept by `-Wl,--emit-relocs` (`SHT_RELA` sections of executable
+//!   sections), when that count is complete: the assembler resolves a call to a
+//!   *local* symbol in the same section without a relocation (x86_64, aarch64,
+//!   ppc64le; s390x keeps one), so the count is given for global (or hidden)
+//!   functions and for every function on s390x, and is `None` otherwise, or without
+//!   such relocations;
 //! * [`Inlined::debug_info`]: whether the DWARF describes `F` at all (as code or as the
 //!   origin of an inlined copy). Without it `callers` is empty and means "unknown".
 //!
@@ -38,8 +39,12 @@
 //! __attribute__((noinline))`.
 //!
 //! [`Analysis::new`] reads every compilation unit once and indexes the inlined copies
-//! by the name of their origin, so that each [`Analysis::inlined_into`] is a few look-ups.
-//! Malformed input never panics: it is an [`Error`].
+//! by the name of their origin, so that each [`Analysis::inlined_into`] is a few look-ups
+//! (microseconds). Malformed input never panics: it is an [`Error`]. The cost is the
+//! reading of the DWARF: a 38 MB Rust test program (6.7 MB of `.debug_info`) takes
+//! 0.1 s optimised, 0.6 s in a debug build; a 95 MB one (17 MB of `.debug_info`) 0.3 s
+//! and 1.5 s (names are read only for the entries that need them, once each). `cargo run -p klp-inline --example inlined -- FILE FUNC…` shows what it finds
+//! and the time it took.
 //!
 //! ## Limits
 //!
@@ -52,14 +57,16 @@
 //! * **LTO**: inlining across units is recorded like any other, but LTO renames local
 //!   functions (`F.lto_priv.0`) and may merge identical ones; a patch naming `F` does
 //!   not find `F.lto_priv.0` (that is a matter of the patch's symbol, not of inlining),
-//!   and such names are not reported as clones.
+//!   and such names (and ThinLTO's `F.llvm.NNNN`) are not reported as clones.
 //! * **Partial inlining** (`F.part.0`): the callers hold `F`'s inlined head, so they are
 //!   reported as [`Inlined::callers`], and `F.part.0` as a clone with the same callers.
 //! * **Clones** are recognised by name (`F.constprop.N`, `F.isra.N`, `F.part.N`,
 //!   `F.specialized.N`, and combinations such as `F.isra.0.constprop.0`); hot/cold
 //!   splitting (`F.cold`) is part of `F` itself, `F.localalias` is `F`'s own entry, and
-//!   neither is a clone. Callers of clones are complete with `-g` (GCC records every
-//!   call site in optimised code); without it only calls that left a relocation.
+//!   neither is a clone. Callers of clones come from the call sites the DWARF of
+//!   optimised code records (GCC and Clang at `-O1` and above with `-g`); without
+//!   `-g`, only the calls that left a relocation are known (on s390x every call, with
+//!   `--emit-relocs`).
 //! * A function that was inlined everywhere and has no out-of-line copy at all has no
 //!   patch site: patching it is refused before this matters.
 //! * Names are compared as they are: two static functions named `F` in different units
