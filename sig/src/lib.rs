@@ -597,8 +597,8 @@ pub fn verify<'k>(
 ) -> Result<&'k PublicKey, Rejection<'k>> {
     let key = trusted.find(&block.key_id).ok_or(Rejection::UnknownKey)?;
     let vk = VerifyingKey::from_bytes(&key.key).map_err(|_| Rejection::InvalidKey(key))?;
-    let sig = <[u8; SIG_LEN]>::try_from(&block.signature[..])
-        .map_err(|_| Rejection::Mismatch(key))?;
+    let sig =
+        <[u8; SIG_LEN]>::try_from(&block.signature[..]).map_err(|_| Rejection::Mismatch(key))?;
     vk.verify_strict(elf, &Signature::from_bytes(&sig))
         .map_err(|_| Rejection::Mismatch(key))?;
     Ok(key)

@@ -1,5 +1,5 @@
-//! The `klp-sign` command: keys and signatures of patch files (see the crate's README
-//! and `klp_convert::sign`).
+//! The `klp-sign` command: keys and signatures of patch files (see the crate's README,
+//! `klp_convert::sign` and the format's crate, `klp_sig`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -55,15 +55,6 @@ fn io(path: &Path, what: &str, e: std::io::Error) -> SignError {
         errno: "EIO",
         message: format!("cannot {what} {}: {e} (-EIO)", path.display()),
     }
-}
-
-/// The loader's default trusted keys directory.
-fn default_keys_dir() -> PathBuf {
-    let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
-        Some(x) => PathBuf::from(x),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".config"),
-    };
-    base.join("klp").join("keys")
 }
 
 /// Writes `data` to `path` through a temporary file in the same directory, so a
@@ -122,7 +113,7 @@ fn run(cli: Cli) -> Result<Vec<String>, SignError> {
             Ok(lines)
         }
         Command::Verify { keys, file } => {
-            let dir = keys.unwrap_or_else(default_keys_dir);
+            let dir = keys.unwrap_or_else(sign::default_keys_dir);
             let data = std::fs::read(&file).map_err(|e| io(&file, "read", e))?;
             let trusted = TrustedKeys::load(&dir);
             let v = sign::verify(&data, &trusted)?;
