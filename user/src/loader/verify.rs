@@ -8,7 +8,7 @@
 //! code the patch does not know. `klp-convert` records the GNU build id
 //! (`NT_GNU_BUILD_ID`) of every target it was given in a `.note.klp.build-id` section
 //! (`SHT_NOTE`, not allocated; one note per object: owner `klp`, type 3, description
-//! = object name, NUL, build id; see `klp_convert::buildid`). [`patch_build_ids`] reads
+//! = object name, NUL, build id; see `klp_sig::buildid`). [`patch_build_ids`] reads
 //! them, [`running_build_id`] reads an object's build id from its `PT_NOTE` segments in
 //! memory, and [`check_build_id`] refuses a patch built for another build with
 //! `-ENOEXEC`: what the kernel returns for a module built for another kernel (a
@@ -26,21 +26,18 @@
 //! <ELF file> <signer name> <key id: 32> <signature: 64> <info: 12> "~Module signature appended~\n"
 //! ```
 //!
-//! `info` is laid out as the kernel's `struct module_signature` — `algo` (1:
-//! ed25519), `hash` (0: none, ed25519 hashes the message itself), `id_type` (0x80:
-//! klp ed25519, key id = the public key), `signer_len`, `key_id_len` (32), three zero
-//! bytes, `sig_len` (64, big-endian u32) — the pre-PKCS#7 layout with the signer and
-//! key id in the file. The signed message is the ELF file: every byte before the
-//! signer name. A key is identified by its public key (`key id`); people see its
-//! *fingerprint*, the first 8 bytes in hex. Key files are one line of text,
-//! `klp-ed25519-public <64 hex digits> <name>` (`NAME.pub`; the secret `NAME.key`,
-//! mode 0600, says `klp-ed25519-secret`).
-//!
-//! Trusted keys are the `*.pub` files of a directory ([`default_keys_dir`]:
-//! `$XDG_CONFIG_HOME/klp/keys`, else `$HOME/.config/klp/keys`). The directory and each
-//! file count only when owned by the process's effective uid or root and writable by
-//! neither group nor others; a skipped file is named, with the reason, in the message
-//! that needed a key.
+//! The format — the block laid out as the kernel's `struct module_signature`, the key
+//! files, which `*.pub` files of the trusted keys directory count — is defined once,
+//! in the `klp_sig` crate, which `klp-sign` writes and checks with too; this module
+//! words its refusals as the loader's ([`LoadError`]) and adds the policy. In short:
+//! the signed message is the ELF file, every byte before the signer name; a key is
+//! identified by its public key (`key id`), people see its *fingerprint*, the first 8
+//! bytes in hex. Trusted keys are the `*.pub` files of a directory
+//! ([`default_keys_dir`]: `$XDG_CONFIG_HOME/klp/keys`, else `$HOME/.config/klp/keys`);
+//! the directory and each file count only when owned by the process's effective uid or
+//! root and writable by neither group nor others, and a skipped file is named, with
+//! the reason, in the message that needed a key. The build-id notes' layout is
+//! `klp_sig::buildid`'s as well.
 //!
 //! [`check`] decides as the kernel's `module_sig_check` does, with one difference:
 //!
@@ -61,22 +58,29 @@
 //! whatever the policy, and here too.
 //!
 //! The errnos `-ENOKEY` (126), `-EKEYREJECTED` (129), `-EBADMSG` (74) and `-ENOPKG`
-//! (65) have no constant in `klp::Errno`; they are built here with
-//! [`Errno::from_ret`] and named in the messages by this module.
+//! (65) have no constant in `klp::Errno` (it knows their names); they are built here
+//! with [`Errno::from_ret`].
 
 use std::ffi::CStr;
-use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use ed25519_dalek::{Signature, VerifyingKey};
 use klp::Errno;
+use klp_sig::{BlockError, Rejection, hex};
 use object::elf;
 use object::read::elf::{FileHeader, NoteIterator, SectionHeader as _};
 use object::{Endianness, NativeEndian};
 
 use super::{LoadError, errno_text};
+
+pub use klp_sig::buildid::{
+    MAX_LEN as MAX_BUILD_ID, NT_KLP_BUILD_ID, OWNER as BUILD_ID_OWNER, SECTION as BUILD_ID_SECTION,
+};
+pub use klp_sig::{
+    ALGO_ED25519 as SIG_ALGO_ED25519, HASH_NONE as SIG_HASH_NONE,
+    ID_TYPE_KLP_ED25519 as SIG_ID_TYPE_KLP_ED25519, INFO_LEN as SIG_INFO_LEN,
+    KEY_ID_LEN as SIG_KEY_ID_LEN, MAGIC as SIG_MAGIC, PublicKey as TrustedKey, SIG_LEN,
+    SignatureBlock, TrustedKeys, default_keys_dir,
+};
 
 /// `-ENOKEY`: required key not available.
 pub const ENOKEY: Errno = Errno::from_ret(-126);
@@ -87,48 +91,14 @@ pub const EBADMSG: Errno = Errno::from_ret(-74);
 /// `-ENOPKG`: package not installed.
 pub const ENOPKG: Errno = Errno::from_ret(-65);
 
-/// The section of the build ids.
-pub const BUILD_ID_SECTION: &str = ".note.klp.build-id";
-/// The build id notes' owner.
-pub const BUILD_ID_OWNER: &[u8] = b"klp";
-/// The build id notes' type.
-pub const NT_KLP_BUILD_ID: u32 = 3;
-/// The longest build id accepted.
-pub const MAX_BUILD_ID: usize = 64;
-
-/// The marker at the end of a signed file (the kernel's `MODULE_SIG_STRING`).
-pub const SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
-/// The size of the info block (`struct module_signature`).
-pub const SIG_INFO_LEN: usize = 12;
-/// `algo`: ed25519.
-pub const SIG_ALGO_ED25519: u8 = 1;
-/// `hash`: none.
-pub const SIG_HASH_NONE: u8 = 0;
-/// `id_type`: klp ed25519, the key id is the public key.
-pub const SIG_ID_TYPE_KLP_ED25519: u8 = 0x80;
-/// `key_id_len`.
-pub const SIG_KEY_ID_LEN: usize = 32;
-/// `sig_len`.
-pub const SIG_LEN: usize = 64;
-
-/// The errno as the messages of this module show it: the names klp's `Errno` lacks
-/// too.
+/// The errno as the messages of this module show it ([`errno_text`]: klp's `Errno`
+/// names the key and signature errnos too).
 pub fn errno_name(e: Errno) -> String {
-    match e.0 {
-        126 => "-ENOKEY".to_string(),
-        129 => "-EKEYREJECTED".to_string(),
-        74 => "-EBADMSG".to_string(),
-        65 => "-ENOPKG".to_string(),
-        _ => errno_text(e),
-    }
+    errno_text(e)
 }
 
 fn error(errno: Errno, text: impl FnOnce(&str) -> String) -> LoadError {
     LoadError::new(errno, text(&errno_name(errno)))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// How messages name an object: "the program" for `vmlinux`, else its name.
@@ -177,47 +147,12 @@ pub fn patch_build_ids(elf: &[u8]) -> Result<Vec<(String, Vec<u8>)>, LoadError> 
     let data = section
         .data(endian, elf)
         .map_err(|e| malformed_notes(&e.to_string()))?;
-    let mut notes = NoteIterator::<elf::FileHeader64<Endianness>>::new(
+    klp_sig::buildid::decode::<elf::FileHeader64<Endianness>>(
         endian,
         section.sh_addralign(endian),
         data,
     )
-    .map_err(|e| malformed_notes(&e.to_string()))?;
-    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
-    loop {
-        let note = match notes.next() {
-            Ok(Some(n)) => n,
-            Ok(None) => break,
-            Err(e) => return Err(malformed_notes(&e.to_string())),
-        };
-        if note.name() != BUILD_ID_OWNER || note.n_type(endian).0 != NT_KLP_BUILD_ID {
-            continue;
-        }
-        let desc = note.desc();
-        let Some(nul) = desc.iter().position(|&b| b == 0) else {
-            return Err(malformed_notes("a note has no NUL after the object name"));
-        };
-        let (name, id) = (&desc[..nul], &desc[nul + 1..]);
-        let name = match std::str::from_utf8(name) {
-            Ok(n) if !n.is_empty() => n,
-            _ => {
-                return Err(malformed_notes(
-                    "a note's object name is empty or not UTF-8",
-                ));
-            }
-        };
-        if id.is_empty() || id.len() > MAX_BUILD_ID {
-            return Err(malformed_notes(&format!(
-                "the build id of {name} has {} bytes (1 to {MAX_BUILD_ID} expected)",
-                id.len()
-            )));
-        }
-        if out.iter().any(|(n, _)| n == name) {
-            return Err(malformed_notes(&format!("{name} has two notes")));
-        }
-        out.push((name.to_string(), id.to_vec()));
-    }
-    Ok(out)
+    .map_err(|reason| malformed_notes(&reason))
 }
 
 /// What [`running_object`] found.
@@ -399,245 +334,22 @@ pub fn check_build_ids(elf: &[u8]) -> Result<(), LoadError> {
 // ---------------------------------------------------------------------------------
 // Signatures.
 
-/// The trusted keys directory: `$XDG_CONFIG_HOME/klp/keys`, else
-/// `$HOME/.config/klp/keys` (relative to the working directory when neither is
-/// set).
-pub fn default_keys_dir() -> PathBuf {
-    let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
-        Some(x) => PathBuf::from(x),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".config"),
-    };
-    base.join("klp").join("keys")
-}
-
-/// The signature block of a signed file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SignatureBlock {
-    /// `algo`.
-    pub algo: u8,
-    /// `hash`.
-    pub hash: u8,
-    /// `id_type`.
-    pub id_type: u8,
-    /// The signer's name as the block has it (informative: a trusted key is found by
-    /// its key id).
-    pub signer: String,
-    /// The key id: the ed25519 public key.
-    pub key_id: Vec<u8>,
-    /// The ed25519 signature.
-    pub signature: Vec<u8>,
-}
-
-impl SignatureBlock {
-    /// The key's fingerprint: the first 8 bytes of the key id, in hex.
-    pub fn fingerprint(&self) -> String {
-        hex(&self.key_id[..self.key_id.len().min(8)])
-    }
-}
-
-fn bad_block(reason: &str) -> LoadError {
-    error(EBADMSG, |e| {
-        format!(
-            "the patch's signature block is malformed: {reason} ({e}): sign the unsigned \
-             patch again with klp-sign"
-        )
-    })
-}
-
 /// Splits a patch file into its ELF part (the signed bytes) and its signature block
-/// (`None`: the file does not end in the marker, it is not signed). A damaged block is
-/// `-EBADMSG`, an unknown algorithm or id type `-ENOPKG` (the kernel's
-/// `mod_check_sig`).
+/// (`None`: the file does not end in the marker, it is not signed): [`klp_sig::split`].
+/// A damaged block is `-EBADMSG`, an unknown algorithm or id type `-ENOPKG` (the
+/// kernel's `mod_check_sig`).
 pub fn split_signed(file: &[u8]) -> Result<(&[u8], Option<SignatureBlock>), LoadError> {
-    let Some(rest) = file.strip_suffix(SIG_MAGIC) else {
-        return Ok((file, None));
-    };
-    let Some(body_len) = rest.len().checked_sub(SIG_INFO_LEN) else {
-        return Err(bad_block(&format!(
-            "the file ends in the signature marker and has {} bytes before it, fewer than \
-             the {SIG_INFO_LEN}-byte info block",
-            rest.len()
-        )));
-    };
-    let info = &rest[body_len..];
-    let (algo, hash, id_type, signer_len, key_id_len) =
-        (info[0], info[1], info[2], info[3], info[4]);
-    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
-    let fields = usize::from(signer_len) + usize::from(key_id_len) + sig_len;
-    if fields >= body_len {
-        return Err(bad_block(&format!(
-            "its fields take {fields} bytes and the file has {body_len} before the info block"
-        )));
-    }
-    if id_type != SIG_ID_TYPE_KLP_ED25519 || algo != SIG_ALGO_ED25519 || hash != SIG_HASH_NONE {
-        return Err(error(ENOPKG, |e| {
+    klp_sig::split(file).map_err(|b| match &b {
+        BlockError::Malformed(_) => error(EBADMSG, |e| {
             format!(
-                "the patch is signed with an unsupported scheme (id type {id_type:#x}, \
-                 algorithm {algo}, hash {hash}; klp-sign writes id type \
-                 {SIG_ID_TYPE_KLP_ED25519:#x}, algorithm {SIG_ALGO_ED25519}, hash \
-                 {SIG_HASH_NONE}) ({e}): sign the unsigned patch with klp-sign"
+                "the patch's signature block is malformed: {b} ({e}): sign the unsigned \
+                 patch again with klp-sign"
             )
-        }));
-    }
-    if info[5..8] != [0, 0, 0] {
-        return Err(bad_block("its padding bytes are not zero"));
-    }
-    if usize::from(key_id_len) != SIG_KEY_ID_LEN || sig_len != SIG_LEN {
-        return Err(bad_block(&format!(
-            "its key id has {key_id_len} bytes and its signature {sig_len} (an ed25519 key \
-             has {SIG_KEY_ID_LEN}, a signature {SIG_LEN})"
-        )));
-    }
-    let start = body_len - fields;
-    let signer_end = start + usize::from(signer_len);
-    let key_end = signer_end + SIG_KEY_ID_LEN;
-    let Ok(signer) = std::str::from_utf8(&rest[start..signer_end]) else {
-        return Err(bad_block("its signer name is not UTF-8"));
-    };
-    Ok((
-        &file[..start],
-        Some(SignatureBlock {
-            algo,
-            hash,
-            id_type,
-            signer: signer.to_string(),
-            key_id: rest[signer_end..key_end].to_vec(),
-            signature: rest[key_end..body_len].to_vec(),
         }),
-    ))
-}
-
-/// One trusted public key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TrustedKey {
-    /// Its name (from its file's line).
-    pub name: String,
-    /// The ed25519 public key.
-    pub key: [u8; 32],
-}
-
-/// The trusted keys of a directory, and what was skipped.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TrustedKeys {
-    /// The keys, in file name order.
-    pub keys: Vec<TrustedKey>,
-    /// `FILE (reason)` for every `*.pub` file (or the directory) that does not count.
-    pub skipped: Vec<String>,
-}
-
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-/// Why a file or directory with this metadata cannot vouch for a key, if it cannot.
-fn untrusted(meta: &std::fs::Metadata) -> Option<String> {
-    let uid = euid();
-    if meta.uid() != uid && meta.uid() != 0 {
-        return Some(format!(
-            "owned by uid {}, not by uid {uid} or root",
-            meta.uid()
-        ));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Some(format!(
-            "writable by its group or others, mode {:o}",
-            meta.mode() & 0o7777
-        ));
-    }
-    None
-}
-
-fn parse_public_key(text: &str) -> Result<TrustedKey, String> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let (Some(line), None) = (lines.next(), lines.next()) else {
-        return Err("not one line of text".to_string());
-    };
-    let f: Vec<&str> = line.split_whitespace().collect();
-    let [kind, key, name] = f.as_slice() else {
-        return Err("not \"klp-ed25519-public <64 hex digits> <name>\"".to_string());
-    };
-    if *kind != "klp-ed25519-public" {
-        return Err(format!("starts with '{kind}', not klp-ed25519-public"));
-    }
-    if key.len() != 64 || !key.is_ascii() {
-        return Err("its key is not 64 hex digits".to_string());
-    }
-    let mut bytes = [0u8; 32];
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = key
-            .get(2 * i..2 * i + 2)
-            .and_then(|h| u8::from_str_radix(h, 16).ok())
-            .ok_or_else(|| "its key is not 64 hex digits".to_string())?;
-    }
-    VerifyingKey::from_bytes(&bytes).map_err(|_| "its key is not an ed25519 key".to_string())?;
-    Ok(TrustedKey {
-        name: name.to_string(),
-        key: bytes,
+        BlockError::Unsupported { .. } => error(ENOPKG, |e| {
+            format!("the patch is signed with {b} ({e}): sign the unsigned patch with klp-sign")
+        }),
     })
-}
-
-fn read_key_file(path: &Path) -> Result<TrustedKey, String> {
-    // Opened first, then checked and read through the same descriptor: the checked
-    // file is the one read.
-    let f = File::open(path).map_err(|e| e.to_string())?;
-    let meta = f.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".to_string());
-    }
-    if let Some(why) = untrusted(&meta) {
-        return Err(why);
-    }
-    let mut text = String::new();
-    f.take(4096)
-        .read_to_string(&mut text)
-        .map_err(|_| "not a text file".to_string())?;
-    parse_public_key(&text)
-}
-
-impl TrustedKeys {
-    /// Reads the `*.pub` files of `dir`; only those the module documentation says
-    /// count are kept, the others are listed in `skipped`.
-    pub fn load(dir: &Path) -> TrustedKeys {
-        let mut out = TrustedKeys::default();
-        match std::fs::metadata(dir) {
-            Err(e) => {
-                out.skipped.push(format!("{} ({e})", dir.display()));
-                return out;
-            }
-            Ok(m) if !m.is_dir() => {
-                out.skipped
-                    .push(format!("{} (not a directory)", dir.display()));
-                return out;
-            }
-            Ok(m) => {
-                if let Some(why) = untrusted(&m) {
-                    out.skipped
-                        .push(format!("the directory {} ({why})", dir.display()));
-                    return out;
-                }
-            }
-        }
-        let mut names: Vec<std::ffi::OsString> = match std::fs::read_dir(dir) {
-            Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect(),
-            Err(e) => {
-                out.skipped.push(format!("{} ({e})", dir.display()));
-                return out;
-            }
-        };
-        names.sort();
-        for name in names {
-            let shown = name.to_string_lossy().into_owned();
-            if !shown.ends_with(".pub") {
-                continue;
-            }
-            match read_key_file(&dir.join(&name)) {
-                Ok(k) => out.keys.push(k),
-                Err(why) => out.skipped.push(format!("{shown} ({why})")),
-            }
-        }
-        out
-    }
 }
 
 /// Checks a patch file's signature (see the module documentation for the policy):
@@ -662,41 +374,38 @@ pub fn check<'a>(
         return Ok((elf, None));
     };
     let trusted = TrustedKeys::load(keys_dir);
-    let Some(key) = trusted.keys.iter().find(|k| k.key[..] == block.key_id[..]) else {
-        let skipped = if trusted.skipped.is_empty() {
-            String::new()
-        } else {
-            format!("; skipped: {}", trusted.skipped.join(", "))
-        };
-        return Err(error(ENOKEY, |e| {
-            format!(
-                "the patch is signed by key '{}' (fingerprint {}), which is not among the \
-                 {} trusted keys of {}{skipped} ({e}): put that key's .pub file there, or \
-                 sign the patch with a trusted key",
-                block.signer,
-                block.fingerprint(),
-                trusted.keys.len(),
-                keys_dir.display()
-            )
-        }));
-    };
-    let rejected = || {
-        error(EKEYREJECTED, |e| {
-            format!(
-                "the patch's signature by key '{}' (fingerprint {}) does not match its \
-                 contents ({e}): the file was changed after it was signed; load the file as \
-                 it was signed, or sign it again",
-                key.name,
-                block.fingerprint()
-            )
-        })
-    };
-    let vk = VerifyingKey::from_bytes(&key.key).map_err(|_| rejected())?;
-    let mut sig = [0u8; SIG_LEN];
-    sig.copy_from_slice(&block.signature);
-    vk.verify_strict(elf, &Signature::from_bytes(&sig))
-        .map_err(|_| rejected())?;
-    Ok((elf, Some(key.name.clone())))
+    match klp_sig::verify(elf, &block, &trusted) {
+        Ok(key) => Ok((elf, Some(key.name.clone()))),
+        Err(Rejection::UnknownKey) => {
+            let skipped = if trusted.skipped.is_empty() {
+                String::new()
+            } else {
+                format!("; skipped: {}", trusted.skipped.join(", "))
+            };
+            Err(error(ENOKEY, |e| {
+                format!(
+                    "the patch is signed by key '{}' (fingerprint {}), which is not among the \
+                     {} trusted keys of {}{skipped} ({e}): put that key's .pub file there, or \
+                     sign the patch with a trusted key",
+                    block.signer,
+                    block.fingerprint(),
+                    trusted.keys.len(),
+                    keys_dir.display()
+                )
+            }))
+        }
+        Err(Rejection::InvalidKey(key) | Rejection::Mismatch(key)) => {
+            Err(error(EKEYREJECTED, |e| {
+                format!(
+                    "the patch's signature by key '{}' (fingerprint {}) does not match its \
+                     contents ({e}): the file was changed after it was signed; load the file \
+                     as it was signed, or sign it again",
+                    key.name,
+                    block.fingerprint()
+                )
+            }))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -741,7 +450,12 @@ mod tests {
         );
         let e = split_signed(SIG_MAGIC).unwrap_err();
         assert_eq!(e.errno, EBADMSG);
-        assert!(e.message.contains("(-EBADMSG)"), "{e}");
+        assert_eq!(
+            e.message,
+            "the patch's signature block is malformed: the file ends in the signature marker \
+             and has 0 bytes before it, fewer than the 12-byte info block (-EBADMSG): sign \
+             the unsigned patch again with klp-sign"
+        );
         // A PKCS#7 block of a kernel module: id_type 2, lengths 0, sig_len 4.
         let mut f = b"\x7fELF....".to_vec();
         f.extend_from_slice(&[9, 9, 9, 9]);
@@ -749,5 +463,11 @@ mod tests {
         f.extend_from_slice(SIG_MAGIC);
         let e = split_signed(&f).unwrap_err();
         assert_eq!(e.errno, ENOPKG, "{e}");
+        assert_eq!(
+            e.message,
+            "the patch is signed with an unsupported scheme (id type 0x2, algorithm 0, hash \
+             0; klp-sign writes id type 0x80, algorithm 1, hash 0) (-ENOPKG): sign the \
+             unsigned patch with klp-sign"
+        );
     }
 }
