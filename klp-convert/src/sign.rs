@@ -253,17 +253,19 @@ pub fn verify(file: &[u8], trusted: &TrustedKeys) -> Result<Verified, SignError>
 mod tests {
     use super::*;
 
+    /// A stand-in for a patch object: only its first bytes are looked at.
     fn elf() -> Vec<u8> {
-        let mut v = b"\x7fELF".to_vec();
-        v.extend((0u8..200).map(|i| i.wrapping_mul(7)));
-        v
+        [&b"\x7fELF"[..], &[0x5a; 100]].concat()
     }
 
-    fn keys(k: &[PublicKey]) -> TrustedKeys {
+    /// `keys` trusted, as if read from `/keys`.
+    fn keys(keys: &[PublicKey]) -> TrustedKeys {
+        let dir = PathBuf::from("/keys");
+        let keys = keys.to_vec();
         TrustedKeys {
-            dir: PathBuf::from("/keys"),
-            keys: k.to_vec(),
-            skipped: vec![],
+            keys,
+            dir,
+            ..TrustedKeys::default()
         }
     }
 
