@@ -16,7 +16,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use klp::elf::PatchObject;
 use klp_inline::{Analysis, Caller, Inlined};
 
-use crate::process::ProcessHost;
+use crate::symbols::SymbolIndex;
 
 /// The most analyses kept.
 pub(crate) const CACHE_MAX: usize = 16;
@@ -140,8 +140,7 @@ pub(crate) fn warnings_for(path: &str, objname: &str, funcs: &[&str]) -> Vec<Str
 }
 
 /// The warnings about the functions `obj` replaces, in the objects loaded now.
-pub(crate) fn warnings(host: &ProcessHost, obj: &PatchObject<'_>) -> Vec<String> {
-    let idx = host.symbols().clone();
+pub(crate) fn warnings(idx: &SymbolIndex, obj: &PatchObject<'_>) -> Vec<String> {
     let mut out = Vec::new();
     for o in obj.klp_objects().into_iter().flatten().flatten() {
         let Some(loaded) = idx.objects().iter().find(|l| l.name.as_deref() == o.name) else {

@@ -438,7 +438,8 @@ impl crate::Process {
         // was made for; a library that arrives later is checked on arrival.
         verify::check_build_ids(&elf)?;
         let names = named_objects(&obj);
-        let mut warnings = Vec::new();
+        // Reading the objects' debug information may take a while: outside the core lock.
+        let warnings = inlined::warnings(&self.symbols(), &obj);
         let r = self.with_core(|klp, host| {
             if host.patch_module_loaded(&name) {
                 return Err(LoadError::new(
@@ -450,7 +451,6 @@ impl crate::Process {
                 ));
             }
             check_sites(host, &obj)?;
-            warnings = inlined::warnings(host, &obj);
             // A disabled patch of that name: its file goes now.
             host.drop_patch_file(&name);
             let (lo, hi) = anchor(host, &names);
