@@ -169,6 +169,13 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// `--patch-callers` could not complete the description (see [`crate::callers`]).
+    Callers {
+        /// The object whose callers were looked for.
+        object: String,
+        /// Why.
+        reason: String,
+    },
     /// Two targets give the same object name.
     DuplicateObject {
         /// The name.
@@ -477,6 +484,9 @@ impl fmt::Display for Error {
                 "\"{name}\" cannot be a livepatch object name: {reason} (an object name is \
                  1 to 55 characters without '.')."
             ),
+            Error::Callers { object, reason } => {
+                write!(f, "--patch-callers for {object}: {reason}.")
+            }
             Error::DuplicateObject { name } => {
                 write!(f, "two targets are named {name}: give each object once.")
             }

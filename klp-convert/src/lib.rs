@@ -34,6 +34,7 @@
 //! it. Library code returns [`Error`] for every bad input and never panics on one.
 
 pub mod buildid;
+pub mod callers;
 pub mod describe;
 pub mod elf;
 pub mod error;
@@ -128,6 +129,14 @@ pub fn convert(
 ) -> Result<Converted, Error> {
     manifest.check()?;
     let object = elf::PatchObject::parse(patch_file, patch)?;
+    let mut warnings = Vec::new();
+    let with_callers;
+    let manifest = if options.patch_callers {
+        with_callers = callers::add_callers(&object, targets, manifest, &mut warnings)?;
+        &with_callers
+    } else {
+        manifest
+    };
     let mut wanted: HashSet<String> = plan::undefined_names(&object)
         .into_iter()
         .map(|(_, n)| n)
@@ -147,7 +156,6 @@ pub fn convert(
             objects.push(o);
         }
     }
-    let mut warnings = Vec::new();
     let symbols = plan::plan(&object, &objects, manifest, options, &mut warnings)?;
     let description = describe::plan(&object, &objects, manifest, &mut warnings)?;
     let arch = object.arch;

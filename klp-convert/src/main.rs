@@ -59,6 +59,12 @@ struct Cli {
     #[arg(long)]
     no_build_id: bool,
 
+    /// Also replace each function of a target into which the compiler inlined a
+    /// replaced function (read from the target's debug information: build it with -g);
+    /// the patch must define a fixed copy of each under the same name.
+    #[arg(long)]
+    patch_callers: bool,
+
     /// Sign the output with this secret key (a NAME.key file of klp-sign keygen):
     /// the signature is appended as the kernel appends module signatures.
     #[arg(long, value_name = "KEY")]
@@ -109,6 +115,7 @@ fn run(cli: &Cli) -> Result<Vec<String>, Error> {
     let options = Options {
         keep_unresolved: cli.keep_unresolved,
         no_build_id: cli.no_build_id,
+        patch_callers: cli.patch_callers,
     };
     // The key is read before converting: a bad key leaves no output behind.
     let key = match &cli.sign {

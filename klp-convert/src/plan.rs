@@ -35,6 +35,10 @@ pub struct Options {
     pub keep_unresolved: bool,
     /// Record no build ids (no `.note.klp.build-id`, see [`crate::buildid`]).
     pub no_build_id: bool,
+    /// Also replace the functions of a target into which the compiler inlined a
+    /// function the description replaces (found in the target's debug information,
+    /// see [`crate::callers`]): each must be defined by the patch under its own name.
+    pub patch_callers: bool,
 }
 
 /// Why a symbol stays an ordinary undefined symbol.

@@ -164,6 +164,7 @@ fn the_patch_names_the_build_it_was_made_for() {
         &klp_convert::Options {
             keep_unresolved: true,
             no_build_id: true,
+            ..Default::default()
         },
     )
     .unwrap()
