@@ -14,6 +14,8 @@ unsafe extern "C" {
     fn klp_loadee_compute(x: i32) -> i32;
     fn klp_loadee_counter() -> i32;
     fn klp_loadee_helper_ref(x: i32) -> i32;
+    fn klp_loadee_inl_caller(x: i32) -> i32;
+    static klp_loadee_inl_ptr: extern "C" fn(i32) -> i32;
 }
 
 fn compute(x: i32) -> i32 {
@@ -46,6 +48,10 @@ fn dir() -> PathBuf {
 /// tests/c/loadfix.o converted against this executable and libklploadlib.so, with
 /// `manifest`.
 fn convert(manifest: &str, name: &str) -> PathBuf {
+    convert_with(manifest, name, klp_convert::Options::default())
+}
+
+fn convert_with(manifest: &str, name: &str, options: klp_convert::Options) -> PathBuf {
     let fix = std::fs::read(env!("KLP_LOADFIX_O")).expect("loadfix.o");
     let exe = std::fs::read("/proc/self/exe").expect("own executable");
     let lib = std::fs::read(env!("KLP_LOADLIB_SO")).expect("libklploadlib.so");
@@ -62,14 +68,7 @@ fn convert(manifest: &str, name: &str) -> PathBuf {
         },
     ];
     let m = klp_convert::Manifest::from_json(manifest).expect("manifest");
-    let out = klp_convert::convert(
-        "loadfix.o",
-        &fix,
-        &targets,
-        &m,
-        &klp_convert::Options::default(),
-    )
-    .expect("klp-convert");
+    let out = klp_convert::convert("loadfix.o", &fix, &targets, &m, &options).expect("klp-convert");
     let path = dir().join(format!("{name}.klp.o"));
     std::fs::write(&path, out.data).expect("write patch file");
     path
@@ -330,4 +329,59 @@ fn only_the_right_patch_gets_in() {
     );
     assert_eq!(compute(5), 6);
     assert!(p.list().is_empty());
+}
+
+const INLINED: &str = r#"{
+  "patch": { "objects": [ { "object": "vmlinux",
+     "funcs": [ { "old": "klp_loadee_inl", "new": "klp_loadee_inl_fixed" } ] } ] }
+}"#;
+
+fn inl(x: i32) -> (i32, i32) {
+    // SAFETY: C functions of tests/c/loadee.c; the pointer is initialised statically.
+    unsafe { (klp_loadee_inl_caller(x), klp_loadee_inl_ptr(x)) }
+}
+
+#[test]
+fn an_inlined_target_is_reported_and_its_callers_can_be_patched_too() {
+    let (p, _g) = process();
+    assert_eq!(inl(2), (7, 6));
+    // Replacing the function alone: its out-of-line copy changes, the caller that
+    // inlined it does not, and the loader says so, naming the caller.
+    let path = convert(INLINED, "inl");
+    let loaded = p
+        .load_file(&path, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("load: {e}"));
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("'klp_loadee_inl' is inlined into 'klp_loadee_inl_caller'")),
+        "{:?}",
+        loaded.warnings
+    );
+    wait(p);
+    assert_eq!(inl(2), (7, 8), "the caller keeps the inlined old code");
+    p.disable("inl").unwrap();
+    wait(p);
+    p.run_due_work();
+    p.unload("inl").unwrap();
+
+    // With --patch-callers the caller is replaced by the patch's copy too.
+    let path = convert_with(
+        INLINED,
+        "inlcallers",
+        klp_convert::Options {
+            patch_callers: true,
+            ..Default::default()
+        },
+    );
+    p.load_file(&path, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("load: {e}"));
+    wait(p);
+    assert_eq!(inl(2), (9, 8), "the caller's copy has the fix");
+    p.disable("inlcallers").unwrap();
+    wait(p);
+    p.run_due_work();
+    p.unload("inlcallers").unwrap();
+    assert_eq!(inl(2), (7, 6));
 }

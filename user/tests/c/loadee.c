@@ -28,4 +28,21 @@ int klp_loadee_helper_ref(int x)
 	return klp_loadee_helper(x);
 }
 
+/*
+ * A function gcc inlines into its caller at -O2 (tests/loader.rs: the loader warns
+ * that the caller keeps the old code; klp-convert --patch-callers replaces the caller
+ * too). The pointer keeps an out-of-line copy, which is what a patch replaces.
+ */
+static int klp_loadee_inl(int x)
+{
+	return x * 3;
+}
+
+int klp_loadee_inl_caller(int x)
+{
+	return klp_loadee_inl(x) + 1;
+}
+
+int (*volatile klp_loadee_inl_ptr)(int) = klp_loadee_inl;
+
 #include "mcount_ppc64le.h"

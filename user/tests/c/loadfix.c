@@ -35,3 +35,14 @@ int klp_loadlib_value_fixed(int x)
 	klp_loadlib_calls += 10;
 	return klp_loadlib_helper(x);
 }
+
+/* The replacement of the inlined klp_loadee_inl, and a fixed copy of its caller. */
+int klp_loadee_inl_fixed(int x)
+{
+	return x * 4;
+}
+
+int klp_loadee_inl_caller(int x)
+{
+	return klp_loadee_inl_fixed(x) + 1;
+}
