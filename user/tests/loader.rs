@@ -105,6 +105,13 @@ fn a_patch_file_replaces_a_function_and_goes_again() {
         .load_file(&path, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("load: {e}\nlog: {:?}", p.log().0));
     assert_eq!(loaded.name, "loadfix");
+    // The pre-patch callback of the file ran (it sets the patch's counter to 1000).
+    let idx = p.symbols();
+    let seen = idx.candidates(Some("[patch loadfix]"), "klp_loadfix_seen");
+    assert_eq!(seen.len(), 1, "the patch's own symbols are indexed");
+    // SAFETY: an `int` of the patch's data, mapped while the patch file is loaded.
+    let seen = unsafe { std::ptr::read_volatile(seen[0] as *const i32) };
+    assert!(seen >= 1000, "pre_patch ran: {seen}");
     wait(p);
     // helper(1) + abs(-2), and the counter moved by the replacement's +100.
     assert_eq!(compute(1), 12, "the fix runs");

@@ -26,6 +26,19 @@ extern "C" {
 #endif
 
 /*
+ * What a patch file's callbacks get (the functions its klp-convert manifest names as
+ * "callbacks" of an object): int pre_patch(struct klp_object *obj) may refuse the
+ * object with a negative errno; void post_patch / pre_unpatch / post_unpatch
+ * (struct klp_object *obj) cannot. They run with klp's core locked: they must not
+ * call the functions of this header. The layout matches klp-user's
+ * loader::KlpObject.
+ */
+struct klp_object {
+	const char *name; /* NULL for the program itself, else the library's name */
+	int patched;      /* whether the object is patched now */
+};
+
+/*
  * A safe point (the kernel's klp_update_patch_state): if a transition waits for the
  * calling thread, the thread switches to the transition's target now. Call it where
  * the thread runs no function a patch may replace, e.g. at the head of a worker's
