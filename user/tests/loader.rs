@@ -122,6 +122,24 @@ fn a_patch_file_replaces_a_function_and_goes_again() {
     );
     assert!(p.list().iter().any(|x| x.name == "loadfix" && x.enabled));
 
+    // A second patch file for the same function stacks on the first.
+    let second = convert(
+        &MANIFEST.replace(
+            "\"callbacks\": { \"pre_patch\": \"klp_loadfix_pre_patch\" }",
+            "\"callbacks\": {}",
+        ),
+        "loadfix2",
+    );
+    p.load_file(&second, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("second patch: {e}\nlog: {:?}", p.log().0));
+    wait(p);
+    assert_eq!(compute(1), 12);
+    p.disable("loadfix2").expect("disable the second");
+    wait(p);
+    p.run_due_work();
+    p.unload("loadfix2").expect("unload the second");
+    assert_eq!(compute(1), 12, "the first is still there");
+
     // Unloading an enabled patch is refused; disabling reverts.
     let e = p.unload("loadfix").expect_err("busy while enabled");
     assert!(e.message.contains("-EBUSY"), "{e}");

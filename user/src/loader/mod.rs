@@ -306,7 +306,9 @@ fn check_sites(host: &ProcessHost, obj: &PatchObject<'_>) -> Result<(), LoadErro
                 0 => None,
                 n => usize::try_from(n - 1).ok().and_then(|i| c.get(i)),
             };
+            // A function patched already has its site rewritten: it is not looked at.
             if let Some(&a) = addr
+                && host.site_state(a).is_none()
                 && redirect::native::find(&idx, a).is_none()
             {
                 return Err(LoadError::new(
