@@ -514,6 +514,7 @@ impl Host for ProcessHost {
         if let Some((start, end)) = redirect::native::body_of(&self.index, &found) {
             self.bodies.push((start, end, site));
         }
+        redirect::set_site_end(found.addr() + found.len() as u64, true);
         self.sites.insert(site, (found, SiteState::Trampoline));
         if let Some(v) = self.views.get(&site).copied() {
             self.settle(site, Some(v));
@@ -527,6 +528,7 @@ impl Host for ProcessHost {
         let Some((found, state)) = self.sites.remove(&site) else {
             return;
         };
+        redirect::set_site_end(found.addr() + found.len() as u64, false);
         self.bodies.retain(|b| b.2 != site);
         if matches!(state, SiteState::Jump(_)) {
             self.retarget_callers(found.func.addr, None);

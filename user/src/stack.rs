@@ -37,12 +37,13 @@
 //! pointer held in a local, the address of a function's entry in a spilled register —
 //! which would otherwise report the thread as running that function for as long as the
 //! slot lives. The arch decoders err towards "is a call", so the filter never drops a
-//! real return address. The one return address that follows no call — the `S + 5` that
-//! x86_64's entry trampoline pushes for the patched function while it decides (after the
-//! site's `jmp`) — is not kept: a thread in the trampoline is refused anyway (below),
-//! and a stale copy of that word left below a live frame (a thread that went through
-//! the trampoline and then sleeps in a callee at the same depth) would otherwise hold
-//! the transition for as long as the thread sleeps.
+//! real return address. The return address a site leaves while it enters the entry
+//! trampoline — just past the site: x86_64's trampoline pushes `S + 5` after the site's
+//! `jmp`, the others' sites branch and link — is never kept
+//! (`redirect::is_site_end`): a thread in the trampoline is refused anyway (below), and a
+//! stale copy of that word left below a live frame (a thread that went through the
+//! trampoline and then sleeps in a callee at the same depth) would otherwise hold the
+//! transition for as long as the thread sleeps.
 //!
 //! A thread caught in the redirect machinery — its pc in the entry trampoline or the
 //! decision function, its record marked as deciding, or a return address into the
@@ -573,7 +574,7 @@ impl ThreadStack<'_> {
     /// the module documentation). No allocation. Bytes that cannot be read make the
     /// answer `true` (the word is kept: the check is only stricter).
     fn returns_after_call(&self, code: &mut CodeReader, w: u64) -> bool {
-        if !self.index.is_text(w) {
+        if !self.index.is_text(w) || crate::redirect::is_site_end(w) {
             return false;
         }
         let memo = CALL_MEMO.get(memo_slot(w));

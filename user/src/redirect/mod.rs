@@ -454,6 +454,33 @@ pub(crate) fn publish(site: u64, view: Option<RedirectView>) -> bool {
     true
 }
 
+/// The addresses just past every registered site (`site + len`): the return address
+/// the site's branch-and-link leaves while it enters the trampoline. A thread inside
+/// the trampoline is refused by the stack check anyway (`stack::Machinery`), so such a
+/// word found on a stack is never the return address of a live frame — only a stale
+/// copy of one, which the conservative scan must not count (it would hold every
+/// transition a sleeping thread once called the function in).
+static SITE_ENDS: std::sync::RwLock<std::collections::BTreeSet<u64>> =
+    std::sync::RwLock::new(std::collections::BTreeSet::new());
+
+/// Records (or, with `present` false, forgets) the end of a registered site.
+pub(crate) fn set_site_end(end: u64, present: bool) {
+    let mut g = SITE_ENDS.write().unwrap_or_else(|e| e.into_inner());
+    if present {
+        g.insert(end);
+    } else {
+        g.remove(&end);
+    }
+}
+
+/// Whether `w` is just past a registered site (see [`set_site_end`]).
+pub(crate) fn is_site_end(w: u64) -> bool {
+    SITE_ENDS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&w)
+}
+
 /// The view published for `site`. Lock-free, no allocation.
 pub fn view(site: u64) -> Option<RedirectView> {
     let s = slot(site, false)?;
