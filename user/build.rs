@@ -71,15 +71,21 @@ fn shared_object(src: &str, prefix: &str, so: &Path, flags: &[&str], sanitize: &
         .args(["-shared", &format!("-Wl,-soname,{name}"), "-o"])
         .arg(so)
         .arg(src);
+    run_cc(&mut cmd, so, env);
+}
+
+/// Runs the C compiler command `cmd` that builds `out`, and hands `out`'s path to the
+/// tests in `env`.
+fn run_cc(cmd: &mut std::process::Command, out: &Path, env: &str) {
     let status = cmd
         .status()
         .unwrap_or_else(|e| panic!("cannot run the C compiler ({cmd:?}): {e}"));
     assert!(
         status.success(),
         "building {} failed: {cmd:?}",
-        so.display()
+        out.display()
     );
-    println!("cargo:rustc-env={env}={}", so.display());
+    println!("cargo:rustc-env={env}={}", out.display());
 }
 
 fn main() {
@@ -150,15 +156,7 @@ fn main() {
     cmd.args(patch_flags(&var("CARGO_CFG_TARGET_ARCH")))
         .args(["-c", "tests/c/loadfix.c", "-o"])
         .arg(&fix);
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run the C compiler ({cmd:?}): {e}"));
-    assert!(
-        status.success(),
-        "building {} failed: {cmd:?}",
-        fix.display()
-    );
-    println!("cargo:rustc-env=KLP_LOADFIX_O={}", fix.display());
+    run_cc(&mut cmd, &fix, "KLP_LOADFIX_O");
 
     shared_object(
         "tests/c/loadlib.c",
