@@ -755,11 +755,7 @@ impl Library {
     pub fn close(self, p: &Process) -> Changes {
         // SAFETY: `handle` came from a successful `dlopen` and is closed once (`self` is
         // consumed); `libc::dlclose` is the C library's.
-        unsafe { p.close_library(self.handle as *mut libc::c_void, libc::dlclose) };
-        Changes {
-            added: Vec::new(),
-            removed: vec![self.name],
-        }
+        unsafe { p.close_library(self.handle as *mut libc::c_void, libc::dlclose) }.1
     }
 }
 
@@ -768,7 +764,8 @@ impl Process {
     /// interposer found), in the kernel's module-removal order: if this close unloads
     /// the object, its patches are removed and its livepatch relocations cleared while
     /// its code is still mapped; then it is closed; if it is in fact still loaded (other
-    /// handles hold it), it arrives again. Returns what `close` returned.
+    /// handles hold it), it arrives again. Returns what `close` returned and the modules
+    /// that went (or arrived).
     ///
     /// # Safety
     ///
@@ -778,7 +775,7 @@ impl Process {
         &self,
         handle: *mut libc::c_void,
         close: unsafe extern "C" fn(*mut libc::c_void) -> libc::c_int,
-    ) -> libc::c_int {
+    ) -> (libc::c_int, Changes) {
         let path = library_path(handle);
         let name = path.as_deref().map(crate::symbols::module_name);
         let tracked = name
@@ -789,8 +786,12 @@ impl Process {
         }
         // SAFETY: conditions 1 and 2.
         let r = unsafe { close(handle) };
+        let mut changes = Changes::default();
         if let (true, Some(n), Some(path)) = (tracked, name.as_deref(), path.as_deref()) {
             let still = still_loaded(path);
+            if !still {
+                changes.removed.push(n.to_string());
+            }
             self.with_core(|klp, host| {
                 let (idx, _) = host.index.refresh();
                 host.index = Arc::new(idx);
@@ -803,9 +804,9 @@ impl Process {
                 }
             });
         } else {
-            self.refresh_modules();
+            changes = self.refresh_modules().0;
         }
-        r
+        (r, changes)
     }
 }
 

@@ -105,7 +105,11 @@ fn a_patch_file_replaces_a_function_and_goes_again() {
         .load_file(&path, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("load: {e}\nlog: {:?}", p.log().0));
     assert_eq!(loaded.name, "loadfix");
-    assert!(loaded.warnings.is_empty(), "nobody inlined it: {:?}", loaded.warnings);
+    assert!(
+        loaded.warnings.is_empty(),
+        "nobody inlined it: {:?}",
+        loaded.warnings
+    );
     // The pre-patch callback of the file ran (it sets the patch's counter to 1000).
     let idx = p.symbols();
     let seen = idx.candidates(Some("[patch loadfix]"), "klp_loadfix_seen");

@@ -128,12 +128,17 @@ fn module_of(handle: *mut c_void) -> Option<(String, String)> {
 /// and logs what changed, one line per module, in the process's log (and on stderr
 /// with `KLP_LOG=stderr`). Returns the modules the core refused.
 fn refresh() -> Vec<(String, klp::Errno)> {
-    let p = process();
-    let (changes, refused) = p.refresh_modules();
+    let (changes, refused) = process().refresh_modules();
+    announce(&changes);
+    refused
+}
+
+/// Logs the modules that arrived and went.
+fn announce(changes: &klp_user::symbols::Changes) {
     if changes.added.is_empty() && changes.removed.is_empty() {
-        return refused;
+        return;
     }
-    p.with_core(|_, host| {
+    process().with_core(|_, host| {
         let line = |host: &mut klp_user::ProcessHost, args: std::fmt::Arguments<'_>| {
             host.log(&Record {
                 level: Level::Info,
@@ -149,7 +154,6 @@ fn refresh() -> Vec<(String, klp::Errno)> {
             line(host, format_args!("module '{m}' unloaded"));
         }
     });
-    refused
 }
 
 /// After a successful `dlopen`: tells the core, and returns the refusal of the opened
@@ -228,7 +232,11 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
     // SAFETY: the caller's handle (condition 1 of `close_library`), closed by the C
     // library's `dlclose` (condition 2).
     let closed = std::panic::catch_unwind(|| unsafe { process().close_library(handle, real) });
-    closed.unwrap_or(-1)
+    let Ok((r, changes)) = closed else {
+        return -1;
+    };
+    let _ = std::panic::catch_unwind(|| announce(&changes));
+    r
 }
 
 /// The interposed `dlerror`: the reason of this thread's last refused `dlopen` if it

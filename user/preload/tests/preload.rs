@@ -99,14 +99,19 @@ fn profile_dir() -> PathBuf {
     deps.parent().expect("the profile directory").to_path_buf()
 }
 
+/// The `libklp.so` cargo built for this test: the library target is an rlib too, so
+/// the integration tests depend on it and it is built before them, in `deps/` (and
+/// copied up to the profile directory by a plain `cargo build`).
 fn libklp() -> PathBuf {
-    let p = profile_dir().join("libklp.so");
-    assert!(
-        p.is_file(),
-        "{} is missing: cargo builds it before this test (cargo test -p klp-preload)",
-        p.display()
-    );
-    p
+    let dir = profile_dir();
+    let candidates = [dir.join("deps").join("libklp.so"), dir.join("libklp.so")];
+    let found = candidates.iter().find(|p| p.is_file()).cloned();
+    found.unwrap_or_else(|| {
+        panic!(
+            "{} is missing: cargo builds it before this test (cargo test -p klp-preload)",
+            candidates[0].display()
+        )
+    })
 }
 
 fn gcc(args: &[&str], dir: &Path) {
