@@ -274,9 +274,19 @@ fn an_unmodified_program_runs_as_tasks_and_its_libraries_as_modules() {
 
     // The main thread, waiting in pthread_join, and both workers are tasks; so are
     // klp's own two threads (marked).
-    let threads = ask(&sock, "threads");
-    let list = threads.as_array().expect("a thread list");
+    // (klp's worker registers from its own thread: until it has, it shows as a
+    // thread still starting, with no tid yet; wait for it.)
     let tid = |t: &Value| t.get("tid").and_then(Value::as_i64).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let threads = loop {
+        let t = ask(&sock, "threads");
+        let starting = t.as_array().is_some_and(|l| l.iter().any(|x| tid(x) == 0));
+        if !starting || Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let list = threads.as_array().expect("a thread list");
     let kthread = |t: &Value| t.get("kthread").and_then(Value::as_bool).unwrap_or(true);
     let program: Vec<i64> = list.iter().filter(|t| !kthread(t)).map(tid).collect();
     assert!(
