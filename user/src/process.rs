@@ -76,6 +76,14 @@ impl Default for Config {
 /// Where a return address inside a `patchable!` body is reported: just past the
 /// wrapper's site, an address inside the wrapper's symbol on every architecture.
 const FOLD_OFFSET: u64 = 4;
+/// How long `klp_synchronize_transition` (and a site's removal) waits for threads
+/// still inside the redirect decision before going on with a log line. The kernel's
+/// wait is unbounded; a bound keeps a thread stopped by a debugger from hanging klp, and
+/// it is long enough for a thread descheduled under load: under qemu-user on a busy
+/// machine a decision can be held up for longer than the 1 s this used to be, and a
+/// thread may then decide with its new state on a view it read before the transition
+/// completed (the redirect test saw two such decisions in a loaded CI run).
+const DECIDER_WAIT: Duration = Duration::from_secs(5);
 /// How long a batch stop waits for the next thread to answer before it leaves the
 /// rest to be stopped one by one ([`stack::Batch::stop`]).
 const BATCH_QUIET: Duration = Duration::from_millis(20);
@@ -542,9 +550,10 @@ impl Host for ProcessHost {
                 e.to_kernel()
             ));
         }
-        if !redirect::wait_deciders(Duration::from_secs(1), &mut || stack::barrier(answer)) {
+        if !redirect::wait_deciders(DECIDER_WAIT, &mut || stack::barrier(answer)) {
             self.line(format!(
-                "klp-user: a thread is still deciding at site {site:#x} after 1 s"
+                "klp-user: a thread is still deciding at site {site:#x} after {} s",
+                DECIDER_WAIT.as_secs()
             ));
         }
     }
@@ -703,8 +712,11 @@ impl Host for ProcessHost {
     /// marks; see `redirect::wait_deciders`).
     fn synchronize(&mut self) {
         let answer = self.config.checks.answer;
-        if !redirect::wait_deciders(Duration::from_secs(1), &mut || stack::barrier(answer)) {
-            self.line("klp-user: a thread is still deciding after 1 s".into());
+        if !redirect::wait_deciders(DECIDER_WAIT, &mut || stack::barrier(answer)) {
+            self.line(format!(
+                "klp-user: a thread is still deciding after {} s",
+                DECIDER_WAIT.as_secs()
+            ));
         }
     }
 

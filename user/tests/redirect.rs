@@ -437,7 +437,13 @@ fn many_threads_during_transitions(p: &Process) {
     }
     assert!(calls.load(Ordering::Relaxed) > 100);
     wait_gone(p, "lp_r4");
-    assert_eq!(klp_redirect_robust_check(), 0);
+    assert_eq!(
+        klp_redirect_robust_check(),
+        0,
+        "decisions for unregistered threads: {}, idle threads in a transition: {}",
+        klp_user::redirect::unregistered_calls(),
+        klp_user::redirect::anomalies()
+    );
 }
 
 /// No decision was taken for a thread klp does not know, and none found an idle
