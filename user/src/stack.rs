@@ -152,6 +152,10 @@ impl Default for CheckOptions {
 }
 
 static HOLD_NS: AtomicU64 = AtomicU64::new(2_000_000_000);
+/// Tests only: how long [`stop`] waits after the signal before it looks for the answer
+/// (a checker kept off the CPU), in microseconds.
+#[cfg(test)]
+static LOOK_LATE_US: AtomicU64 = AtomicU64::new(0);
 /// One stop at a time: taken by [`capture_lock`], released when its guard drops.
 static CAPTURE_LOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -478,6 +482,8 @@ fn stop(rec: &ThreadRecord, t: CheckOptions) -> Result<Regs, TraceFailure> {
         rec.cap.store(cap::IDLE, Ordering::Release);
         return Err(TraceFailure::Gone);
     }
+    #[cfg(test)]
+    std::thread::sleep(Duration::from_micros(LOOK_LATE_US.load(Ordering::Relaxed)));
     loop {
         match rec.cap.load(Ordering::Acquire) {
             cap::CAPTURED => break,
@@ -499,7 +505,19 @@ fn stop(rec: &ThreadRecord, t: CheckOptions) -> Result<Regs, TraceFailure> {
                     return Err(TraceFailure::NoAnswer);
                 }
             }
-            _ => return Err(TraceFailure::NoAnswer),
+            _ => {
+                // The handler captured and then gave up the hold before this thread
+                // looked (its deadline passed: a checker kept off the CPU that long).
+                // Free the slot, or every later stop of the thread would wait for it
+                // in vain (found by the loom model of this handshake).
+                let _ = rec.cap.compare_exchange(
+                    cap::ABANDONED,
+                    cap::IDLE,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                return Err(TraceFailure::NoAnswer);
+            }
         }
     }
     Ok(captured_regs(rec))
@@ -1670,6 +1688,50 @@ mod tests {
         assert!(a.rec.sync_ack.load(Ordering::Acquire) > 0);
         assert!(b.rec.sync_ack.load(Ordering::Acquire) > 0);
     }
+    #[test]
+    // Regression (found by the loom model of the handshake, user/tests/loom.rs): a
+    // handler that gave up its hold before the checker saw the capture left the slot
+    // `ABANDONED`, and every later stop of that thread waited for a free slot in vain.
+    // A zero hold makes the handler give up at once, and the checker looks 5 ms late.
+    fn a_hold_given_up_before_the_checker_looks_leaves_the_thread_stoppable() {
+        let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        install_handler();
+        let sp = Spinner::start(false);
+        let hasty = CheckOptions {
+            hold: Duration::ZERO,
+            ..CheckOptions::default()
+        };
+        struct Prompt;
+        impl Drop for Prompt {
+            fn drop(&mut self) {
+                LOOK_LATE_US.store(0, Ordering::Relaxed);
+            }
+        }
+        let _prompt = Prompt;
+        LOOK_LATE_US.store(5000, Ordering::Relaxed);
+        let mut abandoned = 0;
+        for _ in 0..20 {
+            match with_stopped(&sp.rec, hasty, |r| r) {
+                Err(TraceFailure::NoAnswer) => abandoned += 1,
+                Ok(_) | Err(TraceFailure::Resumed) => {}
+                Err(e) => panic!("unexpected failure: {e:?}"),
+            }
+            assert_ne!(
+                sp.rec.cap.load(Ordering::Acquire),
+                cap::ABANDONED,
+                "a stop left the slot abandoned"
+            );
+        }
+        eprintln!("{abandoned} of 20 holds were given up before the checker looked");
+        assert!(
+            abandoned > 0,
+            "no hold was given up: the test checks nothing"
+        );
+        LOOK_LATE_US.store(0, Ordering::Relaxed);
+        with_stopped(&sp.rec, CheckOptions::default(), |r| r)
+            .expect("the thread can still be stopped");
+    }
+
     #[test]
     fn a_batch_holds_the_threads_that_answer_until_each_is_taken() {
         let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

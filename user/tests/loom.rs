@@ -20,6 +20,11 @@
 //!   without its transition flag (the spec's HB-3), and a thread that sees the flag
 //!   sees the state the core set before (`!target`, HB-1): it never runs the new
 //!   function before it switched.
+//! * **The stop/hold/release handshake** (`user/src/stack.rs`, `stop`, the handler's
+//!   `on_signal` and `release`): a checker stops a thread, walks its stack while it
+//!   is held and releases it, while the handler may give up the hold (its deadline):
+//!   the registers read are the captured ones, a walk that `release` confirms read
+//!   the interrupted stack, and the slot always ends free.
 //! * **The state byte against a switch** (`user/src/thread.rs`, the `ThreadRecord`
 //!   state byte; `klp/src/transition.rs`, the force and switch loops, which clear the
 //!   pending flag *then* set the state): a thread passing safe points while the core
@@ -70,6 +75,41 @@ const COPIED: &[(&str, &str, &[&str])] = &[
             // update_patch_state
             ".fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {",
             "(b & PENDING != 0).then(|| encode(decode(b).inverted()))",
+        ],
+    ),
+    (
+        "user/src/stack.rs",
+        include_str!("../src/stack.rs"),
+        &[
+            // on_signal: capture, then hold until released or the deadline
+            "if rec.cap.load(Ordering::Acquire) != cap::REQUESTED {",
+            "slot.store(v, Ordering::Relaxed);",
+            "cap::REQUESTED,",
+            "cap::CAPTURED,",
+            "Ordering::AcqRel,",
+            "match rec.cap.load(Ordering::Acquire) {",
+            "cap::CAPTURED => {",
+            "cap::CAPTURED,",
+            "cap::ABANDONED,",
+            "cap::RELEASED => {",
+            "cap::RELEASED,",
+            "cap::IDLE,",
+            "_ => return,",
+            // stop: request, wait, withdraw, free an abandoned hold
+            "cap::IDLE,",
+            "cap::REQUESTED,",
+            "cap::CAPTURED => break,",
+            "cap::REQUESTED,",
+            "cap::IDLE,",
+            "cap::ABANDONED,",
+            "cap::IDLE,",
+            // captured_regs
+            "pc: rec.regs[0].load(Ordering::Relaxed),",
+            // release
+            "cap::CAPTURED,",
+            "cap::RELEASED,",
+            "if !released {",
+            "rec.cap.store(cap::IDLE, Ordering::Release);",
         ],
     ),
     (
@@ -444,5 +484,262 @@ mod state_byte {
     #[should_panic(expected = "seen by the thread")]
     fn loom_state_byte_catches_the_state_set_before_the_flag_is_cleared() {
         switch_against_safe_points("state byte, state set before the flag", false);
+    }
+}
+
+/// The stop/hold/release handshake of a stack check (`user/src/stack.rs`: `stop`, the
+/// signal handler's `on_signal`, `release`) on a loom thread record.
+#[cfg(loom)]
+mod handshake {
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+    use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+    // `thread::cap`.
+    const IDLE: u32 = 0;
+    const REQUESTED: u32 = 1;
+    const CAPTURED: u32 = 2;
+    const RELEASED: u32 = 3;
+    const ABANDONED: u32 = 4;
+
+    /// What differs from the source in a weakened model.
+    #[derive(Clone, Copy)]
+    struct Protocol {
+        /// The handler's `REQUESTED -> CAPTURED` (the source: `AcqRel`).
+        capture: Ordering,
+        /// `release` by compare-and-swap from `CAPTURED` (the source), or by a store.
+        release_by_cas: bool,
+        /// `stop` frees a hold the handler abandoned before the checker saw it (the
+        /// source, since loom found the slot left `ABANDONED`: every later stop of the
+        /// thread then waited for a free slot in vain and failed).
+        stop_frees_abandoned: bool,
+    }
+
+    const SOURCE: Protocol = Protocol {
+        capture: Ordering::AcqRel,
+        release_by_cas: true,
+        stop_frees_abandoned: true,
+    };
+
+    /// The parts of a `ThreadRecord` the handshake uses, and the thread's stack.
+    struct Rec {
+        cap: AtomicU32,
+        /// The captured registers (one word stands for the four). The source keeps them
+        /// in relaxed atomics published by the capture; the model makes them plain
+        /// data, so that loom reports any read the capture does not order.
+        reg: UnsafeCell<u64>,
+        /// A word of the thread's stack: 1 while it is interrupted, 2 once it runs on.
+        /// The checker's walk reads it (as `read_stack_word` does, without a lock).
+        stack: AtomicU64,
+        /// `tgkill` was called: the signal is delivered to the thread.
+        signalled: AtomicBool,
+    }
+
+    /// `on_signal`, the hold part. `patience`: how many times the handler finds
+    /// itself still held before its deadline passes (loom has no clock; with 0 the
+    /// deadline passes at the first look, which loom orders before or after the
+    /// release in turn).
+    fn on_signal(rec: &Rec, p: Protocol, patience: usize) {
+        if rec.cap.load(Ordering::Acquire) != REQUESTED {
+            return;
+        }
+        let v = rec.stack.load(Ordering::Relaxed);
+        // SAFETY: the slot is `REQUESTED`: the checker reads the registers only after
+        // it sees `CAPTURED`, which this thread stores after this write.
+        rec.reg.with_mut(|r| unsafe { *r = v });
+        let failure = if p.capture == Ordering::Relaxed {
+            Ordering::Relaxed
+        } else {
+            Ordering::Acquire
+        };
+        if rec
+            .cap
+            .compare_exchange(REQUESTED, CAPTURED, p.capture, failure)
+            .is_err()
+        {
+            return;
+        }
+        let mut waited = 0;
+        loop {
+            match rec.cap.load(Ordering::Acquire) {
+                CAPTURED => {
+                    if waited >= patience {
+                        if rec
+                            .cap
+                            .compare_exchange(
+                                CAPTURED,
+                                ABANDONED,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            )
+                            .is_ok()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                    waited += 1;
+                    loom::thread::yield_now();
+                }
+                RELEASED => {
+                    let _ = rec.cap.compare_exchange(
+                        RELEASED,
+                        IDLE,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    return;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// `stop`: `Some(registers)` once the thread holds, `None` for no answer.
+    /// `patience`: how many times it finds the request unanswered before it withdraws.
+    fn stop(rec: &Rec, p: Protocol, patience: usize) -> Option<u64> {
+        rec.cap
+            .compare_exchange(IDLE, REQUESTED, Ordering::AcqRel, Ordering::Acquire)
+            .expect("the slot is free at the first stop");
+        rec.signalled.store(true, Ordering::Release);
+        let mut waited = 0;
+        loop {
+            match rec.cap.load(Ordering::Acquire) {
+                CAPTURED => break,
+                REQUESTED if waited < patience => {
+                    waited += 1;
+                    loom::thread::yield_now();
+                }
+                REQUESTED => {
+                    if rec
+                        .cap
+                        .compare_exchange(REQUESTED, IDLE, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        return None;
+                    }
+                }
+                _ => {
+                    if p.stop_frees_abandoned {
+                        let _ = rec.cap.compare_exchange(
+                            ABANDONED,
+                            IDLE,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                    return None;
+                }
+            }
+        }
+        // SAFETY: the slot was seen `CAPTURED`: the handler wrote the registers before.
+        Some(rec.reg.with(|r| unsafe { *r }))
+    }
+
+    /// `release`: whether the thread was still held.
+    fn release(rec: &Rec, p: Protocol) -> bool {
+        let released = if p.release_by_cas {
+            rec.cap
+                .compare_exchange(CAPTURED, RELEASED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        } else {
+            rec.cap.store(RELEASED, Ordering::Release);
+            true
+        };
+        if !released {
+            rec.cap.store(IDLE, Ordering::Release);
+        }
+        released
+    }
+
+    /// A checker stops a thread, walks its stack while it is held, and releases it,
+    /// while the thread's handler may give up the hold at any time (its deadline).
+    /// Whatever the interleaving: the registers the checker reads are those the
+    /// handler captured; when `release` says the thread was held, the walk read the
+    /// stack of the interrupted thread (it had not run on); the handler always
+    /// returns; and the slot ends free (`IDLE`), so that the thread can be stopped
+    /// again.
+    fn stop_walk_release(name: &str, p: Protocol) {
+        super::explore(name, move || {
+            let rec = Arc::new(Rec {
+                cap: AtomicU32::new(IDLE),
+                reg: UnsafeCell::new(0),
+                stack: AtomicU64::new(1),
+                signalled: AtomicBool::new(false),
+            });
+            let thread = {
+                let rec = rec.clone();
+                loom::thread::spawn(move || {
+                    while !rec.signalled.load(Ordering::Acquire) {
+                        loom::thread::yield_now();
+                    }
+                    on_signal(&rec, p, 0);
+                    rec.stack.store(2, Ordering::Relaxed);
+                })
+            };
+            if let Some(reg) = stop(&rec, p, 0) {
+                assert_eq!(
+                    reg, 1,
+                    "the checker read registers the handler did not capture"
+                );
+                let walked = rec.stack.load(Ordering::Relaxed);
+                if release(&rec, p) {
+                    assert_eq!(
+                        walked, 1,
+                        "release said the thread was held, but it ran on during the walk"
+                    );
+                }
+            }
+            thread.join().expect("thread");
+            assert_eq!(
+                rec.cap.load(Ordering::Acquire),
+                IDLE,
+                "the handshake left the slot taken: the thread can never be stopped again"
+            );
+        });
+    }
+
+    #[test]
+    fn loom_handshake_stop_walk_release() {
+        stop_walk_release("handshake, stop/hold/release", SOURCE);
+    }
+
+    #[test]
+    #[should_panic(expected = "Causality violation")]
+    fn loom_handshake_catches_a_relaxed_capture() {
+        stop_walk_release(
+            "handshake, relaxed capture",
+            Protocol {
+                capture: Ordering::Relaxed,
+                ..SOURCE
+            },
+        );
+    }
+
+    /// A release by store, racing with the handler giving up the hold, reports a
+    /// thread as held that had resumed (its walk may have read a stack that moved)
+    /// and overwrites the handler's last word: the slot ends taken.
+    #[test]
+    #[should_panic(expected = "left the slot taken")]
+    fn loom_handshake_catches_a_release_by_store() {
+        stop_walk_release(
+            "handshake, release by store",
+            Protocol {
+                release_by_cas: false,
+                ..SOURCE
+            },
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "left the slot taken")]
+    fn loom_handshake_catches_an_abandoned_hold_left_in_the_slot() {
+        stop_walk_release(
+            "handshake, abandoned hold not freed",
+            Protocol {
+                stop_frees_abandoned: false,
+                ..SOURCE
+            },
+        );
     }
 }
