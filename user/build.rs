@@ -3,6 +3,9 @@
 //!
 //! * into an archive linked into the integration tests only (`klp_cexe_*`, part of
 //!   the executable: the core's vmlinux);
+//! * `tests/c/loadee.c` into an archive linked into the integration tests and the
+//!   benches (`tests/loader.rs`, `benches/patchfile.rs`), and the patch object
+//!   `tests/c/loadfix.c` (not linked: its path is `KLP_LOADFIX_O`);
 //! * into the shared object `$OUT_DIR/libklpcfun.so` (`klp_cso_*`), whose path the
 //!   tests get as `KLP_CFUN_SO` and load with `Process::dlopen` (a module named
 //!   `libklpcfun`).
@@ -141,6 +144,11 @@ fn main() {
     build("tests/c/loadee.c", "klp_loadee_", flags).compile("klploadee");
     println!(
         "cargo:rustc-link-arg-tests={}",
+        out.join("libklploadee.a").display()
+    );
+    // benches/patchfile.rs: the same target, patched from a file by `klpctl load`.
+    println!(
+        "cargo:rustc-link-arg-benches={}",
         out.join("libklploadee.a").display()
     );
     let fix = out.join("loadfix.o");

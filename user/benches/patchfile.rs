@@ -1,0 +1,387 @@
+//! Costs of live patching this process from a patch file with the real `klpctl`, each
+//! against a baseline measured in the same run (see BENCHMARKS.md, "Patch files"):
+//!
+//! * `load/N threads`: `klpctl --pid <this process> load <file>` until it exits with
+//!   "patching complete" (it waits for the transition's end), with 1, 100 and 1000
+//!   idle registered threads (sleeping in `idle_wait`), vs a bare signal round trip to
+//!   each of those threads, one after the other (signal, wait for the handler's
+//!   acknowledgement: the baseline of `benches/redirect.rs`'s `threads`). The file is
+//!   `tests/c/loadfix.o` converted by klp-convert against this executable
+//!   (`klp_loadee_compute` → `klp_loadee_compute_fixed`, `tests/c/loadee.c` is linked
+//!   into the benches), written once. The process serves its control socket as a
+//!   preloaded program does (scan-only stack checks, the default socket path). Between
+//!   iterations the patch is disabled and unloaded through the library (not timed).
+//!   Two informational rows split the load: `klpctl --pid <this process> list` (the
+//!   client's own start, connection and one request) and `Process::load_file` called
+//!   in the process (reading, linking and enabling the file, and the first completion
+//!   attempt, which completes the transition of idle threads);
+//! * `steady`: once the file's patch is complete, a call of `klp_loadee_compute`
+//!   through a non-inlined caller (`call_patched`: the call site as the compiler emits
+//!   it, retargeted to the replacement on x86_64) vs the same-shaped caller calling
+//!   `klp_loadee_compute_fixed` (`call_replacement`). The replacement lives in the
+//!   loaded patch image, which no link editor sees: its address comes from the symbol
+//!   index (`[patch klpbench]`), and the baseline calls it through a static (`call
+//!   *slot(%rip)`, the form of an unrelaxed GOT call) — the replacement's own code,
+//!   reached by an indirect call where the contender has a direct one.
+//!
+//! `cargo bench -p klp-user --bench patchfile` (about 3 minutes).
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group};
+use klp_user::ctl::ServeOptions;
+use klp_user::loader::LoadOptions;
+use klp_user::stack::{CheckOptions, WalkPolicy};
+use klp_user::{Config, Process, SiteKind};
+
+unsafe extern "C" {
+    fn klp_loadee_compute(x: i32) -> i32;
+    fn klp_loadee_helper_ref(x: i32) -> i32;
+}
+
+/// The patch's name (the file's stem).
+const NAME: &str = "klpbench";
+const KLPCTL: &str = env!("CARGO_BIN_EXE_klpctl");
+
+fn compute(x: i32) -> i32 {
+    // SAFETY: a plain C function of tests/c/loadee.c, linked into this executable.
+    unsafe { klp_loadee_compute(x) }
+}
+
+/// A call site of the patched function, as a caller compiles it (retargeted to the
+/// replacement in the steady state on x86_64).
+#[inline(never)]
+fn call_patched(x: i32) -> i32 {
+    // SAFETY: as in `compute`.
+    unsafe { klp_loadee_compute(x) }
+}
+
+/// The address of `klp_loadee_compute_fixed` in the loaded patch image.
+static FIXED: AtomicUsize = AtomicUsize::new(0);
+
+/// The same caller shape calling the replacement (through [`FIXED`]: it cannot be
+/// linked against).
+#[inline(never)]
+fn call_replacement(x: i32) -> i32 {
+    let a = FIXED.load(Ordering::Relaxed);
+    // SAFETY: `FIXED` holds the address of `int klp_loadee_compute_fixed(int)` of the
+    // loaded patch image while the steady-state group runs (set and checked there).
+    let f: extern "C" fn(i32) -> i32 = unsafe { std::mem::transmute(a) };
+    f(x)
+}
+
+fn process() -> &'static Process {
+    // As a preloaded program (klp-preload's defaults).
+    Process::init(Config {
+        checks: CheckOptions {
+            policy: WalkPolicy::ScanOnly,
+            ..CheckOptions::default()
+        },
+        ..Config::default()
+    })
+}
+
+/// tests/c/loadfix.o converted against this executable (and libklploadlib.so, as in
+/// tests/loader.rs), written to `dir`.
+fn patch_file(dir: &Path) -> PathBuf {
+    const MANIFEST: &str = r#"{
+      "patch": { "objects": [ { "object": "vmlinux",
+         "funcs": [ { "old": "klp_loadee_compute", "new": "klp_loadee_compute_fixed" } ] } ] }
+    }"#;
+    let fix = std::fs::read(env!("KLP_LOADFIX_O")).expect("loadfix.o");
+    let exe = std::fs::read("/proc/self/exe").expect("own executable");
+    // The object also holds a fix for tests/c/loadlib.c, whose symbols only the
+    // library defines (read, never loaded here: the manifest patches `vmlinux` only).
+    let lib = std::fs::read(env!("KLP_LOADLIB_SO")).expect("libklploadlib.so");
+    let targets = [
+        klp_convert::TargetInput {
+            name: "vmlinux".into(),
+            file: "/proc/self/exe".into(),
+            data: &exe,
+        },
+        klp_convert::TargetInput {
+            name: "libklploadlib".into(),
+            file: env!("KLP_LOADLIB_SO").into(),
+            data: &lib,
+        },
+    ];
+    let m = klp_convert::Manifest::from_json(MANIFEST).expect("manifest");
+    let out = klp_convert::convert(
+        "loadfix.o",
+        &fix,
+        &targets,
+        &m,
+        &klp_convert::Options::default(),
+    )
+    .expect("klp-convert");
+    let path = dir.join(format!("{NAME}.klp.o"));
+    std::fs::write(&path, out.data).expect("write patch file");
+    path
+}
+
+/// `klpctl --pid <us> <args>`, which must exit with 0.
+fn klpctl(args: &[&str]) {
+    let pid = std::process::id().to_string();
+    let o = Command::new(KLPCTL)
+        .args(["--pid", &pid])
+        .args(args)
+        .output()
+        .expect("run klpctl");
+    assert!(
+        o.status.success(),
+        "klpctl {args:?}: {:?}\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `klpctl load` of `file`; the fix must run afterwards.
+fn load(file: &Path) {
+    klpctl(&["load", &file.display().to_string()]);
+    assert_eq!(compute(1), 12, "the fix runs after klpctl load");
+}
+
+/// Disables and unloads the patch through the library; the bug is back.
+fn unload(p: &Process) {
+    p.disable(NAME).expect("disable");
+    assert!(
+        p.wait_transition(Duration::from_secs(20)),
+        "the unpatching transition ends"
+    );
+    let start = Instant::now();
+    loop {
+        p.run_due_work();
+        match p.unload(NAME) {
+            Ok(()) => break,
+            Err(e) if start.elapsed() < Duration::from_secs(20) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("unload: {e}"),
+        }
+    }
+    assert_eq!(compute(1), 2, "reverted");
+}
+
+fn steady(c: &mut Criterion, p: &Process, file: &Path) {
+    load(file);
+    let f = klp_loadee_compute as *const () as u64;
+    let idx = p.symbols();
+    let fixed = idx.candidates(Some(&format!("[patch {NAME}]")), "klp_loadee_compute_fixed");
+    assert_eq!(fixed.len(), 1, "the replacement is indexed: {fixed:?}");
+    assert_eq!(
+        p.site_state(f),
+        Some(SiteKind::Jump(fixed[0])),
+        "steady state"
+    );
+    FIXED.store(fixed[0] as usize, Ordering::Relaxed);
+    assert_eq!(call_replacement(1), 12);
+    assert_eq!(call_patched(1), 12);
+    #[cfg(target_arch = "x86_64")]
+    assert!(
+        p.with_core(|_, h| h.retargeted_callers(f)).iter().any(|c| p
+            .with_core(|_, h| h.symbols().describe(*c))
+            .contains("call_patched")),
+        "the call in call_patched was retargeted"
+    );
+    let mut g = c.benchmark_group("steady");
+    g.bench_function("call of the replacement (same caller, its address)", |b| {
+        b.iter(|| call_replacement(black_box(1)))
+    });
+    g.bench_function("patched call (from the file)", |b| {
+        b.iter(|| call_patched(black_box(1)))
+    });
+    g.finish();
+    FIXED.store(0, Ordering::Relaxed);
+    unload(p);
+}
+
+const THREADS: usize = 1000;
+const ROUND_TRIP_SIG: libc::c_int = libc::SIGUSR2;
+
+/// Per-thread acknowledgement words of the bare round trip.
+static ACKS: [AtomicU32; THREADS] = [const { AtomicU32::new(0) }; THREADS];
+thread_local! {
+    static SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+extern "C" fn ack(_sig: libc::c_int) {
+    let i = SLOT.with(std::cell::Cell::get);
+    if let Some(a) = ACKS.get(i) {
+        a.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// One signal round trip to `tid`: send, then wait until its handler acknowledged.
+fn round_trip(i: usize, tid: i32) {
+    let a = &ACKS[i];
+    let before = a.load(Ordering::Acquire);
+    // SAFETY: `tgkill` has no memory preconditions; `tid` is a live thread of ours.
+    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, ROUND_TRIP_SIG) };
+    while a.load(Ordering::Acquire) == before {
+        std::hint::spin_loop();
+    }
+}
+
+/// Idle registered threads, sleeping in `idle_wait` until stopped.
+struct Idle {
+    stop: Arc<AtomicBool>,
+    tids: Vec<i32>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Idle {
+    fn new() -> Idle {
+        Idle {
+            stop: Arc::new(AtomicBool::new(false)),
+            tids: Vec::new(),
+            handles: Vec::new(),
+        }
+    }
+
+    /// Starts threads until there are `n`; returns once they all have their tids.
+    fn grow(&mut self, n: usize) {
+        let first = self.tids.len();
+        let more = n - first;
+        let tids: Arc<Vec<AtomicU64>> = Arc::new((0..more).map(|_| AtomicU64::new(0)).collect());
+        let ready = Arc::new(Barrier::new(more + 1));
+        for k in 0..more {
+            let (stop, tids, ready) = (self.stop.clone(), tids.clone(), ready.clone());
+            let h = std::thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    SLOT.with(|s| s.set(first + k));
+                    // SAFETY: `gettid` has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    tids[k].store(tid as u64, Ordering::Release);
+                    ready.wait();
+                    while !stop.load(Ordering::Acquire) {
+                        klp_user::thread::idle_wait(Duration::from_secs(3600));
+                    }
+                })
+                .expect("spawn");
+            self.handles.push(h);
+        }
+        ready.wait();
+        self.tids
+            .extend(tids.iter().map(|t| t.load(Ordering::Acquire) as i32));
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        for r in klp_user::thread::threads() {
+            klp_user::thread::wake(&r);
+        }
+        for h in self.handles {
+            h.join().expect("idle thread");
+        }
+    }
+}
+
+fn threads(c: &mut Criterion, p: &'static Process, file: &Path) {
+    // SAFETY: `ack` is async-signal-safe (a thread-local read and an atomic add).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ack as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(ROUND_TRIP_SIG, &sa, std::ptr::null_mut());
+    }
+    let mut idle = Idle::new();
+    for n in [1, 100, THREADS] {
+        idle.grow(n);
+        let tids = idle.tids.clone();
+        let mut g = c.benchmark_group(format!("load/{n} threads"));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_secs(2))
+            .measurement_time(Duration::from_secs(5));
+        g.bench_function("bare signal round trip to each thread", |b| {
+            b.iter_custom(|iters| {
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    for (i, t) in tids.iter().enumerate() {
+                        round_trip(i, *t);
+                    }
+                }
+                t0.elapsed()
+            })
+        });
+        g.bench_function("klpctl load until patching complete", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t0 = Instant::now();
+                    load(file);
+                    total += t0.elapsed();
+                    unload(p);
+                }
+                total
+            })
+        });
+        g.bench_function("(info) klpctl list", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t0 = Instant::now();
+                    klpctl(&["list"]);
+                    total += t0.elapsed();
+                }
+                total
+            })
+        });
+        g.bench_function("(info) Process::load_file in the process", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t0 = Instant::now();
+                    p.load_file(file, &LoadOptions::default())
+                        .unwrap_or_else(|e| panic!("load_file: {e}"));
+                    assert!(
+                        p.wait_transition(Duration::from_secs(20)),
+                        "transition ends"
+                    );
+                    total += t0.elapsed();
+                    assert_eq!(compute(1), 12);
+                    unload(p);
+                }
+                total
+            })
+        });
+        g.finish();
+    }
+    idle.stop();
+}
+
+fn benches(c: &mut Criterion) {
+    let p = process();
+    klp_user::thread::register_current();
+    // SAFETY: as in `compute` (keeps the static helper the fix calls referenced).
+    assert_eq!(unsafe { klp_loadee_helper_ref(1) }, 10);
+    assert_eq!(compute(1), 2, "the bug");
+    let dir = std::env::temp_dir().join(format!("klp-bench-patchfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = patch_file(&dir);
+    let server = p.serve(ServeOptions::default()).expect("serve the socket");
+    steady(c, p, &file);
+    threads(c, p, &file);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(group, benches);
+
+/// `criterion_main!`, run as the main thread's outermost walkable frame so that stack
+/// checks of this thread are complete (the main thread is not created by
+/// `pthread_create`).
+fn main() {
+    klp_user::thread::run_as_task(|| {
+        group();
+        Criterion::default().configure_from_args().final_summary();
+    });
+}
