@@ -111,18 +111,74 @@ pub fn remove_patch_object(bias: u64) {
         .retain(|o| o.bias != bias);
 }
 
-/// The index: see the module documentation.
+/// The index: see the module documentation. Two parts: the loaded objects, shared
+/// between snapshots while they stay loaded (indexing a program and its libraries
+/// takes milliseconds), and the patch objects, few and small, indexed again whenever a
+/// patch file comes or goes.
 #[derive(Debug, Default)]
 pub struct SymbolIndex {
-    /// The loaded objects (`..real`), then the patch objects.
+    base: Arc<Part>,
+    patches: Part,
+}
+
+/// One part of the index.
+#[derive(Debug, Default)]
+struct Part {
     objects: Vec<Arc<LoadedObject>>,
-    real: usize,
     /// (object, name) → addresses in table order.
     by_name: HashMap<(Option<String>, String), Vec<Addr>>,
     /// (address, size, object index, symbol index), sorted by address.
     by_addr: Vec<(Addr, u64, u32, u32)>,
     /// Executable ranges, sorted.
     text: Vec<(Addr, Addr)>,
+}
+
+impl Part {
+    fn build(objects: Vec<Arc<LoadedObject>>, anon_text: Vec<(Addr, Addr)>) -> Part {
+        let mut by_name: HashMap<(Option<String>, String), Vec<Addr>> = HashMap::new();
+        let mut by_addr = Vec::new();
+        let mut text = anon_text;
+        for (oi, o) in objects.iter().enumerate() {
+            text.extend(o.text.iter().copied());
+            for (si, s) in o.symbols.iter().enumerate() {
+                by_name
+                    .entry((o.name.clone(), s.name.clone()))
+                    .or_default()
+                    .push(s.addr);
+                by_addr.push((s.addr, s.size, oi as u32, si as u32));
+            }
+        }
+        // Sort by address; among symbols at the same address, the larger first (an
+        // alias with a size beats a zero-sized label).
+        by_addr.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        text.sort_unstable();
+        Part {
+            objects,
+            by_name,
+            by_addr,
+            text,
+        }
+    }
+
+    fn lookup(&self, addr: Addr) -> Option<(&LoadedObject, &Symbol)> {
+        let idx = self.by_addr.partition_point(|e| e.0 <= addr);
+        // Walk back over the symbols starting at or before `addr` (bounded: symbols
+        // nest rarely; stop at the first one that contains it or after a few).
+        for e in self.by_addr.get(..idx)?.iter().rev().take(8) {
+            let (start, size, oi, si) = *e;
+            if addr >= start && addr < start.saturating_add(size.max(1)) {
+                let o = self.objects.get(oi as usize)?;
+                let s = o.symbols.get(si as usize)?;
+                return Some((o, s));
+            }
+        }
+        None
+    }
+
+    fn is_text(&self, addr: Addr) -> bool {
+        let i = self.text.partition_point(|r| r.0 <= addr);
+        i > 0 && self.text.get(i - 1).is_some_and(|r| addr < r.1)
+    }
 }
 
 /// One `dl_iterate_phdr` entry.
@@ -243,7 +299,7 @@ impl SymbolIndex {
                 Some(module_name(&e.path))
             };
             if let Some(old) = self
-                .objects
+                .objects()
                 .iter()
                 .find(|o| o.name == name && o.bias == e.bias && (e.main || o.path == e.path))
             {
@@ -281,6 +337,25 @@ impl SymbolIndex {
                 .filter(|n| !objects.iter().any(|o| o.name.as_ref() == Some(n)))
                 .collect(),
         };
+        // Nothing came or went: the loaded objects' part is shared as it is.
+        let old_anon: Vec<(Addr, Addr)> = self
+            .base
+            .text
+            .iter()
+            .copied()
+            .filter(|t| !self.base.objects.iter().any(|o| o.text.contains(t)))
+            .collect();
+        let mut new_anon = anon_text.clone();
+        new_anon.sort_unstable();
+        let same = objects.len() == self.base.objects.len()
+            && objects
+                .iter()
+                .zip(&self.base.objects)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+            && old_anon == new_anon;
+        if same && !objects.is_empty() {
+            return (self.with_current_patches(), changes);
+        }
         (Self::build_with(objects, anon_text), changes)
     }
 
@@ -290,52 +365,25 @@ impl SymbolIndex {
     }
 
     /// The same loaded objects with the patch objects of now (after a patch file was
-    /// loaded or removed).
+    /// loaded or removed): the loaded objects' part is shared, only the patch objects
+    /// are indexed again.
     pub fn with_current_patches(&self) -> SymbolIndex {
-        let anon = self
-            .text
-            .iter()
-            .copied()
-            .filter(|t| !self.objects.iter().any(|o| o.text.contains(t)))
-            .collect();
-        Self::build_with(self.objects().to_vec(), anon)
+        SymbolIndex {
+            base: self.base.clone(),
+            patches: Part::build(patch_objects(), Vec::new()),
+        }
     }
 
-    fn build_with(
-        mut objects: Vec<Arc<LoadedObject>>,
-        anon_text: Vec<(Addr, Addr)>,
-    ) -> SymbolIndex {
-        let real = objects.len();
-        objects.extend(patch_objects());
-        let mut by_name: HashMap<(Option<String>, String), Vec<Addr>> = HashMap::new();
-        let mut by_addr = Vec::new();
-        let mut text = anon_text;
-        for (oi, o) in objects.iter().enumerate() {
-            text.extend(o.text.iter().copied());
-            for (si, s) in o.symbols.iter().enumerate() {
-                by_name
-                    .entry((o.name.clone(), s.name.clone()))
-                    .or_default()
-                    .push(s.addr);
-                by_addr.push((s.addr, s.size, oi as u32, si as u32));
-            }
-        }
-        // Sort by address; among symbols at the same address, the larger first (an
-        // alias with a size beats a zero-sized label).
-        by_addr.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-        text.sort_unstable();
+    fn build_with(objects: Vec<Arc<LoadedObject>>, anon_text: Vec<(Addr, Addr)>) -> SymbolIndex {
         SymbolIndex {
-            objects,
-            real,
-            by_name,
-            by_addr,
-            text,
+            base: Arc::new(Part::build(objects, anon_text)),
+            patches: Part::build(patch_objects(), Vec::new()),
         }
     }
 
     /// The loaded objects, the executable first.
     pub fn objects(&self) -> &[Arc<LoadedObject>] {
-        self.objects.get(..self.real).unwrap_or(&self.objects)
+        &self.base.objects
     }
 
     /// Whether module `name` is loaded.
@@ -347,26 +395,19 @@ impl SymbolIndex {
 
     /// Every symbol named `name` in `obj` (`None` = the executable), in table order.
     pub fn candidates(&self, obj: Option<&str>, name: &str) -> &[Addr] {
-        self.by_name
-            .get(&(obj.map(str::to_string), name.to_string()))
+        let key = (obj.map(str::to_string), name.to_string());
+        self.base
+            .by_name
+            .get(&key)
+            .or_else(|| self.patches.by_name.get(&key))
             .map_or(&[], Vec::as_slice)
     }
 
     /// The symbol that contains `addr` (`addr` in `[start, start + size)`), with its
     /// object.
     pub fn lookup(&self, addr: Addr) -> Option<(&LoadedObject, &Symbol)> {
-        let idx = self.by_addr.partition_point(|e| e.0 <= addr);
-        // Walk back over the symbols starting at or before `addr` (bounded: symbols
-        // nest rarely; stop at the first one that contains it or after a few).
-        for e in self.by_addr.get(..idx)?.iter().rev().take(8) {
-            let (start, size, oi, si) = *e;
-            if addr >= start && addr < start.saturating_add(size.max(1)) {
-                let o = self.objects.get(oi as usize)?;
-                let s = o.symbols.get(si as usize)?;
-                return Some((o, s));
-            }
-        }
-        None
+        // A patch object's text is its own mapping, apart from every loaded object.
+        self.patches.lookup(addr).or_else(|| self.base.lookup(addr))
     }
 
     /// `kallsyms_lookup_size_offset`: the size of the symbol containing `addr`.
@@ -390,8 +431,7 @@ impl SymbolIndex {
 
     /// Whether `addr` is in an executable segment of a loaded object.
     pub fn is_text(&self, addr: Addr) -> bool {
-        let i = self.text.partition_point(|r| r.0 <= addr);
-        i > 0 && self.text.get(i - 1).is_some_and(|r| addr < r.1)
+        self.base.is_text(addr) || self.patches.is_text(addr)
     }
 }
 

@@ -241,8 +241,13 @@ fn check_c_site(p: &Process, s: &klp::arch::Site) {
 }
 
 /// The site's bytes once restored: as found, except on aarch64, where `w0` keeps the
-/// `mov x9, x30` of the first install.
+/// `mov x9, x30` of the first install, and on x86_64, where gcc's five one-byte nops
+/// come back as the one 5-byte nop.
 fn restored(found: &[u8]) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    if found == [0x90; 5] {
+        return vec![0x0f, 0x1f, 0x44, 0x00, 0x00];
+    }
     #[cfg(target_arch = "aarch64")]
     if found.len() == 8 && found[..4] == [0x1f, 0x20, 0x03, 0xd5] {
         return [&0xaa1e_03e9u32.to_le_bytes()[..], &found[4..]].concat();
@@ -498,14 +503,24 @@ fn site_address_patched(p: &Process, f: u64) -> u64 {
     f + off
 }
 
-/// After a revert: the compiler's site again (aarch64: with `w0` = `mov x9, x30`).
+/// After a revert: the compiler's site again (aarch64: with `w0` = `mov x9, x30`;
+/// x86_64: the 5-byte nop for the five one-byte nops).
 fn check_c_site_or_restored(p: &Process, f: u64) {
     #[cfg(target_arch = "aarch64")]
     {
         let a = site_address_patched(p, f);
         assert_eq!([le32(a), le32(a + 4)], [0xaa1e_03e9, 0xd503_201f]);
     }
-    #[cfg(not(target_arch = "aarch64"))]
+    #[cfg(target_arch = "x86_64")]
+    {
+        let a = site_of(p, f).addr();
+        assert_eq!(
+            bytes(a, 5),
+            [0x0f, 0x1f, 0x44, 0x00, 0x00],
+            "the 5-byte nop"
+        );
+    }
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
     check_c_site(p, &site_of(p, f));
 }
 

@@ -109,6 +109,33 @@ pub fn encode(site: &Site, redirect: Redirect) -> Result<InsnBytes, EncodeError>
     Ok(out)
 }
 
+/// The bytes that undo a redirect and leave the site one instruction: a site of several
+/// nops (gcc's `-fpatchable-function-entry=5` emits five `90`) becomes the one nop of its
+/// length, as Linux's ftrace rewrites its call sites to its ideal nop at boot; any other
+/// site gets its original bytes back. Once a site is one instruction no thread can be
+/// inside it, so a writer can replace it with one store and a core serialisation
+/// instead of the breakpoint protocol's rounds (which signal every thread three times).
+pub fn settled(site: &Site) -> InsnBytes {
+    if matches!(site.form, SiteForm::X86Nops { .. })
+        && let Some(nop) = site.len().checked_sub(1).and_then(|i| insn::NOPS.get(i))
+        && let Some(b) = InsnBytes::from_slice(nop)
+    {
+        return b;
+    }
+    site.original
+}
+
+/// Whether `current`, the bytes at `site` now, are one instruction covering the whole
+/// site (a nop of its length, or a `call`/`jmp rel32` of a 5-byte site): then no thread
+/// can be stopped inside the site, and one store may replace it.
+pub fn is_one_instruction(site: &Site, current: &[u8]) -> bool {
+    let len = site.len();
+    current.len() == len
+        && (insn::nop_len(current) == Some(len)
+            || (len == insn::BRANCH_LEN
+                && matches!(current.first(), Some(&insn::CALL_REL32 | &insn::JMP_REL32))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +253,43 @@ mod tests {
                 limit: 1 << 31
             })
         );
+    }
+
+    #[test]
+    fn a_site_settles_as_one_instruction() {
+        // gcc's five one-byte nops: five instructions, settled as the 5-byte nop.
+        let s = site(&[0x90, 0x90, 0x90, 0x90, 0x90, 0x55]).unwrap();
+        assert!(!is_one_instruction(&s, s.original.as_slice()));
+        assert_eq!(settled(&s).as_slice(), &insn::NOP5);
+        assert!(is_one_instruction(&s, settled(&s).as_slice()));
+        // `66 90 66 90 90` (three nops) likewise; after an endbr64 too.
+        let s = site(&[0xf3, 0x0f, 0x1e, 0xfa, 0x66, 0x90, 0x66, 0x90, 0x90]).unwrap();
+        assert_eq!(settled(&s).as_slice(), &insn::NOP5);
+        // A 6-byte site (`66 90` + `0f 1f 40 00`) settles as the 6-byte nop.
+        let s = site(&[0x66, 0x90, 0x0f, 0x1f, 0x40, 0x00, 0x55]).unwrap();
+        assert_eq!(
+            settled(&s).as_slice(),
+            &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00]
+        );
+        assert!(is_one_instruction(&s, settled(&s).as_slice()));
+        // Already one instruction: unchanged.
+        let s = site(&insn::NOP5).unwrap();
+        assert_eq!(settled(&s), s.original);
+        assert!(is_one_instruction(&s, s.original.as_slice()));
+        // `call __fentry__` is restored as found, and is one instruction.
+        let s = site(&[0xe8, 0x10, 0x20, 0x00, 0x00, 0x55]).unwrap();
+        assert_eq!(settled(&s), s.original);
+        assert!(is_one_instruction(&s, s.original.as_slice()));
+        // A redirect of a 5-byte site is one instruction; of a longer one it is not
+        // (the jump, then a nop).
+        let s5 = site(&[0x90; 5]).unwrap();
+        let jmp = X86_64::encode_redirect(&s5, Redirect::jump(F + 0x100)).unwrap();
+        assert!(is_one_instruction(&s5, jmp.as_slice()));
+        let s6 = site(&[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00]).unwrap();
+        let jmp = X86_64::encode_redirect(&s6, Redirect::jump(F + 0x100)).unwrap();
+        assert!(!is_one_instruction(&s6, jmp.as_slice()));
+        // Bytes of another length never are.
+        assert!(!is_one_instruction(&s5, &insn::NOP5[..4]));
     }
 
     extern crate std;

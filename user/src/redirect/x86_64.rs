@@ -5,7 +5,7 @@
 //!
 //! | state | bytes |
 //! |---|---|
-//! | original | as found |
+//! | original | as found; once klp has restored a site, one instruction: five one-byte nops come back as the 5-byte nop (as ftrace settles its sites at boot), so only a site's first write pays the breakpoint protocol's rounds |
 //! | trampoline | `jmp stub`; the site's stub sets `r11` = site and jumps to `entry_trampoline` ([`klp_arch_x86_64::live::trampoline`]) |
 //! | jump | `jmp new_function` (only when it is within ±2 GiB) |
 //!
@@ -252,7 +252,9 @@ pub(crate) unsafe fn on_sync(uc: *mut libc::c_void) {
 /// The bytes of `state` at `site` (`stub`: the site's stub).
 fn bytes_of(site: &Site, state: SiteState, stub: u64) -> Result<klp::arch::InsnBytes, Errno> {
     let to = match state {
-        SiteState::Original => return Ok(X86_64::restore(site)),
+        // One instruction, whatever the compiler left (a run of one-byte nops): the
+        // next write from here is then one store (`klp_arch_x86_64::site::settled`).
+        SiteState::Original => return Ok(klp_arch_x86_64::site::settled(site)),
         SiteState::Trampoline => stub,
         SiteState::Jump(to) => to,
     };
@@ -423,9 +425,19 @@ pub(crate) unsafe extern "C" fn fast_entry() {
     )
 }
 
-/// Whether `site`'s original bytes are one instruction (the 5-byte nop).
-fn single_nop(site: &Site) -> bool {
-    site.original.as_slice() == [0x0f, 0x1f, 0x44, 0x00, 0x00]
+/// Whether the bytes at `site` now are one instruction covering it (the compiler's
+/// 5-byte nop, or a site klp settled when it restored it).
+/// `TEXT` is held by the caller (no write can be under way).
+fn one_instruction_now(site: &Site) -> bool {
+    let mut now = [0u8; klp_arch_x86_64::site::MAX_LEN];
+    let Some(buf) = now.get_mut(..site.len()) else {
+        return false;
+    };
+    // SAFETY: the site is text of a loaded object (`find`), mapped and readable (klp
+    // never maps text execute-only); `buf` holds `site.len()` bytes and does not
+    // overlap the site.
+    unsafe { std::ptr::copy_nonoverlapping(site.addr() as *const u8, buf.as_mut_ptr(), buf.len()) };
+    klp_arch_x86_64::site::is_one_instruction(site, buf)
 }
 
 /// Rewrites `site` from state `from` to state `to` (see the module documentation).
@@ -441,7 +453,7 @@ pub(crate) fn set(
     trampoline::set_decision(super::decide_entry);
     let stub = stub_for(site, sync)?;
     let bytes = bytes_of(site, to, stub)?;
-    let whole = from != SiteState::Original || single_nop(site);
+    let whole = from != SiteState::Original || one_instruction_now(site);
     PATCHING_STUB.store(stub, Ordering::Release);
     write(site, bytes.as_slice(), whole, sync)
 }
