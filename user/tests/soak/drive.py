@@ -185,6 +185,7 @@ class Soak:
         self.log = open(os.path.join(args.work, "drive.log"), "w", buffering=1)
         self.t0 = time.time()
         self.samples = {}
+        self.trims = 0
         self.timeout = 60 * args.slow   # a transition that takes longer has timed out
 
     # --- klpctl
@@ -391,6 +392,15 @@ class Soak:
         self.prog.send("trim", 30 * self.a.slow)
         heap = [l for l in self.prog.lines() if l.startswith("heap ")][-1]
         heap = int(heap.split()[1]) // 1024
+        # The "resident" line follows the "heap" line; wait for it.
+        deadline = time.time() + 10 * self.a.slow
+        while True:
+            own = [l for l in self.prog.lines() if l.startswith("resident ")]
+            if len(own) >= self.trims + 1 or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        self.trims += 1
+        own = int(own[-1].split()[1]) if own else -1
         pid = self.prog.pid
         rss = maps = None
         fds = []
@@ -408,8 +418,14 @@ class Soak:
         with open(f"/proc/{pid}/smaps") as f, \
                 open(os.path.join(self.a.work, f"smaps-{tag}.txt"), "w") as out:
             out.write(f.read())
+        tb = translation_buffer_rss(pid) if self.a.emulated else 0
         if self.a.emulated:
-            rss -= translation_buffer_rss(pid)
+            # The guest's memory as the guest sees it (the program's own count of its
+            # resident pages, see soak.c's resident_kib): the emulator's translated
+            # code and its own heaps are not the program's memory.
+            if own < 0:
+                raise Failure("the program could not count its resident pages")
+            rss = own
         with open(f"/proc/{pid}/maps") as f:
             maps = sum(1 for _ in f)
         # A descriptor of a klpctl connection being closed may be counted: the least of
@@ -417,7 +433,8 @@ class Soak:
         s = {"rss": rss, "fds": min(fds), "maps": maps, "at": self.elapsed(), "vmrss": raw,
              "heap": heap}
         s["cpu"] = cpu_seconds(pid)
-        emu = f" (VmRSS {raw} KiB, less qemu's translation buffer)" if self.a.emulated else ""
+        emu = (f" (the guest's own resident pages; the emulator's VmRSS {raw} KiB, "
+               f"{tb} KiB of it translated code)") if self.a.emulated else ""
         print(f"soak {self.a.arch}: {what} at {s['at']:.0f} s: rss {rss} KiB{emu}, fds {s['fds']}, "
               f"maps {maps}, heap in use {heap} KiB; the program has used {s['cpu']:.0f} s "
               "of CPU", flush=True)

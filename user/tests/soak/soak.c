@@ -20,7 +20,8 @@
  *                  so that ci/soak's samples of the RSS count memory in use, not the
  *                  allocator's cache (which moves by megabytes with 20 threads);
  *                  then "heap N bytes in use" (mallinfo2: every arena's allocated
- *                  bytes, the process's live heap, klp's included)
+ *                  bytes, the process's live heap, klp's included) and
+ *                  "resident N KiB" (see resident_kib)
  *   quit           prints the "final" line and exits 0
  * Output: "soak ready ...", a "stats" line every second, "violation ..." lines (the
  * first few), "final ...". The program ends itself after MAX_SECONDS (exit status 3).
@@ -50,6 +51,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -154,6 +156,52 @@ PAIR(2)
 static long (*const pairs[PAIRS])(long) = { soak_a0, soak_a1, soak_a2 };
 
 static const struct soak_hooks prog_hooks = { soak_enter, soak_check, soak_nap };
+
+/*
+ * The program's resident memory as the program itself sees it: every page of every
+ * mapping of /proc/self/maps that mincore(2) reports resident. Natively this is about
+ * VmRSS. Under qemu-user it is the guest's own memory: the emulator shows the guest
+ * only the guest's mappings, so its own (the translated code, its per-thread heaps,
+ * which grow with the code it retranslates after each site write) are left out, which
+ * VmRSS, read from outside, cannot do. -1 if /proc/self/maps cannot be read.
+ */
+static long resident_kib(void)
+{
+	long page = sysconf(_SC_PAGESIZE), pages = 0;
+	unsigned char *vec = NULL;
+	size_t have = 0;
+	char line[512];
+	FILE *f = fopen("/proc/self/maps", "re");
+
+	if (!f || page <= 0) {
+		if (f)
+			fclose(f);
+		return -1;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long lo, hi;
+		size_t n, i;
+
+		if (sscanf(line, "%lx-%lx", &lo, &hi) != 2 || hi <= lo)
+			continue;
+		n = (hi - lo) / (unsigned long)page;
+		if (n > have) {
+			unsigned char *v = realloc(vec, n);
+
+			if (!v)
+				continue;
+			vec = v;
+			have = n;
+		}
+		if (mincore((void *)lo, hi - lo, vec) != 0)
+			continue;
+		for (i = 0; i < n; i++)
+			pages += vec[i] & 1;
+	}
+	fclose(f);
+	free(vec);
+	return pages * (page / 1024);
+}
 
 /* xorshift32: each worker's own sequence, from the seed ci/soak prints. */
 static unsigned next(unsigned *s)
@@ -343,6 +391,7 @@ int main(int argc, char **argv)
 			malloc_trim(0);
 			mi = mallinfo2();
 			say("heap %zu bytes in use\n", mi.uordblks + mi.hblkhd);
+			say("resident %ld KiB\n", resident_kib());
 		} else if (strcmp(line, "quit") == 0) {
 			say("ack quit\n");
 			break;
