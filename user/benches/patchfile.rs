@@ -29,11 +29,16 @@
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
+
+#[path = "common/idle.rs"]
+mod idle;
+#[path = "../tests/common/loadfix.rs"]
+mod loadfix;
+use idle::{Idle, THREADS};
 use klp_user::ctl::ServeOptions;
 use klp_user::loader::LoadOptions;
 use klp_user::stack::{CheckOptions, WalkPolicy};
@@ -93,35 +98,7 @@ fn patch_file(dir: &Path) -> PathBuf {
       "patch": { "objects": [ { "object": "vmlinux",
          "funcs": [ { "old": "klp_loadee_compute", "new": "klp_loadee_compute_fixed" } ] } ] }
     }"#;
-    let fix = std::fs::read(env!("KLP_LOADFIX_O")).expect("loadfix.o");
-    let exe = std::fs::read("/proc/self/exe").expect("own executable");
-    // The object also holds a fix for tests/c/loadlib.c, whose symbols only the
-    // library defines (read, never loaded here: the manifest patches `vmlinux` only).
-    let lib = std::fs::read(env!("KLP_LOADLIB_SO")).expect("libklploadlib.so");
-    let targets = [
-        klp_convert::TargetInput {
-            name: "vmlinux".into(),
-            file: "/proc/self/exe".into(),
-            data: &exe,
-        },
-        klp_convert::TargetInput {
-            name: "libklploadlib".into(),
-            file: env!("KLP_LOADLIB_SO").into(),
-            data: &lib,
-        },
-    ];
-    let m = klp_convert::Manifest::from_json(MANIFEST).expect("manifest");
-    let out = klp_convert::convert(
-        "loadfix.o",
-        &fix,
-        &targets,
-        &m,
-        &klp_convert::Options::default(),
-    )
-    .expect("klp-convert");
-    let path = dir.join(format!("{NAME}.klp.o"));
-    std::fs::write(&path, out.data).expect("write patch file");
-    path
+    loadfix::convert_loadfix(MANIFEST, &klp_convert::Options::default(), dir, NAME)
 }
 
 /// `klpctl --pid <us> <args>`, which must exit with 0.
@@ -202,97 +179,8 @@ fn steady(c: &mut Criterion, p: &Process, file: &Path) {
     unload(p);
 }
 
-const THREADS: usize = 1000;
-const ROUND_TRIP_SIG: libc::c_int = libc::SIGUSR2;
-
-/// Per-thread acknowledgement words of the bare round trip.
-static ACKS: [AtomicU32; THREADS] = [const { AtomicU32::new(0) }; THREADS];
-thread_local! {
-    static SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
-}
-
-extern "C" fn ack(_sig: libc::c_int) {
-    let i = SLOT.with(std::cell::Cell::get);
-    if let Some(a) = ACKS.get(i) {
-        a.fetch_add(1, Ordering::Release);
-    }
-}
-
-/// One signal round trip to `tid`: send, then wait until its handler acknowledged.
-fn round_trip(i: usize, tid: i32) {
-    let a = &ACKS[i];
-    let before = a.load(Ordering::Acquire);
-    // SAFETY: `tgkill` has no memory preconditions; `tid` is a live thread of ours.
-    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, ROUND_TRIP_SIG) };
-    while a.load(Ordering::Acquire) == before {
-        std::hint::spin_loop();
-    }
-}
-
-/// Idle registered threads, sleeping in `idle_wait` until stopped.
-struct Idle {
-    stop: Arc<AtomicBool>,
-    tids: Vec<i32>,
-    handles: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Idle {
-    fn new() -> Idle {
-        Idle {
-            stop: Arc::new(AtomicBool::new(false)),
-            tids: Vec::new(),
-            handles: Vec::new(),
-        }
-    }
-
-    /// Starts threads until there are `n`; returns once they all have their tids.
-    fn grow(&mut self, n: usize) {
-        let first = self.tids.len();
-        let more = n - first;
-        let tids: Arc<Vec<AtomicU64>> = Arc::new((0..more).map(|_| AtomicU64::new(0)).collect());
-        let ready = Arc::new(Barrier::new(more + 1));
-        for k in 0..more {
-            let (stop, tids, ready) = (self.stop.clone(), tids.clone(), ready.clone());
-            let h = std::thread::Builder::new()
-                .stack_size(64 << 10)
-                .spawn(move || {
-                    SLOT.with(|s| s.set(first + k));
-                    // SAFETY: `gettid` has no preconditions.
-                    let tid = unsafe { libc::gettid() };
-                    tids[k].store(tid as u64, Ordering::Release);
-                    ready.wait();
-                    while !stop.load(Ordering::Acquire) {
-                        klp_user::thread::idle_wait(Duration::from_secs(3600));
-                    }
-                })
-                .expect("spawn");
-            self.handles.push(h);
-        }
-        ready.wait();
-        self.tids
-            .extend(tids.iter().map(|t| t.load(Ordering::Acquire) as i32));
-    }
-
-    fn stop(self) {
-        self.stop.store(true, Ordering::Release);
-        for r in klp_user::thread::threads() {
-            klp_user::thread::wake(&r);
-        }
-        for h in self.handles {
-            h.join().expect("idle thread");
-        }
-    }
-}
-
 fn threads(c: &mut Criterion, p: &'static Process, file: &Path) {
-    // SAFETY: `ack` is async-signal-safe (a thread-local read and an atomic add).
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = ack as *const () as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(ROUND_TRIP_SIG, &sa, std::ptr::null_mut());
-    }
+    idle::install_ack_handler();
     let mut idle = Idle::new();
     for n in [1, 100, THREADS] {
         idle.grow(n);
@@ -306,7 +194,7 @@ fn threads(c: &mut Criterion, p: &'static Process, file: &Path) {
                 let t0 = Instant::now();
                 for _ in 0..iters {
                     for (i, t) in tids.iter().enumerate() {
-                        round_trip(i, *t);
+                        idle::round_trip(i, *t);
                     }
                 }
                 t0.elapsed()

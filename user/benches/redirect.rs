@@ -15,11 +15,14 @@
 //! `cargo bench -p klp-user --bench redirect`.
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group};
+
+#[path = "common/idle.rs"]
+mod idle;
+use idle::{Idle, THREADS};
 use klp::{FuncDesc, ObjectDesc, PatchDesc};
 use klp_user::stack::{CheckOptions, WalkPolicy};
 use klp_user::{Config, Process, ProcessHost, SiteKind};
@@ -214,80 +217,24 @@ fn transition(c: &mut Criterion) {
     disable_and_free(p, "bench_trans");
 }
 
-const THREADS: usize = 1000;
 /// Patch names are never reused: a forced patch keeps its module loaded, as in the
 /// kernel.
 static ROUND: AtomicU64 = AtomicU64::new(0);
-const ROUND_TRIP_SIG: libc::c_int = libc::SIGUSR2;
-
-/// Per-thread acknowledgement words of the bare round trip.
-static ACKS: [AtomicU32; THREADS] = [const { AtomicU32::new(0) }; THREADS];
-thread_local! {
-    static SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
-}
-
-extern "C" fn ack(_sig: libc::c_int) {
-    let i = SLOT.with(std::cell::Cell::get);
-    if let Some(a) = ACKS.get(i) {
-        a.fetch_add(1, Ordering::Release);
-    }
-}
-
-/// One signal round trip to `tid`: send, then wait until its handler acknowledged.
-fn round_trip(i: usize, tid: i32) {
-    let a = &ACKS[i];
-    let before = a.load(Ordering::Acquire);
-    // SAFETY: `tgkill` has no memory preconditions; `tid` is a live thread of ours.
-    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, ROUND_TRIP_SIG) };
-    while a.load(Ordering::Acquire) == before {
-        std::hint::spin_loop();
-    }
-}
 
 fn threads(c: &mut Criterion) {
     let p = process();
     klp_user::thread::register_current();
-    // SAFETY: `ack` is async-signal-safe (a thread-local read and an atomic add).
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = ack as *const () as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(ROUND_TRIP_SIG, &sa, std::ptr::null_mut());
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let tids: Arc<Vec<AtomicU64>> = Arc::new((0..THREADS).map(|_| AtomicU64::new(0)).collect());
-    let ready = Arc::new(Barrier::new(THREADS + 1));
-    let idle: Vec<_> = (0..THREADS)
-        .map(|i| {
-            let (stop, tids, ready) = (stop.clone(), tids.clone(), ready.clone());
-            std::thread::Builder::new()
-                .stack_size(64 << 10)
-                .spawn(move || {
-                    SLOT.with(|s| s.set(i));
-                    // SAFETY: `gettid` has no preconditions.
-                    let tid = unsafe { libc::gettid() };
-                    tids[i].store(tid as u64, Ordering::Release);
-                    ready.wait();
-                    while !stop.load(Ordering::Acquire) {
-                        klp_user::thread::idle_wait(Duration::from_secs(3600));
-                    }
-                })
-                .expect("spawn")
-        })
-        .collect();
-    ready.wait();
-    let tids: Vec<i32> = tids
-        .iter()
-        .map(|t| t.load(Ordering::Acquire) as i32)
-        .collect();
+    idle::install_ack_handler();
+    let mut idle = Idle::new();
+    idle.grow(THREADS);
+    let tids = idle.tids.clone();
     let to = addr(bench_v2 as *const ());
     let mut g = c.benchmark_group("threads");
     g.sample_size(10);
     g.bench_function("bare signal round trip to each of 1000 threads", |b| {
         b.iter(|| {
             for (i, t) in tids.iter().enumerate() {
-                round_trip(i, *t);
+                idle::round_trip(i, *t);
             }
         })
     });
@@ -307,13 +254,7 @@ fn threads(c: &mut Criterion) {
     });
     g.finish();
     assert_eq!(klp_bench_idle(1), 2);
-    stop.store(true, Ordering::Release);
-    for r in klp_user::thread::threads() {
-        klp_user::thread::wake(&r);
-    }
-    for t in idle {
-        t.join().expect("idle thread");
-    }
+    idle.stop();
 }
 
 criterion_group!(benches, steady, transition, threads);

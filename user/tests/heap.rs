@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod common;
+#[path = "common/loadfix.rs"]
+mod loadfix;
 
 use klp_user::loader::LoadOptions;
 use klp_user::{Config, Process};
@@ -27,37 +29,9 @@ const MANIFEST: &str = r#"{
 }"#;
 
 fn convert() -> PathBuf {
-    let fix = std::fs::read(env!("KLP_LOADFIX_O")).expect("loadfix.o");
-    let exe = std::fs::read("/proc/self/exe").expect("own executable");
-    let lib = std::fs::read(env!("KLP_LOADLIB_SO")).expect("libklploadlib.so");
-    // loadfix.o also holds a fix for a library (not loaded here): its symbols must
-    // resolve against that library.
-    let targets = [
-        klp_convert::TargetInput {
-            name: "vmlinux".into(),
-            file: "/proc/self/exe".into(),
-            data: &exe,
-        },
-        klp_convert::TargetInput {
-            name: "libklploadlib".into(),
-            file: env!("KLP_LOADLIB_SO").into(),
-            data: &lib,
-        },
-    ];
-    let m = klp_convert::Manifest::from_json(MANIFEST).expect("manifest");
-    let out = klp_convert::convert(
-        "loadfix.o",
-        &fix,
-        &targets,
-        &m,
-        &klp_convert::Options::default(),
-    )
-    .expect("klp-convert");
     let d = std::env::temp_dir().join(format!("klp-heap-{}", std::process::id()));
     std::fs::create_dir_all(&d).expect("temp dir");
-    let path = d.join("heapfix.klp.o");
-    std::fs::write(&path, out.data).expect("write patch file");
-    path
+    loadfix::convert_loadfix(MANIFEST, &klp_convert::Options::default(), &d, "heapfix")
 }
 
 /// The bytes the allocator has handed out and not got back (every arena).

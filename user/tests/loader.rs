@@ -7,6 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[path = "common/loadfix.rs"]
+mod loadfix;
+
 use klp_user::loader::LoadOptions;
 use klp_user::{Config, Process};
 
@@ -52,26 +55,7 @@ fn convert(manifest: &str, name: &str) -> PathBuf {
 }
 
 fn convert_with(manifest: &str, name: &str, options: klp_convert::Options) -> PathBuf {
-    let fix = std::fs::read(env!("KLP_LOADFIX_O")).expect("loadfix.o");
-    let exe = std::fs::read("/proc/self/exe").expect("own executable");
-    let lib = std::fs::read(env!("KLP_LOADLIB_SO")).expect("libklploadlib.so");
-    let targets = [
-        klp_convert::TargetInput {
-            name: "vmlinux".into(),
-            file: "/proc/self/exe".into(),
-            data: &exe,
-        },
-        klp_convert::TargetInput {
-            name: "libklploadlib".into(),
-            file: env!("KLP_LOADLIB_SO").into(),
-            data: &lib,
-        },
-    ];
-    let m = klp_convert::Manifest::from_json(manifest).expect("manifest");
-    let out = klp_convert::convert("loadfix.o", &fix, &targets, &m, &options).expect("klp-convert");
-    let path = dir().join(format!("{name}.klp.o"));
-    std::fs::write(&path, out.data).expect("write patch file");
-    path
+    loadfix::convert_loadfix(manifest, &options, &dir(), name)
 }
 
 const MANIFEST: &str = r#"{
