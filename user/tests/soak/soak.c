@@ -55,7 +55,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "klp.h"
 #include "soak.h"
+
+/* libklp.so provides it when preloaded; the program also runs without. */
+#pragma weak klp_safe_point
 
 #define WORKERS 16
 #define PAIR_FN __attribute__((noipa, noinline))
@@ -213,6 +217,12 @@ static unsigned next(unsigned *s)
 }
 
 static unsigned seed;
+/* SOAK_SAFE_POINTS=1: one burst in four starts with klp_safe_point() (klp.h: "at the
+ * head of a worker's loop"), where the worker runs no patched function. ci/soak sets
+ * it on ppc64le and s390x, whose stack scans keep meeting stale return addresses of
+ * earlier calls into patched functions (no back chain through the C library): without
+ * safe points transitions there wait minutes for those words to be overwritten. */
+static int safe_points;
 
 static void *worker(void *arg)
 {
@@ -222,6 +232,9 @@ static void *worker(void *arg)
 	while (!stop) {
 		unsigned r = next(&s);
 		int n, nap_at = r % 8 == 0 ? (int)(next(&s) % 16) : -1;
+
+		if (safe_points && klp_safe_point && (r >> 12) % 4 == 0)
+			klp_safe_point();
 
 		/* A burst of calls; in one burst of 8, one of them sleeps 0.5 to 5 ms
 		 * inside its a, before it calls its b. */
@@ -357,6 +370,7 @@ int main(int argc, char **argv)
 	lib_path = argv[2];
 	seed = (unsigned)strtoul(argv[3], NULL, 0) * WORKERS;
 	max_seconds = atol(argv[4]);
+	safe_points = getenv("SOAK_SAFE_POINTS") && strcmp(getenv("SOAK_SAFE_POINTS"), "1") == 0;
 	/* O_RDWR: the FIFO never reads end-of-file between the script's writes. */
 	fd = open(argv[1], O_RDWR | O_CLOEXEC);
 	if (fd < 0 || !(cmd = fdopen(fd, "r"))) {
@@ -372,8 +386,8 @@ int main(int argc, char **argv)
 			return 1;
 	if (pthread_create(&t[WORKERS], NULL, reporter, NULL) != 0)
 		return 1;
-	say("soak ready: pid %d, %d workers, %d pairs and the library's\n", (int)getpid(),
-	    WORKERS, PAIRS);
+	say("soak ready: pid %d, %d workers, %d pairs and the library's%s\n", (int)getpid(),
+	    WORKERS, PAIRS, safe_points ? "; safe points in one burst of four" : "");
 
 	while (fgets(line, sizeof(line), cmd)) {
 		line[strcspn(line, "\n")] = 0;
