@@ -132,6 +132,9 @@ pub struct ProcessHost {
     views: HashMap<Addr, RedirectView>,
     /// Registered sites, as found (their original bytes), and what they hold now.
     sites: HashMap<Addr, (klp::arch::Site, SiteState)>,
+    /// Sites that could not jump straight to a replacement: the log says so once
+    /// while the site is registered, not at every settle.
+    out_of_reach: std::collections::HashSet<Addr>,
     /// The thread held after its stack check, until it is switched (see
     /// [`Host::stack_trace_reliable`]).
     held: Option<stack::Hold>,
@@ -282,10 +285,16 @@ impl ProcessHost {
             }
             Err(e) if want != SiteState::Trampoline => {
                 // A jump out of reach: the trampoline keeps deciding (same result).
-                self.line(format!(
-                    "klp-user: site {site:#x} stays on the trampoline ({})",
-                    e.to_kernel()
-                ));
+                let to = match want {
+                    SiteState::Jump(to) => to,
+                    _ => 0,
+                };
+                if self.out_of_reach.insert(site) {
+                    self.line(format!(
+                        "klp-user: site {site:#x} stays on the trampoline: no direct jump to {to:#x} ({})",
+                        e.to_kernel()
+                    ));
+                }
                 if now != SiteState::Trampoline
                     && redirect::native::set(&found, now, SiteState::Trampoline, &mut sync).is_ok()
                 {
@@ -533,6 +542,7 @@ impl Host for ProcessHost {
     /// Restores the site's original bytes, then waits until no thread still runs the
     /// trampoline's decision (bounded; a timeout is logged).
     fn hook_unregister(&mut self, site: Addr) {
+        self.out_of_reach.remove(&site);
         let Some((found, state)) = self.sites.remove(&site) else {
             return;
         };
@@ -1019,6 +1029,7 @@ impl Process {
                     modules: BTreeMap::new(),
                     views: HashMap::new(),
                     sites: HashMap::new(),
+                    out_of_reach: std::collections::HashSet::new(),
                     bodies: Vec::new(),
                     held: None,
                     batch: None,

@@ -88,6 +88,7 @@ fn a_patch_file_replaces_a_function_and_goes_again() {
     let (p, _g) = process();
     let path = convert(MANIFEST, "loadfix");
     assert_eq!(compute(1), 2, "the bug");
+    let logged = p.log().1;
     let before = counter();
     let loaded = p
         .load_file(&path, &LoadOptions::default())
@@ -132,6 +133,18 @@ fn a_patch_file_replaces_a_function_and_goes_again() {
     p.run_due_work();
     p.unload("loadfix2").expect("unload the second");
     assert_eq!(compute(1), 12, "the first is still there");
+    // A site that cannot jump straight to its replacement (ppc64le: a patch file has a
+    // TOC of its own) is reported once while registered, not at every transition's end
+    // (three here: each patch's, and the second's going).
+    let log = p.log_since(logged);
+    let out_of_reach: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("stays on the trampoline"))
+        .collect();
+    assert!(
+        out_of_reach.len() <= 1,
+        "reported more than once: {out_of_reach:?}"
+    );
 
     // Unloading an enabled patch is refused; disabling reverts.
     let e = p.unload("loadfix").expect_err("busy while enabled");
