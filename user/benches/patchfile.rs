@@ -38,11 +38,10 @@ use criterion::{Criterion, criterion_group};
 mod idle;
 #[path = "../tests/common/loadfix.rs"]
 mod loadfix;
-use idle::{Idle, THREADS};
+use idle::{Idle, THREADS, process};
 use klp_user::ctl::ServeOptions;
 use klp_user::loader::LoadOptions;
-use klp_user::stack::{CheckOptions, WalkPolicy};
-use klp_user::{Config, Process, SiteKind};
+use klp_user::{Process, SiteKind};
 
 unsafe extern "C" {
     fn klp_loadee_compute(x: i32) -> i32;
@@ -78,17 +77,6 @@ fn call_replacement(x: i32) -> i32 {
     // loaded patch image while the steady-state group runs (set and checked there).
     let f: extern "C" fn(i32) -> i32 = unsafe { std::mem::transmute(a) };
     f(x)
-}
-
-fn process() -> &'static Process {
-    // As a preloaded program (klp-preload's defaults).
-    Process::init(Config {
-        checks: CheckOptions {
-            policy: WalkPolicy::ScanOnly,
-            ..CheckOptions::default()
-        },
-        ..Config::default()
-    })
 }
 
 /// tests/c/loadfix.o converted against this executable (and libklploadlib.so, as in

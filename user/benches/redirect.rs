@@ -22,10 +22,9 @@ use criterion::{Criterion, criterion_group};
 
 #[path = "common/idle.rs"]
 mod idle;
-use idle::{Idle, THREADS};
+use idle::{Idle, THREADS, process};
 use klp::{FuncDesc, ObjectDesc, PatchDesc};
-use klp_user::stack::{CheckOptions, WalkPolicy};
-use klp_user::{Config, Process, ProcessHost, SiteKind};
+use klp_user::{Process, ProcessHost, SiteKind};
 
 /// Set while a thread must stay parked inside [`klp_bench_trans`].
 static PARK: AtomicBool = AtomicBool::new(false);
@@ -100,16 +99,6 @@ fn addr(f: *const ()) -> u64 {
 
 fn patch(name: &str, func: &str, to: u64) -> PatchDesc<ProcessHost> {
     PatchDesc::new(name).object(ObjectDesc::vmlinux().func(FuncDesc::new(func, to)))
-}
-
-fn process() -> &'static Process {
-    Process::init(Config {
-        checks: CheckOptions {
-            policy: WalkPolicy::ScanOnly,
-            ..CheckOptions::default()
-        },
-        ..Config::default()
-    })
 }
 
 /// Enables `desc` and drives its transition to the end without the worker's 1 s

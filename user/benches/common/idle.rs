@@ -1,9 +1,24 @@
-//! What both benchmarks of threads share: idle registered threads and a bare signal
-//! round trip to each of them, the baseline of a transition's cost per thread.
+//! What both benchmarks share: the process, configured as klp-preload configures a
+//! preloaded program (scan-only stack checks), idle registered threads, and a bare
+//! signal round trip to each of them, the baseline of a transition's cost per thread.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
+
+use klp_user::stack::{CheckOptions, WalkPolicy};
+use klp_user::{Config, Process};
+
+/// The process, as klp-preload's defaults make it.
+pub fn process() -> &'static Process {
+    Process::init(Config {
+        checks: CheckOptions {
+            policy: WalkPolicy::ScanOnly,
+            ..CheckOptions::default()
+        },
+        ..Config::default()
+    })
+}
 
 pub const THREADS: usize = 1000;
 const ROUND_TRIP_SIG: libc::c_int = libc::SIGUSR2;
