@@ -148,13 +148,7 @@ fn steady(c: &mut Criterion, p: &Process, file: &Path) {
     FIXED.store(fixed[0] as usize, Ordering::Relaxed);
     assert_eq!(call_replacement(1), 12);
     assert_eq!(call_patched(1), 12);
-    #[cfg(target_arch = "x86_64")]
-    assert!(
-        p.with_core(|_, h| h.retargeted_callers(f)).iter().any(|c| p
-            .with_core(|_, h| h.symbols().describe(*c))
-            .contains("call_patched")),
-        "the call in call_patched was retargeted"
-    );
+    idle::assert_retargeted(p, f, "call_patched");
     let mut g = c.benchmark_group("steady");
     g.bench_function("call of the replacement (same caller, its address)", |b| {
         b.iter(|| call_replacement(black_box(1)))

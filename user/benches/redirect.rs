@@ -153,13 +153,7 @@ fn steady(c: &mut Criterion) {
         b.iter(|| black_box(patched)(black_box(1)))
     });
     g.finish();
-    #[cfg(target_arch = "x86_64")]
-    assert!(
-        p.with_core(|_, h| h.retargeted_callers(f)).iter().any(|c| p
-            .with_core(|_, h| h.symbols().describe(*c))
-            .contains("call_patched")),
-        "the call in call_patched was retargeted"
-    );
+    idle::assert_retargeted(p, f, "call_patched");
     disable_and_free(p, "bench_steady");
 }
 

@@ -20,6 +20,20 @@ pub fn process() -> &'static Process {
     })
 }
 
+/// x86_64: the direct call of `f` in `caller` was retargeted to the replacement (the
+/// steady state's call site); other architectures have no call-site retargeting.
+pub fn assert_retargeted(p: &Process, f: u64, caller: &str) {
+    if cfg!(target_arch = "x86_64") {
+        let callers = p.with_core(|_, h| h.retargeted_callers(f));
+        assert!(
+            callers.iter().any(|c| p
+                .with_core(|_, h| h.symbols().describe(*c))
+                .contains(caller)),
+            "the call in {caller} was retargeted"
+        );
+    }
+}
+
 pub const THREADS: usize = 1000;
 const ROUND_TRIP_SIG: libc::c_int = libc::SIGUSR2;
 
