@@ -131,13 +131,16 @@ struct Part {
     by_addr: Vec<(Addr, u64, u32, u32)>,
     /// Executable ranges, sorted.
     text: Vec<(Addr, Addr)>,
+    /// The executable ranges of no object (the vDSO's on some systems), sorted.
+    anon_text: Vec<(Addr, Addr)>,
 }
 
 impl Part {
-    fn build(objects: Vec<Arc<LoadedObject>>, anon_text: Vec<(Addr, Addr)>) -> Part {
+    fn build(objects: Vec<Arc<LoadedObject>>, mut anon_text: Vec<(Addr, Addr)>) -> Part {
+        anon_text.sort_unstable();
         let mut by_name: HashMap<(Option<String>, String), Vec<Addr>> = HashMap::new();
         let mut by_addr = Vec::new();
-        let mut text = anon_text;
+        let mut text = anon_text.clone();
         for (oi, o) in objects.iter().enumerate() {
             text.extend(o.text.iter().copied());
             for (si, s) in o.symbols.iter().enumerate() {
@@ -157,6 +160,7 @@ impl Part {
             by_name,
             by_addr,
             text,
+            anon_text,
         }
     }
 
@@ -338,22 +342,14 @@ impl SymbolIndex {
                 .collect(),
         };
         // Nothing came or went: the loaded objects' part is shared as it is.
-        let old_anon: Vec<(Addr, Addr)> = self
-            .base
-            .text
-            .iter()
-            .copied()
-            .filter(|t| !self.base.objects.iter().any(|o| o.text.contains(t)))
-            .collect();
-        let mut new_anon = anon_text.clone();
-        new_anon.sort_unstable();
+        anon_text.sort_unstable();
         let same = objects.len() == self.base.objects.len()
             && objects
                 .iter()
                 .zip(&self.base.objects)
                 .all(|(a, b)| Arc::ptr_eq(a, b))
-            && old_anon == new_anon;
-        if same && !objects.is_empty() {
+            && anon_text == self.base.anon_text;
+        if same {
             return (self.with_current_patches(), changes);
         }
         (Self::build_with(objects, anon_text), changes)
