@@ -285,11 +285,9 @@ impl ProcessHost {
             }
             Err(e) if want != SiteState::Trampoline => {
                 // A jump out of reach: the trampoline keeps deciding (same result).
-                let to = match want {
-                    SiteState::Jump(to) => to,
-                    _ => 0,
-                };
-                if self.out_of_reach.insert(site) {
+                if let SiteState::Jump(to) = want
+                    && self.out_of_reach.insert(site)
+                {
                     self.line(format!(
                         "klp-user: site {site:#x} stays on the trampoline: no direct jump to {to:#x} ({})",
                         e.to_kernel()
