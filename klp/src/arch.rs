@@ -110,7 +110,7 @@ mod tests {
         let site = Site {
             func: f,
             offset: 0,
-            form: SiteForm::X86Nops { endbr: false },
+            form: SiteForm::new(1),
             original: InsnBytes::EMPTY,
         };
         assert_eq!(

@@ -4,8 +4,8 @@
 //!
 //! | form | words |
 //! |---|---|
-//! | [`SiteForm::A64Nops`] | `nop; nop` (`-fpatchable-function-entry=2`) |
-//! | [`SiteForm::A64MovX9Nop`] | `mov x9, x30; nop` (what the kernel's ftrace leaves after boot) |
+//! | [`form::NOPS`] | `nop; nop` (`-fpatchable-function-entry=2`) |
+//! | [`form::MOV_X9_NOP`] | `mov x9, x30; nop` (what the kernel's ftrace leaves after boot) |
 //!
 //! Redirects (8 bytes, both words):
 //! * `Call`: `mov x9, x30; bl trampoline`: the trampoline finds the caller's return
@@ -13,9 +13,9 @@
 //! * `Jump`: a `b new_func`; x30 still holds the caller's return address, so
 //!   `new_func` returns straight to the caller. Placed so that only `nop`/`b`/`bl`
 //!   words change, which the architecture allows to be rewritten while other CPUs run
-//!   them: in the first word (`b new_func; nop`) for [`SiteForm::A64Nops`], in the
+//!   them: in the first word (`b new_func; nop`) for [`form::NOPS`], in the
 //!   second (`mov x9, x30; b new_func`, x9 being a scratch register) for
-//!   [`SiteForm::A64MovX9Nop`], whose first word stays.
+//!   [`form::MOV_X9_NOP`], whose first word stays.
 
 use klp_arch::{
     EncodeError, Endian, FuncInfo, InsnBytes, Redirect, RedirectKind, Site, SiteError, SiteForm,
@@ -23,6 +23,15 @@ use klp_arch::{
 };
 
 use crate::insn;
+
+/// The forms of the table above: the `code` of a [`SiteForm`] (its `landing_pad`
+/// says whether `bti c` precedes the site).
+pub mod form {
+    /// `nop; nop`.
+    pub const NOPS: u8 = 1;
+    /// `mov x9, x30; nop`.
+    pub const MOV_X9_NOP: u8 = 2;
+}
 
 /// Bytes a redirect rewrites.
 pub const LEN: usize = 8;
@@ -44,8 +53,8 @@ pub fn find(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         });
     };
     let form = match (w0, w1) {
-        (insn::NOP, insn::NOP) => SiteForm::A64Nops { bti },
-        (insn::MOV_X9_X30, insn::NOP) => SiteForm::A64MovX9Nop { bti },
+        (insn::NOP, insn::NOP) => SiteForm::new(form::NOPS).landing_pad(bti),
+        (insn::MOV_X9_X30, insn::NOP) => SiteForm::new(form::MOV_X9_NOP).landing_pad(bti),
         _ => {
             return Err(SiteError::Unrecognised {
                 at,
@@ -70,7 +79,10 @@ pub fn encode(site: &Site, redirect: Redirect) -> Result<InsnBytes, EncodeError>
             insn::bl(from.wrapping_add(4), redirect.target)?,
         ),
         RedirectKind::Jump => match site.form {
-            SiteForm::A64MovX9Nop { .. } => (
+            SiteForm {
+                code: form::MOV_X9_NOP,
+                ..
+            } => (
                 insn::MOV_X9_X30,
                 insn::b(from.wrapping_add(4), redirect.target)?,
             ),
@@ -106,23 +118,23 @@ mod tests {
     #[test]
     fn two_nops() {
         let s = Aarch64::find_site(&code(&[NOP, NOP, STP]), FuncInfo::at(F)).unwrap();
-        assert_eq!(s.form, SiteForm::A64Nops { bti: false });
+        assert_eq!(s.form, SiteForm::new(form::NOPS));
         assert_eq!((s.addr(), s.len()), (F, 8));
     }
 
     #[test]
     fn bti_then_two_nops() {
         let s = Aarch64::find_site(&code(&[BTI, NOP, NOP, STP]), FuncInfo::at(F)).unwrap();
-        assert_eq!(s.form, SiteForm::A64Nops { bti: true });
+        assert_eq!(s.form, SiteForm::new(form::NOPS).landing_pad(true));
         assert_eq!((s.addr(), s.len()), (F + 4, 8));
     }
 
     #[test]
     fn kernel_boot_form() {
         let s = Aarch64::find_site(&code(&[MOV, NOP]), FuncInfo::at(F)).unwrap();
-        assert_eq!(s.form, SiteForm::A64MovX9Nop { bti: false });
+        assert_eq!(s.form, SiteForm::new(form::MOV_X9_NOP));
         let s = Aarch64::find_site(&code(&[BTI, MOV, NOP]), FuncInfo::at(F)).unwrap();
-        assert_eq!(s.form, SiteForm::A64MovX9Nop { bti: true });
+        assert_eq!(s.form, SiteForm::new(form::MOV_X9_NOP).landing_pad(true));
     }
 
     #[test]

@@ -20,29 +20,45 @@ impl FuncInfo {
     }
 }
 
-/// The unpatched entry forms the back-ends recognise.
+/// Which unpatched entry form a back-end recognised at a site.
 ///
-/// Which variants an architecture produces is documented in its `site.rs`.
+/// The forms are the back-end's own: `code` is one of the constants its `site.rs`
+/// documents (`klp_arch_x86_64::site::form::NOPS`, …), so this crate lists no
+/// architecture. The core only carries the value from `find_site` to the back-end's
+/// `encode_redirect`; a host may match on the constants of the back-end it runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SiteForm {
-    /// x86_64: a run of nops (`0f 1f 44 00 00`, `66 90`, `90`, …), optionally after
-    /// `endbr64`. `endbr` tells whether the landing pad precedes the site.
-    X86Nops { endbr: bool },
-    /// x86_64: `call __fentry__` (`e8 rel32`), optionally after `endbr64`.
-    X86Fentry { endbr: bool, target: u64 },
-    /// aarch64: two nops, optionally after `bti c`.
-    A64Nops { bti: bool },
-    /// aarch64: `mov x9, x30; nop`, the form the kernel leaves after boot.
-    A64MovX9Nop { bti: bool },
-    /// ppc64le: `mflr r0; bl _mcount` at the local entry (`-mprofile-kernel`).
-    PpcProfileKernel { mcount: u64 },
-    /// ppc64le: two nops at the local entry.
-    PpcNops,
-    /// s390x: `brcl 0,<any>` (6 bytes, a nop).
-    S390Brcl,
-    /// s390x: a run of hotpatch nops (`nopr`, `nop`) of at least 6 bytes.
-    S390Nops,
+pub struct SiteForm {
+    /// The back-end's number for the form (codes start at 1; 0 is never a form).
+    pub code: u8,
+    /// Whether a landing pad (`endbr64`, `bti c`) precedes the site.
+    pub landing_pad: bool,
+    /// The address a call in the unpatched form goes to (`call __fentry__`,
+    /// `bl _mcount`), else 0.
+    pub target: u64,
+}
+
+impl SiteForm {
+    /// Form `code` with no landing pad and no call target.
+    pub const fn new(code: u8) -> Self {
+        SiteForm {
+            code,
+            landing_pad: false,
+            target: 0,
+        }
+    }
+
+    /// The same form, with or without a landing pad before it.
+    pub const fn landing_pad(self, landing_pad: bool) -> Self {
+        SiteForm {
+            landing_pad,
+            ..self
+        }
+    }
+
+    /// The same form, whose unpatched bytes call `target`.
+    pub const fn calling(self, target: u64) -> Self {
+        SiteForm { target, ..self }
+    }
 }
 
 /// A recognised, unpatched patch site.

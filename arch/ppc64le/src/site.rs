@@ -8,8 +8,8 @@
 //!
 //! | form | words at the local entry |
 //! |---|---|
-//! | [`SiteForm::PpcProfileKernel`] | `mflr r0; bl _mcount` (`-pg -mprofile-kernel`, the kernel's site) |
-//! | [`SiteForm::PpcNops`] | `nop; nop` (patchable entry where the toolchain places it after the TOC setup) |
+//! | [`form::PROFILE_KERNEL`] | `mflr r0; bl _mcount` (`-pg -mprofile-kernel`, the kernel's site) |
+//! | [`form::NOPS`] | `nop; nop` (patchable entry where the toolchain places it after the TOC setup) |
 //!
 //! Supported local-entry offsets: 0 (no TOC setup; `st_other` field 0 or 1) and 8
 //! (field 3, the two-instruction TOC setup, which is checked). Others are refused.
@@ -27,6 +27,15 @@ use klp_arch::{
 };
 
 use crate::insn;
+
+/// The forms of the table above: the `code` of a [`SiteForm`] (for
+/// [`form::PROFILE_KERNEL`], `target` is `_mcount`'s address).
+pub mod form {
+    /// `mflr r0; bl _mcount`.
+    pub const PROFILE_KERNEL: u8 = 1;
+    /// `nop; nop`.
+    pub const NOPS: u8 = 2;
+}
 
 /// Bytes a redirect rewrites.
 pub const LEN: usize = 8;
@@ -76,10 +85,11 @@ pub fn find(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         });
     };
     let form = match (w0, w1) {
-        (insn::MFLR_R0, bl) if bl & !insn::LI_MASK == insn::BL => SiteForm::PpcProfileKernel {
-            mcount: insn::branch_target(bl, at.wrapping_add(4)).unwrap_or(0),
-        },
-        (insn::NOP, insn::NOP) => SiteForm::PpcNops,
+        (insn::MFLR_R0, bl) if bl & !insn::LI_MASK == insn::BL => {
+            SiteForm::new(form::PROFILE_KERNEL)
+                .calling(insn::branch_target(bl, at.wrapping_add(4)).unwrap_or(0))
+        }
+        (insn::NOP, insn::NOP) => SiteForm::new(form::NOPS),
         _ => {
             return Err(SiteError::Unrecognised {
                 at,
@@ -163,7 +173,10 @@ mod tests {
         // bl at F+12 to F-0x100 (mcount).
         let bl = insn::bl(F + 12, F - 0x100).unwrap();
         let s = Ppc64le::find_site(&w(&[TOC[0], TOC[1], insn::MFLR_R0, bl]), fi(LOCAL8)).unwrap();
-        assert_eq!(s.form, SiteForm::PpcProfileKernel { mcount: F - 0x100 });
+        assert_eq!(
+            s.form,
+            SiteForm::new(form::PROFILE_KERNEL).calling(F - 0x100)
+        );
         assert_eq!((s.addr(), s.len()), (F + 8, 8));
     }
 
@@ -171,9 +184,9 @@ mod tests {
     fn nops_at_local_entry_and_without_toc() {
         let s =
             Ppc64le::find_site(&w(&[TOC[0], TOC[1], insn::NOP, insn::NOP]), fi(LOCAL8)).unwrap();
-        assert_eq!((s.form, s.offset), (SiteForm::PpcNops, 8));
+        assert_eq!((s.form, s.offset), (SiteForm::new(form::NOPS), 8));
         let s = Ppc64le::find_site(&w(&[insn::NOP, insn::NOP]), fi(0)).unwrap();
-        assert_eq!((s.form, s.offset), (SiteForm::PpcNops, 0));
+        assert_eq!((s.form, s.offset), (SiteForm::new(form::NOPS), 0));
         let s = Ppc64le::find_site(&w(&[insn::NOP, insn::NOP]), fi(1 << 5)).unwrap();
         assert_eq!(s.offset, 0);
     }

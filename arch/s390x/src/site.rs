@@ -2,8 +2,8 @@
 //!
 //! | form | bytes |
 //! |---|---|
-//! | [`SiteForm::S390Brcl`] | `brcl 0,…` (`c0 04 ….`), the kernel's site from `-mfentry -mnop-mcount` |
-//! | [`SiteForm::S390Nops`] | a run of `nopr` (`07 00`) / `nop` (`47 00 00 00`) of at least 6 bytes (`-fpatchable-function-entry`, `-mhotpatch`) |
+//! | [`form::BRCL`] | `brcl 0,…` (`c0 04 ….`), the kernel's site from `-mfentry -mnop-mcount` |
+//! | [`form::NOPS`] | a run of `nopr` (`07 00`) / `nop` (`47 00 00 00`) of at least 6 bytes (`-fpatchable-function-entry`, `-mhotpatch`) |
 //!
 //! The site is the shortest prefix of the nop run that holds a 6-byte branch and ends on
 //! an instruction boundary; the rest is filled with `nopr`.
@@ -18,6 +18,14 @@ use klp_arch::{
 };
 
 use crate::insn;
+
+/// The forms of the table above: the `code` of a [`SiteForm`].
+pub mod form {
+    /// `brcl 0,…`.
+    pub const BRCL: u8 = 1;
+    /// A run of hotpatch nops.
+    pub const NOPS: u8 = 2;
+}
 
 /// Longest site: 4 bytes of nops, then a 6-byte `brcl` (or 2 + 4 + 4).
 pub const MAX_LEN: usize = 10;
@@ -58,9 +66,9 @@ pub fn find(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         });
     }
     let form = if code.starts_with(&insn::BRCL_0) {
-        SiteForm::S390Brcl
+        SiteForm::new(form::BRCL)
     } else {
-        SiteForm::S390Nops
+        SiteForm::new(form::NOPS)
     };
     let original = code
         .get(..len)
@@ -115,14 +123,17 @@ mod tests {
     #[test]
     fn brcl() {
         let s = site(&[&insn::BRCL_0_0[..], &STMG[..]].concat()).unwrap();
-        assert_eq!((s.form, s.addr(), s.len()), (SiteForm::S390Brcl, F, 6));
+        assert_eq!(
+            (s.form, s.addr(), s.len()),
+            (SiteForm::new(form::BRCL), F, 6)
+        );
     }
 
     #[test]
     fn hotpatch_nops() {
         // -fpatchable-function-entry=3: three nopr.
         let s = site(&[0x07, 0, 0x07, 0, 0x07, 0, 0xeb]).unwrap();
-        assert_eq!((s.form, s.len()), (SiteForm::S390Nops, 6));
+        assert_eq!((s.form, s.len()), (SiteForm::new(form::NOPS), 6));
         // -mhotpatch=0,1 style: nopr then nop: 6 bytes.
         let s = site(&[0x07, 0, 0x47, 0, 0, 0, 0xeb]).unwrap();
         assert_eq!(s.len(), 6);

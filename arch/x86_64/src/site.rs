@@ -4,8 +4,8 @@
 //!
 //! | form | bytes | from |
 //! |---|---|---|
-//! | [`SiteForm::X86Nops`] | a run of nops of at least 5 bytes (`0f 1f 44 00 00`, `90 90 90 90 90`, `66 90 66 90 90`, …) | `-mfentry -mnop-mcount`, ftrace's idle site, `-fpatchable-function-entry=N`, LLVM's byte-counted `-Zpatchable-function-entry` |
-//! | [`SiteForm::X86Fentry`] | `e8 rel32` (`call __fentry__`) | `-pg -mfentry` |
+//! | [`form::NOPS`] | a run of nops of at least 5 bytes (`0f 1f 44 00 00`, `90 90 90 90 90`, `66 90 66 90 90`, …) | `-mfentry -mnop-mcount`, ftrace's idle site, `-fpatchable-function-entry=N`, LLVM's byte-counted `-Zpatchable-function-entry` |
+//! | [`form::FENTRY`] | `e8 rel32` (`call __fentry__`) | `-pg -mfentry` |
 //!
 //! The site is the shortest prefix of the nop run that holds a 5-byte branch and ends
 //! on an instruction boundary; a redirect writes `call`/`jmp rel32` and fills the rest
@@ -16,6 +16,15 @@ use klp_arch::{
 };
 
 use crate::insn;
+
+/// The forms of the table above: the `code` of a [`SiteForm`] (its `landing_pad`
+/// says whether `endbr64` precedes the site; `target` is `__fentry__`'s address).
+pub mod form {
+    /// A run of nops.
+    pub const NOPS: u8 = 1;
+    /// `call __fentry__`.
+    pub const FENTRY: u8 = 2;
+}
 
 /// Longest site: a nop run of up to 4 bytes followed by an 11-byte nop.
 pub const MAX_LEN: usize = 15;
@@ -41,7 +50,9 @@ pub fn find(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         return Ok(Site {
             func,
             offset: off as u8,
-            form: SiteForm::X86Fentry { endbr, target },
+            form: SiteForm::new(form::FENTRY)
+                .landing_pad(endbr)
+                .calling(target),
             original: InsnBytes::prefix_of(body.get(..insn::BRANCH_LEN).unwrap_or(&[])),
         });
     }
@@ -80,7 +91,7 @@ pub fn find(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
     Ok(Site {
         func,
         offset: off as u8,
-        form: SiteForm::X86Nops { endbr },
+        form: SiteForm::new(form::NOPS).landing_pad(endbr),
         original,
     })
 }
@@ -116,7 +127,7 @@ pub fn encode(site: &Site, redirect: Redirect) -> Result<InsnBytes, EncodeError>
 /// inside it, so a writer can replace it with one store and a core serialisation
 /// instead of the breakpoint protocol's rounds (which signal every thread three times).
 pub fn settled(site: &Site) -> InsnBytes {
-    if matches!(site.form, SiteForm::X86Nops { .. })
+    if site.form.code == form::NOPS
         && let Some(nop) = site.len().checked_sub(1).and_then(|i| insn::NOPS.get(i))
         && let Some(b) = InsnBytes::from_slice(nop)
     {
@@ -151,7 +162,7 @@ mod tests {
     #[test]
     fn nop5() {
         let s = site(&[0x0f, 0x1f, 0x44, 0x00, 0x00, 0x55, 0x48, 0x89, 0xe5]).unwrap();
-        assert_eq!(s.form, SiteForm::X86Nops { endbr: false });
+        assert_eq!(s.form, SiteForm::new(form::NOPS));
         assert_eq!((s.addr(), s.len()), (F, 5));
         assert_eq!(s.original.as_slice(), &[0x0f, 0x1f, 0x44, 0x00, 0x00]);
     }
@@ -159,7 +170,7 @@ mod tests {
     #[test]
     fn endbr_then_nop5() {
         let s = site(&[0xf3, 0x0f, 0x1e, 0xfa, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0x55]).unwrap();
-        assert_eq!(s.form, SiteForm::X86Nops { endbr: true });
+        assert_eq!(s.form, SiteForm::new(form::NOPS).landing_pad(true));
         assert_eq!((s.offset, s.len()), (4, 5));
     }
 
@@ -167,20 +178,11 @@ mod tests {
     fn fentry_call() {
         // call __fentry__ at F+0x1000: rel32 = 0x1000 - 5 = 0xffb.
         let s = site(&[0xe8, 0xfb, 0x0f, 0x00, 0x00, 0x55]).unwrap();
-        assert_eq!(
-            s.form,
-            SiteForm::X86Fentry {
-                endbr: false,
-                target: F + 0x1000
-            }
-        );
+        assert_eq!(s.form, SiteForm::new(form::FENTRY).calling(F + 0x1000));
         let s = site(&[0xf3, 0x0f, 0x1e, 0xfa, 0xe8, 0, 0, 0, 0]).unwrap();
         assert_eq!(
             s.form,
-            SiteForm::X86Fentry {
-                endbr: true,
-                target: F + 9
-            }
+            SiteForm::new(form::FENTRY).landing_pad(true).calling(F + 9)
         );
     }
 

@@ -66,6 +66,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use klp::Errno;
 use klp::arch::{Arch, FuncInfo, InsnBytes, Redirect, Site, SiteForm};
 use klp_arch_aarch64::live::trampoline;
+use klp_arch_aarch64::site::form;
 use klp_arch_aarch64::{Aarch64, insn};
 
 use super::SiteState;
@@ -120,10 +121,7 @@ pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {
     // segment of a loaded object, inside the function's symbol.
     let code = unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) };
     let site = Aarch64::find_site(code, FuncInfo::at(addr)).ok()?;
-    (matches!(
-        site.form,
-        SiteForm::A64Nops { .. } | SiteForm::A64MovX9Nop { .. }
-    ) && site.len() as u64 == LEN)
+    (matches!(site.form.code, form::NOPS | form::MOV_X9_NOP) && site.len() as u64 == LEN)
         .then_some(site)
 }
 
@@ -184,12 +182,9 @@ fn second_word(site: &Site, state: SiteState, sync: &mut dyn FnMut()) -> Result<
             .push_u32(w, klp_arch::Endian::Little)
             .ok_or(Errno::EINVAL)?;
     }
-    let bti = matches!(
-        site.form,
-        SiteForm::A64Nops { bti: true } | SiteForm::A64MovX9Nop { bti: true }
-    );
+    let bti = site.form.landing_pad;
     let kernel_form = Site {
-        form: SiteForm::A64MovX9Nop { bti },
+        form: SiteForm::new(form::MOV_X9_NOP).landing_pad(bti),
         original: mov_nop,
         ..*site
     };
@@ -426,7 +421,7 @@ mod tests {
             let index = SymbolIndex::load();
             let site = find(&index, f).expect("the wrapper's site");
             assert_eq!((site.addr(), words_at(f)), (f, [MOV, NOP]));
-            assert_eq!(site.form, SiteForm::A64MovX9Nop { bti: false });
+            assert_eq!(site.form, SiteForm::new(form::MOV_X9_NOP));
             let body = klp_a64_unit_site::body as *const () as u64;
             assert_eq!(body_of(&index, &site).map(|b| b.0), Some(body));
 
@@ -483,7 +478,7 @@ mod tests {
             let f = klp_a64_unit_c_site as *const () as u64;
             let index = SymbolIndex::load();
             let site = find(&index, f).expect("the site");
-            assert_eq!(site.form, SiteForm::A64Nops { bti: false });
+            assert_eq!(site.form, SiteForm::new(form::NOPS));
             assert_eq!(words_at(f), [NOP, NOP]);
             let mut armed = Vec::new();
             let mut sync = || armed.push(PATCHING.load(Ordering::Acquire));
@@ -501,7 +496,7 @@ mod tests {
             assert_eq!(klp_a64_unit_c_site(1), 2);
             // Found again, it is the kernel's form.
             let again = find(&index, f).expect("the site");
-            assert_eq!(again.form, SiteForm::A64MovX9Nop { bti: false });
+            assert_eq!(again.form, SiteForm::new(form::MOV_X9_NOP));
         })
         .join()
         .expect("thread");

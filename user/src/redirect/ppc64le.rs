@@ -21,8 +21,8 @@
 //! ## Site states
 //!
 //! The site is the two words at the local entry (`S`), in one of two forms: the
-//! wrapper's `nop; nop` ([`SiteForm::PpcNops`]), or the `mflr r0; bl _mcount` of C
-//! built with `-pg -mprofile-kernel` ([`SiteForm::PpcProfileKernel`], the kernel's
+//! wrapper's `nop; nop` ([`psite::form::NOPS`]), or the `mflr r0; bl _mcount` of C
+//! built with `-pg -mprofile-kernel` ([`psite::form::PROFILE_KERNEL`], the kernel's
 //! site; gcc 12 places `-fpatchable-function-entry` nops before the global entry's TOC
 //! setup, where local calls skip them). In its original state such a site calls
 //! `_mcount` with the `-mprofile-kernel` convention (r0 = the caller's return address;
@@ -171,10 +171,17 @@ pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {
     };
     let site = Ppc64le::find_site(code, func).ok()?;
     match site.form {
-        SiteForm::PpcNops => Some(site),
+        SiteForm {
+            code: psite::form::NOPS,
+            ..
+        } => Some(site),
         // A site in its trampoline state has the same shape, but calls a stub, which
         // no symbol names.
-        SiteForm::PpcProfileKernel { mcount } => index
+        SiteForm {
+            code: psite::form::PROFILE_KERNEL,
+            target: mcount,
+            ..
+        } => index
             .lookup(mcount)
             .is_some_and(|(_, m)| m.func && m.addr == mcount)
             .then_some(site),
@@ -470,7 +477,10 @@ mod tests {
         assert_eq!(w[1] & 0xffff_0000, insn::ADDI_R2_R2);
         assert_eq!(site_words(f), [insn::NOP, insn::NOP]);
         let site = find(&index, f).expect("a site");
-        assert_eq!((site.addr(), site.form), (f + 8, SiteForm::PpcNops));
+        assert_eq!(
+            (site.addr(), site.form),
+            (f + 8, SiteForm::new(psite::form::NOPS))
+        );
         let body = addr(klp_ppc64le_redirect_probe::body as *const ());
         let (start, end) = body_of(&index, &site).expect("the body");
         assert_eq!(start, body);
@@ -669,7 +679,10 @@ mod tests {
         let site = find(&index, f).expect("a site");
         let mcount = addr(unit_mcount as *const ());
         assert_eq!(site.addr(), f + 8);
-        assert_eq!(site.form, SiteForm::PpcProfileKernel { mcount });
+        assert_eq!(
+            site.form,
+            SiteForm::new(psite::form::PROFILE_KERNEL).calling(mcount)
+        );
         let orig = site_words(f);
         assert_eq!(orig[0], insn::MFLR_R0);
         let before = mcount_calls();

@@ -122,7 +122,8 @@ pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {
     // segment of a loaded object, inside the function's symbol.
     let code = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
     let site = S390x::find_site(code, FuncInfo::at(addr)).ok()?;
-    (site.form == SiteForm::S390Brcl && site.len() == LEN).then_some(site)
+    (site.form == SiteForm::new(klp_arch_s390x::site::form::BRCL) && site.len() == LEN)
+        .then_some(site)
 }
 
 /// The target of the `jg` (`brcl 15,…`) whose 6 bytes are `b`, placed at `at`.
@@ -239,7 +240,7 @@ pub(crate) fn set(
     to: SiteState,
     sync: &mut dyn FnMut(),
 ) -> Result<(), Errno> {
-    if site.form != SiteForm::S390Brcl || site.len() != LEN {
+    if site.form != SiteForm::new(klp_arch_s390x::site::form::BRCL) || site.len() != LEN {
         return Err(Errno::EINVAL);
     }
     let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());

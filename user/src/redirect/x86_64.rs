@@ -29,7 +29,7 @@
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use klp::Errno;
-use klp::arch::{Arch, FuncInfo, Redirect, Site, SiteForm};
+use klp::arch::{Arch, FuncInfo, Redirect, Site};
 use klp_arch_x86_64::X86_64;
 use klp_arch_x86_64::live::trampoline;
 
@@ -79,7 +79,8 @@ pub(crate) fn find(index: &SymbolIndex, addr: u64) -> Option<Site> {
     // segment of a loaded object, inside the function's symbol.
     let code = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
     let site = X86_64::find_site(code, FuncInfo::at(addr)).ok()?;
-    (matches!(site.form, SiteForm::X86Nops { .. }) && site.len() as u64 == trampoline::SITE_LEN)
+    (site.form.code == klp_arch_x86_64::site::form::NOPS
+        && site.len() as u64 == trampoline::SITE_LEN)
         .then_some(site)
 }
 
