@@ -27,6 +27,8 @@ use crate::failalloc;
 use crate::kernel::{Kernel, ModError};
 use crate::stackmodel::ArchModel;
 use crate::world::{LoadedModule, ModState, World};
+use klp_arch::Arch;
+use klp_backends::Visit;
 
 /// The loaded sections of an ELF module.
 #[derive(Clone, Debug)]
@@ -89,28 +91,49 @@ fn by_machine(
     target: Option<&str>,
     clear: bool,
 ) -> KResult<()> {
-    macro_rules! run {
-        ($a:ty) => {
+    struct Run<'a, 'o> {
+        w: &'a mut World,
+        module: &'a str,
+        obj: &'a PatchObject<'o>,
+        image: &'a mut ElfImage,
+        target: Option<&'a str>,
+        clear: bool,
+    }
+    impl Visit for Run<'_, '_> {
+        type Out = KResult<()>;
+        fn visit<A: Arch>(self) -> KResult<()> {
+            let Run {
+                w,
+                module,
+                obj,
+                image,
+                target,
+                clear,
+            } = self;
             failalloc::core(|| {
                 if clear {
-                    clear_relocs::<$a, _>(w, module, obj, image, target.unwrap_or("vmlinux"));
+                    clear_relocs::<A, _>(w, module, obj, image, target.unwrap_or("vmlinux"));
                     Ok(())
                 } else {
-                    write_relocs::<$a, _>(w, module, obj, image, target)
+                    write_relocs::<A, _>(w, module, obj, image, target)
                 }
             })
-        };
-    }
-    match obj.machine() {
-        62 => run!(klp_arch_x86_64::X86_64),
-        183 => run!(klp_arch_aarch64::Aarch64),
-        21 => run!(klp_arch_ppc64le::Ppc64le),
-        22 => run!(klp_arch_s390x::S390x),
-        m => {
-            w.printk(&format!("{module}: no relocation support for machine {m}"));
-            Err(Errno::ENOEXEC)
         }
     }
+    let m = obj.machine();
+    let run = Run {
+        w,
+        module,
+        obj,
+        image,
+        target,
+        clear,
+    };
+    klp_backends::by_machine(m, run).unwrap_or_else(|run| {
+        run.w
+            .printk(&format!("{module}: no relocation support for machine {m}"));
+        Err(Errno::ENOEXEC)
+    })
 }
 
 /// `apply_object_relocs` / `clear_object_relocs` of [`World`] for an ELF module.
@@ -224,12 +247,8 @@ impl Kernel {
             Err(e) => return Err(malformed(self, name, &e)),
         };
         // `elf_validity_check`: a module for another machine is refused.
-        let machine = match self.world.stack_model {
-            None | Some(ArchModel::X86_64) => 62,
-            Some(ArchModel::Aarch64) => 183,
-            Some(ArchModel::Ppc64le) => 21,
-            Some(ArchModel::S390x) => 22,
-        };
+        // Without a model the simulated kernel is an x86_64 one (EM_X86_64).
+        let machine = self.world.stack_model.map_or(62, ArchModel::machine);
         if obj.machine() != machine {
             self.world.printk(&format!(
                 "Invalid architecture in ELF header: {}",

@@ -5,6 +5,7 @@
 use klp::{Addr, TraceError};
 use klp_arch::model::HandStack;
 use klp_arch::{Arch, UnwindError, trace_reliable};
+use klp_backends::Visit;
 
 use crate::world::{MODULES_BASE, VMLINUX_BASE};
 
@@ -15,51 +16,64 @@ const TEXT_END: u64 = MODULES_BASE + 0x0100_0000;
 /// A return address that is not code: marks a stack the walker must refuse.
 const NOT_TEXT: u64 = 0x10;
 
-/// An architecture whose unwinder walks the simulated stacks.
+/// An architecture whose unwinder walks the simulated stacks: any back-end of
+/// `klp-backends`, by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ArchModel {
-    /// x86_64 frame pointers.
-    X86_64,
-    /// aarch64 frame records.
-    Aarch64,
-    /// ppc64le back chain with LR save slots.
-    Ppc64le,
-    /// s390x back chain.
-    S390x,
+pub struct ArchModel {
+    name: &'static str,
+    machine: u16,
+    syscall_prefix: &'static str,
+}
+
+struct Describe;
+
+impl Visit for Describe {
+    type Out = ArchModel;
+    fn visit<A: Arch>(self) -> ArchModel {
+        ArchModel {
+            name: A::NAME,
+            machine: A::ELF_MACHINE,
+            syscall_prefix: A::SYSCALL_PREFIX,
+        }
+    }
+}
+
+struct Walk<'a>(&'a [u64]);
+
+impl Visit for Walk<'_> {
+    type Out = Result<Vec<u64>, Option<UnwindError>>;
+    fn visit<A: Arch>(self) -> Self::Out {
+        walk::<A>(self.0)
+    }
 }
 
 impl ArchModel {
-    /// Every model.
-    pub const ALL: [ArchModel; 4] = [
-        ArchModel::X86_64,
-        ArchModel::Aarch64,
-        ArchModel::Ppc64le,
-        ArchModel::S390x,
-    ];
+    /// Every model: one per back-end.
+    pub fn all() -> Vec<ArchModel> {
+        klp_backends::NAMES
+            .iter()
+            .filter_map(|n| ArchModel::from_name(n))
+            .collect()
+    }
 
-    /// By name (`x86_64`, `aarch64`, `ppc64le`, `s390x`).
+    /// By name (`x86_64`, `aarch64`, …: a back-end's [`Arch::NAME`]).
     pub fn from_name(s: &str) -> Option<ArchModel> {
-        ArchModel::ALL.into_iter().find(|a| a.name() == s)
+        klp_backends::by_name(s, Describe).ok()
     }
 
     /// The name.
     pub fn name(self) -> &'static str {
-        match self {
-            ArchModel::X86_64 => klp_arch_x86_64::X86_64::NAME,
-            ArchModel::Aarch64 => klp_arch_aarch64::Aarch64::NAME,
-            ArchModel::Ppc64le => klp_arch_ppc64le::Ppc64le::NAME,
-            ArchModel::S390x => klp_arch_s390x::S390x::NAME,
-        }
+        self.name
+    }
+
+    /// The architecture's ELF machine (`e_machine`).
+    pub fn machine(self) -> u16 {
+        self.machine
     }
 
     /// The kernel's syscall symbol prefix on this architecture.
     pub fn syscall_prefix(self) -> &'static str {
-        match self {
-            ArchModel::X86_64 => klp_arch_x86_64::X86_64::SYSCALL_PREFIX,
-            ArchModel::Aarch64 => klp_arch_aarch64::Aarch64::SYSCALL_PREFIX,
-            ArchModel::Ppc64le => klp_arch_ppc64le::Ppc64le::SYSCALL_PREFIX,
-            ArchModel::S390x => klp_arch_s390x::S390x::SYSCALL_PREFIX,
-        }
+        self.syscall_prefix
     }
 
     /// Lays out a stack whose frames return to `frames` (outermost first, the last one
@@ -80,12 +94,7 @@ impl ArchModel {
         if inner_first.is_empty() {
             return Ok(Vec::new());
         }
-        let r = match self {
-            ArchModel::X86_64 => walk::<klp_arch_x86_64::X86_64>(&inner_first),
-            ArchModel::Aarch64 => walk::<klp_arch_aarch64::Aarch64>(&inner_first),
-            ArchModel::Ppc64le => walk::<klp_arch_ppc64le::Ppc64le>(&inner_first),
-            ArchModel::S390x => walk::<klp_arch_s390x::S390x>(&inner_first),
-        };
+        let r = klp_backends::by_name(self.name, Walk(&inner_first)).unwrap_or(Err(None));
         match r {
             Ok(t) if t.len() >= max => Err(TraceError::TooDeep),
             Ok(t) => Ok(t),
@@ -110,7 +119,7 @@ mod tests {
     #[test]
     fn every_model_walks_back_what_was_laid_out() {
         let frames: Vec<u64> = (0..12).map(|i| VMLINUX_BASE + 0x100 * i + 0x1c).collect();
-        for a in ArchModel::ALL {
+        for a in ArchModel::all() {
             let t = a
                 .trace(&frames, false, 100)
                 .unwrap_or_else(|e| panic!("{}: {e:?}", a.name()));
@@ -124,13 +133,20 @@ mod tests {
                 a.name()
             );
             assert_eq!(ArchModel::from_name(a.name()), Some(a));
+            assert_ne!(a.machine(), 0, "{}", a.name());
         }
+    }
+
+    #[test]
+    fn every_back_end_is_a_model() {
+        assert_eq!(ArchModel::all().len(), klp_backends::NAMES.len());
+        assert_eq!(ArchModel::from_name("vax"), None);
     }
 
     #[test]
     fn deep_stacks_are_unreliable() {
         let frames: Vec<u64> = (0..120).map(|i| VMLINUX_BASE + 0x100 * i + 0x1c).collect();
-        for a in ArchModel::ALL {
+        for a in ArchModel::all() {
             assert!(a.trace(&frames, false, 100).is_err(), "{}", a.name());
         }
     }

@@ -1046,7 +1046,7 @@ fn run(ops: &[Op], model: Option<ArchModel>) -> Result<u64, String> {
 
 fn model_of(arch: usize) -> Option<ArchModel> {
     arch.checked_sub(1)
-        .and_then(|i| ArchModel::ALL.get(i).copied())
+        .and_then(|i| ArchModel::all().get(i).copied())
 }
 
 proptest! {

@@ -26,7 +26,7 @@ fn run_all(dir: &str, min: usize) {
     );
     let mut failed = Vec::new();
     // Stacks read directly, then laid out and walked as on each architecture.
-    let models = std::iter::once(None).chain(ArchModel::ALL.into_iter().map(Some));
+    let models = std::iter::once(None).chain(ArchModel::all().into_iter().map(Some));
     for model in models {
         for f in &fs {
             match run_file_on(f, model) {
