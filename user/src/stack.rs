@@ -70,23 +70,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use klp::arch::{Arch, Native, StackBounds, StackMemory, UnwindError, UnwindStart};
+use klp_arch::Live;
 use klp_arch::MAX_CALL_LEN;
 
 use crate::symbols::SymbolIndex;
 use crate::thread::{self, ThreadRecord, cap};
 
-/// Interrupted registers of a thread.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Regs {
-    /// Program counter.
-    pub pc: u64,
-    /// Stack pointer.
-    pub sp: u64,
-    /// Frame pointer (x86_64 `rbp`, aarch64 `x29`; 0 on back-chain arches).
-    pub fp: u64,
-    /// Link register (aarch64 `x30`, ppc64le `lr`, s390x `r14`; 0 on x86_64).
-    pub lr: u64,
-}
+/// Interrupted registers of a thread (the back-end's [`klp_arch::Regs`]).
+pub use klp_arch::Regs;
 
 /// Why no trace could be taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,9 +112,10 @@ pub enum WalkPolicy {
 }
 
 impl WalkPolicy {
-    /// The default of this build: [`WalkPolicy::ScanOnly`] on s390x, else
+    /// The default of this build: [`WalkPolicy::ScanOnly`] where the back-end cannot
+    /// walk a user-space stack (`Live::USER_STACK_WALKABLE`: s390x), else
     /// [`WalkPolicy::Unwinder`].
-    pub const NATIVE: WalkPolicy = if cfg!(target_arch = "s390x") {
+    pub const NATIVE: WalkPolicy = if !Native::USER_STACK_WALKABLE {
         WalkPolicy::ScanOnly
     } else {
         WalkPolicy::Unwinder
@@ -266,54 +258,8 @@ fn monotonic_ns() -> u64 {
 ///
 /// 1. `uc` is the `ucontext_t` the kernel passed to an `SA_SIGINFO` handler.
 unsafe fn regs_of(uc: *const libc::c_void) -> Regs {
-    // SAFETY: condition 1.
-    let uc = unsafe { &*(uc as *const libc::ucontext_t) };
-    cfg_regs(uc)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cfg_regs(uc: &libc::ucontext_t) -> Regs {
-    let g = &uc.uc_mcontext.gregs;
-    let r = |i: libc::c_int| g.get(i as usize).copied().unwrap_or(0) as u64;
-    Regs {
-        pc: r(libc::REG_RIP),
-        sp: r(libc::REG_RSP),
-        fp: r(libc::REG_RBP),
-        lr: 0,
-    }
-}
-
-#[cfg(target_arch = "aarch64")]
-fn cfg_regs(uc: &libc::ucontext_t) -> Regs {
-    let m = &uc.uc_mcontext;
-    Regs {
-        pc: m.pc,
-        sp: m.sp,
-        fp: m.regs[29],
-        lr: m.regs[30],
-    }
-}
-
-#[cfg(target_arch = "powerpc64")]
-fn cfg_regs(uc: &libc::ucontext_t) -> Regs {
-    let g = &uc.uc_mcontext.gp_regs;
-    Regs {
-        pc: g[32],
-        sp: g[1],
-        fp: 0,
-        lr: g[36],
-    }
-}
-
-#[cfg(target_arch = "s390x")]
-fn cfg_regs(uc: &libc::ucontext_t) -> Regs {
-    let m = &uc.uc_mcontext;
-    Regs {
-        pc: m.psw.addr,
-        sp: m.gregs[15],
-        fp: 0,
-        lr: m.gregs[14],
-    }
+    // SAFETY: condition 1 is `regs_from_ucontext`'s.
+    unsafe { klp_arch::live::regs_from_ucontext::<Native>(uc) }
 }
 
 /// The handler. Async-signal-safe: it touches only the thread's record (atomics),
@@ -787,40 +733,22 @@ impl StackMemory for ThreadStack<'_> {
 /// program built with AddressSanitizer, the redzones it poisons around each frame's
 /// locals, which it then reported as a `stack-buffer-underflow` on the first walk
 /// (ci/test's ASan run). Like the kernel's unwinders (`READ_ONCE_NOCHECK`), the read is
-/// made invisible to the sanitizers in sanitizer builds (`cfg(klp_sanitizer)`: an
-/// instruction of our own, which they do not instrument); ThreadSanitizer would
-/// otherwise see a race with the stopped thread's own stores to its stack, which the
-/// signal handshake orders but through the kernel.
+/// the back-end's own load instruction ([`Live::read_stack_word`]), which the
+/// sanitizers do not instrument; ThreadSanitizer would otherwise see a race with the
+/// stopped thread's own stores to its stack, which the signal handshake orders but
+/// through the kernel.
 ///
 /// # Safety
 ///
 /// 1. `addr` is 8-aligned and readable for 8 bytes.
 #[inline]
 unsafe fn read_stack_word(addr: u64) -> u64 {
-    #[cfg(all(klp_sanitizer, target_arch = "x86_64"))]
-    {
-        let v: u64;
-        // SAFETY: a plain 8-byte load of readable memory (condition 1); no stack use,
-        // no flags changed.
-        unsafe {
-            std::arch::asm!(
-                "mov {v}, qword ptr [{a}]",
-                a = in(reg) addr,
-                v = lateout(reg) v,
-                options(nostack, preserves_flags, readonly),
-            );
-        }
-        v
-    }
-    #[cfg(not(all(klp_sanitizer, target_arch = "x86_64")))]
-    // SAFETY: condition 1.
-    unsafe {
-        std::ptr::read_volatile(addr as *const u64)
-    }
+    // SAFETY: condition 1 is the back-end's.
+    unsafe { Native::read_stack_word(addr) }
 }
 
 /// Whether the architecture keeps the innermost return address in a link register.
-const HAS_LR: bool = !cfg!(target_arch = "x86_64");
+const HAS_LR: bool = Native::HAS_LINK_REGISTER;
 
 /// The trace of a stopped thread (see the module docs), at most `max - 1` entries.
 pub fn trace(
@@ -941,15 +869,7 @@ pub fn own_trace(
 
 /// The entry trampoline of this build's redirects.
 fn trampoline_address() -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    let a = klp_arch_x86_64::live::trampoline::address();
-    #[cfg(target_arch = "aarch64")]
-    let a = klp_arch_aarch64::live::trampoline::address();
-    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
-    let a = klp_arch_ppc64le::live::trampoline::address();
-    #[cfg(target_arch = "s390x")]
-    let a = klp_arch_s390x::live::trampoline::address();
-    a
+    Native::trampoline()
 }
 
 /// The redirect machinery where a thread may hold a decision taken in its current
@@ -983,10 +903,7 @@ impl Machinery {
         Machinery {
             trampoline: range(trampoline_address()),
             decide: range(crate::redirect::decide_entry as *const () as u64),
-            #[cfg(target_arch = "x86_64")]
-            fast: range(crate::redirect::native::fast_entry as *const () as u64),
-            #[cfg(not(target_arch = "x86_64"))]
-            fast: None,
+            fast: crate::redirect::native::FAST_ENTRY.and_then(|f| range(f as usize as u64)),
         }
     }
 
@@ -1012,15 +929,7 @@ impl Machinery {
 
 #[inline(always)]
 pub(crate) fn capture_here() -> UnwindStart {
-    #[cfg(target_arch = "x86_64")]
-    let s = klp_arch_x86_64::live::capture();
-    #[cfg(target_arch = "aarch64")]
-    let s = klp_arch_aarch64::live::capture();
-    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
-    let s = klp_arch_ppc64le::live::capture();
-    #[cfg(target_arch = "s390x")]
-    let s = klp_arch_s390x::live::capture();
-    s
+    Native::capture()
 }
 
 /// The trace of task `rec`: its own registers if it is the caller, else a stop by
@@ -1544,9 +1453,9 @@ mod tests {
                     assert!(contains_fn(&idx, &tr, outer), "{policy:?}: {tr:x?}");
                 }
                 Err(TraceFailure::Walk(e))
-                    if cfg!(target_arch = "s390x") && policy == WalkPolicy::Unwinder =>
+                    if !Native::USER_STACK_WALKABLE && policy == WalkPolicy::Unwinder =>
                 {
-                    eprintln!("s390x unwinder refused the stack, as documented: {e}");
+                    eprintln!("the unwinder refused the stack, as documented: {e}");
                 }
                 Err(e) => panic!("{policy:?}: {e:?}"),
             }
@@ -1837,7 +1746,7 @@ mod tests {
                     .any(|a| mem.read_u64(a) == Some(p));
                 // Every return address the reliable unwinder finds passes the filter
                 // (not on s390x, whose unwinder needs a back chain std does not keep).
-                if policy == WalkPolicy::Unwinder && !cfg!(target_arch = "s390x") {
+                if policy == WalkPolicy::Unwinder && Native::USER_STACK_WALKABLE {
                     let start = UnwindStart {
                         pc: regs.pc,
                         sp: regs.sp,
@@ -1876,9 +1785,9 @@ mod tests {
                     assert!(contains_fn(&idx, &tr, spin_here as *const () as u64));
                 }
                 Err(TraceFailure::Walk(e))
-                    if cfg!(target_arch = "s390x") && policy == WalkPolicy::Unwinder =>
+                    if !Native::USER_STACK_WALKABLE && policy == WalkPolicy::Unwinder =>
                 {
-                    eprintln!("s390x unwinder refused the stack, as documented: {e}");
+                    eprintln!("the unwinder refused the stack, as documented: {e}");
                 }
                 Err(e) => panic!("{policy:?}: {e:?}"),
             }

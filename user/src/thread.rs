@@ -796,113 +796,20 @@ pub unsafe extern "C" fn pthread_create(
 // ------------------------------------------------------------------ entry frame
 
 /// Calls `f(arg, frame)` from a frame built in assembly, where `frame` is the address
-/// a reliable walk of this thread's stack must end at: x86_64 and aarch64, the frame
-/// record (`rbp` / `x29`); ppc64le and s390x, the stack pointer of the frame whose back
-/// chain the callee's frames lead to.
+/// a reliable walk of this thread's stack must end at (the back-end's
+/// [`klp_arch::Live::ENTRY_FRAME`]: the frame record on frame-pointer arches, the
+/// stack pointer of the frame the callee's back chain leads to on the others).
 ///
 /// # Safety
 ///
 /// 1. `f` may be called with `arg` and the frame address.
 /// 2. `f` does not unwind (it is `extern "C"`; a panic aborts).
-#[cfg(target_arch = "x86_64")]
-#[unsafe(naked)]
-pub unsafe extern "C" fn entry_frame(
+pub unsafe fn entry_frame(
     f: extern "C" fn(*mut c_void, *mut c_void) -> *mut c_void,
     arg: *mut c_void,
 ) -> *mut c_void {
-    core::arch::naked_asm!(
-        "push rbp",
-        "mov rbp, rsp",
-        "mov rax, rdi",
-        "mov rdi, rsi",
-        "mov rsi, rbp",
-        "call rax",
-        "pop rbp",
-        "ret",
-    )
-}
-
-/// See the x86_64 version.
-///
-/// # Safety
-///
-/// 1. `f` may be called with `arg` and the frame address.
-/// 2. `f` does not unwind.
-#[cfg(target_arch = "aarch64")]
-#[unsafe(naked)]
-pub unsafe extern "C" fn entry_frame(
-    f: extern "C" fn(*mut c_void, *mut c_void) -> *mut c_void,
-    arg: *mut c_void,
-) -> *mut c_void {
-    core::arch::naked_asm!(
-        "stp x29, x30, [sp, #-16]!",
-        "mov x29, sp",
-        "mov x2, x0",
-        "mov x0, x1",
-        "mov x1, x29",
-        "blr x2",
-        "ldp x29, x30, [sp], #16",
-        "ret",
-    )
-}
-
-/// See the x86_64 version. A 32-byte ELFv2 frame (back chain, CR, LR, TOC save);
-/// the TOC pointer is saved around the indirect call, which goes through r12 as the
-/// ABI requires.
-///
-/// # Safety
-///
-/// 1. `f` may be called with `arg` and the frame address.
-/// 2. `f` does not unwind.
-#[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
-#[unsafe(naked)]
-pub unsafe extern "C" fn entry_frame(
-    f: extern "C" fn(*mut c_void, *mut c_void) -> *mut c_void,
-    arg: *mut c_void,
-) -> *mut c_void {
-    core::arch::naked_asm!(
-        "mflr 0",
-        "std 0, 16(1)",
-        "stdu 1, -32(1)",
-        "std 2, 24(1)",
-        "mr 12, 3",
-        "mtctr 12",
-        "mr 3, 4",
-        "mr 4, 1",
-        "bctrl",
-        "ld 2, 24(1)",
-        "addi 1, 1, 32",
-        "ld 0, 16(1)",
-        "mtlr 0",
-        "blr",
-    )
-}
-
-/// See the x86_64 version. A 160-byte frame with its back chain stored; r14/r15 are
-/// saved in the caller's register save area.
-///
-/// # Safety
-///
-/// 1. `f` may be called with `arg` and the frame address.
-/// 2. `f` does not unwind.
-#[cfg(target_arch = "s390x")]
-#[unsafe(naked)]
-pub unsafe extern "C" fn entry_frame(
-    f: extern "C" fn(*mut c_void, *mut c_void) -> *mut c_void,
-    arg: *mut c_void,
-) -> *mut c_void {
-    core::arch::naked_asm!(
-        "stmg %r14, %r15, 112(%r15)",
-        "lgr %r1, %r15",
-        "aghi %r15, -160",
-        "stg %r1, 0(%r15)",
-        "lgr %r1, %r2",
-        "lgr %r2, %r3",
-        "lgr %r3, %r15",
-        "basr %r14, %r1",
-        "lmg %r14, %r15, 272(%r15)",
-        "br %r14",
-    )
+    // SAFETY: conditions 1 and 2 are the back-end's.
+    unsafe { <klp::arch::Native as klp_arch::Live>::ENTRY_FRAME(f, arg) }
 }
 
 #[cfg(test)]

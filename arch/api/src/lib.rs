@@ -32,6 +32,7 @@
 mod bytes;
 pub mod conformance;
 mod link;
+pub mod live;
 pub mod model;
 mod reloc;
 mod site;
@@ -39,6 +40,7 @@ mod unwind;
 
 pub use bytes::{InsnBytes, read_u16, read_u32};
 pub use link::{LinkClass, MAX_CALL_STUB};
+pub use live::{Live, Regs, UcontextLayout};
 pub use reloc::{Reloc, RelocCtx, RelocError, field};
 pub use site::{
     EncodeError, FuncInfo, Redirect, RedirectKind, Site, SiteError, SiteForm, displacement,

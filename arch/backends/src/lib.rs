@@ -15,10 +15,14 @@
 //!
 //! A new architecture adds its crate to the workspace and one line to the list.
 
+use core::ffi::c_void;
+
+use klp_arch::live::{EntryFn, EntryFrameFn};
 use klp_arch::model::HandStack;
 pub use klp_arch::{
-    Arch, CacheStep, EncodeError, Endian, FuncInfo, InsnBytes, Redirect, Reloc, RelocCtx,
-    RelocError, SafePointHook, Site, SiteError, StackMemory, TraceSink, UnwindError, UnwindStart,
+    Arch, CacheStep, EncodeError, Endian, FuncInfo, InsnBytes, Live, Redirect, Regs, Reloc,
+    RelocCtx, RelocError, SafePointHook, Site, SiteError, StackMemory, TraceSink, UcontextLayout,
+    UnwindError, UnwindStart,
 };
 
 /// Something to do with one back-end chosen at run time: `visit` is called with its
@@ -132,6 +136,38 @@ impl Arch for Unsupported {
     fn model_stack(_mem: &mut HandStack, _trace: &[u64]) -> Option<UnwindStart> {
         None
     }
+}
+
+/// The live half of no back-end: nothing can be captured, patched or walked. A host
+/// finds no patch site on this build (every [`Arch::find_site`] fails), so it never
+/// writes text; a stopped thread's registers read as zero, which no stack check
+/// accepts.
+impl Live for Unsupported {
+    const UCONTEXT: Option<UcontextLayout> = None;
+    const HAS_LINK_REGISTER: bool = false;
+    const USER_STACK_WALKABLE: bool = false;
+    const ENTRY_FRAME: EntryFrameFn = no_entry_frame;
+
+    fn capture() -> UnwindStart {
+        UnwindStart::default()
+    }
+
+    fn trampoline() -> u64 {
+        0
+    }
+
+    unsafe fn write_text(_dst: *mut u8, _bytes: &[u8]) {}
+
+    fn sync_icache(_addr: *const u8, _len: usize) {}
+}
+
+/// Calls `f(arg, 0)`: without a back-end there is no frame a walk could end at.
+///
+/// # Safety
+///
+/// 1. `f` may be called with `arg` and a null frame.
+unsafe extern "C" fn no_entry_frame(f: EntryFn, arg: *mut c_void) -> *mut c_void {
+    f(arg, core::ptr::null_mut())
 }
 
 // The list: one line per back-end.

@@ -28,6 +28,7 @@
 pub mod insn;
 pub mod link;
 pub mod reloc;
+pub mod sigframe;
 pub mod site;
 pub mod unwind;
 

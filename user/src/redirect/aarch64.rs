@@ -524,3 +524,6 @@ mod tests {
         PATCHING.store(0, Ordering::Release);
     }
 }
+
+/// No fast entry path on this architecture: every stub enters the trampoline.
+pub(crate) const FAST_ENTRY: Option<unsafe extern "C" fn()> = None;

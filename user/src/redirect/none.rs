@@ -58,3 +58,6 @@ pub(crate) unsafe fn on_sync(_uc: *mut libc::c_void) {}
 pub(crate) fn published_target(_index: &SymbolIndex, _site: u64, target: u64) -> u64 {
     target
 }
+
+/// No fast entry path on this architecture: every stub enters the trampoline.
+pub(crate) const FAST_ENTRY: Option<unsafe extern "C" fn()> = None;

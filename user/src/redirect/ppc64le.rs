@@ -736,3 +736,6 @@ mod tests {
         assert_eq!(klp_ppc64le_redirect_refuse(1), 2);
     }
 }
+
+/// No fast entry path on this architecture: every stub enters the trampoline.
+pub(crate) const FAST_ENTRY: Option<unsafe extern "C" fn()> = None;

@@ -346,3 +346,6 @@ mod tests {
         assert_eq!(klp_s390x_unit_site(5), 15);
     }
 }
+
+/// No fast entry path on this architecture: every stub enters the trampoline.
+pub(crate) const FAST_ENTRY: Option<unsafe extern "C" fn()> = None;

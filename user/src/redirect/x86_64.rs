@@ -340,6 +340,9 @@ const _: () = assert!(SLOT_SITE == 0 && SLOT_SEQ == 8 && SLOT_BY_STATE == 40);
 const _: () = assert!(crate::thread::STATE_MASK == 3);
 const _: () = assert!(super::SLOW == u64::MAX);
 
+/// The fast entry path, for recognising a thread inside it.
+pub(crate) const FAST_ENTRY: Option<unsafe extern "C" fn()> = Some(fast_entry);
+
 /// The fast entry path: a site's stub jumps here instead of to the trampoline, and
 /// the decision is taken from the slot's precomputed answers without saving any
 /// argument register or calling anything.

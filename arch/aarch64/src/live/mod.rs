@@ -7,7 +7,10 @@ use core::arch::asm;
 pub mod trampoline;
 pub use trampoline::{entry_trampoline, klp_aarch64_write_word};
 
-use klp_arch::UnwindStart;
+use core::ffi::c_void;
+
+use klp_arch::live::{EntryFn, EntryFrameFn};
+use klp_arch::{Live, UcontextLayout, UnwindStart};
 
 /// The caller's own registers: the address of this code, `sp` and `x29`.
 #[inline(always)]
@@ -97,6 +100,67 @@ pub unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
     // SAFETY: conditions 1–3 of this function cover the destination.
     unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
     klp_aarch64_sync_icache(dst as usize, bytes.len());
+}
+
+/// Calls `f(arg, frame)` from a frame built in assembly, where `frame` is the address
+/// a reliable walk of this thread's stack ends at (the frame record its `x29` points to).
+///
+/// # Safety
+///
+/// 1. `f` may be called with `arg` and the frame address.
+/// 2. `f` does not unwind (it is `extern "C"`; a panic aborts).
+#[unsafe(naked)]
+pub unsafe extern "C" fn entry_frame(f: EntryFn, arg: *mut c_void) -> *mut c_void {
+    core::arch::naked_asm!(
+        "stp x29, x30, [sp, #-16]!",
+        "mov x29, sp",
+        "mov x2, x0",
+        "mov x0, x1",
+        "mov x1, x29",
+        "blr x2",
+        "ldp x29, x30, [sp], #16",
+        "ret",
+    )
+}
+
+impl Live for crate::Aarch64 {
+    const UCONTEXT: Option<UcontextLayout> = Some(crate::sigframe::LAYOUT);
+    const HAS_LINK_REGISTER: bool = true;
+    const USER_STACK_WALKABLE: bool = true;
+    const ENTRY_FRAME: EntryFrameFn = entry_frame;
+
+    #[inline(always)]
+    fn capture() -> UnwindStart {
+        capture()
+    }
+
+    fn trampoline() -> u64 {
+        trampoline::address()
+    }
+
+    unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
+        // SAFETY: the trait's conditions are this function's.
+        unsafe { write_text(dst, bytes) }
+    }
+
+    fn sync_icache(addr: *const u8, len: usize) {
+        klp_aarch64_sync_icache(addr as usize, len)
+    }
+
+    unsafe fn read_stack_word(addr: u64) -> u64 {
+        let v: u64;
+        // SAFETY: one 8-byte load of readable, aligned memory (condition 1); no stack
+        // use, no flags changed.
+        unsafe {
+            asm!(
+                "ldr {v}, [{a}]",
+                a = in(reg) addr,
+                v = lateout(reg) v,
+                options(nostack, preserves_flags, readonly),
+            );
+        }
+        v
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@ pub mod trampoline;
 
 use core::arch::asm;
 
-use klp_arch::UnwindStart;
+use core::ffi::c_void;
+
+use klp_arch::live::{EntryFn, EntryFrameFn};
+use klp_arch::{Live, UcontextLayout, UnwindStart};
 
 /// The smallest cache block of 64-bit Book3S implementations. Using a block size no
 /// larger than the real one only costs extra instructions, never correctness.
@@ -82,6 +85,75 @@ pub unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
     // SAFETY: conditions 1–3 of this function cover the destination.
     unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
     klp_ppc64le_sync_icache(dst as usize, bytes.len());
+}
+
+/// Calls `f(arg, frame)` from a frame built in assembly, where `frame` is the address
+/// a reliable walk of this thread's stack ends at (the stack pointer of the frame the callee's back chain leads to. A 32-byte ELFv2
+/// frame (back chain, CR, LR, TOC save); the TOC pointer is saved around the indirect
+/// call, which goes through r12 as the ABI requires).
+///
+/// # Safety
+///
+/// 1. `f` may be called with `arg` and the frame address.
+/// 2. `f` does not unwind (it is `extern "C"`; a panic aborts).
+#[unsafe(naked)]
+pub unsafe extern "C" fn entry_frame(f: EntryFn, arg: *mut c_void) -> *mut c_void {
+    core::arch::naked_asm!(
+        "mflr 0",
+        "std 0, 16(1)",
+        "stdu 1, -32(1)",
+        "std 2, 24(1)",
+        "mr 12, 3",
+        "mtctr 12",
+        "mr 3, 4",
+        "mr 4, 1",
+        "bctrl",
+        "ld 2, 24(1)",
+        "addi 1, 1, 32",
+        "ld 0, 16(1)",
+        "mtlr 0",
+        "blr",
+    )
+}
+
+impl Live for crate::Ppc64le {
+    const UCONTEXT: Option<UcontextLayout> = Some(crate::sigframe::LAYOUT);
+    const HAS_LINK_REGISTER: bool = true;
+    const USER_STACK_WALKABLE: bool = true;
+    const ENTRY_FRAME: EntryFrameFn = entry_frame;
+
+    #[inline(always)]
+    fn capture() -> UnwindStart {
+        capture()
+    }
+
+    fn trampoline() -> u64 {
+        trampoline::address()
+    }
+
+    unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
+        // SAFETY: the trait's conditions are this function's.
+        unsafe { write_text(dst, bytes) }
+    }
+
+    fn sync_icache(addr: *const u8, len: usize) {
+        klp_ppc64le_sync_icache(addr as usize, len)
+    }
+
+    unsafe fn read_stack_word(addr: u64) -> u64 {
+        let v: u64;
+        // SAFETY: one 8-byte load of readable, aligned memory (condition 1); no stack
+        // use, no flags changed.
+        unsafe {
+            asm!(
+                "ld {v}, 0({a})",
+                a = in(reg_nonzero) addr,
+                v = lateout(reg) v,
+                options(nostack, preserves_flags, readonly),
+            );
+        }
+        v
+    }
 }
 
 #[cfg(test)]

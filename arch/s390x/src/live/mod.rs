@@ -19,7 +19,10 @@ use core::arch::asm;
 pub mod trampoline;
 pub use trampoline::{entry_trampoline, store_halfwords};
 
-use klp_arch::UnwindStart;
+use core::ffi::c_void;
+
+use klp_arch::live::{EntryFn, EntryFrameFn};
+use klp_arch::{Live, UcontextLayout, UnwindStart};
 
 /// The caller's own registers: the address of this code (`larl`) and r15.
 #[inline(always)]
@@ -62,6 +65,71 @@ pub unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
     // SAFETY: conditions 1–3 of this function cover the destination.
     unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
     klp_s390x_sync_icache(dst as usize, bytes.len());
+}
+
+/// Calls `f(arg, frame)` from a frame built in assembly, where `frame` is the address
+/// a reliable walk of this thread's stack ends at (the stack pointer of the frame the callee's back chain leads to. A
+/// 160-byte frame with its back chain stored; r14/r15 are saved in the caller's
+/// register save area).
+///
+/// # Safety
+///
+/// 1. `f` may be called with `arg` and the frame address.
+/// 2. `f` does not unwind (it is `extern "C"`; a panic aborts).
+#[unsafe(naked)]
+pub unsafe extern "C" fn entry_frame(f: EntryFn, arg: *mut c_void) -> *mut c_void {
+    core::arch::naked_asm!(
+        "stmg %r14, %r15, 112(%r15)",
+        "lgr %r1, %r15",
+        "aghi %r15, -160",
+        "stg %r1, 0(%r15)",
+        "lgr %r1, %r2",
+        "lgr %r2, %r3",
+        "lgr %r3, %r15",
+        "basr %r14, %r1",
+        "lmg %r14, %r15, 272(%r15)",
+        "br %r14",
+    )
+}
+
+impl Live for crate::S390x {
+    const UCONTEXT: Option<UcontextLayout> = Some(crate::sigframe::LAYOUT);
+    const HAS_LINK_REGISTER: bool = true;
+    const USER_STACK_WALKABLE: bool = false;
+    const ENTRY_FRAME: EntryFrameFn = entry_frame;
+
+    #[inline(always)]
+    fn capture() -> UnwindStart {
+        capture()
+    }
+
+    fn trampoline() -> u64 {
+        trampoline::address()
+    }
+
+    unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
+        // SAFETY: the trait's conditions are this function's.
+        unsafe { write_text(dst, bytes) }
+    }
+
+    fn sync_icache(addr: *const u8, len: usize) {
+        klp_s390x_sync_icache(addr as usize, len)
+    }
+
+    unsafe fn read_stack_word(addr: u64) -> u64 {
+        let v: u64;
+        // SAFETY: one 8-byte load of readable, aligned memory (condition 1); no stack
+        // use, no flags changed.
+        unsafe {
+            asm!(
+                "lg {v}, 0({a})",
+                a = in(reg_addr) addr,
+                v = lateout(reg) v,
+                options(nostack, preserves_flags, readonly),
+            );
+        }
+        v
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,10 @@ use core::arch::asm;
 pub mod trampoline;
 pub use trampoline::{entry_trampoline, write_site};
 
-use klp_arch::UnwindStart;
+use core::ffi::c_void;
+
+use klp_arch::live::{EntryFn, EntryFrameFn};
+use klp_arch::{Live, UcontextLayout, UnwindStart};
 
 /// The caller's own registers: the address of this call, `rsp` and `rbp`.
 #[inline(always)]
@@ -52,6 +55,67 @@ pub unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
     // valid slice that cannot overlap text being written under condition 2.
     unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
     sync_icache(dst, bytes.len());
+}
+
+/// Calls `f(arg, frame)` from a frame built in assembly, where `frame` is the address
+/// a reliable walk of this thread's stack ends at (the frame record its `rbp` points to).
+///
+/// # Safety
+///
+/// 1. `f` may be called with `arg` and the frame address.
+/// 2. `f` does not unwind (it is `extern "C"`; a panic aborts).
+#[unsafe(naked)]
+pub unsafe extern "C" fn entry_frame(f: EntryFn, arg: *mut c_void) -> *mut c_void {
+    core::arch::naked_asm!(
+        "push rbp",
+        "mov rbp, rsp",
+        "mov rax, rdi",
+        "mov rdi, rsi",
+        "mov rsi, rbp",
+        "call rax",
+        "pop rbp",
+        "ret",
+    )
+}
+
+impl Live for crate::X86_64 {
+    const UCONTEXT: Option<UcontextLayout> = Some(crate::sigframe::LAYOUT);
+    const HAS_LINK_REGISTER: bool = false;
+    const USER_STACK_WALKABLE: bool = true;
+    const ENTRY_FRAME: EntryFrameFn = entry_frame;
+
+    #[inline(always)]
+    fn capture() -> UnwindStart {
+        capture()
+    }
+
+    fn trampoline() -> u64 {
+        trampoline::address()
+    }
+
+    unsafe fn write_text(dst: *mut u8, bytes: &[u8]) {
+        // SAFETY: the trait's conditions are this function's.
+        unsafe { write_text(dst, bytes) }
+    }
+
+    fn sync_icache(addr: *const u8, len: usize) {
+        sync_icache(addr, len)
+    }
+
+    unsafe fn read_stack_word(addr: u64) -> u64 {
+        let v: u64;
+        // SAFETY: one 8-byte load of readable, aligned memory (condition 1); no stack
+        // use, no flags changed.
+        unsafe {
+            asm!(
+                "mov {v}, qword ptr [{a}]",
+                a = in(reg) addr,
+                v = lateout(reg) v,
+                options(nostack, preserves_flags, readonly),
+            );
+        }
+        v
+    }
 }
 
 #[cfg(test)]
