@@ -1,0 +1,126 @@
+#![no_std]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
+//! klp back-end for riscv64 (RV64GC, little endian, LP64D).
+//!
+//! * [`site`]: 8-byte sites from `-fpatchable-function-entry` (`nop; nop`, or four
+//!   `c.nop`s with the C extension), the armed form `auipc t0; nop`, and the order in
+//!   which a host writes a site's two words.
+//! * [`insn`]: `auipc`, `jalr`, `jal`, `ld`, `nop`, `c.nop`, and the immediate fields
+//!   relocations patch.
+//! * No relocations yet.
+//! * No reliable walker yet: `HAVE_RELIABLE_STACKTRACE` is false.
+//!
+//! The live half (register capture, trampoline, text writes) is not here yet.
+//!
+//! # Instruction-cache coherence
+//!
+//! RISC-V keeps instruction fetch coherent with stores only after `fence.i`, and only
+//! on the hart that executes it. After a text write the writing hart executes
+//! `fence.i`; every other hart that may run the code must execute one too before it
+//! fetches the new words: in the kernel `flush_icache_all()` (an SBI remote `fence.i`
+//! or IPIs), in a process the `riscv_flush_icache(start, end, 0)` system call (which
+//! covers all threads of the process) or `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_
+//! SYNC_CORE)`. Between the two stores of a site transition (see [`site`]) the whole
+//! sequence runs once.
+//!
+//! `klp_arch::CacheStep` has no riscv step, and this crate may not add one: [`CACHE_SYNC`]
+//! names the local `fence.i` with the one arch-neutral step, [`CacheStep::Serialize`]
+//! ("a serialising instruction"), whose `mnemonic()` is s390x's, so
+//! [`sync_mnemonic`] gives the riscv one (`fence.i`) for the objdump check. The
+//! cross-hart step (a system call or SBI call, not an instruction) has no `CacheStep`
+//! at all; the live code must perform it and document it.
+
+pub mod insn;
+pub mod site;
+
+use klp_arch::model::HandStack;
+use klp_arch::{
+    Arch, CacheStep, EncodeError, Endian, FuncInfo, InsnBytes, Redirect, Reloc, RelocCtx,
+    RelocError, SafePointHook, Site, SiteError, StackMemory, TraceSink, UnwindError, UnwindStart,
+};
+
+/// The riscv64 back-end (a marker type: it has no values).
+#[derive(Debug)]
+pub enum Riscv64 {}
+
+/// The sequence after writing text, on the writing hart: `fence.i` (see the crate
+/// docs for why this is [`CacheStep::Serialize`], and for the other harts).
+pub const CACHE_SYNC: &[CacheStep] = &[CacheStep::Serialize];
+
+/// The riscv instruction a [`CACHE_SYNC`] step stands for, as objdump names it.
+pub const fn sync_mnemonic(step: CacheStep) -> &'static str {
+    match step {
+        CacheStep::Serialize => "fence.i",
+        other => other.mnemonic(),
+    }
+}
+
+impl Arch for Riscv64 {
+    const NAME: &'static str = "riscv64";
+    const ELF_MACHINE: u16 = 243;
+    const ENDIAN: Endian = Endian::Little;
+    const HAVE_RELIABLE_STACKTRACE: bool = false;
+    const SYSCALL_PREFIX: &'static str = "__riscv_";
+    const MAX_SITE_LEN: usize = site::LEN;
+    const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
+    const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
+    const SITE_FLAGS: &'static str = "-fpatchable-function-entry=4 -falign-functions=4";
+
+    fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
+        site::find(code, func)
+    }
+
+    fn encode_redirect(site: &Site, redirect: Redirect) -> Result<InsnBytes, EncodeError> {
+        site::encode(site, redirect)
+    }
+
+    fn apply_relocation(
+        _section: &mut [u8],
+        _section_addr: u64,
+        reloc: &Reloc,
+        _ctx: &RelocCtx,
+    ) -> Result<(), RelocError> {
+        Err(RelocError::UnsupportedType {
+            r_type: reloc.r_type,
+        })
+    }
+
+    fn unwind_reliable(
+        _mem: &dyn StackMemory,
+        _start: &UnwindStart,
+        _sink: &mut dyn TraceSink,
+    ) -> Result<usize, UnwindError> {
+        Err(UnwindError::Unsupported)
+    }
+
+    fn model_stack(_mem: &mut HandStack, _trace: &[u64]) -> Option<UnwindStart> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constants() {
+        assert_eq!(Riscv64::NAME, "riscv64");
+        assert_eq!(Riscv64::ELF_MACHINE, 243);
+        assert_eq!(Riscv64::MAX_SITE_LEN, 8);
+        let seq: [&str; 1] = [sync_mnemonic(CACHE_SYNC[0])];
+        assert_eq!(seq, ["fence.i"]);
+        assert_eq!(sync_mnemonic(CacheStep::Isb), "isb");
+    }
+}
