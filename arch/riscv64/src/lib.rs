@@ -19,7 +19,9 @@
 //!   which a host writes a site's two words.
 //! * [`insn`]: `auipc`, `jalr`, `jal`, `ld`, `nop`, `c.nop`, and the immediate fields
 //!   relocations patch.
-//! * No relocations yet.
+//! * [`reloc`]: `apply_relocate_add`, with the `PCREL_HI20`/`PCREL_LO12` pair search
+//!   over a whole section ([`reloc::apply_all`]).
+//! * [`link`]: link classes and the call stub of a process loader.
 //! * No reliable walker yet: `HAVE_RELIABLE_STACKTRACE` is false.
 //!
 //! The live half (register capture, trampoline, text writes) is not here yet.
@@ -43,6 +45,8 @@
 //! at all; the live code must perform it and document it.
 
 pub mod insn;
+pub mod link;
+pub mod reloc;
 pub mod site;
 
 use klp_arch::model::HandStack;
@@ -87,14 +91,24 @@ impl Arch for Riscv64 {
     }
 
     fn apply_relocation(
-        _section: &mut [u8],
-        _section_addr: u64,
+        section: &mut [u8],
+        section_addr: u64,
         reloc: &Reloc,
         _ctx: &RelocCtx,
     ) -> Result<(), RelocError> {
-        Err(RelocError::UnsupportedType {
-            r_type: reloc.r_type,
-        })
+        reloc::apply(section, section_addr, reloc)
+    }
+
+    fn link_class(r_type: u32) -> klp_arch::LinkClass {
+        link::class(r_type)
+    }
+
+    fn call_stub(
+        at: u64,
+        target: u64,
+        out: &mut [u8; klp_arch::MAX_CALL_STUB],
+    ) -> Result<usize, EncodeError> {
+        link::call_stub(at, target, out)
     }
 
     fn unwind_reliable(
