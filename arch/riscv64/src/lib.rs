@@ -22,7 +22,7 @@
 //! * [`reloc`]: `apply_relocate_add`, with the `PCREL_HI20`/`PCREL_LO12` pair search
 //!   over a whole section ([`reloc::apply_all`]).
 //! * [`link`]: link classes and the call stub of a process loader.
-//! * No reliable walker yet: `HAVE_RELIABLE_STACKTRACE` is false.
+//! * [`unwind`]: the frame-pointer reliable walker.
 //!
 //! The live half (register capture, trampoline, text writes) is not here yet.
 //!
@@ -48,6 +48,7 @@ pub mod insn;
 pub mod link;
 pub mod reloc;
 pub mod site;
+pub mod unwind;
 
 use klp_arch::model::HandStack;
 use klp_arch::{
@@ -75,7 +76,7 @@ impl Arch for Riscv64 {
     const NAME: &'static str = "riscv64";
     const ELF_MACHINE: u16 = 243;
     const ENDIAN: Endian = Endian::Little;
-    const HAVE_RELIABLE_STACKTRACE: bool = false;
+    const HAVE_RELIABLE_STACKTRACE: bool = true;
     const SYSCALL_PREFIX: &'static str = "__riscv_";
     const MAX_SITE_LEN: usize = site::LEN;
     const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
@@ -112,21 +113,51 @@ impl Arch for Riscv64 {
     }
 
     fn unwind_reliable(
-        _mem: &dyn StackMemory,
-        _start: &UnwindStart,
-        _sink: &mut dyn TraceSink,
+        mem: &dyn StackMemory,
+        start: &UnwindStart,
+        sink: &mut dyn TraceSink,
     ) -> Result<usize, UnwindError> {
-        Err(UnwindError::Unsupported)
+        unwind::walk(mem, start, sink)
     }
 
-    fn model_stack(_mem: &mut HandStack, _trace: &[u64]) -> Option<UnwindStart> {
-        None
+    fn follows_call(before: &[u8]) -> bool {
+        unwind::follows_call(before)
+    }
+
+    fn model_stack(mem: &mut HandStack, trace: &[u64]) -> Option<UnwindStart> {
+        unwind::model_stack(mem, trace)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use klp_arch::conformance::{Sample, check};
+
+    #[test]
+    fn conformance() {
+        // gcc -march=rv64gc -fpatchable-function-entry=4: four c.nops, then
+        // `c.addi sp, -16; c.sdsp s0, 0(sp)`.
+        let sample = Sample {
+            code: &[
+                0x01, 0x00, 0x01, 0x00, 0x01, 0x00, 0x01, 0x00, 0x41, 0x11, 0x22, 0xe0,
+            ],
+            func: FuncInfo::at(0xffff_ffff_8010_0000),
+            near: 0xffff_ffff_8018_0000,
+            far: 0xffff_ffff_8010_0000 - (1 << 32),
+        };
+        assert_eq!(check::<Riscv64>(&sample), Ok(()));
+        // And the form without C: `nop; nop; addi sp, sp, -16`.
+        let sample = Sample {
+            code: &[
+                0x13, 0x00, 0x00, 0x00, 0x13, 0x00, 0x00, 0x00, 0x13, 0x01, 0x01, 0xff,
+            ],
+            func: FuncInfo::at(0x1_0000),
+            near: 0x1_0000 + 0xf_fffe,
+            far: 0x1_0000 + (1 << 31),
+        };
+        assert_eq!(check::<Riscv64>(&sample), Ok(()));
+    }
 
     #[test]
     fn constants() {
