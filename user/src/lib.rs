@@ -50,3 +50,8 @@ pub use process::{
     TransitionStatus,
 };
 pub use thread::safe_point;
+
+/// The native back-end's wrapper of [`patchable!`] (its patch site, then a tail branch
+/// to the body).
+#[doc(hidden)]
+pub use klp_backends::patchable_wrapper as __patchable_wrapper;

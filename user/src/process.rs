@@ -276,7 +276,7 @@ impl ProcessHost {
         if matches!(now, SiteState::Jump(_)) {
             self.retarget_callers(found.func.addr, None);
         }
-        match redirect::native::set(&found, now, want, &mut sync) {
+        match redirect::sites::set(&self.index, &found, want, &mut sync) {
             Ok(()) => {
                 self.sites.insert(site, (found, want));
                 if let SiteState::Jump(to) = want {
@@ -294,7 +294,8 @@ impl ProcessHost {
                     ));
                 }
                 if now != SiteState::Trampoline
-                    && redirect::native::set(&found, now, SiteState::Trampoline, &mut sync).is_ok()
+                    && redirect::sites::set(&self.index, &found, SiteState::Trampoline, &mut sync)
+                        .is_ok()
                 {
                     self.sites.insert(site, (found, SiteState::Trampoline));
                 }
@@ -497,14 +498,14 @@ impl Host for ProcessHost {
     /// [`crate::patchable!`] wrapper, or a C function built with patchable entries), as
     /// the architecture's part of [`crate::redirect`] recognises it.
     fn hook_site(&self, addr: Addr) -> Option<Addr> {
-        redirect::native::find(&self.index, addr).map(|s| s.addr())
+        redirect::sites::find(&self.index, addr).map(|s| s.addr())
     }
 
     /// Rewrites the site to call the entry trampoline (the view is published already),
     /// or to jump straight to the implementation if the view is a steady one.
     fn hook_register(&mut self, site: Addr) -> Result<(), HookError> {
         let func = self.index.lookup(site).map(|(_, s)| s.addr);
-        let Some(found) = func.and_then(|f| redirect::native::find(&self.index, f)) else {
+        let Some(found) = func.and_then(|f| redirect::sites::find(&self.index, f)) else {
             return Err(HookError::Register(Errno::EINVAL));
         };
         if found.addr() != site {
@@ -515,18 +516,15 @@ impl Host for ProcessHost {
             return Err(HookError::Register(Errno::EBUSY));
         }
         let answer = self.config.checks.answer;
-        if let Err(e) = redirect::native::set(
-            &found,
-            SiteState::Original,
-            SiteState::Trampoline,
-            &mut || {
+        if let Err(e) =
+            redirect::sites::set(&self.index, &found, SiteState::Trampoline, &mut || {
                 stack::sync_round(answer);
-            },
-        ) {
+            })
+        {
             self.line(site_error(&self.index, site, e));
             return Err(HookError::Register(e));
         }
-        if let Some((start, end)) = redirect::native::body_of(&self.index, &found) {
+        if let Some((start, end)) = redirect::sites::body_of(&self.index, &found) {
             self.bodies.push((start, end, site));
         }
         redirect::set_site_end(found.addr() + found.len() as u64, true);
@@ -550,7 +548,7 @@ impl Host for ProcessHost {
             self.retarget_callers(found.func.addr, None);
         }
         let answer = self.config.checks.answer;
-        if let Err(e) = redirect::native::set(&found, state, SiteState::Original, &mut || {
+        if let Err(e) = redirect::sites::set(&self.index, &found, SiteState::Original, &mut || {
             stack::sync_round(answer);
         }) {
             self.warn(&format!(
@@ -571,7 +569,7 @@ impl Host for ProcessHost {
     fn hook_publish(&mut self, site: Addr, view: Option<RedirectView>) {
         let tag = |t: Target| match t {
             Target::Func(a) => {
-                Target::Func(redirect::native::published_target(&self.index, site, a))
+                Target::Func(redirect::sites::published_target(&self.index, site, a))
             }
             Target::Original => Target::Original,
         };

@@ -35,15 +35,20 @@ struct Ucontext {
     uc_mcontext: Sigcontext,
 }
 
+#[allow(clippy::arithmetic_side_effects)]
 const MC: usize = offset_of!(Ucontext, uc_mcontext);
+#[allow(clippy::arithmetic_side_effects)]
 const REGS: usize = MC + offset_of!(Sigcontext, regs);
 
 /// The registers' offsets in a signal handler's `ucontext_t`.
+// Const arithmetic: an overflow would fail the build, not wrap at run time.
+#[allow(clippy::arithmetic_side_effects)]
 pub const LAYOUT: UcontextLayout = UcontextLayout {
     pc: MC + offset_of!(Sigcontext, pc),
     sp: MC + offset_of!(Sigcontext, sp),
     fp: Some(REGS + 29 * 8),
     lr: Some(REGS + 30 * 8),
+    trap_link: None,
 };
 
 // 40 bytes of header, the 128-byte mask area, aligned up to 16: 176; `regs` after the

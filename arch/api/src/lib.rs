@@ -34,6 +34,7 @@ pub mod conformance;
 mod link;
 pub mod live;
 pub mod model;
+pub mod patching;
 mod reloc;
 mod site;
 mod unwind;
@@ -41,6 +42,7 @@ mod unwind;
 pub use bytes::{InsnBytes, read_u16, read_u32};
 pub use link::{LinkClass, MAX_CALL_STUB};
 pub use live::{Live, Regs, UcontextLayout};
+pub use patching::{Plan, PlanCtx, PlanError, SitePlanner, SiteState, TargetInfo};
 pub use reloc::{Reloc, RelocCtx, RelocError, field};
 pub use site::{
     EncodeError, FuncInfo, Redirect, RedirectKind, Site, SiteError, SiteForm, displacement,

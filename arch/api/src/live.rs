@@ -9,7 +9,7 @@
 
 use core::ffi::c_void;
 
-use crate::{Arch, UnwindStart};
+use crate::{SitePlanner, UnwindStart};
 
 /// The registers of a thread that a stack check needs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -52,6 +52,9 @@ pub struct UcontextLayout {
     pub fp: Option<usize>,
     /// The link register, where the arch has one.
     pub lr: Option<usize>,
+    /// The register a plan's trap entry sets ([`crate::patching::TrapEntry::link`];
+    /// s390x: `r0`, which the site's `brasl %r0` would have set), where plans use it.
+    pub trap_link: Option<usize>,
 }
 
 /// A function called from a task's entry frame: `f(arg, frame)`.
@@ -67,7 +70,7 @@ pub type EntryFn = extern "C" fn(*mut c_void, *mut c_void) -> *mut c_void;
 pub type EntryFrameFn = unsafe extern "C" fn(EntryFn, *mut c_void) -> *mut c_void;
 
 /// The live half of a back-end (see the module documentation).
-pub trait Live: Arch {
+pub trait Live: SitePlanner {
     /// Where a signal frame keeps the registers (`None`: a build without a back-end).
     const UCONTEXT: Option<UcontextLayout>;
 
@@ -107,6 +110,30 @@ pub trait Live: Arch {
 
     /// Makes `len` bytes at `addr`, just written, ready for this CPU to execute.
     fn sync_icache(addr: *const u8, len: usize);
+
+    /// Performs one [`crate::patching::Step`] of a plan: stores `bytes` at `dst` with
+    /// the store the back-end's plans rely on for that length (whole instructions
+    /// single-copy atomic for instruction fetch), then the coherence sequence on this
+    /// CPU. Returns false, storing nothing, when the length or alignment is not one
+    /// the back-end's plans produce.
+    ///
+    /// # Safety
+    ///
+    /// 1. `dst..dst + bytes.len()` is valid for writes (the host made it writable).
+    /// 2. The store is a step of a plan of [`SitePlanner::plan`] for the site at
+    ///    hand, performed in order, with the plan's synchronisation after each step.
+    /// 3. Text writes are serialised by the caller.
+    unsafe fn store_text(dst: *mut u8, bytes: &[u8]) -> bool;
+
+    /// Tells the entry trampoline which function decides (called with the site,
+    /// returns 0 for the original or the address to continue at).
+    fn set_decision(f: extern "C" fn(u64) -> u64);
+
+    /// Tells the back-end the process's hardware capabilities (`AT_HWCAP`), before its
+    /// first site is written (s390x: whether the trampoline saves vector registers).
+    fn set_hwcap(hwcap: u64) {
+        let _ = hwcap;
+    }
 
     /// Reads the stack word at `addr` with one load instruction of the back-end's
     /// own (`asm!`), which sanitizers do not instrument: a stack walk reads words no
@@ -166,6 +193,23 @@ pub unsafe fn set_pc_in_ucontext<L: Live>(uc: *mut c_void, pc: u64) {
                 .wrapping_add(l.pc)
                 .cast::<u64>()
                 .write_volatile(pc)
+        }
+    }
+}
+
+/// Sets the register a plan's trap entry sets ([`UcontextLayout::trap_link`]).
+///
+/// # Safety
+///
+/// 1. As [`set_pc_in_ucontext`].
+pub unsafe fn set_trap_link_in_ucontext<L: Live>(uc: *mut c_void, value: u64) {
+    if let Some(off) = L::UCONTEXT.and_then(|l| l.trap_link) {
+        // SAFETY: a register slot of the live frame (1).
+        unsafe {
+            uc.cast::<u8>()
+                .wrapping_add(off)
+                .cast::<u64>()
+                .write_volatile(value)
         }
     }
 }

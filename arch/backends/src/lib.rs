@@ -64,11 +64,17 @@ macro_rules! backends {
             #[cfg(klp_arch = $name)]
             /// The back-end of the architecture this build runs on.
             pub type Native = $krate::$ty;
+            #[cfg(klp_arch = $name)]
+            #[doc(hidden)]
+            pub use $krate::patchable_wrapper;
         )*
 
         #[cfg(not(any($(klp_arch = $name),*)))]
         /// The back-end of the architecture this build runs on: none.
         pub type Native = Unsupported;
+        #[cfg(not(any($(klp_arch = $name),*)))]
+        #[doc(hidden)]
+        pub use unsupported_patchable_wrapper as patchable_wrapper;
 
         /// Whether [`Native`] is a real back-end.
         pub const SUPPORTED: bool = cfg!(any($(klp_arch = $name),*));
@@ -159,6 +165,30 @@ impl Live for Unsupported {
     unsafe fn write_text(_dst: *mut u8, _bytes: &[u8]) {}
 
     fn sync_icache(_addr: *const u8, _len: usize) {}
+
+    unsafe fn store_text(_dst: *mut u8, _bytes: &[u8]) -> bool {
+        false
+    }
+
+    fn set_decision(_f: extern "C" fn(u64) -> u64) {}
+}
+
+/// No site is rewritten live without a back-end (every item is the trait's refusal).
+impl klp_arch::SitePlanner for Unsupported {}
+
+/// The wrapper of `klp_user::patchable!` without a back-end: a plain `extern "C"`
+/// function that calls its body (it has no site, so no patch can replace it).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! unsupported_patchable_wrapper {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        #[inline(never)]
+        $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
+            $name::body($($arg),*)
+        }
+    };
 }
 
 /// Calls `f(arg, 0)`: without a back-end there is no frame a walk could end at.

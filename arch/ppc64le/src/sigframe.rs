@@ -44,15 +44,19 @@ const PT_NIP: usize = 32;
 /// Index of the link register in `pt_regs`.
 const PT_LNK: usize = 36;
 
+#[allow(clippy::arithmetic_side_effects)]
 const GP: usize = offset_of!(Ucontext, uc_mcontext) + offset_of!(Sigcontext, gp_regs);
 
 /// The registers' offsets in a signal handler's `ucontext_t` (`r1` is the stack
 /// pointer; no frame pointer: the back chain is walked from `r1`).
+// Const arithmetic: an overflow would fail the build, not wrap at run time.
+#[allow(clippy::arithmetic_side_effects)]
 pub const LAYOUT: UcontextLayout = UcontextLayout {
     pc: GP + PT_NIP * 8,
     sp: GP + 8,
     fp: None,
     lr: Some(GP + PT_LNK * 8),
+    trap_link: None,
 };
 
 // 40 bytes of header and 16 words of mask: `uc_mcontext` at 168; `gp_regs` after

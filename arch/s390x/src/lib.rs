@@ -25,6 +25,7 @@
 
 pub mod insn;
 pub mod link;
+pub mod patching;
 pub mod reloc;
 pub mod sigframe;
 pub mod site;

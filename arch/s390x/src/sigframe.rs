@@ -39,16 +39,21 @@ struct Ucontext {
     uc_mcontext: Sigregs,
 }
 
+#[allow(clippy::arithmetic_side_effects)]
 const MC: usize = offset_of!(Ucontext, uc_mcontext);
+#[allow(clippy::arithmetic_side_effects)]
 const GPRS: usize = MC + offset_of!(Sigregs, gprs);
 
 /// The registers' offsets in a signal handler's `ucontext_t`: the PSW address, `r15`
 /// (stack pointer), `r14` (return address of a call); no frame pointer.
+// Const arithmetic: an overflow would fail the build, not wrap at run time.
+#[allow(clippy::arithmetic_side_effects)]
 pub const LAYOUT: UcontextLayout = UcontextLayout {
     pc: MC + offset_of!(Sigregs, psw) + offset_of!(Psw, addr),
     sp: GPRS + 15 * 8,
     fp: None,
     lr: Some(GPRS + 14 * 8),
+    trap_link: Some(GPRS),
 };
 
 const _: () = assert!(MC == 40 && LAYOUT.pc == 48 && GPRS == 56);

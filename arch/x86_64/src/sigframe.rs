@@ -40,14 +40,18 @@ struct Ucontext {
     uc_mcontext: Sigcontext,
 }
 
+#[allow(clippy::arithmetic_side_effects)]
 const MC: usize = offset_of!(Ucontext, uc_mcontext);
 
 /// The registers' offsets in a signal handler's `ucontext_t`.
+// Const arithmetic: an overflow would fail the build, not wrap at run time.
+#[allow(clippy::arithmetic_side_effects)]
 pub const LAYOUT: UcontextLayout = UcontextLayout {
     pc: MC + offset_of!(Sigcontext, rip),
     sp: MC + offset_of!(Sigcontext, rsp),
     fp: Some(MC + offset_of!(Sigcontext, rbp)),
     lr: None,
+    trap_link: None,
 };
 
 // `uc_mcontext` follows three words and the 24-byte `stack_t`; the C library's

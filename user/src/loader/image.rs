@@ -325,7 +325,10 @@ impl Image {
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at as *mut u8, bytes.len()) };
             return Ok(());
         }
-        let write = redirect::native::WRITE_TEXT.ok_or(Errno::ENOSYS)?;
+        if !klp::arch::SUPPORTED {
+            return Err(Errno::ENOSYS);
+        }
+        let write = <klp::arch::Native as klp_arch::Live>::write_text;
         if !self.sealed {
             // SAFETY: the mapping is read + write before sealing and runs nowhere yet
             // (write_text's conditions 1 and 2); the loader's writes are serialised by

@@ -309,7 +309,7 @@ fn check_sites(host: &ProcessHost, obj: &PatchObject<'_>) -> Result<(), LoadErro
             // A function patched already has its site rewritten: it is not looked at.
             if let Some(&a) = addr
                 && host.site_state(a).is_none()
-                && redirect::native::find(&idx, a).is_none()
+                && redirect::sites::find(&idx, a).is_none()
             {
                 return Err(LoadError::new(
                     Errno::EINVAL,
@@ -384,7 +384,7 @@ impl crate::Process {
         bytes: Vec<u8>,
         opts: &LoadOptions,
     ) -> Result<Loaded, LoadError> {
-        if redirect::native::WRITE_TEXT.is_none() || !klp::arch::SUPPORTED {
+        if !klp::arch::SUPPORTED {
             return Err(LoadError::new(
                 Errno::ENOSYS,
                 format!(

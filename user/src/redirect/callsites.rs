@@ -41,8 +41,8 @@
 //! compare-and-exchange of that word replaces them (a thread sees the old or the new
 //! instruction). Otherwise the kernel's `text_poke_bp`: `int3` on the first byte, a
 //! synchronisation round, the other bytes, a round, the first byte, a round (batched,
-//! up to [`native::PATCHING_CALL_SLOTS`] sites per batch). A thread that reaches the
-//! breakpoint meanwhile is emulated by the `SIGTRAP` handler ([`native`]'s `on_trap`):
+//! up to [`BATCH`] sites per batch). A thread that reaches the
+//! breakpoint meanwhile is emulated by the trap handler of [`super::sites`]:
 //! a call pushes its return address and continues at `func`, a jump continues at
 //! `func` — always right, because `func`'s entry leads to the current implementation
 //! in every state of its site.
@@ -65,12 +65,18 @@ use std::sync::{Arc, LazyLock, Mutex};
 use object::elf;
 use object::read::elf::{FileHeader, Rela, SectionHeader, Sym};
 
-use super::native;
+use klp_arch::patching::TrapEntry;
+
+use super::sites;
 use crate::symbols::SymbolIndex;
 
 const CALL: u8 = 0xe8;
 const JMP: u8 = 0xe9;
-const INT3: u8 = 0xcc;
+const INT3: u8 = klp_arch_x86_64::patching::INT3;
+/// Threads that reached the breakpoint of a call site and were emulated.
+static TRAPPED: AtomicU64 = AtomicU64::new(0);
+/// Call sites written with the breakpoint protocol at once (each arms a trap).
+const BATCH: usize = sites::TRAP_SLOTS / 2;
 const NOP: u8 = 0x90;
 const ADDR32: u8 = 0x67;
 /// The longest site (`ff 15 disp32`).
@@ -393,31 +399,30 @@ fn write_single(p: &Plan) -> bool {
     .is_ok()
 }
 
-/// Writes `plans` (at most [`native::PATCHING_CALL_SLOTS`]) with the breakpoint
-/// protocol (module documentation), sending a thread that traps to `func`. Returns
-/// the plans written. `TEXT` is held by the caller.
+/// Writes `plans` (at most [`BATCH`]) with the breakpoint protocol (module
+/// documentation), sending a thread that traps to `func` (a call pushes its return
+/// address first). Returns the plans written. `TEXT` is held by the caller.
 fn write_breakpoint(plans: &[Plan], func: u64, sync: &mut dyn FnMut()) -> Vec<Plan> {
-    if plans.is_empty() || !native::TRAP.install(libc::SIGTRAP, native::on_trap) {
+    if plans.is_empty() || !sites::install_trap_handler() {
         return Vec::new();
     }
-    let mut live: Vec<(usize, Plan, super::text::Writable)> = Vec::new();
-    for (slot, p) in plans.iter().take(native::PATCHING_CALL_SLOTS).enumerate() {
-        let (Some(s), Some(k), Some(t)) = (
-            native::PATCHING_CALL.get(slot),
-            native::PATCHING_CALL_KIND.get(slot),
-            native::PATCHING_CALL_TARGET.get(slot),
-        ) else {
-            break;
-        };
+    let mut live: Vec<(sites::ArmedTrap, Plan, super::text::Writable)> = Vec::new();
+    for p in plans.iter().take(BATCH) {
         // SAFETY: the site's bytes are text (`read` checked them) (1).
         let Ok(w) = (unsafe { super::text::Writable::new(p.site.addr, p.site.form.len() as u64) })
         else {
             continue;
         };
-        k.store(p.site.form.trap_kind(), Ordering::Release);
-        t.store(func, Ordering::Release);
-        s.store(p.site.addr, Ordering::Release);
-        live.push((slot, *p, w));
+        let kind = p.site.form.trap_kind();
+        let Some(armed) = sites::arm(TrapEntry {
+            at: p.site.addr,
+            pc: func,
+            link: None,
+            push: (kind != 0).then(|| p.site.addr + u64::from(kind)),
+        }) else {
+            break;
+        };
+        live.push((armed, *p, w));
     }
     let first_byte = |p: &Plan| {
         // SAFETY: the site's page is writable (its `Writable` is alive); a one-byte
@@ -445,10 +450,9 @@ fn write_breakpoint(plans: &[Plan], func: u64, sync: &mut dyn FnMut()) -> Vec<Pl
     }
     sync();
     let mut done = Vec::new();
-    for (slot, p, w) in live {
-        if let Some(s) = native::PATCHING_CALL.get(slot) {
-            s.store(0, Ordering::Release);
-        }
+    for (armed, p, w) in live {
+        TRAPPED.fetch_add(armed.hits(), Ordering::Relaxed);
+        drop(armed);
         drop(w);
         done.push(p);
     }
@@ -471,7 +475,7 @@ pub(crate) fn retarget_callers(
     sync: &mut dyn FnMut(),
 ) -> usize {
     let want = to.unwrap_or(func);
-    let _g = native::TEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = sites::TEXT.lock().unwrap_or_else(|e| e.into_inner());
     let mut rewritten = REWRITTEN.lock().unwrap_or_else(|e| e.into_inner());
     let mut sites: BTreeMap<u64, Site> = sites_calling(index, func)
         .into_iter()
@@ -522,7 +526,7 @@ pub(crate) fn retarget_callers(
     if !done.is_empty() {
         sync();
     }
-    for chunk in slow.chunks(native::PATCHING_CALL_SLOTS) {
+    for chunk in slow.chunks(BATCH) {
         done.extend(write_breakpoint(chunk, func, sync));
     }
     for p in done {
@@ -558,7 +562,7 @@ pub(crate) fn retargeted(func: u64) -> Vec<u64> {
 /// How many threads the breakpoint of a call site sent on so far.
 #[cfg(test)]
 pub(crate) fn trapped() -> u64 {
-    native::PATCHING_CALL_TRAPS.load(Ordering::Relaxed)
+    TRAPPED.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]
@@ -743,7 +747,7 @@ mod tests {
         // nor a retarget touches it.
         let other = klp_cs_other as *const () as u64;
         let by_hand = |from: u64, to: u64| {
-            let _g = native::TEXT.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = sites::TEXT.lock().unwrap_or_else(|e| e.into_inner());
             let p = Plan {
                 site,
                 old: encode(&site, probe(), from).expect("reach"),

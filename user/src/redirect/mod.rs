@@ -7,7 +7,8 @@
 //! s390x at all), so a patchable function is made of two: a `#[unsafe(naked)]` wrapper
 //! that carries the function's (unmangled) name and whose whole body is the patch site
 //! followed by a tail branch, and an `#[inline(never)]` inner function holding the body.
-//! Each architecture's file writes its wrapper (`__patchable_wrapper!`):
+//! Each back-end's `live` module writes its wrapper (`patchable_wrapper!`, selected by
+//! `klp-backends`):
 //!
 //! | arch | wrapper |
 //! |---|---|
@@ -24,7 +25,7 @@
 //! with one name in one program clash at link time). The inner function is
 //! `name::body`, in a module named like the function (modules and functions live in
 //! different namespaces); it sees the enclosing module's items through `use super::*`.
-//! On other architectures (`none.rs`) the macro produces a plain
+//! Without a back-end (`klp_backends::Unsupported`) the macro produces a plain
 //! `#[unsafe(no_mangle)] extern "C"` function, which has no site.
 //!
 //! A thread inside the body has return addresses in `name::body`, not in the wrapper;
@@ -65,13 +66,15 @@
 //! `stubs`): a function of a shared library mapped far from the executable is
 //! redirected like one of the executable.
 //!
-//! Each architecture's file documents its encodings, the order of its text writes
-//! (whole-instruction atomic stores, a synchronisation round after each step, the
-//! cache-coherence sequence) and why no thread can run a half-written site.
-//!
+//! The back-end's plans (`klp_arch::patching`, run by [`sites`]) say how a site goes
+//! from one state to another while other threads run it: which stores, in which
+//! order, with which synchronisation after each, and what a thread caught in between
+//! does; each back-end's `patching.rs` documents its encodings and why no thread can
+//! run a half-written site.
+
 //! ## The decision
 //!
-//! On x86_64 a site's stub enters a fast path first (`native::fast_entry`): with the
+//! On x86_64 a site's stub enters a fast path first (`x86_64.rs`, `fast_entry`): with the
 //! site's slot in a scratch register, it reads the thread's state byte through the
 //! fixed offset of its thread-local record pointer and takes the slot's precomputed
 //! answer for that state (`Slot::by_state`, written by `publish` under the same
@@ -103,7 +106,7 @@
 //!
 //! ## Text writes
 //!
-//! Serialised by one lock per architecture file; the site's pages are made writable
+//! Serialised by one lock ([`sites::TEXT`]); the site's pages are made writable
 //! *and* executable for the write (other threads keep running them), then read +
 //! execute again. Synchronisation rounds ([`crate::stack::sync_round`]) make every
 //! registered thread run klp's signal handler — a context-synchronising kernel entry
@@ -149,64 +152,38 @@ macro_rules! patchable {
     };
 }
 
-/// What a site holds (see [`native::set`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum SiteState {
-    /// The unpatched bytes, as found.
-    Original,
-    /// A branch-and-link to the entry trampoline, which decides per thread.
-    Trampoline,
-    /// A direct branch to the one live implementation (the steady state).
-    Jump(u64),
-}
+/// What a site holds (the back-end's plans take it between the states, [`sites::set`]).
+pub(crate) use klp_arch::patching::SiteState;
 
-// The architecture's part: `find`, `body_of`, `set`, `on_sync` and the
-// `__patchable_wrapper!` macro, one file per architecture with the same items.
+pub(crate) mod sites;
+pub use sites::site_traps;
+
+/// The site functions, for the tests of each architecture's sites in `tests/` (not a
+/// stable interface).
+#[doc(hidden)]
+pub mod testing {
+    pub use super::sites::{body_of, find, published_target, set};
+    pub use klp_arch::patching::SiteState;
+}
+pub(crate) mod stubs;
+pub(crate) mod text;
+pub use text::fail_text_write;
+
+// The host's own entry path where it has one (x86_64's fast path, which reads the
+// thread records and the slots), and x86_64's call-site retargeting.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod callsites;
 #[cfg(target_arch = "x86_64")]
 #[path = "x86_64.rs"]
 pub(crate) mod native;
-#[cfg(target_arch = "aarch64")]
-#[path = "aarch64.rs"]
-pub(crate) mod native;
-#[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
-#[path = "ppc64le.rs"]
-pub(crate) mod native;
-#[cfg(target_arch = "s390x")]
-#[path = "s390x.rs"]
-pub(crate) mod native;
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    all(target_arch = "powerpc64", target_endian = "little"),
-    target_arch = "s390x"
-)))]
-#[path = "none.rs"]
+#[cfg(not(target_arch = "x86_64"))]
+#[path = "generic.rs"]
 pub(crate) mod native;
 
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    all(target_arch = "powerpc64", target_endian = "little"),
-    target_arch = "s390x"
-))]
-pub(crate) mod stubs;
-pub(crate) mod text;
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    all(target_arch = "powerpc64", target_endian = "little"),
-    target_arch = "s390x"
-))]
-pub use text::fail_text_write;
-
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod callsites;
-
-/// The signal handler of a site write (x86_64's `SIGTRAP`, s390x's `SIGILL`): installed
-/// once, with klp's own signal blocked while it runs (a synchronisation round must not
-/// be acknowledged by a thread between the trap and its redirect), and passing every
-/// signal it does not own to the disposition it found.
-#[cfg(any(target_arch = "x86_64", target_arch = "s390x"))]
+/// The signal handler of a plan's trap (x86_64's `SIGTRAP`, s390x's `SIGILL`):
+/// installed once, with klp's own signal blocked while it runs (a synchronisation round
+/// must not be acknowledged by a thread between the trap and its redirect), and
+/// passing every signal it does not own to the disposition it found.
 #[derive(Debug)]
 pub(crate) struct TrapHandler {
     once: std::sync::Once,
@@ -215,7 +192,6 @@ pub(crate) struct TrapHandler {
     old_flags: std::sync::atomic::AtomicUsize,
 }
 
-#[cfg(any(target_arch = "x86_64", target_arch = "s390x"))]
 impl TrapHandler {
     pub(crate) const fn new() -> Self {
         TrapHandler {
@@ -291,7 +267,7 @@ impl TrapHandler {
 
 /// Called by klp's signal handler on every synchronisation round, before the thread
 /// acknowledges it: lets a site write in progress move a thread interrupted in the
-/// middle of a multi-instruction site (see the architecture's `on_sync`).
+/// middle of a multi-instruction site (the plan's resume rule, [`sites::on_sync`]).
 ///
 /// # Safety
 ///
@@ -299,7 +275,7 @@ impl TrapHandler {
 ///    the interrupted thread.
 pub(crate) unsafe fn on_sync(uc: *mut libc::c_void) {
     // SAFETY: condition 1 is passed on.
-    unsafe { native::on_sync(uc) }
+    unsafe { sites::on_sync(uc) }
 }
 
 // ------------------------------------------------------------------ the slot table

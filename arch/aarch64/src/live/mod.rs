@@ -123,6 +123,26 @@ pub unsafe extern "C" fn entry_frame(f: EntryFn, arg: *mut c_void) -> *mut c_voi
     )
 }
 
+/// The wrapper of `klp_user::patchable!` on aarch64: the `mov x9, x30; nop` site, then
+/// a tail branch to the body.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! patchable_wrapper {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        #[unsafe(naked)]
+        $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
+            ::core::arch::naked_asm!(
+                "mov x9, x30",
+                "nop",
+                "b {body}",
+                body = sym $name::body,
+            )
+        }
+    };
+}
+
 impl Live for crate::Aarch64 {
     const UCONTEXT: Option<UcontextLayout> = Some(crate::sigframe::LAYOUT);
     const HAS_LINK_REGISTER: bool = true;
@@ -145,6 +165,23 @@ impl Live for crate::Aarch64 {
 
     fn sync_icache(addr: *const u8, len: usize) {
         klp_aarch64_sync_icache(addr as usize, len)
+    }
+
+    unsafe fn store_text(dst: *mut u8, bytes: &[u8]) -> bool {
+        let Ok(w) = <[u8; 4]>::try_from(bytes) else {
+            return false;
+        };
+        if !(dst as usize).is_multiple_of(4) {
+            return false;
+        }
+        // SAFETY: an aligned, mapped, writable word (1), changed in a plan's order
+        // (2), by the only writer (3).
+        unsafe { klp_aarch64_write_word(dst.cast::<u32>(), u32::from_le_bytes(w)) };
+        true
+    }
+
+    fn set_decision(f: extern "C" fn(u64) -> u64) {
+        trampoline::set_decision(f);
     }
 
     unsafe fn read_stack_word(addr: u64) -> u64 {

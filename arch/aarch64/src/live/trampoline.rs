@@ -126,35 +126,7 @@ pub fn address() -> u64 {
     entry_trampoline as *const () as u64
 }
 
-/// Bytes of a far stub ([`stub_bytes`]).
-pub const STUB_LEN: usize = 16;
-
-/// `ldr x16, <pc + 8>`: loads the stub's literal.
-const LDR_X16_LITERAL8: u32 = 0x5800_0050;
-/// `br x16`.
-const BR_X16: u32 = 0xd61f_0200;
-
-/// A far stub that continues at `target`:
-///
-/// ```text
-/// 58000050   ldr x16, 8      (the literal below)
-/// d61f0200   br  x16
-/// <target, 8 bytes little-endian>
-/// ```
-///
-/// Register contract: only `x16` (IP0, which the trampoline's contract allows to be
-/// clobbered) changes; `x30` (= `S + 8`, from the site's `bl`), `x9` (the caller's
-/// return address), the arguments and `sp` reach `target` as the site left them.
-/// Position-independent: the stub may be anywhere within `bl` reach of its site, and
-/// reaches `target` wherever it is. Place it 8-byte aligned (the literal is then
-/// aligned).
-pub fn stub_bytes_to(target: u64) -> [u8; STUB_LEN] {
-    let mut b = [0u8; STUB_LEN];
-    b[0..4].copy_from_slice(&LDR_X16_LITERAL8.to_le_bytes());
-    b[4..8].copy_from_slice(&BR_X16.to_le_bytes());
-    b[8..16].copy_from_slice(&target.to_le_bytes());
-    b
-}
+pub use crate::patching::{STUB_LEN, stub_bytes_to};
 
 /// The far stub of [`entry_trampoline`] (see [`stub_bytes_to`]).
 pub fn stub_bytes() -> [u8; STUB_LEN] {

@@ -116,6 +116,31 @@ pub unsafe extern "C" fn entry_frame(f: EntryFn, arg: *mut c_void) -> *mut c_voi
     )
 }
 
+/// The wrapper of `klp_user::patchable!` on ppc64le: a global entry that sets up the
+/// TOC from r12, the site (`nop; nop`) at the local entry, then a tail branch to the
+/// body.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! patchable_wrapper {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        #[unsafe(naked)]
+        $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
+            ::core::arch::naked_asm!(
+                "0:",
+                "addis 2, 12, (.TOC.-0b)@ha",
+                "addi 2, 2, (.TOC.-0b)@l",
+                ::core::concat!(".localentry ", ::core::stringify!($name), ", .-0b"),
+                "nop",
+                "nop",
+                "b {body}",
+                body = sym $name::body,
+            )
+        }
+    };
+}
+
 impl Live for crate::Ppc64le {
     const UCONTEXT: Option<UcontextLayout> = Some(crate::sigframe::LAYOUT);
     const HAS_LINK_REGISTER: bool = true;
@@ -138,6 +163,19 @@ impl Live for crate::Ppc64le {
 
     fn sync_icache(addr: *const u8, len: usize) {
         klp_ppc64le_sync_icache(addr as usize, len)
+    }
+
+    unsafe fn store_text(dst: *mut u8, bytes: &[u8]) -> bool {
+        let Ok(w) = <[u8; 4]>::try_from(bytes) else {
+            return false;
+        };
+        // SAFETY: a mapped, writable word (1), changed in a plan's order (2), by the
+        // only writer (3); `write_word` refuses a misaligned one.
+        unsafe { trampoline::write_word(dst, u32::from_le_bytes(w)) }
+    }
+
+    fn set_decision(f: extern "C" fn(u64) -> u64) {
+        trampoline::set_decision(f);
     }
 
     unsafe fn read_stack_word(addr: u64) -> u64 {

@@ -112,8 +112,7 @@ pub const FUNC_FRAME: usize = HEADER;
 /// The detour frame of an other-TOC target: header, a parameter save area for the 8
 /// register doublewords, the caller's return address and r2 (at its top).
 pub const DETOUR: usize = HEADER + 64 + 16;
-/// The tag of a decision word whose target uses another TOC.
-pub const OTHER_TOC: u64 = 1;
+pub use crate::patching::OTHER_TOC;
 
 const GPR: usize = HEADER + offset_of!(SavedRegs, gpr);
 const R11: usize = HEADER + offset_of!(SavedRegs, r11);
@@ -159,41 +158,7 @@ pub fn address() -> u64 {
     entry_trampoline as *const () as u64
 }
 
-/// Bytes of a far stub ([`stub_bytes`]).
-pub const STUB_LEN: usize = 32;
-
-use crate::insn::{BCTR, MTCTR_R12};
-/// `trap`: pads the stub (never reached).
-const TRAP: u32 = 0x7fe0_0008;
-
-/// A far stub that continues at `target`:
-///
-/// ```text
-/// lis   r12, target@highest
-/// ori   r12, r12, target@higher
-/// sldi  r12, r12, 32
-/// oris  r12, r12, target@h
-/// ori   r12, r12, target@l
-/// mtctr r12
-/// bctr
-/// trap                          (padding)
-/// ```
-///
-/// Register contract: only r12 and CTR change (both volatile, neither an argument,
-/// and r12 is dead at a local entry, where every site is). LR (= `S + 8`, from the
-/// site's `bl`), r0 (the caller's return address), r2 (the patched function's TOC),
-/// the arguments and r1 reach `target` as the site left them. The address is built
-/// from immediates, so the stub needs no TOC and no `bcl` (which would clobber LR);
-/// it may be anywhere within `bl` reach of its site.
-pub fn stub_bytes_to(target: u64) -> [u8; STUB_LEN] {
-    let [l0, l1, l2, l3, l4] = crate::insn::load_r12(target);
-    let words = [l0, l1, l2, l3, l4, MTCTR_R12, BCTR, TRAP];
-    let mut b = [0u8; STUB_LEN];
-    for (d, w) in b.chunks_exact_mut(4).zip(words) {
-        d.copy_from_slice(&w.to_le_bytes());
-    }
-    b
-}
+pub use crate::patching::{STUB_LEN, stub_bytes_to};
 
 /// The far stub of [`entry_trampoline`] (see [`stub_bytes_to`]).
 pub fn stub_bytes() -> [u8; STUB_LEN] {

@@ -92,6 +92,25 @@ pub unsafe extern "C" fn entry_frame(f: EntryFn, arg: *mut c_void) -> *mut c_voi
     )
 }
 
+/// The wrapper of `klp_user::patchable!` on s390x: the `brcl 0,0` site, then a tail
+/// jump to the body.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! patchable_wrapper {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        #[unsafe(naked)]
+        $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
+            ::core::arch::naked_asm!(
+                ".byte 0xc0, 0x04, 0x00, 0x00, 0x00, 0x00",
+                "jg {body}",
+                body = sym $name::body,
+            )
+        }
+    };
+}
+
 impl Live for crate::S390x {
     const UCONTEXT: Option<UcontextLayout> = Some(crate::sigframe::LAYOUT);
     const HAS_LINK_REGISTER: bool = true;
@@ -114,6 +133,22 @@ impl Live for crate::S390x {
 
     fn sync_icache(addr: *const u8, len: usize) {
         klp_s390x_sync_icache(addr as usize, len)
+    }
+
+    unsafe fn store_text(dst: *mut u8, bytes: &[u8]) -> bool {
+        // SAFETY: mapped and writable (1), in a plan's order (2), by the only writer
+        // (3); `store_halfwords` refuses a misaligned or odd-length store.
+        unsafe { store_halfwords(dst, bytes) }
+    }
+
+    fn set_decision(f: extern "C" fn(u64) -> u64) {
+        trampoline::set_decision(f);
+    }
+
+    /// `HWCAP_S390_VXRS` (bit 11): the vector facility, usable by this process, so
+    /// the trampoline saves the vector argument registers.
+    fn set_hwcap(hwcap: u64) {
+        trampoline::set_vector_facility(hwcap & (1 << 11) != 0);
     }
 
     unsafe fn read_stack_word(addr: u64) -> u64 {

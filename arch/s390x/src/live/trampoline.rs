@@ -157,32 +157,7 @@ pub fn address() -> u64 {
     entry_trampoline as *const () as u64
 }
 
-/// Bytes of a far stub ([`stub_bytes`]).
-pub const STUB_LEN: usize = 24;
-
-/// A far stub that continues at `target`:
-///
-/// ```text
-/// c0 10 00 00 00 08     larl %r1, .+16      (the literal below)
-/// e3 10 10 00 00 04     lg   %r1, 0(%r1)
-/// 07 f1                 br   %r1
-/// 07 07                 nopr %r7            (padding)
-/// <target, 8 bytes big-endian>
-/// ```
-///
-/// Register contract: only r1 changes (volatile, never an argument, and free at the
-/// trampoline's entry). r0 (= `S + 6`, from the site's `brasl %r0`), r14 (the caller's
-/// return address), r15, the arguments and the condition code reach `target` as the
-/// site left them. Position-independent: the stub may be anywhere within `brasl`
-/// reach of its site (place it 8-byte aligned: the literal is then aligned).
-pub fn stub_bytes_to(target: u64) -> [u8; STUB_LEN] {
-    let mut b = [0u8; STUB_LEN];
-    b[0..6].copy_from_slice(&[0xc0, 0x10, 0, 0, 0, 8]);
-    b[6..12].copy_from_slice(&[0xe3, 0x10, 0x10, 0, 0, 0x04]);
-    b[12..16].copy_from_slice(&[0x07, 0xf1, 0x07, 0x07]);
-    b[16..24].copy_from_slice(&target.to_be_bytes());
-    b
-}
+pub use crate::patching::{STUB_LEN, stub_bytes_to};
 
 /// The far stub of [`entry_trampoline`] (see [`stub_bytes_to`]).
 pub fn stub_bytes() -> [u8; STUB_LEN] {

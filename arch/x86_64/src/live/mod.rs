@@ -78,6 +78,25 @@ pub unsafe extern "C" fn entry_frame(f: EntryFn, arg: *mut c_void) -> *mut c_voi
     )
 }
 
+/// The wrapper of `klp_user::patchable!` on x86_64: the 5-byte nop site, then a tail
+/// jump to the body.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! patchable_wrapper {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$m])*
+        #[unsafe(no_mangle)]
+        #[unsafe(naked)]
+        $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
+            ::core::arch::naked_asm!(
+                ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+                "jmp {body}",
+                body = sym $name::body,
+            )
+        }
+    };
+}
+
 impl Live for crate::X86_64 {
     const UCONTEXT: Option<UcontextLayout> = Some(crate::sigframe::LAYOUT);
     const HAS_LINK_REGISTER: bool = false;
@@ -100,6 +119,34 @@ impl Live for crate::X86_64 {
 
     fn sync_icache(addr: *const u8, len: usize) {
         sync_icache(addr, len)
+    }
+
+    unsafe fn store_text(dst: *mut u8, bytes: &[u8]) -> bool {
+        match bytes {
+            [] => false,
+            [b] => {
+                // SAFETY: `dst` is mapped and writable (1); a one-byte store is
+                // single-copy atomic; writes are serialised by the caller (3).
+                let a = unsafe { &*(dst as *const core::sync::atomic::AtomicU8) };
+                a.store(*b, core::sync::atomic::Ordering::SeqCst);
+                sync_icache(dst, 1);
+                true
+            }
+            // SAFETY: the word around the bytes is mapped and writable (the host makes
+            // whole pages writable) and only this writer writes it (1, 3).
+            _ if unsafe { write_site(dst, bytes) } => true,
+            // The middle of a breakpoint-protocol write: no thread executes these
+            // bytes (they are behind the `int3`, condition 2).
+            _ => {
+                // SAFETY: conditions 1–3 are `write_text`'s.
+                unsafe { write_text(dst, bytes) };
+                true
+            }
+        }
+    }
+
+    fn set_decision(f: extern "C" fn(u64) -> u64) {
+        trampoline::set_decision(f);
     }
 
     unsafe fn read_stack_word(addr: u64) -> u64 {

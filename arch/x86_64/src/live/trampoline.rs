@@ -93,8 +93,7 @@ const _: () = assert!(FRAME == 8 * 8 + 16 * 8 + 8);
 pub const SITE_LEN: u64 = 5;
 const _: () = assert!(SITE_LEN as usize == crate::insn::BRANCH_LEN);
 
-/// Bytes of a per-site stub (see [`write_stub`]).
-pub const STUB_LEN: usize = 24;
+pub use crate::patching::{STUB_LEN, stub_bytes_to};
 
 /// The per-site stub that a site at `site` jumps to:
 ///
@@ -109,19 +108,6 @@ pub const STUB_LEN: usize = 24;
 /// is.
 pub fn stub_bytes(site: u64) -> [u8; STUB_LEN] {
     stub_bytes_to(site, address())
-}
-
-/// A stub of the same shape that loads `r11` = `value` and jumps to `target`: for a
-/// host whose own entry path (with its own contract for `r11`) runs before the
-/// trampoline.
-pub fn stub_bytes_to(value: u64, target: u64) -> [u8; STUB_LEN] {
-    let mut b = [0u8; STUB_LEN];
-    b[0] = 0x49;
-    b[1] = 0xbb;
-    b[2..10].copy_from_slice(&value.to_le_bytes());
-    b[10..16].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
-    b[16..24].copy_from_slice(&target.to_le_bytes());
-    b
 }
 
 /// The decision function: called with the site address, returns 0 (run the original)
