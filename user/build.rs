@@ -15,16 +15,28 @@
 
 use std::path::Path;
 
-/// The patchable-entry flags of each architecture (gcc 12, see the crate docs): the
-/// sites `redirect::native::find` recognises.
-fn entry_flags(arch: &str, endian: &str) -> Option<&'static [&'static str]> {
-    Some(match (arch, endian) {
-        ("x86_64", _) => &["-fpatchable-function-entry=5"],
-        ("aarch64", _) => &["-fpatchable-function-entry=2"],
-        ("powerpc64", "little") => &["-pg", "-mprofile-kernel"],
-        ("s390x", _) => &["-pg", "-mfentry", "-mnop-mcount", "-mbackchain"],
-        _ => return None,
-    })
+/// The gcc flags of the target's back-end: a patch site (`Arch::SITE_FLAGS`, the
+/// sites `redirect::sites::find` recognises) and walkable stacks
+/// (`Arch::WALK_CFLAGS`).
+struct CFlags;
+
+impl klp_backends::Visit for CFlags {
+    type Out = (&'static str, &'static str);
+    fn visit<A: klp_backends::Arch>(self) -> Self::Out {
+        (A::SITE_FLAGS, A::WALK_CFLAGS)
+    }
+}
+
+/// `(site flags, walk flags)` of the target's back-end; `None` without one.
+fn target_flags(arch: &str, endian: &str) -> Option<(Vec<&'static str>, Vec<&'static str>)> {
+    let name = klp_backends::target_name(arch, endian);
+    let (site, walk) = klp_backends::by_name(name, CFlags).ok()?;
+    Some((
+        site.split_whitespace()
+            .chain(walk.split_whitespace())
+            .collect(),
+        walk.split_whitespace().collect(),
+    ))
 }
 
 fn build(src: &str, prefix: &str, flags: &[&str]) -> cc::Build {
@@ -41,17 +53,14 @@ fn build(src: &str, prefix: &str, flags: &[&str]) -> cc::Build {
     b
 }
 
-/// The flags a patch object is compiled with on each architecture: position-independent
-/// code, so that its references to another object's data go through the GOT (an
-/// address slot of the loader's, reaching any distance; references to the program's
-/// own symbols klp-convert relaxes into direct ones); ppc64le reaches everything
-/// through its TOC anyway.
-fn patch_flags(arch: &str) -> &'static [&'static str] {
-    match arch {
-        "x86_64" | "aarch64" => &["-fPIC"],
-        "s390x" => &["-fPIC", "-mbackchain"],
-        _ => &[],
-    }
+/// The flags a patch object is compiled with: position-independent code, so that its
+/// references to another object's data go through the GOT (an address slot of the
+/// loader's, reaching any distance; references to the program's own symbols
+/// klp-convert relaxes into direct ones) — ppc64le reaches everything through its TOC
+/// anyway, its default — and what the back-end's stack walk needs.
+fn patch_flags(arch: &str, walk: &[&'static str]) -> Vec<&'static str> {
+    let pic: &[&str] = if arch == "powerpc64" { &[] } else { &["-fPIC"] };
+    pic.iter().chain(walk).copied().collect()
 }
 
 /// Builds `src` (names prefixed with `prefix`) into the shared object `so` with
@@ -124,12 +133,13 @@ fn main() {
         // them.
         println!("cargo:rustc-link-arg=-Wl,--emit-relocs");
     }
-    let Some(flags) = entry_flags(
+    let Some((flags, walk)) = target_flags(
         &var("CARGO_CFG_TARGET_ARCH"),
         &var("CARGO_CFG_TARGET_ENDIAN"),
     ) else {
         return;
     };
+    let flags = &flags[..];
     if var("CARGO_CFG_TARGET_OS") != "linux" {
         return;
     }
@@ -161,7 +171,7 @@ fn main() {
     if sanitize.split(',').any(|s| s == "address" || s == "thread") {
         cmd.arg("-fno-sanitize=all");
     }
-    cmd.args(patch_flags(&var("CARGO_CFG_TARGET_ARCH")))
+    cmd.args(patch_flags(&var("CARGO_CFG_TARGET_ARCH"), &walk))
         .args(["-c", "tests/c/loadfix.c", "-o"])
         .arg(&fix);
     run_cc(&mut cmd, &fix, "KLP_LOADFIX_O");

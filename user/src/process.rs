@@ -308,47 +308,25 @@ impl ProcessHost {
     }
 
     /// In the jump state, the direct calls of `func` found in the relocations kept by
-    /// `--emit-relocs` call `to` itself (x86_64, [`redirect::callsites`]); `None`
-    /// points them back at `func` (before the site leaves the jump state, so no thread
-    /// can run a stale replacement once a transition starts).
-    #[cfg(target_arch = "x86_64")]
+    /// `--emit-relocs` call `to` itself (where the host retargets call sites: x86_64,
+    /// `redirect::callsites`); `None` points them back at `func` (before the site
+    /// leaves the jump state, so no thread can run a stale replacement once a
+    /// transition starts).
     fn retarget_callers(&mut self, func: Addr, to: Option<Addr>) {
         let answer = self.config.checks.answer;
-        redirect::callsites::retarget_callers(&self.index, func, to, &mut || {
-            stack::sync_core(answer)
-        });
+        redirect::native::retarget_callers(&self.index, func, to, &mut || stack::sync_core(answer));
     }
 
-    /// Only x86_64 retargets call sites (the entry's jump serves every caller).
-    #[cfg(not(target_arch = "x86_64"))]
-    fn retarget_callers(&mut self, _func: Addr, _to: Option<Addr>) {}
-
-    /// The direct call sites of `func` known from relocations (x86_64 with
-    /// `--emit-relocs`; empty elsewhere).
+    /// The direct call sites of `func` known from relocations (where the host
+    /// retargets call sites; empty elsewhere).
     pub fn callers_of(&self, func: Addr) -> Vec<Addr> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            redirect::callsites::callers_of(&self.index, func)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = func;
-            Vec::new()
-        }
+        redirect::native::callers_of(&self.index, func)
     }
 
-    /// The call sites of `func` that call its replacement directly now (x86_64;
-    /// empty elsewhere).
+    /// The call sites of `func` that call its replacement directly now (where the
+    /// host retargets call sites; empty elsewhere).
     pub fn retargeted_callers(&self, func: Addr) -> Vec<Addr> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            redirect::callsites::retargeted(func)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = func;
-            Vec::new()
-        }
+        redirect::native::retargeted(func)
     }
 
     /// Number of `WARN`s the core reported.

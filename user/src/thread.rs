@@ -55,25 +55,30 @@ const ST_PATCHED: u8 = 2;
 const ST_MASK: u8 = 3;
 const PENDING: u8 = 4;
 
-/// Where the x86_64 fast entry path reads a record (`redirect::native`): the state
-/// byte (`state & ST_MASK` is the index of [`encode`]'s value), the in-decision counter.
-#[cfg(target_arch = "x86_64")]
+/// Where a host's fast entry path (x86_64's, `redirect/x86_64.rs`) reads a record: the
+/// state byte (`state & ST_MASK` is the index of [`encode`]'s value), the in-decision
+/// counter.
 pub(crate) const STATE_OFFSET: usize = std::mem::offset_of!(ThreadRecord, state);
-#[cfg(target_arch = "x86_64")]
 pub(crate) const IN_DECIDE_OFFSET: usize = std::mem::offset_of!(ThreadRecord, in_decide);
-#[cfg(target_arch = "x86_64")]
 pub(crate) const STATE_MASK: u8 = ST_MASK;
-#[cfg(target_arch = "x86_64")]
 const _: () = assert!(size_of::<AtomicU8>() == 1 && size_of::<AtomicU32>() == 4);
+const _: () = assert!(
+    STATE_OFFSET < size_of::<ThreadRecord>()
+        && IN_DECIDE_OFFSET < size_of::<ThreadRecord>()
+        && STATE_MASK as usize + 1 == 4
+);
 
 /// The index of `s` in the state byte (see [`STATE_MASK`]).
 pub(crate) fn state_index(s: PatchState) -> usize {
     usize::from(encode(s))
 }
 
-/// The address of this thread's `CURRENT` cell (the x86_64 fast entry path reads it at
+/// The address of this thread's `CURRENT` cell (a host's fast entry path reads it at
 /// a fixed offset from the thread pointer).
-#[cfg(target_arch = "x86_64")]
+#[allow(
+    dead_code,
+    reason = "read by the fast entry path of the hosts that have one"
+)]
 pub(crate) fn current_cell() -> u64 {
     CURRENT.with(|c| c as *const Cell<*const ThreadRecord> as u64)
 }

@@ -153,6 +153,9 @@ pub trait Arch: 'static {
     /// The gcc flags that give a C function a patch site this back-end recognises
     /// (for messages that tell a user how to rebuild).
     const SITE_FLAGS: &'static str = "";
+    /// The gcc flags, beyond `-fno-omit-frame-pointer`, that make a C program's stacks
+    /// walkable by this back-end's unwinder (s390x: `-mbackchain`).
+    const WALK_CFLAGS: &'static str = "";
 
     /// Recognises the unpatched patch site of the function `func` whose first bytes are
     /// `code` (from the symbol address on). Anything that is not one of the arch's

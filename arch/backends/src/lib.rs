@@ -25,6 +25,17 @@ pub use klp_arch::{
     UnwindError, UnwindStart,
 };
 
+/// The name of the back-end for a target (`CARGO_CFG_TARGET_ARCH`,
+/// `CARGO_CFG_TARGET_ENDIAN`), as this crate's build script derives it: the
+/// architecture as Rust spells it, `ppc64le` for little-endian powerpc64. For build
+/// scripts that look their target's back-end up with [`by_name`].
+pub fn target_name<'a>(arch: &'a str, endian: &str) -> &'a str {
+    match (arch, endian) {
+        ("powerpc64", "little") => "ppc64le",
+        _ => arch,
+    }
+}
+
 /// Something to do with one back-end chosen at run time: `visit` is called with its
 /// marker type.
 pub trait Visit {

@@ -59,6 +59,7 @@ impl Arch for S390x {
     const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
     const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
     const SITE_FLAGS: &'static str = "-pg -mfentry -mnop-mcount";
+    const WALK_CFLAGS: &'static str = "-mbackchain";
 
     fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         site::find(code, func)

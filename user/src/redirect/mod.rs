@@ -169,16 +169,19 @@ pub(crate) mod stubs;
 pub(crate) mod text;
 pub use text::fail_text_write;
 
-// The host's own entry path where it has one (x86_64's fast path, which reads the
-// thread records and the slots), and x86_64's call-site retargeting.
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod callsites;
-#[cfg(target_arch = "x86_64")]
-#[path = "x86_64.rs"]
-pub(crate) mod native;
-#[cfg(not(target_arch = "x86_64"))]
-#[path = "generic.rs"]
-pub(crate) mod native;
+// The one selection point of the host: the extras it has for a back-end — x86_64's
+// fast entry path (which reads the thread records and the slots) and call-site
+// retargeting — or none (`generic.rs`: the stubs enter the trampoline).
+cfg_if::cfg_if! {
+    if #[cfg(target_arch = "x86_64")] {
+        pub(crate) mod callsites;
+        #[path = "x86_64.rs"]
+        pub(crate) mod native;
+    } else {
+        #[path = "generic.rs"]
+        pub(crate) mod native;
+    }
+}
 
 /// The signal handler of a plan's trap (x86_64's `SIGTRAP`, s390x's `SIGILL`):
 /// installed once, with klp's own signal blocked while it runs (a synchronisation round
@@ -371,19 +374,11 @@ fn slot(site: u64, insert: bool) -> Option<&'static Slot> {
     None
 }
 
-/// The address of `site`'s slot, if it has one (slots are never reused: the address
-/// stays `site`'s for the life of the process).
-#[cfg(target_arch = "x86_64")]
-fn slot_addr(site: u64) -> Option<u64> {
-    slot(site, false).map(|s| s as *const Slot as u64)
-}
-
-/// Where the x86_64 sites' stubs enter when the fast path runs in this process (the
-/// stub then carries the site's slot instead of the site); `None` when every stub
-/// enters the trampoline.
-#[cfg(target_arch = "x86_64")]
+/// Where the sites' stubs enter when the host's fast entry path runs in this process
+/// (x86_64; the stub then carries the site's slot instead of the site); `None` when
+/// every stub enters the trampoline.
 pub fn fast_entry_address() -> Option<u64> {
-    native::fast_path_ready().then_some(native::fast_entry as *const () as u64)
+    native::fast_entry_address()
 }
 
 /// Publishes `view` for `site` (`None`: no record). Returns `false` if the table is

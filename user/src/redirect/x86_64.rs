@@ -10,10 +10,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use klp_arch_x86_64::live::trampoline;
 
+pub(crate) use super::callsites::{callers_of, retarget_callers, retargeted};
+
+/// The address of `site`'s slot, if it has one (slots are never reused: the address
+/// stays `site`'s for the life of the process).
+fn slot_addr(site: u64) -> Option<u64> {
+    super::slot(site, false).map(|s| s as *const super::Slot as u64)
+}
+
+/// Where the sites' stubs enter when the fast path runs in this process.
+pub(crate) fn fast_entry_address() -> Option<u64> {
+    fast_path_ready().then_some(fast_entry as *const () as u64)
+}
+
 /// What a site's stub hands over in `r11` and where it enters: the site's slot and
 /// the fast path when it can run here, else the site and the trampoline.
 pub(crate) fn stub_entry(site: u64) -> (u64, u64) {
-    match super::slot_addr(site) {
+    match slot_addr(site) {
         Some(slot) if fast_path_ready() => (slot, fast_entry as *const () as u64),
         _ => (site, trampoline::address()),
     }
@@ -203,7 +216,7 @@ mod tests {
             below: klp::Target::Func(0x1000),
         };
         assert!(super::super::publish(site, Some(v)));
-        let slot = super::super::slot_addr(site).expect("slot");
+        let slot = super::slot_addr(site).expect("slot");
         // SAFETY: `slot` is the address of a slot of the static table.
         let s = unsafe { &*(slot as *const super::super::Slot) };
         let at = |st: klp::PatchState| {
