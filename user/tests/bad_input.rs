@@ -6,12 +6,6 @@
 //! with nothing patched, and with a patch enabled.
 //!
 //! Every scenario runs in sequence in one test, because the host is process-wide.
-#![cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    all(target_arch = "powerpc64", target_endian = "little"),
-    target_arch = "s390x"
-))]
 
 #[path = "common/park.rs"]
 mod park;

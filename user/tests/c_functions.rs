@@ -2,12 +2,6 @@
 //! architecture's patchable entries, linked into this executable (`klp_cexe_*`) and
 //! into `libklpcfun.so` (`klp_cso_*`), which the test loads with `Process::dlopen`.
 //! Every scenario runs in sequence in one test, because the host is process-wide.
-#![cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    all(target_arch = "powerpc64", target_endian = "little"),
-    target_arch = "s390x"
-))]
 
 #[path = "common/host.rs"]
 mod host;
@@ -240,19 +234,43 @@ fn check_c_site(p: &Process, s: &klp::arch::Site) {
     let _ = p;
 }
 
-/// The site's bytes once restored: as found, except on aarch64, where `w0` keeps the
-/// `mov x9, x30` of the first install, and on x86_64, where gcc's five one-byte nops
-/// come back as the one 5-byte nop.
-fn restored(found: &[u8]) -> Vec<u8> {
+/// Checks the site's bytes once restored, written here by hand per architecture: as
+/// found, except on aarch64, where `w0` keeps the `mov x9, x30` of the first install,
+/// and on x86_64, where gcc's five one-byte nops come back as the one 5-byte nop.
+/// Elsewhere the back-end itself must see its original state there (an empty plan
+/// back to it; its plans are tested by hand in its own crate).
+fn check_restored(site: &klp::arch::Site, found: &[u8]) {
+    let now = bytes(site.addr(), site.len());
     #[cfg(target_arch = "x86_64")]
     if found == [0x90; 5] {
-        return vec![0x0f, 0x1f, 0x44, 0x00, 0x00];
+        assert_eq!(now, [0x0f, 0x1f, 0x44, 0x00, 0x00], "restored");
+        return;
     }
     #[cfg(target_arch = "aarch64")]
     if found.len() == 8 && found[..4] == [0x1f, 0x20, 0x03, 0xd5] {
-        return [&0xaa1e_03e9u32.to_le_bytes()[..], &found[4..]].concat();
+        assert_eq!(
+            now,
+            [&0xaa1e_03e9u32.to_le_bytes()[..], &found[4..]].concat()
+        );
+        return;
     }
-    found.to_vec()
+    if cfg!(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "powerpc64",
+        target_arch = "s390x"
+    )) {
+        assert_eq!(now, found, "restored");
+    } else {
+        use klp_arch::patching::{PlanCtx, SitePlanner, SiteState};
+        let ctx = PlanCtx {
+            addr: site.addr(),
+            stub: site.addr(),
+            trampoline: 0,
+        };
+        let back = Native::plan(site, &now, SiteState::Original, &ctx);
+        assert!(back.is_ok_and(|p| p.is_empty()), "restored: {now:x?}");
+    }
 }
 
 /// Where the site at `a` branches in its trampoline state; checked to be the site's
@@ -297,6 +315,16 @@ fn stub_of(a: u64) -> u64 {
         assert_eq!(bytes(stub, want.len()), want);
         stub
     }
+    #[cfg(not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "powerpc64",
+        target_arch = "s390x"
+    )))]
+    {
+        // No hand-written decoder for this architecture's branch here.
+        a
+    }
     #[cfg(target_arch = "s390x")]
     {
         let b = bytes(a, 6);
@@ -312,8 +340,9 @@ fn stub_of(a: u64) -> u64 {
 /// What the site at `a` settles to once `to` is the only implementation: a direct
 /// branch when it reaches `to` (and, on ppc64le, `to` shares the site's TOC: same
 /// object), else the trampoline. The reach is measured from where each architecture's
-/// branch sits.
-fn steady(a: u64, to: u64, same_object: bool) -> SiteKind {
+/// branch sits, written here by hand; `None` on an architecture without that here
+/// (then either state is accepted).
+fn steady(a: u64, to: u64, same_object: bool) -> Option<SiteKind> {
     let d = |from: u64| i128::from(to) - i128::from(from);
     #[cfg(target_arch = "x86_64")]
     let reach = (-(1i128 << 31)..(1i128 << 31)).contains(&d(a + 5));
@@ -324,11 +353,32 @@ fn steady(a: u64, to: u64, same_object: bool) -> SiteKind {
     let reach = same_object && (-(1i128 << 25)..(1i128 << 25) - 8).contains(&d(a));
     #[cfg(target_arch = "s390x")]
     let reach = (-(1i128 << 32)..(1i128 << 32)).contains(&d(a));
+    #[cfg(not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "powerpc64",
+        target_arch = "s390x"
+    )))]
+    let reach = {
+        let _ = d;
+        return None;
+    };
     let _ = same_object;
-    if reach {
+    Some(if reach {
         SiteKind::Jump(to)
     } else {
         SiteKind::Trampoline
+    })
+}
+
+/// Checks that `state` is the steady state of the site at `a` for `to`.
+fn check_steady(state: Option<SiteKind>, a: u64, to: u64, same_object: bool) {
+    match steady(a, to, same_object) {
+        Some(want) => assert_eq!(state, Some(want), "{a:#x}"),
+        None => assert!(
+            matches!(state, Some(SiteKind::Trampoline)) || state == Some(SiteKind::Jump(to)),
+            "{a:#x}: {state:?}"
+        ),
     }
 }
 
@@ -378,9 +428,10 @@ fn executable_functions(p: &Process) {
         "a C caller reaches the replacement"
     );
     for ((f, s), to) in funcs.iter().zip(&sites).zip(targets) {
-        let want = steady(s.addr(), to, true);
-        assert_eq!(want, SiteKind::Jump(to), "the executable is small");
-        assert_eq!(p.site_state(*f), Some(want));
+        if let Some(want) = steady(s.addr(), to, true) {
+            assert_eq!(want, SiteKind::Jump(to), "the executable is small");
+        }
+        check_steady(p.site_state(*f), s.addr(), to, true);
     }
 
     p.disable("lp_cexe").expect("disable");
@@ -390,7 +441,7 @@ fn executable_functions(p: &Process) {
     assert_eq!(klp_cexe_outer(5), 1015);
     for ((f, s), b) in funcs.iter().zip(&sites).zip(&found) {
         assert_eq!(p.site_state(*f), None);
-        assert_eq!(bytes(s.addr(), s.len()), restored(b), "restored");
+        check_restored(s, b);
     }
     wait_gone(p, "lp_cexe");
 }
@@ -461,7 +512,7 @@ fn library_patched_when_it_loads(p: &Process) -> klp_user::Library {
             }
             SiteKind::Original => panic!("{f:#x} original"),
         }
-        assert_eq!(state, steady(site_addr, to, false), "{f:#x}");
+        check_steady(Some(state), site_addr, to, false);
     }
 
     p.disable("lp_cso").expect("disable");
@@ -497,7 +548,11 @@ fn site_address_patched(p: &Process, f: u64) -> u64 {
             .expect("a symbol");
         if sym.st_other >> 5 == 3 { 8 } else { 0 }
     };
-    #[cfg(target_arch = "s390x")]
+    #[cfg(not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "powerpc64"
+    )))]
     let off = 0;
     let _ = p;
     f + off
@@ -572,13 +627,13 @@ fn library_function_with_a_sleeper(p: &Process) {
         "it finished the old code"
     );
     assert!(p.wait_transition(WAIT), "{}", log_after(p, since));
-    assert_eq!(p.site_state(f), Some(steady(site.addr(), v2, false)));
+    check_steady(p.site_state(f), site.addr(), v2, false);
     assert_eq!(call(double, 4), 10);
 
     p.disable("lp_csleep").expect("disable");
     assert!(p.wait_transition(WAIT), "{}", log_after(p, since));
     assert_eq!(call(double, 4), 9);
-    assert_eq!(bytes(site.addr(), site.len()), restored(&found));
+    check_restored(&site, &found);
     wait_gone(p, "lp_csleep");
     assert!(thread_states_idle(p));
 }

@@ -12,31 +12,28 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-/// The C compiler of the target: the cross compiler's name (Debian's native gcc has
-/// it too), else `cc`.
-fn c_compiler() -> &'static str {
-    if cfg!(target_arch = "x86_64") {
-        "x86_64-linux-gnu-gcc"
-    } else if cfg!(target_arch = "aarch64") {
-        "aarch64-linux-gnu-gcc"
-    } else if cfg!(target_arch = "powerpc64") {
-        "powerpc64le-linux-gnu-gcc"
-    } else if cfg!(target_arch = "s390x") {
-        "s390x-linux-gnu-gcc"
+/// The C compiler of the target: the GNU cross compiler's name (Debian's native gcc
+/// has it too), `<arch>[le]-linux-gnu-gcc`.
+fn c_compiler() -> String {
+    let le = if cfg!(target_arch = "powerpc64") && cfg!(target_endian = "little") {
+        "le"
     } else {
-        "cc"
-    }
+        ""
+    };
+    format!("{}{le}-linux-gnu-gcc", std::env::consts::ARCH)
 }
 
-/// The flags a patch object is compiled with (see `patch_flags` in `build.rs`).
-fn patch_flags() -> &'static [&'static str] {
-    if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
-        &["-fPIC"]
-    } else if cfg!(target_arch = "s390x") {
-        &["-fPIC", "-mbackchain"]
-    } else {
+/// The flags a patch object is compiled with (see `patch_flags` in `build.rs`):
+/// position-independent (ppc64le: its default), and what the back-end's stack walk
+/// needs.
+fn patch_flags() -> Vec<&'static str> {
+    let pic: &[&str] = if cfg!(target_arch = "powerpc64") {
         &[]
-    }
+    } else {
+        &["-fPIC"]
+    };
+    let walk = <klp::arch::Native as klp::arch::Arch>::WALK_CFLAGS;
+    pic.iter().copied().chain(walk.split_whitespace()).collect()
 }
 
 fn work_dir() -> PathBuf {
@@ -51,8 +48,8 @@ fn patch_file(dir: &Path, name: &str) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo");
     let obj = dir.join(format!("{name}.o"));
     let mut status = None;
-    for compiler in [c_compiler(), "cc"] {
-        let mut cc = std::process::Command::new(compiler);
+    for compiler in [c_compiler(), "cc".to_string()] {
+        let mut cc = std::process::Command::new(&compiler);
         cc.args(["-O2", "-fno-omit-frame-pointer"])
             .args(patch_flags())
             .arg("-c")

@@ -7,12 +7,6 @@
 //! of another thread run: it defers klp's stop signal to its own safe points and runs
 //! the handler with the context saved when the signal arrived (see RELIABILITY.md), so
 //! transitions held by a check never complete there.
-#![cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    all(target_arch = "powerpc64", target_endian = "little"),
-    target_arch = "s390x"
-))]
 
 #[path = "common/park.rs"]
 mod park;

@@ -1,11 +1,5 @@
 //! Functions of this process redirected through the architecture's entry trampoline:
 //! every scenario runs in sequence in one test, because the host is process-wide.
-#![cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    all(target_arch = "powerpc64", target_endian = "little"),
-    target_arch = "s390x"
-))]
 
 #[path = "common/host.rs"]
 mod host;
