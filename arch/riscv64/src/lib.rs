@@ -23,6 +23,8 @@
 //!   over a whole section ([`reloc::apply_all`]).
 //! * [`link`]: link classes and the call stub of a process loader.
 //! * [`unwind`]: the frame-pointer reliable walker.
+//! * [`patching`]: how a host rewrites a site other threads are running (the plans of
+//!   `klp_arch::patching`), and the site's stub.
 //!
 //! The live half (register capture, trampoline, text writes) is not here yet.
 //!
@@ -34,18 +36,21 @@
 //! fetches the new words: in the kernel `flush_icache_all()` (an SBI remote `fence.i`
 //! or IPIs), in a process the `riscv_flush_icache(start, end, 0)` system call (which
 //! covers all threads of the process) or `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_
-//! SYNC_CORE)`. Between the two stores of a site transition (see [`site`]) the whole
-//! sequence runs once.
+//! SYNC_CORE)`. After each store of a live site transition (see [`patching`]) the whole
+//! sequence runs once; the user-space host's is `live::klp_riscv64_sync_icache` (`fence.i`,
+//! then `riscv_flush_icache`), whose module docs say why a signal round alone does not
+//! make the other harts fetch the new word on riscv.
 //!
 //! `klp_arch::CacheStep` has no riscv step, and this crate may not add one: [`CACHE_SYNC`]
 //! names the local `fence.i` with the one arch-neutral step, [`CacheStep::Serialize`]
 //! ("a serialising instruction"), whose `mnemonic()` is s390x's, so
 //! [`sync_mnemonic`] gives the riscv one (`fence.i`) for the objdump check. The
 //! cross-hart step (a system call or SBI call, not an instruction) has no `CacheStep`
-//! at all; the live code must perform it and document it.
+//! at all; the live code performs it.
 
 pub mod insn;
 pub mod link;
+pub mod patching;
 pub mod reloc;
 pub mod site;
 pub mod unwind;

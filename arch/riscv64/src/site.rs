@@ -71,6 +71,12 @@
 //!      and 3 again. (The kernel's `ftrace_make_nop` from v6.16 also only rewrites the
 //!      `jalr`.)
 //!
+//! A process cannot have step 2's moment without threads in the site. Its host uses
+//! the plans of [`crate::patching`] instead: the same two word states and store orders,
+//! a synchronisation round after every store that moves threads inside the site back
+//! to its start (for steps 2 and 3), the `c.nop`s settled through a 32-bit no-op whose
+//! upper half is `c.nop`, and the original bytes written back on restore.
+//!
 //! [`Arch::restore`]: klp_arch::Arch::restore
 
 use klp_arch::{
