@@ -25,8 +25,10 @@
 //! * [`unwind`]: the frame-pointer reliable walker.
 //! * [`patching`]: how a host rewrites a site other threads are running (the plans of
 //!   `klp_arch::patching`), and the site's stub.
-//!
-//! The live half (register capture, trampoline, text writes) is not here yet.
+//! * [`sigframe`]: where a signal frame keeps the registers.
+//! * `live` (riscv64 builds only): register capture, text writes with the coherence
+//!   sequence on every hart, the entry trampoline and entry frame, `impl Live`, and
+//!   the `patchable_wrapper!` of klp-user's `patchable!`.
 //!
 //! # Instruction-cache coherence
 //!
@@ -50,8 +52,11 @@
 
 pub mod insn;
 pub mod link;
+#[cfg(target_arch = "riscv64")]
+pub mod live;
 pub mod patching;
 pub mod reloc;
+pub mod sigframe;
 pub mod site;
 pub mod unwind;
 
