@@ -4,8 +4,9 @@
 //! `nop`, `jal zero` stay apart). The `auipc` pair's parts are computed here from the
 //! target with the ISA's rounding (`hi = (d + 0x800) >> 12`), not by the encoder.
 
+use klp_arch::patching::{MAX_STUB, PlanCtx, SitePlanner, SiteState};
 use klp_arch::{Arch, FuncInfo, MAX_CALL_STUB, Redirect, Reloc, RelocCtx};
-use klp_arch_riscv64::{Riscv64, insn, reloc, site};
+use klp_arch_riscv64::{Riscv64, insn, patching, reloc, site};
 
 /// The `auipc` immediate (as objdump prints it, 20 bits unsigned) and the signed low
 /// part reaching `to` from `from`.
@@ -90,6 +91,8 @@ fn main() {
             );
         }
     }
+
+    plans(f);
 
     // The call stub's instructions (its last 8 bytes are the target, not code).
     let mut stub = [0u8; MAX_CALL_STUB];
@@ -235,6 +238,75 @@ fn main() {
     println!(
         "{base:#x} {} auipc a0,{hi:#x};addi a0,a0,{lo};sd a1,{lo}(a0)",
         hex(&s)
+    );
+}
+
+/// The live plans' words (`patching`): every step of every transition of both gcc
+/// forms, as the word it stores at its address, named by what the step is for; then
+/// the site's stub.
+fn plans(f: u64) {
+    let stub = f + 0x2345_6000;
+    let jump = f - 0xf_f000;
+    let (hi, lo) = parts(f, stub);
+    let ctx = PlanCtx {
+        addr: f,
+        stub,
+        trampoline: 0,
+    };
+    // What each word a plan may store is meant to be, with its encoding asked of the
+    // encoders (a word matching none of them fails the example).
+    let call = insn::call_t0(f, stub).expect("in range");
+    let jal = insn::jal(insn::reg::ZERO, f, jump).expect("in range");
+    let meant = |w: u32, at: u64| -> String {
+        if w == insn::NOP {
+            "addi zero,zero,0".into()
+        } else if w == patching::NOP_C {
+            "addi zero,sp,0".into()
+        } else if w == patching::C_NOPS {
+            "c.addi zero,0;c.addi zero,0".into()
+        } else if w == call[0] && at == f {
+            format!("auipc t0,{hi:#x}")
+        } else if w == call[1] && at == f + 4 {
+            format!("jalr t0,{lo}(t0)")
+        } else if w == jal && at == f {
+            format!("jal zero,{jump:#x}")
+        } else {
+            panic!("a plan stores {w:#010x} at {at:#x}")
+        }
+    };
+    let nop = insn::NOP.to_le_bytes();
+    let cnop = insn::C_NOP.to_le_bytes();
+    for code in [[nop, nop].concat(), [cnop, cnop, cnop, cnop].concat()] {
+        let site = Riscv64::find_site(&code, FuncInfo::at(f)).expect("a site");
+        let mut now = code.clone();
+        for to in [
+            SiteState::Trampoline,
+            SiteState::Jump(jump),
+            SiteState::Trampoline,
+            SiteState::Original,
+            SiteState::Jump(jump),
+            SiteState::Original,
+        ] {
+            let plan = Riscv64::plan(&site, &now, to, &ctx).expect("a plan");
+            for st in plan.steps() {
+                let b = st.bytes.as_slice();
+                let at = f + u64::from(st.offset);
+                let w = u32::from_le_bytes(b.try_into().expect("a word"));
+                println!("{at:#x} {} {}", hex(b), meant(w, at));
+                let o = usize::from(st.offset);
+                now[o..o + 4].copy_from_slice(b);
+            }
+            if to == SiteState::Trampoline {
+                println!("{f:#x} {} auipc t0,{hi:#x};jalr t0,{lo}(t0)", hex(&now));
+            }
+        }
+        assert_eq!(now, code, "restored");
+    }
+    let mut out = [0u8; MAX_STUB];
+    let n = Riscv64::stub(0, 0x0123_4567_89ab_cdee, &mut out);
+    println!(
+        "{stub:#x} {} auipc t1,0x0;ld t1,16(t1);jalr zero,0(t1);addi zero,zero,0",
+        hex(&out[..n - 8])
     );
 }
 
