@@ -903,7 +903,7 @@ impl Machinery {
         Machinery {
             trampoline: range(trampoline_address()),
             decide: range(crate::redirect::decide_entry as *const () as u64),
-            fast: crate::redirect::native::FAST_ENTRY.and_then(|f| range(f as usize as u64)),
+            fast: Native::fast_entry().and_then(range),
         }
     }
 

@@ -55,18 +55,16 @@ const ST_PATCHED: u8 = 2;
 const ST_MASK: u8 = 3;
 const PENDING: u8 = 4;
 
-/// Where a host's fast entry path (x86_64's, `redirect/x86_64.rs`) reads a record: the
-/// state byte (`state & ST_MASK` is the index of [`encode`]'s value), the in-decision
-/// counter.
-pub(crate) const STATE_OFFSET: usize = std::mem::offset_of!(ThreadRecord, state);
-pub(crate) const IN_DECIDE_OFFSET: usize = std::mem::offset_of!(ThreadRecord, in_decide);
-pub(crate) const STATE_MASK: u8 = ST_MASK;
-const _: () = assert!(size_of::<AtomicU8>() == 1 && size_of::<AtomicU32>() == 4);
-const _: () = assert!(
-    STATE_OFFSET < size_of::<ThreadRecord>()
-        && IN_DECIDE_OFFSET < size_of::<ThreadRecord>()
-        && STATE_MASK as usize + 1 == 4
-);
+// Where a back-end's fast entry path reads a record (`klp_arch::live::fast`): the
+// state byte (`state & ST_MASK` is the index of [`encode`]'s value), the in-decision
+// counter.
+const _: () = {
+    use klp_arch::live::fast;
+    assert!(size_of::<AtomicU8>() == 1 && size_of::<AtomicU32>() == 4);
+    assert!(std::mem::offset_of!(ThreadRecord, state) == fast::TASK_STATE);
+    assert!(std::mem::offset_of!(ThreadRecord, in_decide) == fast::TASK_IN_DECIDE);
+    assert!(ST_MASK == fast::STATE_MASK);
+};
 
 /// The index of `s` in the state byte (see [`STATE_MASK`]).
 pub(crate) fn state_index(s: PatchState) -> usize {
@@ -121,11 +119,16 @@ pub(crate) mod cap {
 ///   sets every state to `!target` before it sets pending flags), which is what lets
 ///   [`safe_point`] switch without reading the target.
 #[derive(Debug)]
+#[repr(C)]
 pub struct ThreadRecord {
+    // First, where a fast entry path reads them (`klp_arch::live::fast`).
+    state: AtomicU8,
+    /// Non-zero while the thread runs the redirect decision ([`crate::redirect`]);
+    /// `hook_unregister` waits for it to drop.
+    pub(crate) in_decide: AtomicU32,
     /// The task id (never reused).
     pub id: TaskId,
     tid: AtomicI32,
-    state: AtomicU8,
     alive: AtomicBool,
     kthread: AtomicBool,
     stack_low: AtomicU64,
@@ -146,9 +149,6 @@ pub struct ThreadRecord {
     pub(crate) in_handler: AtomicU32,
     /// Set by a fake signal; [`idle_wait`] sleeps on it.
     wake: AtomicU32,
-    /// Non-zero while the thread runs the redirect decision ([`crate::redirect`]);
-    /// `hook_unregister` waits for it to drop.
-    pub(crate) in_decide: AtomicU32,
 }
 
 impl ThreadRecord {

@@ -69,6 +69,30 @@ pub type EntryFn = extern "C" fn(*mut c_void, *mut c_void) -> *mut c_void;
 /// 2. `f` does not unwind (it is `extern "C"`; a panic aborts).
 pub type EntryFrameFn = unsafe extern "C" fn(EntryFn, *mut c_void) -> *mut c_void;
 
+/// The layout a host's records have for a back-end's fast entry path
+/// ([`Live::fast_entry`]): a path that takes the redirect decision in a few
+/// instructions, without saving registers or calling anything, from the calling
+/// thread's record and the site's slot. A host that enables the fast path lays its
+/// records out so (and checks it with `const` assertions).
+pub mod fast {
+    /// Offset of the thread's patch-state byte in its record; `state & STATE_MASK`
+    /// indexes a slot's answers.
+    pub const TASK_STATE: usize = 0;
+    /// Offset of the thread's in-decision counter (a `u32`, raised while it decides).
+    pub const TASK_IN_DECIDE: usize = 4;
+    /// The bits of the state byte that index a slot's answers.
+    pub const STATE_MASK: u8 = 3;
+    /// Offset of the site's address in its slot.
+    pub const SLOT_SITE: usize = 0;
+    /// Offset of the slot's sequence (odd while it is written).
+    pub const SLOT_SEQ: usize = 8;
+    /// Offset of the slot's four answers (`u64` each: the implementation's address, 0
+    /// for the original, [`SLOW`] for the full decision), indexed by the state.
+    pub const SLOT_BY_STATE: usize = 16;
+    /// An answer that sends the thread to the full decision.
+    pub const SLOW: u64 = u64::MAX;
+}
+
 /// The live half of a back-end (see the module documentation).
 pub trait Live: SitePlanner {
     /// Where a signal frame keeps the registers (`None`: a build without a back-end).
@@ -128,6 +152,29 @@ pub trait Live: SitePlanner {
     /// Tells the entry trampoline which function decides (called with the site,
     /// returns 0 for the original or the address to continue at).
     fn set_decision(f: extern "C" fn(u64) -> u64);
+
+    /// The back-end's fast entry path, once enabled ([`Self::enable_fast_path`]): a
+    /// site's stub enters it with the site's slot ([`fast`]) instead of entering the
+    /// trampoline with the site; its register contract is the back-end's. `None`
+    /// without one (every stub enters the trampoline).
+    fn fast_entry() -> Option<u64> {
+        None
+    }
+
+    /// The calling thread's thread pointer, where the back-end's fast path finds the
+    /// host's thread-local record pointer at a fixed offset; `None` without a fast
+    /// path.
+    fn thread_pointer() -> Option<u64> {
+        None
+    }
+
+    /// Enables the fast path: every thread's record pointer is at `tls_offset` from its
+    /// thread pointer (the host's thread-local lies in the executable's static TLS
+    /// block). Returns whether the back-end has a fast path.
+    fn enable_fast_path(tls_offset: u64) -> bool {
+        let _ = tls_offset;
+        false
+    }
 
     /// Tells the back-end the process's hardware capabilities (`AT_HWCAP`), before its
     /// first site is written (s390x: whether the trampoline saves vector registers).

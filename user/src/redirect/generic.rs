@@ -1,24 +1,7 @@
-//! The host on a back-end without extras: every site's stub enters the entry
-//! trampoline (the stub's value is the site), and no call site is retargeted (the
-//! entry's jump serves every caller).
-
-use klp::arch::Native;
-use klp_arch::Live;
+//! The host on a back-end without call-site retargeting: no call site is retargeted
+//! (the entry's jump serves every caller).
 
 use crate::symbols::SymbolIndex;
-
-/// What a site's stub hands over and where it enters: the site, the trampoline.
-pub(crate) fn stub_entry(site: u64) -> (u64, u64) {
-    (site, Native::trampoline())
-}
-
-/// No fast entry path: every stub enters the trampoline.
-pub(crate) fn fast_entry_address() -> Option<u64> {
-    None
-}
-
-/// No fast entry path (for recognising a thread inside it).
-pub(crate) const FAST_ENTRY: Option<unsafe extern "C" fn()> = None;
 
 /// No call site is retargeted: `0` of them point at `to`.
 pub(crate) fn retarget_callers(

@@ -74,7 +74,7 @@
 
 //! ## The decision
 //!
-//! On x86_64 a site's stub enters a fast path first (`x86_64.rs`, `fast_entry`): with the
+//! On x86_64 a site's stub enters a fast path first (the back-end's `Live::fast_entry`): with the
 //! site's slot in a scratch register, it reads the thread's state byte through the
 //! fixed offset of its thread-local record pointer and takes the slot's precomputed
 //! answer for that state (`Slot::by_state`, written by `publish` under the same
@@ -169,14 +169,12 @@ pub(crate) mod stubs;
 pub(crate) mod text;
 pub use text::fail_text_write;
 
-// The one selection point of the host: the extras it has for a back-end — x86_64's
-// fast entry path (which reads the thread records and the slots) and call-site
-// retargeting — or none (`generic.rs`: the stubs enter the trampoline).
+// The one selection point of the host: call-site retargeting where it has it (x86_64,
+// `callsites.rs`), else none (`generic.rs`: the entry's jump serves every caller).
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "x86_64")] {
         pub(crate) mod callsites;
-        #[path = "x86_64.rs"]
-        pub(crate) mod native;
+        pub(crate) use callsites as native;
     } else {
         #[path = "generic.rs"]
         pub(crate) mod native;
@@ -291,22 +289,37 @@ const F_PRESENT: u64 = 1;
 const F_TRANSITION: u64 = 2;
 
 /// In [`Slot::by_state`]: no precomputed answer, take the full decision.
-const SLOW: u64 = u64::MAX;
+const SLOW: u64 = klp_arch::live::fast::SLOW;
 
-/// One site's published view (see the module documentation).
+/// One site's published view (see the module documentation), laid out as a back-end's
+/// fast entry path reads it (`klp_arch::live::fast`).
 #[derive(Debug)]
 #[repr(C)]
 struct Slot {
     site: AtomicU64,
     seq: AtomicU64,
-    flags: AtomicU64,
-    top: AtomicU64,
-    below: AtomicU64,
     /// The decision for each value of a thread's state byte (indexed as
     /// [`crate::thread::state_index`]; [`SLOW`] where the full decision must run: an
     /// idle thread during a transition, which counts an anomaly), under the same
-    /// sequence: what the x86_64 fast entry path reads.
+    /// sequence: what a back-end's fast entry path reads.
     by_state: [AtomicU64; 4],
+    flags: AtomicU64,
+    top: AtomicU64,
+    below: AtomicU64,
+}
+
+const _: () = {
+    use klp_arch::live::fast;
+    assert!(std::mem::offset_of!(Slot, site) == fast::SLOT_SITE);
+    assert!(std::mem::offset_of!(Slot, seq) == fast::SLOT_SEQ);
+    assert!(std::mem::offset_of!(Slot, by_state) == fast::SLOT_BY_STATE);
+};
+
+/// The address of `site`'s slot, if it has one (slots are never reused: the address
+/// stays `site`'s for the life of the process): what a site's stub hands a fast entry
+/// path.
+fn slot_addr(site: u64) -> Option<u64> {
+    slot(site, false).map(|s| s as *const Slot as u64)
 }
 
 impl Slot {
@@ -314,10 +327,10 @@ impl Slot {
         Slot {
             site: AtomicU64::new(0),
             seq: AtomicU64::new(0),
+            by_state: [const { AtomicU64::new(0) }; 4],
             flags: AtomicU64::new(0),
             top: AtomicU64::new(0),
             below: AtomicU64::new(0),
-            by_state: [const { AtomicU64::new(0) }; 4],
         }
     }
 }
@@ -374,11 +387,11 @@ fn slot(site: u64, insert: bool) -> Option<&'static Slot> {
     None
 }
 
-/// Where the sites' stubs enter when the host's fast entry path runs in this process
-/// (x86_64; the stub then carries the site's slot instead of the site); `None` when
-/// every stub enters the trampoline.
+/// Where the sites' stubs enter when the back-end's fast entry path runs in this
+/// process (x86_64; the stub then carries the site's slot instead of the site); `None`
+/// when every stub enters the trampoline.
 pub fn fast_entry_address() -> Option<u64> {
-    native::fast_entry_address()
+    sites::fast_path_ready().then(<klp::arch::Native as klp_arch::Live>::fast_entry)?
 }
 
 /// Publishes `view` for `site` (`None`: no record). Returns `false` if the table is

@@ -125,9 +125,56 @@ fn read_site(site: &Site) -> Vec<u8> {
     now
 }
 
+/// Turns the back-end's fast entry path on if it has one and it can run here (once):
+/// klp-user is part of the main executable, so its thread-local record pointer lies in
+/// the executable's static TLS block, at one fixed offset from every thread's pointer.
+/// Elsewhere (klp-user inside a shared object, whose TLS may be allocated per thread)
+/// every site enters the trampoline directly. Returns whether it is on.
+pub(crate) fn fast_path_ready() -> bool {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Some(tp) = Native::thread_pointer() else {
+            return;
+        };
+        if in_main_executable(super::decide_entry as *const () as u64) {
+            Native::enable_fast_path(crate::thread::current_cell().wrapping_sub(tp));
+        }
+    });
+    Native::fast_entry().is_some()
+}
+
+/// Whether `addr` lies in the main executable (the object whose program headers the
+/// kernel passed as `AT_PHDR`).
+fn in_main_executable(addr: u64) -> bool {
+    // SAFETY: `getauxval` has no preconditions.
+    let phdr = unsafe { libc::getauxval(libc::AT_PHDR) };
+    let base_of = |a: u64| {
+        // SAFETY: an all-zero `Dl_info` (null pointers, zeros) is a valid value.
+        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        // SAFETY: `dladdr` only reads the loader's tables and writes `info`.
+        let ok = unsafe { libc::dladdr(a as *const libc::c_void, &mut info) } != 0;
+        (ok && !info.dli_fbase.is_null()).then_some(info.dli_fbase as u64)
+    };
+    phdr != 0 && base_of(phdr).is_some_and(|b| Some(b) == base_of(addr))
+}
+
+/// What a site's stub hands over and where it enters: the site's slot and the fast
+/// entry path when it runs here, else the site and the trampoline.
+fn stub_entry(site: u64) -> (u64, u64) {
+    let fast = if fast_path_ready() {
+        Native::fast_entry()
+    } else {
+        None
+    };
+    match (super::slot_addr(site), fast) {
+        (Some(slot), Some(fast)) => (slot, fast),
+        _ => (site, Native::trampoline()),
+    }
+}
+
 /// The stub of `site` ([`super::stubs`]; `TEXT` held by the caller).
 fn stub_for(site: &Site, sync: &mut dyn FnMut()) -> Result<u64, Errno> {
-    let (value, entry) = super::native::stub_entry(site.addr());
+    let (value, entry) = stub_entry(site.addr());
     let mut bytes = [0u8; MAX_STUB];
     let n = Native::stub(value, entry, &mut bytes);
     let bytes = bytes
@@ -439,6 +486,13 @@ mod tests {
         }
     }
 
+    crate::patchable! {
+        /// The site refused a jump (its own: tests run in parallel).
+        fn klp_sites_unit_far(x: u64) -> u64 {
+            std::hint::black_box(x) + 1
+        }
+    }
+
     extern "C" fn unit_v2(x: u64) -> u64 {
         std::hint::black_box(x) + 101
     }
@@ -498,7 +552,7 @@ mod tests {
     fn an_unreachable_jump_writes_nothing() {
         std::thread::spawn(|| {
             crate::thread::register_current();
-            let f = klp_sites_unit as *const () as u64;
+            let f = klp_sites_unit_far as *const () as u64;
             let index = SymbolIndex::load();
             let site = find(&index, f).expect("the site");
             let before = bytes_at(&site);
@@ -509,10 +563,91 @@ mod tests {
                 set(&index, &site, SiteState::Jump(far), &mut || rounds += 1),
                 Err(Errno::ERANGE)
             );
-            assert_eq!((bytes_at(&site), rounds), (before, 0));
+            // Nothing written to the site (its stub may have been made, with its round).
+            assert_eq!(bytes_at(&site), before);
+            assert!(rounds <= 1, "{rounds} rounds");
         })
         .join()
         .expect("thread");
+    }
+
+    /// The record a fast entry path finds at the thread pointer plus the offset the
+    /// host gave it.
+    fn record_seen_by_fast_path(off: u64) -> u64 {
+        let tp = Native::thread_pointer().expect("a thread pointer");
+        // SAFETY: `tp + off` is this thread's `CURRENT` cell (the offset the fast path
+        // was enabled with); a read only.
+        unsafe { std::ptr::read_volatile((tp.wrapping_add(off)) as *const u64) }
+    }
+
+    #[test]
+    fn the_fast_path_finds_each_threads_record() {
+        if Native::thread_pointer().is_none() {
+            return;
+        }
+        assert!(fast_path_ready(), "klp-user is part of the test executable");
+        let tp = Native::thread_pointer().expect("a thread pointer");
+        let off = crate::thread::current_cell().wrapping_sub(tp);
+        let here = std::thread::spawn(move || {
+            let before = record_seen_by_fast_path(off);
+            let rec = crate::thread::register_current();
+            (
+                before,
+                record_seen_by_fast_path(off),
+                std::sync::Arc::as_ptr(&rec) as u64,
+            )
+        });
+        let (before, after, rec) = here.join().expect("thread");
+        assert_eq!(after, rec);
+        assert!(before == 0 || before == rec, "{before:#x}");
+        assert_eq!(
+            record_seen_by_fast_path(off),
+            crate::thread::current_raw() as u64
+        );
+    }
+
+    #[test]
+    fn the_slot_holds_the_decision_for_each_state() {
+        // What a fast entry path reads; a stub-entered call of a real site is covered
+        // by the redirect and consistency tests.
+        let site = 0x7777_0000_5000;
+        let v = klp::RedirectView {
+            top: klp::Target::Func(0x2000),
+            top_transition: true,
+            below: klp::Target::Func(0x1000),
+        };
+        assert!(super::super::publish(site, Some(v)));
+        let slot = super::super::slot_addr(site).expect("slot");
+        let at = |st: klp::PatchState| {
+            let i = crate::thread::state_index(st) as u64;
+            let a = slot + klp_arch::live::fast::SLOT_BY_STATE as u64 + 8 * i;
+            // SAFETY: `a` is an answer word of a slot of the static table.
+            unsafe { &*(a as *const AtomicU64) }.load(Ordering::Relaxed)
+        };
+        assert_eq!(at(klp::PatchState::Unpatched), 0x1000);
+        assert_eq!(at(klp::PatchState::Patched), 0x2000);
+        assert_eq!(
+            at(klp::PatchState::Idle),
+            klp_arch::live::fast::SLOW,
+            "an anomaly: slow path"
+        );
+        super::super::publish(
+            site,
+            Some(klp::RedirectView {
+                top_transition: false,
+                below: klp::Target::Original,
+                ..v
+            }),
+        );
+        for st in [
+            klp::PatchState::Idle,
+            klp::PatchState::Unpatched,
+            klp::PatchState::Patched,
+        ] {
+            assert_eq!(at(st), 0x2000, "steady: the top for {st:?}");
+        }
+        super::super::publish(site, None);
+        assert_eq!(at(klp::PatchState::Patched), 0, "no record: the original");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use core::arch::asm;
 
+pub mod fast;
 pub mod trampoline;
 pub use trampoline::{entry_trampoline, write_site};
 
@@ -147,6 +148,19 @@ impl Live for crate::X86_64 {
 
     fn set_decision(f: extern "C" fn(u64) -> u64) {
         trampoline::set_decision(f);
+    }
+
+    fn fast_entry() -> Option<u64> {
+        fast::enabled().then_some(fast::fast_entry as *const () as u64)
+    }
+
+    fn thread_pointer() -> Option<u64> {
+        Some(fast::thread_pointer())
+    }
+
+    fn enable_fast_path(tls_offset: u64) -> bool {
+        fast::enable(tls_offset);
+        true
     }
 
     unsafe fn read_stack_word(addr: u64) -> u64 {
