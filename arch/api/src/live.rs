@@ -57,6 +57,22 @@ pub struct UcontextLayout {
     pub trap_link: Option<usize>,
 }
 
+/// The kernel's `stack_t` on a 64-bit Linux (`include/uapi/asm-generic/signal.h`: the
+/// same layout on every 64-bit architecture), for the back-ends' mirrors of
+/// `struct ucontext`, whose `uc_stack` it is.
+#[derive(Debug)]
+#[repr(C)]
+pub struct SigStack {
+    /// `ss_sp`.
+    pub ss_sp: u64,
+    /// `ss_flags`.
+    pub ss_flags: i32,
+    /// `ss_size`.
+    pub ss_size: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SigStack>() == 24);
+
 /// A function called from a task's entry frame: `f(arg, frame)`.
 pub type EntryFn = extern "C" fn(*mut c_void, *mut c_void) -> *mut c_void;
 

@@ -7,14 +7,7 @@
 use core::mem::offset_of;
 
 use klp_arch::UcontextLayout;
-
-/// `stack_t`.
-#[repr(C)]
-struct Stack {
-    ss_sp: u64,
-    ss_flags: i32,
-    ss_size: u64,
-}
+use klp_arch::live::SigStack;
 
 /// `struct sigcontext` (64-bit), up to `gp_regs`.
 #[repr(C)]
@@ -33,7 +26,7 @@ struct Sigcontext {
 struct Ucontext {
     uc_flags: u64,
     uc_link: u64,
-    uc_stack: Stack,
+    uc_stack: SigStack,
     uc_sigmask: u64,
     unused: [u64; 15],
     uc_mcontext: Sigcontext,

@@ -10,14 +10,7 @@
 use core::mem::offset_of;
 
 use klp_arch::UcontextLayout;
-
-/// `stack_t`.
-#[repr(C)]
-struct Stack {
-    ss_sp: u64,
-    ss_flags: i32,
-    ss_size: u64,
-}
+use klp_arch::live::SigStack;
 
 /// `struct user_regs_struct`: `pc`, then `x1`–`x31` in register-number order.
 #[repr(C)]
@@ -54,7 +47,7 @@ struct Sigcontext {
 struct Ucontext {
     uc_flags: u64,
     uc_link: u64,
-    uc_stack: Stack,
+    uc_stack: SigStack,
     uc_sigmask: u64,
     unused: [u8; 1024 / 8 - 8],
     uc_mcontext: Sigcontext,

@@ -7,14 +7,7 @@
 use core::mem::offset_of;
 
 use klp_arch::UcontextLayout;
-
-/// `stack_t`.
-#[repr(C)]
-struct Stack {
-    ss_sp: u64,
-    ss_flags: i32,
-    ss_size: u64,
-}
+use klp_arch::live::SigStack;
 
 /// `_psw_t`.
 #[repr(C)]
@@ -35,7 +28,7 @@ struct Sigregs {
 struct Ucontext {
     uc_flags: u64,
     uc_link: u64,
-    uc_stack: Stack,
+    uc_stack: SigStack,
     uc_mcontext: Sigregs,
 }
 
