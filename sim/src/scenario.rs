@@ -808,6 +808,19 @@ pub fn run_file_on(
     Ok(r.run(&sc))
 }
 
+/// [`run_file_on`] with `elf_module` paths relative to `base` instead.
+pub fn run_file_in(
+    path: &std::path::Path,
+    model: Option<crate::stackmodel::ArchModel>,
+    base: &std::path::Path,
+) -> Result<Outcome, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    let sc = parse(&text).map_err(|e| format!("malformed scenario: {e}"))?;
+    let mut r = Runner::with_arch(model);
+    r.base = base.to_path_buf();
+    Ok(r.run(&sc))
+}
+
 /// Converts a `grep` basic regular expression into the `regex` crate's syntax.
 pub fn bre_to_regex(p: &str) -> Result<regex::Regex, regex::Error> {
     let mut out = String::new();

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use klp_sim::scenario::{Outcome, run_file_on, run_text};
+mod common;
+
+use klp_sim::scenario::{Outcome, run_file_in, run_text};
 use klp_sim::stackmodel::ArchModel;
 
 fn files(dir: &str) -> Vec<PathBuf> {
@@ -19,6 +21,9 @@ fn files(dir: &str) -> Vec<PathBuf> {
 }
 
 fn run_all(dir: &str, min: usize) {
+    // The ELF objects `elf_module` loads, for every back-end, written for this run.
+    let fixtures = std::env::temp_dir().join(format!("klp-sim-fixtures-{}", std::process::id()));
+    common::write_elf_fixtures(&fixtures);
     let fs = files(dir);
     assert!(
         fs.len() >= min,
@@ -29,12 +34,13 @@ fn run_all(dir: &str, min: usize) {
     let models = std::iter::once(None).chain(ArchModel::all().into_iter().map(Some));
     for model in models {
         for f in &fs {
-            match run_file_on(f, model) {
+            match run_file_in(f, model, &fixtures) {
                 Ok(Outcome::Pass) => {}
                 other => failed.push(format!("{} ({model:?}): {other:?}", f.display())),
             }
         }
     }
+    let _ = std::fs::remove_dir_all(&fixtures);
     assert!(
         failed.is_empty(),
         "failing scenarios:\n{}",

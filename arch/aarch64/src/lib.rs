@@ -64,6 +64,8 @@ impl Arch for Aarch64 {
     const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
     const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
     const SITE_FLAGS: &'static str = "-fpatchable-function-entry=2";
+    /// `R_AARCH64_ABS64`.
+    const ABS64_RELOC: u32 = 257;
 
     fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         site::find(code, func)

@@ -153,6 +153,10 @@ pub trait Arch: 'static {
     /// The gcc flags that give a C function a patch site this back-end recognises
     /// (for messages that tell a user how to rebuild).
     const SITE_FLAGS: &'static str = "";
+    /// The relocation type of a 64-bit absolute address (`R_X86_64_64`,
+    /// `R_AARCH64_ABS64`, …): what a livepatch object's data refers to another
+    /// object with (0: none).
+    const ABS64_RELOC: u32 = 0;
     /// The gcc flags, beyond `-fno-omit-frame-pointer`, that make a C program's stacks
     /// walkable by this back-end's unwinder (s390x: `-mbackchain`).
     const WALK_CFLAGS: &'static str = "";

@@ -68,6 +68,8 @@ impl Arch for Ppc64le {
     const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
     const SAFE_POINT_HOOK: SafePointHook = SafePointHook::LivepatchStackCheck;
     const SITE_FLAGS: &'static str = "-pg -mprofile-kernel";
+    /// `R_PPC64_ADDR64`.
+    const ABS64_RELOC: u32 = 38;
 
     fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         site::find(code, func)

@@ -92,6 +92,8 @@ impl Arch for Riscv64 {
     const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
     const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
     const SITE_FLAGS: &'static str = "-fpatchable-function-entry=4 -falign-functions=4";
+    /// `R_RISCV_64`.
+    const ABS64_RELOC: u32 = 2;
 
     fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         site::find(code, func)

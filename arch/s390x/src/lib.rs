@@ -59,6 +59,8 @@ impl Arch for S390x {
     const CACHE_SYNC: &'static [CacheStep] = CACHE_SYNC;
     const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
     const SITE_FLAGS: &'static str = "-pg -mfentry -mnop-mcount";
+    /// `R_390_64`.
+    const ABS64_RELOC: u32 = 22;
     const WALK_CFLAGS: &'static str = "-mbackchain";
 
     fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {

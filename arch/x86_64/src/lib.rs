@@ -56,6 +56,8 @@ impl Arch for X86_64 {
     const CACHE_SYNC: &'static [CacheStep] = &[];
     const SAFE_POINT_HOOK: SafePointHook = SafePointHook::Generic;
     const SITE_FLAGS: &'static str = "-fpatchable-function-entry=5";
+    /// `R_X86_64_64`.
+    const ABS64_RELOC: u32 = 1;
 
     fn find_site(code: &[u8], func: FuncInfo) -> Result<Site, SiteError> {
         site::find(code, func)

@@ -11,15 +11,41 @@ pub const LP: &str = "elf_lp";
 /// The late module it patches.
 pub const BUSY: &str = "test_klp_callbacks_busy";
 
-/// The ELF machine number, byte order and 64-bit absolute relocation type of each arch.
-pub const ARCHES: [(&str, u16, bool, u32); 4] = [
-    ("x86_64", 62, false, 1),
-    ("aarch64", 183, false, 257),
-    ("ppc64le", 21, false, 38),
-    ("s390x", 22, true, 22),
-];
+struct Elf;
 
-/// [`elf_patch`] for any of the [`ARCHES`].
+impl klp_backends::Visit for Elf {
+    type Out = (&'static str, u16, bool, u32);
+    fn visit<A: klp_backends::Arch>(self) -> Self::Out {
+        (
+            A::NAME,
+            A::ELF_MACHINE,
+            A::ENDIAN == klp_backends::Endian::Big,
+            A::ABS64_RELOC,
+        )
+    }
+}
+
+/// The name, ELF machine number, byte order (big-endian?) and 64-bit absolute
+/// relocation type of every back-end.
+pub fn arches() -> Vec<(&'static str, u16, bool, u32)> {
+    klp_backends::NAMES
+        .iter()
+        .filter_map(|n| klp_backends::by_name(n, Elf).ok())
+        .collect()
+}
+
+/// Writes [`elf_patch_for`] of every back-end to `dir/elf/elf_lp-<arch>.ko` (what
+/// `scenarios/extra/elf-*.klpt` load).
+pub fn write_elf_fixtures(dir: &std::path::Path) {
+    let d = dir.join("elf");
+    std::fs::create_dir_all(&d).expect("fixture dir");
+    for (arch, machine, big, abs64) in arches() {
+        let f = d.join(format!("elf_lp-{arch}.ko"));
+        std::fs::write(&f, elf_patch_for(machine, big, abs64)).expect("write fixture");
+    }
+}
+
+/// [`elf_patch`] for any of the [`arches`].
 pub fn elf_patch_for(machine: u16, big: bool, abs64: u32) -> Vec<u8> {
     elfbuild::patch(
         machine,
