@@ -96,12 +96,7 @@ const SHT_LLVM_CALL_GRAPH_PROFILE: u32 = 0x6fff_4c09;
 /// The architecture's 64-bit absolute relocation type: the psABIs' `R_X86_64_64`
 /// (1), `R_AARCH64_ABS64` (257), `R_PPC64_ADDR64` (38), `R_390_64` (22).
 pub fn abs64_type(arch: Arch) -> u32 {
-    match arch {
-        Arch::X86_64 => elf::R_X86_64_64.0,
-        Arch::Aarch64 => elf::R_AARCH64_ABS64.0,
-        Arch::Ppc64le => elf::R_PPC64_ADDR64.0,
-        Arch::S390x => elf::R_390_64.0,
-    }
+    arch.abs64()
 }
 
 /// One function of a written description.
@@ -831,8 +826,8 @@ mod tests {
         );
         assert_eq!(FUNC_EXT_SIZE, 3 * 8);
         assert_eq!(abs64_type(Arch::X86_64), 1);
-        assert_eq!(abs64_type(Arch::Aarch64), 257);
-        assert_eq!(abs64_type(Arch::Ppc64le), 38);
-        assert_eq!(abs64_type(Arch::S390x), 22);
+        assert_eq!(abs64_type(Arch::AARCH64), 257);
+        assert_eq!(abs64_type(Arch::PPC64LE), 38);
+        assert_eq!(abs64_type(Arch::S390X), 22);
     }
 }

@@ -12,31 +12,82 @@ use object::{Endianness, FileKind};
 
 use crate::error::Error;
 
-/// The four architectures klp supports.
+/// An architecture klp has a back-end for (`klp-backends`), with what klp-convert
+/// needs of it: its name, ELF machine, byte order and 64-bit absolute relocation type.
+/// Files of any back-end's machine are accepted; the associated constants name the
+/// architectures klp's own tests use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Arch {
-    /// x86_64, little-endian.
-    X86_64,
-    /// aarch64, little-endian.
-    Aarch64,
-    /// 64-bit PowerPC, little-endian, ELFv2 ABI.
-    Ppc64le,
-    /// s390x (64-bit z/Architecture), big-endian.
-    S390x,
+pub struct Arch {
+    name: &'static str,
+    machine: u16,
+    big: bool,
+    abs64: u32,
+}
+
+struct Describe;
+
+impl klp_backends::Visit for Describe {
+    type Out = Arch;
+    fn visit<A: klp_backends::Arch>(self) -> Arch {
+        Arch {
+            name: A::NAME,
+            machine: A::ELF_MACHINE,
+            big: A::ENDIAN == klp_backends::Endian::Big,
+            abs64: A::ABS64_RELOC,
+        }
+    }
 }
 
 impl Arch {
-    /// The name klp uses for it (`x86_64`, `aarch64`, `ppc64le`, `s390x`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86_64",
-            Arch::Aarch64 => "aarch64",
-            Arch::Ppc64le => "ppc64le",
-            Arch::S390x => "s390x",
+    /// x86_64.
+    pub const X86_64: Arch = Arch::new("x86_64", 62, false, 1);
+    /// aarch64.
+    pub const AARCH64: Arch = Arch::new("aarch64", 183, false, 257);
+    /// 64-bit PowerPC, little-endian, ELFv2 ABI.
+    pub const PPC64LE: Arch = Arch::new("ppc64le", 21, false, 38);
+    /// s390x (64-bit z/Architecture), big-endian.
+    pub const S390X: Arch = Arch::new("s390x", 22, true, 22);
+
+    const fn new(name: &'static str, machine: u16, big: bool, abs64: u32) -> Arch {
+        Arch {
+            name,
+            machine,
+            big,
+            abs64,
         }
     }
 
-    /// The architecture of an ELF header, or why it is not one of the four.
+    /// The back-end of ELF machine `machine`.
+    pub fn of_machine(machine: u16) -> Option<Arch> {
+        klp_backends::by_machine(machine, Describe).ok()
+    }
+
+    /// The back-end called `name` (`x86_64`, `ppc64le`, …).
+    pub fn named(name: &str) -> Option<Arch> {
+        klp_backends::by_name(name, Describe).ok()
+    }
+
+    /// The name klp uses for it (`x86_64`, `aarch64`, `ppc64le`, `s390x`, …).
+    pub fn name(self) -> &'static str {
+        self.name
+    }
+
+    /// Its ELF machine (`e_machine`).
+    pub fn machine(self) -> u16 {
+        self.machine
+    }
+
+    /// Whether it is big-endian.
+    pub fn big_endian(self) -> bool {
+        self.big
+    }
+
+    /// The relocation type of a 64-bit absolute address.
+    pub fn abs64(self) -> u32 {
+        self.abs64
+    }
+
+    /// The architecture of an ELF header, or why it is not one klp has a back-end for.
     pub(crate) fn from_header(
         file: &str,
         machine: elf::Machine,
@@ -45,17 +96,11 @@ impl Arch {
         e_flags: u32,
     ) -> Result<Arch, Error> {
         let big = endian == Endianness::Big;
-        let (arch, want_big) = match machine {
-            elf::EM_X86_64 => (Arch::X86_64, false),
-            elf::EM_AARCH64 => (Arch::Aarch64, false),
-            elf::EM_PPC64 => (Arch::Ppc64le, false),
-            elf::EM_S390 => (Arch::S390x, true),
-            other => {
-                return Err(Error::UnsupportedMachine {
-                    file: file.to_string(),
-                    machine: format!("ELF machine {}", other.0),
-                });
-            }
+        let Some(arch) = Arch::of_machine(machine.0) else {
+            return Err(Error::UnsupportedMachine {
+                file: file.to_string(),
+                machine: format!("ELF machine {}", machine.0),
+            });
         };
         if !is_64 {
             return Err(Error::UnsupportedMachine {
@@ -63,7 +108,7 @@ impl Arch {
                 machine: format!("32-bit {}", arch.family()),
             });
         }
-        if big != want_big {
+        if big != arch.big {
             return Err(Error::ByteOrder {
                 file: file.to_string(),
                 machine: arch.family().to_string(),
@@ -72,7 +117,7 @@ impl Arch {
         }
         // ELFv1 (`e_flags` ABI 1) has function descriptors; klp's ppc64le is ELFv2.
         // 0 means "unspecified", which a little-endian file treats as ELFv2.
-        if arch == Arch::Ppc64le && e_flags & elf::EF_PPC64_ABI == 1 {
+        if machine == elf::EM_PPC64 && e_flags & elf::EF_PPC64_ABI == 1 {
             return Err(Error::UnsupportedMachine {
                 file: file.to_string(),
                 machine: "ppc64 with the ELFv1 ABI".to_string(),
@@ -81,13 +126,9 @@ impl Arch {
         Ok(arch)
     }
 
+    /// The family name, without a byte-order suffix (`ppc64` for ppc64le).
     fn family(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86_64",
-            Arch::Aarch64 => "aarch64",
-            Arch::Ppc64le => "ppc64",
-            Arch::S390x => "s390x",
-        }
+        self.name.strip_suffix("le").unwrap_or(self.name)
     }
 }
 
@@ -348,5 +389,20 @@ fn read_u32(e: Endianness, b: &[u8]) -> u32 {
     match e {
         Endianness::Little => u32::from_le_bytes(a),
         Endianness::Big => u32::from_be_bytes(a),
+    }
+}
+
+#[cfg(test)]
+mod arch_tests {
+    use super::Arch;
+
+    #[test]
+    fn the_named_constants_are_the_back_ends() {
+        for a in [Arch::X86_64, Arch::AARCH64, Arch::PPC64LE, Arch::S390X] {
+            assert_eq!(Arch::of_machine(a.machine()), Some(a));
+            assert_eq!(Arch::named(a.name()), Some(a));
+        }
+        assert_eq!(Arch::of_machine(0), None);
+        assert_eq!(Arch::PPC64LE.family(), "ppc64");
     }
 }

@@ -382,13 +382,7 @@ impl Warnings {
 }
 
 fn arch_of(machine: u16, big: bool) -> Option<Arch> {
-    match (machine, big) {
-        (62, false) => Some(Arch::X86_64),
-        (183, false) => Some(Arch::Aarch64),
-        (21, false) => Some(Arch::Ppc64le),
-        (22, true) => Some(Arch::S390x),
-        _ => None,
-    }
+    Arch::of_machine(machine).filter(|a| a.big_endian() == big)
 }
 
 /// The kernel's `klp_find_object_symbol` over a target's definitions: how `name`,

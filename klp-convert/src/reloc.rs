@@ -3,7 +3,8 @@
 //! `apply_relocate_add` for each of the four), so a `.klp.rela` entry that could
 //! never be written is refused here rather than when the patch is loaded.
 
-use klp_arch::{Arch as _, Reloc, RelocCtx, RelocError};
+use klp_arch::{Reloc, RelocCtx, RelocError};
+use klp_backends::Visit;
 
 use crate::elf::Arch;
 
@@ -13,28 +14,24 @@ use crate::elf::Arch;
 /// (a scratch value out of range, or a scratch instruction the type does not
 /// expect, still shows the back-end knows the type).
 pub fn writable(arch: Arch, r_type: u32) -> bool {
-    let mut scratch = [0u8; 32];
-    let reloc = Reloc {
-        r_type,
-        offset: 8,
-        sym: 0x1000,
-        addend: 0,
-        external: true,
-    };
-    let ctx = RelocCtx { toc: Some(0x8000) };
-    let result = match arch {
-        Arch::X86_64 => {
-            klp_arch_x86_64::X86_64::apply_relocation(&mut scratch, 0x1000, &reloc, &ctx)
+    struct Try(u32);
+    impl Visit for Try {
+        type Out = bool;
+        fn visit<A: klp_arch::Arch>(self) -> bool {
+            let mut scratch = [0u8; 32];
+            let reloc = Reloc {
+                r_type: self.0,
+                offset: 8,
+                sym: 0x1000,
+                addend: 0,
+                external: true,
+            };
+            let ctx = RelocCtx { toc: Some(0x8000) };
+            let result = A::apply_relocation(&mut scratch, 0x1000, &reloc, &ctx);
+            !matches!(result, Err(RelocError::UnsupportedType { .. }))
         }
-        Arch::Aarch64 => {
-            klp_arch_aarch64::Aarch64::apply_relocation(&mut scratch, 0x1000, &reloc, &ctx)
-        }
-        Arch::Ppc64le => {
-            klp_arch_ppc64le::Ppc64le::apply_relocation(&mut scratch, 0x1000, &reloc, &ctx)
-        }
-        Arch::S390x => klp_arch_s390x::S390x::apply_relocation(&mut scratch, 0x1000, &reloc, &ctx),
-    };
-    !matches!(result, Err(RelocError::UnsupportedType { .. }))
+    }
+    klp_backends::by_name(arch.name(), Try(r_type)).unwrap_or(false)
 }
 
 /// Whether `r_type` is a GOT-relative reference that a process's loader serves with an
@@ -44,24 +41,19 @@ pub fn writable(arch: Arch, r_type: u32) -> bool {
 /// one to the program's own symbol is relaxed (the loader places the patch near the
 /// program). The kernel has no such loader, but kernel code is not built with `-fPIC`.
 pub fn got_slot(arch: Arch, r_type: u32) -> bool {
-    let class = match arch {
-        Arch::X86_64 => klp_arch_x86_64::X86_64::link_class(r_type),
-        Arch::Aarch64 => klp_arch_aarch64::Aarch64::link_class(r_type),
-        Arch::Ppc64le => klp_arch_ppc64le::Ppc64le::link_class(r_type),
-        Arch::S390x => klp_arch_s390x::S390x::link_class(r_type),
-    };
-    matches!(class, klp_arch::LinkClass::GotSlot { .. })
+    struct Class(u32);
+    impl Visit for Class {
+        type Out = bool;
+        fn visit<A: klp_arch::Arch>(self) -> bool {
+            matches!(A::link_class(self.0), klp_arch::LinkClass::GotSlot { .. })
+        }
+    }
+    klp_backends::by_name(arch.name(), Class(r_type)).unwrap_or(false)
 }
 
 /// The psABI name of a relocation type, when known.
 pub fn type_name(arch: Arch, r_type: u32) -> Option<&'static str> {
-    let machine = match arch {
-        Arch::X86_64 => object::elf::EM_X86_64,
-        Arch::Aarch64 => object::elf::EM_AARCH64,
-        Arch::Ppc64le => object::elf::EM_PPC64,
-        Arch::S390x => object::elf::EM_S390,
-    };
-    object::elf::machine_names(machine)
+    object::elf::machine_names(object::elf::Machine(arch.machine()))
         .r
         .name(object::elf::RelocationType(r_type))
 }
@@ -76,18 +68,18 @@ mod tests {
         assert!(writable(Arch::X86_64, 4) && writable(Arch::X86_64, 2));
         assert!(!writable(Arch::X86_64, 9));
         // aarch64: CALL26 (283), ADR_PREL_PG_HI21 (275); ADR_GOT_PAGE (311) no.
-        assert!(writable(Arch::Aarch64, 283) && writable(Arch::Aarch64, 275));
-        assert!(!writable(Arch::Aarch64, 311));
+        assert!(writable(Arch::AARCH64, 283) && writable(Arch::AARCH64, 275));
+        assert!(!writable(Arch::AARCH64, 311));
         // ppc64le: REL24 (10), TOC16_HA (50), ADDR64 (38).
-        assert!(writable(Arch::Ppc64le, 10) && writable(Arch::Ppc64le, 50));
-        assert!(writable(Arch::Ppc64le, 38));
+        assert!(writable(Arch::PPC64LE, 10) && writable(Arch::PPC64LE, 50));
+        assert!(writable(Arch::PPC64LE, 38));
         // s390x: PLT32DBL (20), PC32DBL (19); GOTENT (26) no.
-        assert!(writable(Arch::S390x, 20) && writable(Arch::S390x, 19));
-        assert!(!writable(Arch::S390x, 26));
+        assert!(writable(Arch::S390X, 20) && writable(Arch::S390X, 19));
+        assert!(!writable(Arch::S390X, 26));
         assert_eq!(type_name(Arch::X86_64, 9), Some("R_X86_64_GOTPCREL"));
         // GOT references a process loader serves with slots.
-        assert!(got_slot(Arch::X86_64, 42) && got_slot(Arch::Aarch64, 311));
-        assert!(got_slot(Arch::S390x, 26) && !got_slot(Arch::X86_64, 2));
-        assert_eq!(type_name(Arch::S390x, 20), Some("R_390_PLT32DBL"));
+        assert!(got_slot(Arch::X86_64, 42) && got_slot(Arch::AARCH64, 311));
+        assert!(got_slot(Arch::S390X, 26) && !got_slot(Arch::X86_64, 2));
+        assert_eq!(type_name(Arch::S390X, 20), Some("R_390_PLT32DBL"));
     }
 }

@@ -72,7 +72,7 @@ fn the_core_reads_the_description_and_writes_the_relocations_on_every_arch() {
         );
 
         let at = [(".text", TEXT), (".data", DATA)];
-        let toc = (arch == klp_convert::Arch::Ppc64le).then_some(TOC);
+        let toc = (arch == klp_convert::Arch::PPC64LE).then_some(TOC);
         let mut image = Loaded::load(&obj, &at, toc);
         let mut host = MapHost::from_map(cases::MAP);
         let text = |image: &Loaded| image.bytes(&obj, ".text")[..c.code.len()].to_vec();
@@ -107,7 +107,7 @@ fn the_core_reads_the_description_and_writes_the_relocations_on_every_arch() {
         let cleared = text(&image);
         match arch {
             klp_convert::Arch::X86_64 => assert_eq!(cleared, c.vmlinux),
-            klp_convert::Arch::Ppc64le => {
+            klp_convert::Arch::PPC64LE => {
                 assert_eq!(cleared[20..24], c.code[20..24], "the nop is back");
                 assert_eq!(cleared[..16], c.vmlinux[..16]);
             }
@@ -130,7 +130,7 @@ fn the_core_refuses_a_converted_object_whose_target_changed() {
         let arch = c.spec.arch;
         let out = cases::converted(&c);
         let obj = PatchObject::parse(&out.data).unwrap();
-        let toc = (arch == klp_convert::Arch::Ppc64le).then_some(TOC);
+        let toc = (arch == klp_convert::Arch::PPC64LE).then_some(TOC);
         let mut image = Loaded::load(&obj, &[(".text", TEXT), (".data", DATA)], toc);
         let shrunk = cases::MAP.replace("0000000010400000 t static_fn\n", "");
         let mut host = MapHost::from_map(&shrunk);

@@ -60,17 +60,17 @@ fn type_name(arch: Arch, r_type: u32) -> &'static str {
         (Arch::X86_64, 1) => "R_X86_64_64",
         (Arch::X86_64, 2) => "R_X86_64_PC32",
         (Arch::X86_64, 4) => "R_X86_64_PLT32",
-        (Arch::Aarch64, 257) => "R_AARCH64_ABS64",
-        (Arch::Aarch64, 275) => "R_AARCH64_ADR_PREL_PG_HI21",
-        (Arch::Aarch64, 283) => "R_AARCH64_CALL26",
-        (Arch::Aarch64, 285) => "R_AARCH64_LDST32_ABS_LO12_NC",
-        (Arch::Ppc64le, 10) => "R_PPC64_REL24",
-        (Arch::Ppc64le, 38) => "R_PPC64_ADDR64",
-        (Arch::Ppc64le, 48) => "R_PPC64_TOC16_LO",
-        (Arch::Ppc64le, 50) => "R_PPC64_TOC16_HA",
-        (Arch::S390x, 19) => "R_390_PC32DBL",
-        (Arch::S390x, 20) => "R_390_PLT32DBL",
-        (Arch::S390x, 22) => "R_390_64",
+        (Arch::AARCH64, 257) => "R_AARCH64_ABS64",
+        (Arch::AARCH64, 275) => "R_AARCH64_ADR_PREL_PG_HI21",
+        (Arch::AARCH64, 283) => "R_AARCH64_CALL26",
+        (Arch::AARCH64, 285) => "R_AARCH64_LDST32_ABS_LO12_NC",
+        (Arch::PPC64LE, 10) => "R_PPC64_REL24",
+        (Arch::PPC64LE, 38) => "R_PPC64_ADDR64",
+        (Arch::PPC64LE, 48) => "R_PPC64_TOC16_LO",
+        (Arch::PPC64LE, 50) => "R_PPC64_TOC16_HA",
+        (Arch::S390X, 19) => "R_390_PC32DBL",
+        (Arch::S390X, 20) => "R_390_PLT32DBL",
+        (Arch::S390X, 22) => "R_390_64",
         _ => panic!("no name for {arch:?} {r_type}"),
     }
 }
@@ -114,7 +114,7 @@ fn check_json(c: &Case, j: &Value, with_target: bool) {
     assert_eq!(j["machine"], arch.name());
     assert_eq!(
         j["byte_order"],
-        if arch == Arch::S390x {
+        if arch == Arch::S390X {
             "big-endian"
         } else {
             "little-endian"
@@ -256,7 +256,7 @@ fn rows_with<'a>(text: &'a str, cell: &str) -> Vec<Vec<&'a str>> {
 
 fn check_text(c: &Case, text: &str, with_target: bool) {
     let arch = c.spec.arch;
-    let endian = if arch == Arch::S390x {
+    let endian = if arch == Arch::S390X {
         "big-endian"
     } else {
         "little-endian"

@@ -1216,9 +1216,9 @@ fn core_patch(dir: &Path, t: &Tools) -> Vec<u8> {
 fn arch_of(t: &Tools) -> klp_convert::Arch {
     match t.name {
         "x86_64" => klp_convert::Arch::X86_64,
-        "aarch64" => klp_convert::Arch::Aarch64,
-        "ppc64le" => klp_convert::Arch::Ppc64le,
-        _ => klp_convert::Arch::S390x,
+        "aarch64" => klp_convert::Arch::AARCH64,
+        "ppc64le" => klp_convert::Arch::PPC64LE,
+        _ => klp_convert::Arch::S390X,
     }
 }
 
@@ -1307,7 +1307,7 @@ fn the_core_loads_resolves_and_relocates_gcc_built_patches() {
         } else {
             vec![(".text", CORE_TEXT)]
         };
-        let toc = (arch == klp_convert::Arch::Ppc64le).then_some(CORE_TOC_SECTION + 0x8000);
+        let toc = (arch == klp_convert::Arch::PPC64LE).then_some(CORE_TOC_SECTION + 0x8000);
         let mut image = Loaded::load(&obj, &toc_addr, toc);
         let text0 = image.bytes(&obj, ".text");
         let mut host = MapHost::from_map(CORE_MAP);

@@ -103,13 +103,25 @@ pub fn write_for(
     image: &mut Loaded,
     target: Option<&str>,
 ) -> KResult<()> {
-    use klp_convert::Arch as C;
-    match arch {
-        C::X86_64 => write_as::<klp_arch_x86_64::X86_64>(host, obj, image, target),
-        C::Aarch64 => write_as::<klp_arch_aarch64::Aarch64>(host, obj, image, target),
-        C::Ppc64le => write_as::<klp_arch_ppc64le::Ppc64le>(host, obj, image, target),
-        C::S390x => write_as::<klp_arch_s390x::S390x>(host, obj, image, target),
+    struct W<'a, 'o> {
+        host: &'a mut MapHost,
+        obj: &'a PatchObject<'o>,
+        image: &'a mut Loaded,
+        target: Option<&'a str>,
     }
+    impl klp_backends::Visit for W<'_, '_> {
+        type Out = KResult<()>;
+        fn visit<A: Arch>(self) -> KResult<()> {
+            write_as::<A>(self.host, self.obj, self.image, self.target)
+        }
+    }
+    let w = W {
+        host,
+        obj,
+        image,
+        target,
+    };
+    klp_backends::by_name(arch.name(), w).unwrap_or(Err(klp::Errno::ENOEXEC))
 }
 
 /// `clear_relocs` with the back-end of `arch`.
@@ -120,13 +132,25 @@ pub fn clear_for(
     image: &mut Loaded,
     target: &str,
 ) {
-    use klp_convert::Arch as C;
-    match arch {
-        C::X86_64 => clear_as::<klp_arch_x86_64::X86_64>(host, obj, image, target),
-        C::Aarch64 => clear_as::<klp_arch_aarch64::Aarch64>(host, obj, image, target),
-        C::Ppc64le => clear_as::<klp_arch_ppc64le::Ppc64le>(host, obj, image, target),
-        C::S390x => clear_as::<klp_arch_s390x::S390x>(host, obj, image, target),
+    struct C<'a, 'o> {
+        host: &'a mut MapHost,
+        obj: &'a PatchObject<'o>,
+        image: &'a mut Loaded,
+        target: &'a str,
     }
+    impl klp_backends::Visit for C<'_, '_> {
+        type Out = ();
+        fn visit<A: Arch>(self) {
+            clear_as::<A>(self.host, self.obj, self.image, self.target)
+        }
+    }
+    let c = C {
+        host,
+        obj,
+        image,
+        target,
+    };
+    let _ = klp_backends::by_name(arch.name(), c);
 }
 
 /// The patch description as the core reads it: per object its name (`vmlinux` for

@@ -47,7 +47,7 @@ pub const X86_64: ArchSpec = ArchSpec {
     abs64: 1, // R_X86_64_64
 };
 pub const AARCH64: ArchSpec = ArchSpec {
-    arch: klp_convert::Arch::Aarch64,
+    arch: klp_convert::Arch::AARCH64,
     object: Architecture::Aarch64,
     endian: Endianness::Little,
     e_flags: 0,
@@ -56,7 +56,7 @@ pub const AARCH64: ArchSpec = ArchSpec {
     abs64: 257, // R_AARCH64_ABS64
 };
 pub const PPC64LE: ArchSpec = ArchSpec {
-    arch: klp_convert::Arch::Ppc64le,
+    arch: klp_convert::Arch::PPC64LE,
     object: Architecture::PowerPc64,
     endian: Endianness::Little,
     e_flags: 2, // EF_PPC64_ABI = 2: ELFv2
@@ -65,7 +65,7 @@ pub const PPC64LE: ArchSpec = ArchSpec {
     abs64: 38,  // R_PPC64_ADDR64
 };
 pub const S390X: ArchSpec = ArchSpec {
-    arch: klp_convert::Arch::S390x,
+    arch: klp_convert::Arch::S390X,
     object: Architecture::S390x,
     endian: Endianness::Big,
     e_flags: 0,
