@@ -195,7 +195,7 @@ fn malformed(file: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl PatchObject {
-    /// Parses an `ET_REL` file of one of the four architectures.
+    /// Parses an `ET_REL` file of an architecture klp has a back-end for.
     pub fn parse(file: &str, data: &[u8]) -> Result<PatchObject, Error> {
         match FileKind::parse(data) {
             Ok(FileKind::Elf64) => Self::parse_elf::<elf::FileHeader64<Endianness>>(file, data),

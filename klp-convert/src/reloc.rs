@@ -1,6 +1,6 @@
 //! Which relocation types the livepatch core can write, asked of klp's own
 //! architecture back-ends (`Arch::apply_relocation`, which implements the kernel's
-//! `apply_relocate_add` for each of the four), so a `.klp.rela` entry that could
+//! `apply_relocate_add` for each architecture), so a `.klp.rela` entry that could
 //! never be written is refused here rather than when the patch is loaded.
 
 use klp_arch::{Reloc, RelocCtx, RelocError};
