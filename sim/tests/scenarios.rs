@@ -22,7 +22,11 @@ fn files(dir: &str) -> Vec<PathBuf> {
 
 fn run_all(dir: &str, min: usize) {
     // The ELF objects `elf_module` loads, for every back-end, written for this run.
-    let fixtures = std::env::temp_dir().join(format!("klp-sim-fixtures-{}", std::process::id()));
+    // (One directory per call: the tests run in parallel and each removes its own.)
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let fixtures =
+        std::env::temp_dir().join(format!("klp-sim-fixtures-{}-{n}", std::process::id()));
     common::write_elf_fixtures(&fixtures);
     let fs = files(dir);
     assert!(
