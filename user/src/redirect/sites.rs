@@ -161,12 +161,7 @@ fn in_main_executable(addr: u64) -> bool {
 /// What a site's stub hands over and where it enters: the site's slot and the fast
 /// entry path when it runs here, else the site and the trampoline.
 fn stub_entry(site: u64) -> (u64, u64) {
-    let fast = if fast_path_ready() {
-        Native::fast_entry()
-    } else {
-        None
-    };
-    match (super::slot_addr(site), fast) {
+    match (super::slot_addr(site), super::fast_entry_address()) {
         (Some(slot), Some(fast)) => (slot, fast),
         _ => (site, Native::trampoline()),
     }
