@@ -525,6 +525,7 @@ fn demangled_names_and_waited_transitions() {
 #[test]
 fn a_stale_socket_is_removed() {
     let path = dir().join("stale.sock");
+    let _ = std::fs::remove_file(&path);
     let l = UnixListener::bind(&path).expect("bind");
     drop(l);
     assert!(path.exists(), "the socket file stays after its listener");
@@ -545,6 +546,9 @@ fn a_stale_socket_is_removed() {
     // By pid: the process is gone and its socket stayed.
     let pid = dead_pid();
     let sock = klp_user::ctl::default_socket_path(pid);
+    // An earlier process with this pid may have been killed and left its socket (pids
+    // wrap): the path is made free first, as a server does before it binds.
+    let _ = std::fs::remove_file(&sock);
     let l = UnixListener::bind(&sock).expect("bind");
     drop(l);
     let e = request_to(&Target::pid(pid), &json!({"op": "list"})).expect_err("stale");
