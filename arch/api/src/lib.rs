@@ -194,6 +194,37 @@ pub trait Arch: 'static {
         Ok(())
     }
 
+    /// Whether an entry of type `r_type` is *partnered*: instead of a symbol to
+    /// resolve, its symbol names the place of another entry of the same relocation
+    /// section, whose value it shares (riscv64's `R_RISCV_PCREL_LO12_I`/`_S`: the
+    /// symbol is the label of the `auipc` that a `PCREL_HI20` or `GOT_HI20` entry
+    /// relocates, and the low part written is that entry's). A host resolves such a
+    /// symbol to the partner's place (a label of the patch's own section, never a
+    /// livepatch symbol), writes every other entry of the section first, and then the
+    /// partnered ones with [`Arch::apply_partnered`]; a converter keeps a partnered
+    /// entry in the relocation section of its partner. Default: no such types.
+    fn is_partnered(r_type: u32) -> bool {
+        let _ = r_type;
+        false
+    }
+
+    /// Writes `reloc`, a partnered entry (see [`Arch::is_partnered`]) whose `sym` is
+    /// its partner's place, into `section` (loaded at `section_addr`). `written` holds
+    /// the other entries of its relocation section as the host wrote them (resolved;
+    /// a GOT reference with the type and slot the host used, see [`LinkClass`]). On
+    /// error the section is unchanged. Default: the type is not supported.
+    fn apply_partnered(
+        section: &mut [u8],
+        section_addr: u64,
+        reloc: &Reloc,
+        written: &[Reloc],
+    ) -> Result<(), RelocError> {
+        let _ = (section, section_addr, written);
+        Err(RelocError::UnsupportedType {
+            r_type: reloc.r_type,
+        })
+    }
+
     /// Whether a call from a loaded patch object to any function outside it goes
     /// through a call stub whatever the distance (ppc64le: the callee has another TOC,
     /// which the stub switches to after saving the caller's, see the arch's `reloc`).

@@ -112,6 +112,19 @@ impl Arch for Riscv64 {
         reloc::apply(section, section_addr, reloc)
     }
 
+    fn is_partnered(r_type: u32) -> bool {
+        matches!(r_type, reloc::PCREL_LO12_I | reloc::PCREL_LO12_S)
+    }
+
+    fn apply_partnered(
+        section: &mut [u8],
+        section_addr: u64,
+        reloc: &Reloc,
+        written: &[Reloc],
+    ) -> Result<(), RelocError> {
+        reloc::apply_partnered(section, section_addr, reloc, written)
+    }
+
     fn link_class(r_type: u32) -> klp_arch::LinkClass {
         link::class(r_type)
     }

@@ -34,8 +34,11 @@
 //! kernel searches the relocation section for the `PCREL_HI20` (or `GOT_HI20`) whose
 //! place is the `LO12`'s symbol value. One [`Reloc`] at a time (the interface's
 //! [`Arch::apply_relocation`](klp_arch::Arch::apply_relocation)) cannot express that
-//! lookup, so there a `LO12` is [`RelocError::UnsupportedType`]; [`apply_all`]
-//! applies a whole relocation section with the kernel's search.
+//! lookup, so there a `LO12` is [`RelocError::UnsupportedType`]: the `LO12` types are
+//! *partnered* ([`Arch::is_partnered`](klp_arch::Arch::is_partnered)), written by
+//! [`apply_partnered`] once the section's other entries are, with the same search
+//! among them. [`apply_all`] applies a whole relocation section in order, as the
+//! kernel does.
 //!
 //! # Deliberate differences
 //!
@@ -272,26 +275,21 @@ pub fn apply(section: &mut [u8], section_addr: u64, r: &Reloc) -> Result<(), Rel
     }
 }
 
-/// The low part a `PCREL_LO12` at index `i` of `relocs` takes: the kernel's search,
-/// from `i` on and around, for the `PCREL_HI20` whose place is the `LO12`'s symbol.
-/// Errors: the symbol is not in the section ([`RelocError::OutOfSection`]), no
-/// `PCREL_HI20` is there ([`RelocError::UnexpectedInsn`] with the word found at that
-/// place), a `GOT_HI20` is (unsupported, see the module docs), or the `HI20`'s value
-/// is out of range.
-pub fn pcrel_lo12(
+/// The low part the `PCREL_LO12` entry `lo` takes: the kernel's search, through
+/// `candidates` (the other entries of its section, in the order searched), for the
+/// `PCREL_HI20` whose place is the `LO12`'s symbol. Errors: the symbol is not in the
+/// section ([`RelocError::OutOfSection`]), no `PCREL_HI20` is there
+/// ([`RelocError::UnexpectedInsn`] with the word found at that place), a `GOT_HI20` is
+/// (unsupported, see the module docs), or the `HI20`'s value is out of range.
+pub fn pcrel_lo12<'r>(
     section: &mut [u8],
     section_addr: u64,
-    relocs: &[Reloc],
-    i: usize,
+    lo: &Reloc,
+    candidates: impl IntoIterator<Item = &'r Reloc>,
 ) -> Result<u32, RelocError> {
-    let lo = relocs.get(i).ok_or(RelocError::OutOfSection {
-        offset: 0,
-        size: section.len(),
-    })?;
     let hi_loc = lo.sym;
     let hi_off = hi_loc.wrapping_sub(section_addr);
-    let (after, before) = (relocs.get(i..), relocs.get(..i));
-    let hi = after.into_iter().chain(before).flatten().find(|h| {
+    let hi = candidates.into_iter().find(|h| {
         section_addr.wrapping_add(h.offset) == hi_loc
             && (h.r_type == PCREL_HI20 || h.r_type == GOT_HI20)
     });
@@ -310,10 +308,27 @@ pub fn pcrel_lo12(
     Ok(insn::hi_lo(value as i64).1 as u32)
 }
 
+/// Writes the `PCREL_LO12` entry `lo`, its partner searched in `written` (the
+/// interface's [`Arch::apply_partnered`](klp_arch::Arch::apply_partnered)).
+pub fn apply_partnered(
+    section: &mut [u8],
+    section_addr: u64,
+    lo: &Reloc,
+    written: &[Reloc],
+) -> Result<(), RelocError> {
+    match lo.r_type {
+        PCREL_LO12_I | PCREL_LO12_S => {
+            let v = pcrel_lo12(section, section_addr, lo, written)?;
+            put_lo12(section, lo.offset, lo.r_type == PCREL_LO12_S, v)
+        }
+        t => Err(RelocError::UnsupportedType { r_type: t }),
+    }
+}
+
 /// Applies a whole relocation section, in order, as the kernel's `apply_relocate_add`
-/// does (including the `PCREL_LO12` pair search). On error, returns the index of the
-/// relocation that failed; the relocations before it stay applied (as in the kernel),
-/// the failed one changed nothing.
+/// does (including the `PCREL_LO12` pair search, from the entry on and around). On
+/// error, returns the index of the relocation that failed; the relocations before it
+/// stay applied (as in the kernel), the failed one changed nothing.
 pub fn apply_all(
     section: &mut [u8],
     section_addr: u64,
@@ -321,8 +336,11 @@ pub fn apply_all(
 ) -> Result<(), (usize, RelocError)> {
     for (i, r) in relocs.iter().enumerate() {
         let res = match r.r_type {
-            PCREL_LO12_I | PCREL_LO12_S => pcrel_lo12(section, section_addr, relocs, i)
-                .and_then(|lo| put_lo12(section, r.offset, r.r_type == PCREL_LO12_S, lo)),
+            PCREL_LO12_I | PCREL_LO12_S => {
+                let around = relocs.get(i..).into_iter().chain(relocs.get(..i)).flatten();
+                pcrel_lo12(section, section_addr, r, around)
+                    .and_then(|lo| put_lo12(section, r.offset, r.r_type == PCREL_LO12_S, lo))
+            }
             _ => apply(section, section_addr, r),
         };
         res.map_err(|e| (i, e))?;
@@ -660,6 +678,50 @@ mod tests {
     }
 
     #[test]
+    fn partnered_entries_through_the_interface() {
+        // What a host does: every other entry first, as written (a GOT reference
+        // already turned into a PCREL_HI20 against the host's slot), then the LO12s.
+        let mut s = sec(&[AUIPC_A0, LD_A0, SD_A1]);
+        let slot = P + 0x8_0010;
+        let written = [rel(PCREL_HI20, 4, slot, 0), rel(RELAX, 4, 0, 0)];
+        for r in &written {
+            Riscv64::apply_relocation(&mut s, BASE, r, &RelocCtx::default()).unwrap();
+        }
+        assert!(Riscv64::is_partnered(PCREL_LO12_I) && Riscv64::is_partnered(PCREL_LO12_S));
+        assert!(!Riscv64::is_partnered(PCREL_HI20) && !Riscv64::is_partnered(LO12_I));
+        let lo = rel(PCREL_LO12_I, 8, P, 0);
+        assert_eq!(
+            Riscv64::apply_partnered(&mut s, BASE, &lo, &written),
+            Ok(())
+        );
+        let lo_s = rel(PCREL_LO12_S, 12, P, 0);
+        assert_eq!(
+            Riscv64::apply_partnered(&mut s, BASE, &lo_s, &written),
+            Ok(())
+        );
+        // auipc a0, 0x80; ld a0, 16(a0); sd a1, 16(a0).
+        assert_eq!(
+            [word(&s, 0), word(&s, 1), word(&s, 2)],
+            [0x0008_0517, 0x0105_3503, 0x00b5_3823]
+        );
+        // Its partner not among the written: the auipc found is named.
+        let before = s;
+        assert_eq!(
+            Riscv64::apply_partnered(&mut s, BASE, &lo, &written[1..]),
+            Err(RelocError::UnexpectedInsn {
+                offset: 4,
+                found: 0x0008_0517
+            })
+        );
+        // Not a partnered type.
+        assert_eq!(
+            Riscv64::apply_partnered(&mut s, BASE, &rel(LO12_I, 8, P, 0), &written),
+            Err(RelocError::UnsupportedType { r_type: LO12_I })
+        );
+        assert_eq!(s, before, "refusals write nothing");
+    }
+
+    #[test]
     fn pcrel_lo12_refusals() {
         let mut s = sec(&[AUIPC_A0, ADDI_A0]);
         let lo = rel(PCREL_LO12_I, 8, P, 0);
@@ -698,13 +760,13 @@ mod tests {
             Err((0, RelocError::UnsupportedType { r_type: GOT_HI20 }))
         );
         assert_eq!(
-            pcrel_lo12(&mut s, BASE, &[rel(GOT_HI20, 4, 0x1000, 0), lo], 1),
+            pcrel_lo12(&mut s, BASE, &lo, &[rel(GOT_HI20, 4, 0x1000, 0)]),
             Err(RelocError::UnsupportedType { r_type: GOT_HI20 })
         );
         // A HI20 out of range fails at the HI20, and its LO12 with it.
         let far = rel(PCREL_HI20, 4, P + (1 << 31), 0);
         assert_eq!(
-            pcrel_lo12(&mut s, BASE, &[far, lo], 1),
+            pcrel_lo12(&mut s, BASE, &lo, &[far]),
             Err(RelocError::Overflow {
                 r_type: PCREL_HI20,
                 value: 1 << 31
