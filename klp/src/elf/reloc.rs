@@ -7,12 +7,20 @@
 //! section by the patch's architecture ([`Arch::apply_relocation`]); the patch's memory
 //! is changed only when every entry of every section for the object succeeded, so a
 //! failure leaves every byte as it was.
+//!
+//! A *partnered* entry ([`Arch::is_partnered`], riscv64's `PCREL_LO12_I`/`_S`) is
+//! written after every other entry of its section, from those entries as written
+//! ([`Arch::apply_partnered`]). Its symbol names the place of its partner: a label of
+//! the section the relocation section targets, which is exempt from the rule that
+//! every symbol of a livepatch relocation section is a livepatch symbol (its value is
+//! that section's address plus `st_value`). A partnered entry against any other symbol
+//! follows the kernel's rules.
 
 use alloc::vec::Vec;
 
 use klp_arch::{Arch, Endian, Reloc, RelocCtx};
 
-use super::{ElfError, PatchObject, parse_sym_name};
+use super::{ElfError, KlpRela, PatchObject, Rela, parse_sym_name};
 use crate::Klp;
 use crate::errno::{Errno, KResult};
 use crate::fallible::{push_reserved, reserve_total, try_push};
@@ -173,6 +181,55 @@ pub fn resolve_livepatch_symbol<H: Host>(
     Klp::<H>::find_object_symbol(host, objname, parsed.name, parsed.sympos)
 }
 
+/// The value of the symbol of entry `entry` (`r`) of the livepatch relocation section
+/// `sec`: a livepatch symbol, resolved once per call (`resolved`, per symbol index).
+fn symbol_value<H: Host>(
+    host: &mut H,
+    module: &str,
+    obj: &PatchObject<'_>,
+    resolved: &mut [Option<Addr>],
+    sec: &KlpRela<'_>,
+    entry: usize,
+    r: &Rela,
+) -> KResult<Addr> {
+    match resolved.get(r.sym as usize).copied() {
+        Some(Some(v)) => Ok(v),
+        Some(None) => {
+            let v = resolve(host, obj, r.sym, entry, sec.objname)?;
+            if let Some(c) = resolved.get_mut(r.sym as usize) {
+                *c = Some(v);
+            }
+            Ok(v)
+        }
+        None => {
+            let e = ElfError::SymbolIndex {
+                section: sec.section.name,
+                entry,
+                index: u64::from(r.sym),
+            };
+            Err(report(host, module, &e))
+        }
+    }
+}
+
+/// Logs a relocation the architecture refused (as `apply_relocate_add` does) and
+/// returns its errno.
+fn apply_failed<H: Host>(
+    host: &mut H,
+    module: &str,
+    e: &klp_arch::RelocError,
+    entry: usize,
+    sec: &KlpRela<'_>,
+) -> Errno {
+    host.log(&Record {
+        level: Level::Err,
+        func: "apply_relocate_add",
+        prefix: "",
+        args: format_args!("{module}: {} (entry {entry} of {})", e, sec.section.name),
+    });
+    Errno::from_ret(e.errno())
+}
+
 /// Writes every livepatch relocation section of `obj` that belongs to `target` (`None`:
 /// vmlinux) into the patch module's memory (`klp_apply_section_relocs` over the
 /// module's sections). `A` is the patch's architecture: the object must be built for it.
@@ -198,6 +255,8 @@ pub fn write_relocs<A: Arch, H: Host>(
     // One resolution per livepatch symbol: its value once found.
     let mut resolved: Vec<Option<Addr>> = Vec::new();
     let mut stage = Stage::default();
+    // The entries of the current section written so far (when it has partnered ones).
+    let mut written: Vec<Reloc> = Vec::new();
     for sec in obj.klp_relas() {
         let sec = match sec {
             Ok(s) => s,
@@ -220,25 +279,31 @@ pub fn write_relocs<A: Arch, H: Host>(
             Err(e) => return Err(report(host, module, &e)),
         };
         let bytes = stage.section(image, sec.target)?;
-        for (entry, r) in relas.enumerate() {
-            let value = match resolved.get(r.sym as usize).copied() {
-                Some(Some(v)) => v,
-                Some(None) => {
-                    let v = resolve(host, obj, r.sym, entry, sec.objname)?;
-                    if let Some(c) = resolved.get_mut(r.sym as usize) {
-                        *c = Some(v);
+        // The entries a partnered one may need, as written: kept only for a section
+        // that has partnered entries (none on most architectures), in room reserved
+        // once for all of them.
+        let (mut others, mut partnered) = (0usize, false);
+        match obj.relas(sec.section.index) {
+            Ok(all) => {
+                for r in all {
+                    if A::is_partnered(r.r_type) {
+                        partnered = true;
+                    } else {
+                        others = others.saturating_add(1);
                     }
-                    v
                 }
-                None => {
-                    let e = ElfError::SymbolIndex {
-                        section: sec.section.name,
-                        entry,
-                        index: u64::from(r.sym),
-                    };
-                    return Err(report(host, module, &e));
-                }
-            };
+            }
+            Err(e) => return Err(report(host, module, &e)),
+        }
+        written.clear();
+        if partnered {
+            reserve_total(&mut written, others)?;
+        }
+        for (entry, r) in relas.enumerate() {
+            if A::is_partnered(r.r_type) {
+                continue;
+            }
+            let value = symbol_value(host, module, obj, &mut resolved, &sec, entry, &r)?;
             let reloc = Reloc {
                 r_type: r.r_type,
                 offset: r.offset,
@@ -247,13 +312,42 @@ pub fn write_relocs<A: Arch, H: Host>(
                 external: true,
             };
             if let Err(e) = A::apply_relocation(bytes, addr, &reloc, &ctx) {
-                host.log(&Record {
-                    level: Level::Err,
-                    func: "apply_relocate_add",
-                    prefix: "",
-                    args: format_args!("{module}: {} (entry {entry} of {})", e, sec.section.name),
-                });
-                return Err(Errno::from_ret(e.errno()));
+                return Err(apply_failed(host, module, &e, entry, &sec));
+            }
+            if partnered {
+                push_reserved(&mut written, reloc).map_err(|_| Errno::ENOMEM)?;
+            }
+        }
+        if !partnered {
+            continue;
+        }
+        let relas = match obj.relas(sec.section.index) {
+            Ok(r) => r,
+            Err(e) => return Err(report(host, module, &e)),
+        };
+        for (entry, r) in relas.enumerate() {
+            if !A::is_partnered(r.r_type) {
+                continue;
+            }
+            // The partner's place: a label of the target section, or (the kernel's
+            // rules) a livepatch symbol.
+            let label = obj
+                .symbol(r.sym as usize)
+                .ok()
+                .filter(|s| !s.is_livepatch() && usize::try_from(s.shndx) == Ok(sec.target));
+            let value = match label {
+                Some(s) => addr.wrapping_add(s.value),
+                None => symbol_value(host, module, obj, &mut resolved, &sec, entry, &r)?,
+            };
+            let reloc = Reloc {
+                r_type: r.r_type,
+                offset: r.offset,
+                sym: value,
+                addend: r.addend,
+                external: false,
+            };
+            if let Err(e) = A::apply_partnered(bytes, addr, &reloc, &written) {
+                return Err(apply_failed(host, module, &e, entry, &sec));
             }
         }
     }
@@ -306,6 +400,8 @@ fn clear_staged<A: Arch, H: Host>(
             Err(e) => return Err(report(host, module, &e)),
         };
         let bytes = stage.section(image, sec.target)?;
+        // A partnered entry is undone like any other: its own field, whatever its
+        // partner (the symbol plays no part in undoing).
         for r in relas {
             let reloc = Reloc {
                 r_type: r.r_type,
