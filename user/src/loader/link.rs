@@ -6,6 +6,12 @@
 //! Every entry of a call is written into a copy of its section first; the image changes
 //! only when every entry succeeded, so a refused file or object leaves the sections as
 //! they were (stubs and slots already made stay unused).
+//!
+//! A *partnered* entry (`Arch::is_partnered`, riscv64's `PCREL_LO12_I`/`_S`, whose
+//! symbol is the label of its partner's place) is written after every other entry of
+//! its relocation section, from those entries as written (after the stub and slot
+//! decisions: `Arch::apply_partnered`). In a `.klp.rela` section its label, defined in
+//! the section relocated, is exempt from the livepatch-symbol rule.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -54,6 +60,8 @@ fn ordinary(img: &Image, sym: &Symbol<'_>) -> Result<Value, LoadError> {
         other: sym.other,
     };
     match sym.shndx {
+        // STN_UNDEF, "no symbol" (riscv64's R_RISCV_RELAX, x86_64's R_X86_64_NONE, …).
+        _ if sym.index == 0 => Ok(value(0)),
         SHN_UNDEF => {
             if sym.name == ".TOC." {
                 return img.toc.map(value).ok_or_else(|| {
@@ -121,14 +129,15 @@ fn ordinary(img: &Image, sym: &Symbol<'_>) -> Result<Value, LoadError> {
 
 /// Writes one entry into `bytes` (section loaded at `addr`) with the architecture's
 /// linking rules: a call out of reach, or leaving the object where the arch says so,
-/// goes through a stub; a GOT reference through a slot.
+/// goes through a stub; a GOT reference through a slot. Returns the relocation written
+/// (its type and symbol those of the slot or stub used, if one was).
 fn link_one(
     img: &mut Image,
     bytes: &mut [u8],
     addr: u64,
     r: &klp::elf::Rela,
     v: Value,
-) -> Result<(), RelocError> {
+) -> Result<Reloc, RelocError> {
     let ctx = klp::arch::RelocCtx { toc: img.toc };
     let mut reloc = Reloc {
         r_type: r.r_type,
@@ -138,13 +147,13 @@ fn link_one(
         external: false,
     };
     match Native::link_class(r.r_type) {
-        LinkClass::Plain => Native::apply_relocation(bytes, addr, &reloc, &ctx),
+        LinkClass::Plain => Native::apply_relocation(bytes, addr, &reloc, &ctx).map(|()| reloc),
         LinkClass::GotSlot { as_type } => {
             reloc.r_type = as_type;
             reloc.sym = img
                 .slot_for(v.key, v.addr)
                 .map_err(|_| RelocError::Unsupported)?;
-            Native::apply_relocation(bytes, addr, &reloc, &ctx)
+            Native::apply_relocation(bytes, addr, &reloc, &ctx).map(|()| reloc)
         }
         LinkClass::Call => {
             let direct = v.local || !Native::CALLS_LEAVING_OBJECT_NEED_STUB;
@@ -154,14 +163,14 @@ fn link_one(
                 }
                 match Native::apply_relocation(bytes, addr, &reloc, &ctx) {
                     Err(RelocError::Overflow { .. }) if !v.local => {}
-                    r => return r,
+                    r => return r.map(|()| reloc),
                 }
             }
             reloc.sym = img
                 .stub_for(v.key, v.addr)
                 .map_err(|_| RelocError::Unsupported)?;
             reloc.external = true;
-            Native::apply_relocation(bytes, addr, &reloc, &ctx)
+            Native::apply_relocation(bytes, addr, &reloc, &ctx).map(|()| reloc)
         }
     }
 }
@@ -221,6 +230,58 @@ fn reloc_failed(
     )
 }
 
+/// Writes the relocation section `rel` into the staged copy of section `target`
+/// (loaded at `addr`): every entry but the partnered ones with [`link_one`], then the
+/// partnered ones from those as written. `value` gives the symbol value of an entry
+/// (by its index in the section).
+fn link_section(
+    img: &mut Image,
+    stage: &mut Stage,
+    obj: &PatchObject<'_>,
+    rel: &Section<'_>,
+    target: usize,
+    addr: u64,
+    mut value: impl FnMut(&Image, usize, &klp::elf::Rela, &Symbol<'_>) -> Result<Value, LoadError>,
+) -> Result<(), LoadError> {
+    let relas = obj.relas(rel.index).map_err(|e| malformed(&e))?;
+    // On error the stage is dropped: the copy need not go back.
+    let mut copy = std::mem::take(stage.section(img, target)?);
+    let mut written = Vec::new();
+    let mut partnered = false;
+    for (entry, r) in relas.enumerate() {
+        if Native::is_partnered(r.r_type) {
+            partnered = true;
+            continue;
+        }
+        let sym = obj.symbol(r.sym as usize).map_err(|e| malformed(&e))?;
+        let v = value(img, entry, &r, &sym)?;
+        let w = link_one(img, &mut copy, addr, &r, v)
+            .map_err(|e| reloc_failed(obj, rel, entry, sym.name, e))?;
+        written.push(w);
+    }
+    if partnered {
+        let relas = obj.relas(rel.index).map_err(|e| malformed(&e))?;
+        for (entry, r) in relas.enumerate() {
+            if !Native::is_partnered(r.r_type) {
+                continue;
+            }
+            let sym = obj.symbol(r.sym as usize).map_err(|e| malformed(&e))?;
+            let v = value(img, entry, &r, &sym)?;
+            let reloc = Reloc {
+                r_type: r.r_type,
+                offset: r.offset,
+                sym: v.addr,
+                addend: r.addend,
+                external: false,
+            };
+            Native::apply_partnered(&mut copy, addr, &reloc, &written)
+                .map_err(|e| reloc_failed(obj, rel, entry, sym.name, e))?;
+        }
+    }
+    *stage.section(img, target)? = copy;
+    Ok(())
+}
+
 /// Links every ordinary relocation section whose target section is loaded.
 pub(crate) fn link_ordinary(img: &mut Image, obj: &PatchObject<'_>) -> Result<(), LoadError> {
     let mut stage = Stage::default();
@@ -233,16 +294,15 @@ pub(crate) fn link_ordinary(img: &mut Image, obj: &PatchObject<'_>) -> Result<()
         let Some(addr) = img.section_addr(target) else {
             continue;
         };
-        let relas = obj.relas(rel.index).map_err(|e| malformed(&e))?;
-        for (entry, r) in relas.enumerate() {
-            let sym = obj.symbol(r.sym as usize).map_err(|e| malformed(&e))?;
-            let v = ordinary(img, &sym)?;
-            let bytes = stage.section(img, target)?;
-            let mut copy = std::mem::take(bytes);
-            let res = link_one(img, &mut copy, addr, &r, v);
-            *stage.section(img, target)? = copy;
-            res.map_err(|e| reloc_failed(obj, &rel, entry, sym.name, e))?;
-        }
+        link_section(
+            img,
+            &mut stage,
+            obj,
+            &rel,
+            target,
+            addr,
+            |img, _, _, sym| ordinary(img, sym),
+        )?;
     }
     stage.commit(img)
 }
@@ -271,22 +331,41 @@ pub(crate) fn link_klp<H: Host>(
                 ),
             ));
         };
-        let relas = obj.relas(sec.section.index).map_err(|e| malformed(&e))?;
-        for (entry, r) in relas.enumerate() {
-            let sym = obj.symbol(r.sym as usize).map_err(|e| malformed(&e))?;
-            if !sym.is_livepatch() {
-                return Err(link_error(
-                    Errno::EINVAL,
-                    format!(
-                        "symbol {} at rela sec {} idx {entry} is not marked as a livepatch symbol",
-                        sym.name, sec.section.index
-                    ),
-                ));
-            }
-            let value = match resolved.get(&r.sym) {
-                Some(v) => *v,
-                None => {
-                    let v = klp::elf::reloc::resolve_livepatch_symbol(host, sym.name, objname)
+        let target = sec.target;
+        let section = sec.section;
+        link_section(
+            img,
+            &mut stage,
+            obj,
+            &section,
+            target,
+            addr,
+            |_, entry, r, sym| {
+                if Native::is_partnered(r.r_type)
+                    && !sym.is_livepatch()
+                    && usize::try_from(sym.shndx) == Ok(target)
+                {
+                    // The label of its partner's place, in the section relocated.
+                    return Ok(Value {
+                        key: u64::from(r.sym) << 1,
+                        addr: addr.wrapping_add(sym.value),
+                        local: true,
+                        other: sym.other,
+                    });
+                }
+                if !sym.is_livepatch() {
+                    return Err(link_error(
+                        Errno::EINVAL,
+                        format!(
+                            "symbol {} at rela sec {} idx {entry} is not marked as a livepatch symbol",
+                            sym.name, section.index
+                        ),
+                    ));
+                }
+                let value = match resolved.get(&r.sym) {
+                    Some(v) => *v,
+                    None => {
+                        let v = klp::elf::reloc::resolve_livepatch_symbol(host, sym.name, objname)
                         .map_err(|e| {
                             link_error(
                                 e,
@@ -298,22 +377,18 @@ pub(crate) fn link_klp<H: Host>(
                                 ),
                             )
                         })?;
-                    resolved.insert(r.sym, v);
-                    v
-                }
-            };
-            let v = Value {
-                key: (u64::from(r.sym) << 1) | 1,
-                addr: value,
-                local: false,
-                other: 0,
-            };
-            let bytes = stage.section(img, sec.target)?;
-            let mut copy = std::mem::take(bytes);
-            let res = link_one(img, &mut copy, addr, &r, v);
-            *stage.section(img, sec.target)? = copy;
-            res.map_err(|e| reloc_failed(obj, &sec.section, entry, sym.name, e))?;
-        }
+                        resolved.insert(r.sym, v);
+                        v
+                    }
+                };
+                Ok(Value {
+                    key: (u64::from(r.sym) << 1) | 1,
+                    addr: value,
+                    local: false,
+                    other: 0,
+                })
+            },
+        )?;
     }
     stage.commit(img)
 }
@@ -334,16 +409,23 @@ pub(crate) fn unlink_klp(
         let relas = obj.relas(sec.section.index).map_err(|e| malformed(&e))?;
         let bytes = stage.section(img, sec.target)?;
         for r in relas {
+            // As it was written: a GOT reference as the slot's type, a call leaving
+            // the object through a stub; a partnered entry as it is (its own field,
+            // whatever its partner).
+            let class = if Native::is_partnered(r.r_type) {
+                LinkClass::Plain
+            } else {
+                Native::link_class(r.r_type)
+            };
             let reloc = Reloc {
-                r_type: match Native::link_class(r.r_type) {
+                r_type: match class {
                     LinkClass::GotSlot { as_type } => as_type,
                     _ => r.r_type,
                 },
                 offset: r.offset,
                 sym: 0,
                 addend: r.addend,
-                external: Native::CALLS_LEAVING_OBJECT_NEED_STUB
-                    && Native::link_class(r.r_type) == LinkClass::Call,
+                external: Native::CALLS_LEAVING_OBJECT_NEED_STUB && class == LinkClass::Call,
             };
             Native::clear_relocation(bytes, &reloc).map_err(|e| {
                 link_error(
@@ -354,4 +436,71 @@ pub(crate) fn unlink_klp(
         }
     }
     stage.commit(img)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object::write::{Object, Relocation};
+    use object::{Architecture, BinaryFormat, Endianness, RelocationFlags, SectionKind};
+
+    /// A relocatable object with an 8-byte `.data` and one `Native::ABS64_RELOC` entry
+    /// at its start against symbol 0 (STN_UNDEF) with addend 0x1234.
+    fn no_symbol_object() -> Vec<u8> {
+        let mut o = Object::new(
+            BinaryFormat::Elf,
+            Architecture::X86_64,
+            Endianness::default(),
+        );
+        let data = o.add_section(Vec::new(), b".data".to_vec(), SectionKind::Data);
+        o.append_section_data(data, &[0; 8], 8);
+        let sym = o.section_symbol(data);
+        o.add_relocation(
+            data,
+            Relocation {
+                offset: 0,
+                symbol: sym,
+                addend: 0x1234,
+                flags: RelocationFlags::Elf {
+                    r_type: object::elf::RelocationType(Native::ABS64_RELOC),
+                },
+            },
+        )
+        .expect("relocation");
+        let mut file = o.write().expect("object");
+        // The entry's r_sym (the high half of r_info, 8 bytes in) becomes 0.
+        let obj = PatchObject::parse(&file).expect("parses");
+        let rela = obj.section_by_name(".rela.data").expect(".rela.data");
+        let bytes = obj.section_data(rela.index).expect("contents");
+        let at = bytes.as_ptr() as usize - file.as_ptr() as usize + 8;
+        let info = u64::from(Native::ABS64_RELOC);
+        file[at..at + 8].copy_from_slice(&if cfg!(target_endian = "big") {
+            info.to_be_bytes()
+        } else {
+            info.to_le_bytes()
+        });
+        file
+    }
+
+    #[test]
+    fn symbol_zero_is_the_value_zero() {
+        let file = no_symbol_object();
+        let obj = PatchObject::parse(&file).expect("parses");
+        let rela = obj.section_by_name(".rela.data").expect(".rela.data");
+        let r = obj
+            .relas(rela.index)
+            .expect("relas")
+            .next()
+            .expect("an entry");
+        assert_eq!((r.sym, r.r_type), (0, Native::ABS64_RELOC));
+        let here = symbol_zero_is_the_value_zero as *const () as u64;
+        let mut img = Image::map(&obj, here, here + 1).expect("mapped");
+        link_ordinary(&mut img, &obj).expect("linked");
+        let data = obj.section_by_name(".data").expect(".data");
+        assert_eq!(
+            img.bytes(data.index).expect("loaded"),
+            0x1234u64.to_ne_bytes(),
+            "S = 0 for no symbol, plus the addend"
+        );
+    }
 }
