@@ -269,7 +269,15 @@ pub(crate) fn rewrite(
                 if !slot && !reloc::writable(p.arch, r.r_type.0) {
                     let from = r.r_type.0;
                     let text = &mut p.sections[target].data;
-                    match relax::relax(p.arch, text, from, r.r_offset, r.r_addend, Some(address)) {
+                    match relax::relax(
+                        p.arch,
+                        text,
+                        from,
+                        r.r_offset,
+                        r.r_addend,
+                        Some(address),
+                        &[],
+                    ) {
                         Ok(Some(done)) => {
                             relaxed.push(Relaxed {
                                 section: target_name.clone(),
