@@ -136,9 +136,10 @@ fn decode_rels(p: &PatchObject, s: &Section) -> Result<Vec<u32>, Error> {
 }
 
 /// For each entry of `relas` (a relocation section of `target`), the index of its
-/// partner when it is partnered (`klp_arch::Arch::is_partnered`): the entry of the
-/// same section, not partnered itself, whose place is the value of its symbol, a
-/// label of `target`. `None` for the others, and for a partnered entry whose symbol
+/// partner when it is partnered (`klp_arch::Arch::is_partnered`): the first entry of
+/// the same section, not partnered itself and with a symbol, whose place is the value
+/// of its symbol, a label of `target` (an entry without a symbol at the same place,
+/// such as riscv64's `R_RISCV_RELAX` marker, is no partner). `None` for the others, and for a partnered entry whose symbol
 /// is not defined in `target` or whose partner is not there (it stays where it is).
 fn partners(p: &PatchObject, relas: &[Rel], target: usize) -> Vec<Option<usize>> {
     let partnered: Vec<bool> = relas
@@ -159,7 +160,7 @@ fn partners(p: &PatchObject, relas: &[Rel], target: usize) -> Vec<Option<usize>>
             relas
                 .iter()
                 .zip(&partnered)
-                .position(|(q, &q_is)| !q_is && q.r_offset == sym.sym.st_value)
+                .position(|(q, &q_is)| !q_is && q.r_sym != 0 && q.r_offset == sym.sym.st_value)
         })
         .collect()
 }
