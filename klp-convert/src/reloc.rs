@@ -8,7 +8,9 @@ use klp_backends::Visit;
 
 use crate::elf::Arch;
 
-/// Whether the livepatch core of `arch` writes relocations of type `r_type`.
+/// Whether the livepatch core of `arch` writes relocations of type `r_type`. A
+/// partnered type (`klp_arch::Arch::is_partnered`) is written, with
+/// `Arch::apply_partnered` rather than one entry at a time.
 ///
 /// The type is tried on a scratch section; only "unsupported type" counts as no
 /// (a scratch value out of range, or a scratch instruction the type does not
@@ -18,6 +20,9 @@ pub fn writable(arch: Arch, r_type: u32) -> bool {
     impl Visit for Try {
         type Out = bool;
         fn visit<A: klp_arch::Arch>(self) -> bool {
+            if A::is_partnered(self.0) {
+                return true;
+            }
             let mut scratch = [0u8; 32];
             let reloc = Reloc {
                 r_type: self.0,
@@ -49,6 +54,21 @@ pub fn got_slot(arch: Arch, r_type: u32) -> bool {
         }
     }
     klp_backends::by_name(arch.name(), Class(r_type)).unwrap_or(false)
+}
+
+/// Whether entries of type `r_type` are partnered on `arch`
+/// (`klp_arch::Arch::is_partnered`): their symbol names the place of another entry of
+/// the same relocation section (riscv64's `PCREL_LO12_I`/`_S`), and they belong in
+/// that entry's relocation section.
+pub fn partnered(arch: Arch, r_type: u32) -> bool {
+    struct Ask(u32);
+    impl Visit for Ask {
+        type Out = bool;
+        fn visit<A: klp_arch::Arch>(self) -> bool {
+            A::is_partnered(self.0)
+        }
+    }
+    klp_backends::by_name(arch.name(), Ask(r_type)).unwrap_or(false)
 }
 
 /// The psABI name of a relocation type, when known.

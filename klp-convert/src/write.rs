@@ -21,6 +21,10 @@
 //!   [`crate::describe`]): the only change that renumbers symbols;
 //! * a GOT-relative relocation against a converted symbol is relaxed into a direct
 //!   one, its instruction rewritten in the relocated section ([`crate::relax`]);
+//! * a *partnered* entry (`klp_arch::Arch::is_partnered`: riscv64's `PCREL_LO12`,
+//!   whose symbol is the label at its partner's place) follows its partner: when
+//!   the partner moves to a `.klp.rela` section, it moves too, with its symbol (a
+//!   local label, which stays in the symbol table);
 //! * the targets' build ids, in a `.note.klp.build-id` section ([`crate::buildid`]).
 //!
 //! The file is then laid out afresh: the ELF header, each section's bytes in index
@@ -129,6 +133,36 @@ fn decode_rels(p: &PatchObject, s: &Section) -> Result<Vec<u32>, Error> {
         syms.push(sym);
     }
     Ok(syms)
+}
+
+/// For each entry of `relas` (a relocation section of `target`), the index of its
+/// partner when it is partnered (`klp_arch::Arch::is_partnered`): the first entry of
+/// the same section, not partnered itself and with a symbol, whose place is the value
+/// of its symbol, a label of `target` (an entry without a symbol at the same place,
+/// such as riscv64's `R_RISCV_RELAX` marker, is no partner). `None` for the others, and for a partnered entry whose symbol
+/// is not defined in `target` or whose partner is not there (it stays where it is).
+fn partners(p: &PatchObject, relas: &[Rel], target: usize) -> Vec<Option<usize>> {
+    let partnered: Vec<bool> = relas
+        .iter()
+        .map(|r| reloc::partnered(p.arch, r.r_type.0))
+        .collect();
+    relas
+        .iter()
+        .zip(&partnered)
+        .map(|(r, &is)| {
+            if !is {
+                return None;
+            }
+            let sym = p.symbols.get(r.r_sym as usize)?;
+            if usize::from(sym.sym.st_shndx.0) != target || sym.sym.st_shndx == elf::SHN_XINDEX {
+                return None;
+            }
+            relas
+                .iter()
+                .zip(&partnered)
+                .position(|(q, &q_is)| !q_is && q.r_sym != 0 && q.r_offset == sym.sym.st_value)
+        })
+        .collect()
 }
 
 /// Applies `decisions` to `p`, records `build_ids` (object, GNU build id) and lays
@@ -250,10 +284,13 @@ pub(crate) fn rewrite(
             };
             let target_name = ts.name_lossy();
             let target_alloc = ts.header.sh_flags.contains(elf::SHF_ALLOC);
-            let mut kept = Vec::with_capacity(relas.len());
-            for mut r in relas {
+            let partner_of = partners(&p, &relas, target);
+            let mut relas = relas;
+            // Where each entry goes: a `.klp.rela` group, or `None` (stays).
+            let mut dest: Vec<Option<(String, usize)>> = vec![None; relas.len()];
+            for j in 0..relas.len() {
+                let r = &relas[j];
                 let Some(&(object, _, name, address)) = converted.get(&(r.r_sym as usize)) else {
-                    kept.push(r);
                     continue;
                 };
                 if !target_alloc {
@@ -268,8 +305,25 @@ pub(crate) fn rewrite(
                     object != crate::names::MAIN_OBJECT && reloc::got_slot(p.arch, r.r_type.0);
                 if !slot && !reloc::writable(p.arch, r.r_type.0) {
                     let from = r.r_type.0;
+                    // The entries partnered with this one: their instructions use what
+                    // it computes, so the relaxation may rewrite them too.
+                    let partner_offsets: Vec<u64> = partner_of
+                        .iter()
+                        .zip(&relas)
+                        .filter(|(k, _)| **k == Some(j))
+                        .map(|(_, q)| q.r_offset)
+                        .collect();
                     let text = &mut p.sections[target].data;
-                    match relax::relax(p.arch, text, from, r.r_offset, r.r_addend, Some(address)) {
+                    let r = &mut relas[j];
+                    match relax::relax(
+                        p.arch,
+                        text,
+                        from,
+                        r.r_offset,
+                        r.r_addend,
+                        Some(address),
+                        &partner_offsets,
+                    ) {
                         Ok(Some(done)) => {
                             relaxed.push(Relaxed {
                                 section: target_name.clone(),
@@ -305,7 +359,23 @@ pub(crate) fn rewrite(
                         }
                     }
                 }
-                let key = (object.to_string(), target);
+                dest[j] = Some((object.to_string(), target));
+            }
+            // A partnered entry goes where its partner went (its symbol, the label at
+            // the partner's place, stays as it is).
+            for j in 0..relas.len() {
+                if dest[j].is_none()
+                    && let Some(k) = partner_of[j]
+                {
+                    dest[j] = dest[k].clone();
+                }
+            }
+            let mut kept = Vec::with_capacity(relas.len());
+            for (r, d) in relas.into_iter().zip(dest) {
+                let Some(key) = d else {
+                    kept.push(r);
+                    continue;
+                };
                 match groups.iter_mut().find(|(k, _)| *k == key) {
                     Some((_, v)) => v.push(r),
                     None => groups.push((key, vec![r])),

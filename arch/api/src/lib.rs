@@ -35,6 +35,7 @@ mod link;
 pub mod live;
 pub mod model;
 pub mod patching;
+pub mod relax;
 mod reloc;
 mod site;
 mod unwind;
@@ -43,6 +44,7 @@ pub use bytes::{InsnBytes, read_u16, read_u32};
 pub use link::{LinkClass, MAX_CALL_STUB};
 pub use live::{Live, Regs, UcontextLayout};
 pub use patching::{Plan, PlanCtx, PlanError, SitePlanner, SiteState, TargetInfo};
+pub use relax::{GotRef, RelaxFound, RelaxRefused, Relaxed};
 pub use reloc::{Reloc, RelocCtx, RelocError, field};
 pub use site::{
     EncodeError, FuncInfo, Redirect, RedirectKind, Site, SiteError, SiteForm, displacement,
@@ -223,6 +225,34 @@ pub trait Arch: 'static {
         Err(RelocError::UnsupportedType {
             r_type: reloc.r_type,
         })
+    }
+
+    /// Whether `r_type` is a GOT-relative type that [`Arch::relax_got`] may rewrite into
+    /// a direct reference (x86_64's `R_X86_64_GOTPCRELX`, aarch64's
+    /// `R_AARCH64_ADR_GOT_PAGE`, …). Default: none.
+    fn is_got_relaxable(r_type: u32) -> bool {
+        let _ = r_type;
+        false
+    }
+
+    /// Relaxes `got`, a GOT-relative reference to a symbol that resolves into the
+    /// running image, into a direct one as the psABI lets a static linker do: rewrites
+    /// the instruction(s) in `text` (the relocated section's bytes) and returns the
+    /// direct relocation to write instead. `partners` are the offsets of the entries
+    /// of the same relocation section that are partnered with it (see
+    /// [`Arch::is_partnered`]: their symbol is `got`'s place), whose instructions the
+    /// rule may rewrite too; they keep their type and symbol.
+    ///
+    /// `Ok(None)` exactly when `got.r_type` is not [`Arch::is_got_relaxable`] (nothing
+    /// changed); `Err` when it is, on instructions the rule does not cover (nothing
+    /// changed). Default: the arch relaxes nothing.
+    fn relax_got(
+        text: &mut [u8],
+        got: &GotRef,
+        partners: &[u64],
+    ) -> Result<Option<Relaxed>, RelaxRefused> {
+        let _ = (text, got, partners);
+        Ok(None)
     }
 
     /// Whether a call from a loaded patch object to any function outside it goes

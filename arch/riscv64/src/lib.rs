@@ -19,6 +19,7 @@
 //!   which a host writes a site's two words.
 //! * [`insn`]: `auipc`, `jalr`, `jal`, `ld`, `nop`, `c.nop`, and the immediate fields
 //!   relocations patch.
+//! * [`relax`]: `GOT_HI20` + `ld` relaxed into `PCREL_HI20` + `addi` for a converter.
 //! * [`reloc`]: `apply_relocate_add`, with the `PCREL_HI20`/`PCREL_LO12` pair search
 //!   over a whole section ([`reloc::apply_all`]).
 //! * [`link`]: link classes and the call stub of a process loader.
@@ -55,6 +56,7 @@ pub mod link;
 #[cfg(target_arch = "riscv64")]
 pub mod live;
 pub mod patching;
+pub mod relax;
 pub mod reloc;
 pub mod sigframe;
 pub mod site;
@@ -123,6 +125,18 @@ impl Arch for Riscv64 {
         written: &[Reloc],
     ) -> Result<(), RelocError> {
         reloc::apply_partnered(section, section_addr, reloc, written)
+    }
+
+    fn is_got_relaxable(r_type: u32) -> bool {
+        relax::relaxable(r_type)
+    }
+
+    fn relax_got(
+        text: &mut [u8],
+        got: &klp_arch::GotRef,
+        partners: &[u64],
+    ) -> Result<Option<klp_arch::Relaxed>, klp_arch::RelaxRefused> {
+        relax::relax(text, got, partners)
     }
 
     fn link_class(r_type: u32) -> klp_arch::LinkClass {

@@ -26,6 +26,7 @@
 pub mod insn;
 pub mod link;
 pub mod patching;
+pub mod relax;
 pub mod reloc;
 pub mod sigframe;
 pub mod site;
@@ -78,6 +79,18 @@ impl Arch for S390x {
         _ctx: &RelocCtx,
     ) -> Result<(), RelocError> {
         reloc::apply(section, section_addr, reloc)
+    }
+
+    fn is_got_relaxable(r_type: u32) -> bool {
+        relax::relaxable(r_type)
+    }
+
+    fn relax_got(
+        text: &mut [u8],
+        got: &klp_arch::GotRef,
+        _partners: &[u64],
+    ) -> Result<Option<klp_arch::Relaxed>, klp_arch::RelaxRefused> {
+        relax::relax(text, got)
     }
 
     fn link_class(r_type: u32) -> klp_arch::LinkClass {

@@ -28,6 +28,7 @@
 pub mod insn;
 pub mod link;
 pub mod patching;
+pub mod relax;
 pub mod reloc;
 pub mod sigframe;
 pub mod site;
@@ -79,6 +80,18 @@ impl Arch for X86_64 {
     /// Zeroes the field: x86_64's `apply_relocate_add` refuses a field that is not zero.
     fn clear_relocation(section: &mut [u8], reloc: &Reloc) -> Result<(), RelocError> {
         reloc::clear(section, reloc)
+    }
+
+    fn is_got_relaxable(r_type: u32) -> bool {
+        relax::relaxable(r_type)
+    }
+
+    fn relax_got(
+        text: &mut [u8],
+        got: &klp_arch::GotRef,
+        _partners: &[u64],
+    ) -> Result<Option<klp_arch::Relaxed>, klp_arch::RelaxRefused> {
+        relax::relax(text, got)
     }
 
     fn link_class(r_type: u32) -> klp_arch::LinkClass {
