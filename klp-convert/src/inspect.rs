@@ -158,6 +158,10 @@ pub enum Resolution {
         /// How many definitions there are.
         count: usize,
     },
+    /// Nothing to resolve: the entry is partnered (riscv64's `PCREL_LO12`, see
+    /// `klp_arch::Arch::is_partnered`), its symbol the label, in the relocated
+    /// section, of the entry it takes its value from.
+    Partner,
     /// The symbol cannot be resolved at all (not a livepatch symbol, a malformed
     /// name, an index past the symbol table, a vmlinux symbol in a module-specific
     /// section): see the warnings.
@@ -176,6 +180,7 @@ impl fmt::Display for Resolution {
             Resolution::Beyond { position, count } => {
                 write!(f, "position {position} beyond {count}")
             }
+            Resolution::Partner => f.write_str("the place of its partner entry"),
             Resolution::Unusable => f.write_str("unusable (see warnings)"),
         }
     }
@@ -704,7 +709,7 @@ fn read_sections(
         let entries = relas
             .iter()
             .enumerate()
-            .map(|(n, r)| read_entry(obj, arch, s.name, object.as_deref(), n, r, w))
+            .map(|(n, r)| read_entry(obj, arch, &s, object.as_deref(), n, r, w))
             .collect();
         out.push((view, entries));
     }
@@ -714,12 +719,13 @@ fn read_sections(
 fn read_entry(
     obj: &PatchObject<'_>,
     arch: Option<Arch>,
-    section: &str,
+    rela: &kelf::Section<'_>,
     sec_object: Option<&str>,
     n: usize,
     r: &kelf::Rela,
     w: &mut Warnings,
 ) -> RawEntry {
+    let section = rela.name;
     let type_name = arch.and_then(|a| reloc::type_name(a, r.r_type));
     let library = sec_object.is_some_and(|o| o != crate::names::MAIN_OBJECT);
     if let Some(a) = arch
@@ -766,6 +772,15 @@ fn read_entry(
             name: Name::new(p.name),
             sympos: p.sympos,
         });
+    }
+    // A partnered entry's label in the relocated section: the core takes the place of
+    // its partner, no symbol to resolve.
+    if !sym.is_livepatch()
+        && arch.is_some_and(|a| reloc::partnered(a, r.r_type))
+        && sym.shndx == rela.info
+    {
+        view.resolution = Resolution::Partner;
+        return RawEntry { view, lookup: None };
     }
     // The kernel's checks, in its order (klp_resolve_symbols), with its messages.
     if !sym.is_livepatch() {

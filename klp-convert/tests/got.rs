@@ -512,6 +512,7 @@ fn riscv64_got_hi20_and_its_ld_move_and_relax_together() {
     };
     // The label a partnered entry names: a local of .text at the partner's offset.
     let check_pairs = |what: &str, input: &Parsed, output: &Parsed, hi: u32| {
+        common::check_invariants(output);
         let in_relas = &input.section(".rela.text").relas;
         let klp = &output.section(".klp.rela.vmlinux.text").relas;
         let his: Vec<_> = in_relas.iter().filter(|r| r.1 == hi).collect();

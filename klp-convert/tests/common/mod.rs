@@ -675,11 +675,24 @@ pub fn modinfo(p: &Parsed) -> Vec<String> {
         .collect()
 }
 
+/// Whether the back-end of ELF machine `machine` writes `r_type` as a partnered entry.
+pub fn partnered(machine: u16, r_type: u32) -> bool {
+    struct Ask(u32);
+    impl klp_backends::Visit for Ask {
+        type Out = bool;
+        fn visit<A: klp_arch::Arch>(self) -> bool {
+            A::is_partnered(self.0)
+        }
+    }
+    klp_backends::by_machine(machine, Ask(r_type)).unwrap_or(false)
+}
+
 /// Checks the structural invariants every output must satisfy: locals first and
 /// `.symtab`'s `sh_info` the first global; every `.klp.rela` section is
 /// `SHT_RELA`, `SHF_ALLOC | SHF_INFO_LINK | SHF_RELA_LIVEPATCH`, linked to the
 /// symbol table and relocating an allocated section, and refers only to
-/// `SHN_LIVEPATCH` symbols of its own object; every `.klp.sym` symbol is
+/// `SHN_LIVEPATCH` symbols of its own object (or, for a partnered entry, to its
+/// partner's label); every `.klp.sym` symbol is
 /// `SHN_LIVEPATCH` with a well-formed name; no other relocation refers to one.
 pub fn check_invariants(p: &Parsed) {
     assert_eq!(p.e_type, 1, "ET_REL");
@@ -721,8 +734,16 @@ pub fn check_invariants(p: &Parsed) {
                 target.name
             );
             assert!(!sec.relas.is_empty());
-            for &(_, _, _, sym) in &sec.relas {
+            for &(_, r_type, _, sym) in &sec.relas {
                 let s = &p.symbols[sym as usize];
+                // A partnered entry (riscv64's PCREL_LO12) names the label of its
+                // partner's place: a local of the relocated section.
+                if partnered(p.e_machine, r_type)
+                    && s.bind == 0
+                    && u32::from(s.shndx) == sec.sh_info
+                {
+                    continue;
+                }
                 assert_eq!(s.shndx, 0xff20, "{}: {}", sec.name, s.name);
                 assert!(
                     s.name.starts_with(&format!(".klp.sym.{obj}.")),
