@@ -192,7 +192,11 @@ macro_rules! patchable_wrapper {
 impl Live for crate::Riscv64 {
     const UCONTEXT: Option<UcontextLayout> = Some(crate::sigframe::LAYOUT);
     const HAS_LINK_REGISTER: bool = true;
-    const USER_STACK_WALKABLE: bool = true;
+    // The psABI makes the frame pointer optional and Debian's C library is built
+    // without it: there `s0` is an ordinary callee-saved register, so a walk that
+    // starts in a thread blocked in the C library (the common case for a stopped
+    // thread) reads whatever `s0` holds. A host relies on its conservative scan.
+    const USER_STACK_WALKABLE: bool = false;
     const ENTRY_FRAME: EntryFrameFn = entry_frame;
 
     #[inline(always)]
