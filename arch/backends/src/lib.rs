@@ -217,6 +217,7 @@ backends! {
     "aarch64" => klp_arch_aarch64::Aarch64,
     "ppc64le" => klp_arch_ppc64le::Ppc64le,
     "s390x" => klp_arch_s390x::S390x,
+    "riscv64" => klp_arch_riscv64::Riscv64,
 }
 
 #[cfg(test)]
