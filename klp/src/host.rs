@@ -257,13 +257,24 @@ pub trait Host {
         t: TaskId,
         entries: &mut [Addr],
     ) -> Result<usize, TraceError>;
+    /// Called by the core once it has acted on the result of
+    /// [`Host::stack_trace_reliable`] for `t`: it switched the task, or left it as it was
+    /// (its stack holds code the transition affects, the trace failed, or the core only
+    /// wanted to know what blocks it, [`crate::Klp::blockers`]). Every call of
+    /// `stack_trace_reliable` is followed by exactly one call of this for the same task,
+    /// before the core checks another task or logs. A host that keeps a checked task
+    /// stopped, so that the check and the switch are one step for the task (as the
+    /// kernel's runqueue lock makes them), releases it here. Default: nothing.
+    fn task_check_done(&mut self, t: TaskId) {
+        let _ = t;
+    }
     /// Runs `f` with task `t` kept off every CPU (`task_call_func`): the check of a task
     /// and its switch happen inside, so the task cannot start running between the stack
     /// check and the change of its state. Inside `f` the core only calls
     /// [`Host::task_running_elsewhere`], [`Host::stack_trace_reliable`],
     /// [`Host::reliable_stacktrace`], [`Host::current`], [`Host::patch_state`],
-    /// [`Host::set_patch_pending`] and [`Host::set_patch_state`]; it logs only after `f`
-    /// returned. A host whose tasks cannot run while the core looks at them (the
+    /// [`Host::set_patch_pending`], [`Host::set_patch_state`] and
+    /// [`Host::task_check_done`]; it logs only after `f` returned. A host whose tasks cannot run while the core looks at them (the
     /// simulator), or that keeps a task held by other means, just calls `f` (the default).
     fn task_call(&mut self, t: TaskId, f: &mut dyn FnMut(&mut Self)) {
         let _ = t;

@@ -101,16 +101,25 @@ impl Scratch {
     /// `klp_check_stack` for one task, without the message: the checks of
     /// `klp_try_switch_task` (reliable stacks at all, not running elsewhere, a reliable
     /// trace of fewer than [`MAX_STACK_ENTRIES`] entries, no forbidden code on it).
-    fn examine<H: Host>(&mut self, host: &mut H, t: TaskId) -> Result<(), Why> {
+    /// The flag says whether [`Host::stack_trace_reliable`] was asked for the task: the
+    /// caller then owes the host [`Host::task_check_done`] once it has acted on the
+    /// result.
+    fn examine<H: Host>(&mut self, host: &mut H, t: TaskId) -> (Result<(), Why>, bool) {
         if !host.reliable_stacktrace() {
-            return Err(Why::NoReliableStacks);
+            return (Err(Why::NoReliableStacks), false);
         }
         if t != host.current() && host.task_running_elsewhere(t) {
-            return Err(Why::Running);
+            return (Err(Why::Running), false);
         }
         if !self.complete {
-            return Err(Why::Unreliable(TraceError::Unreliable));
+            return (Err(Why::Unreliable(TraceError::Unreliable)), false);
         }
+        (self.check_trace(host, t), true)
+    }
+
+    /// The trace part of [`Scratch::examine`]: the host's reliable trace of `t`, and no
+    /// forbidden code on it.
+    fn check_trace<H: Host>(&mut self, host: &mut H, t: TaskId) -> Result<(), Why> {
         let n = match host.stack_trace_reliable(t, &mut self.entries) {
             Ok(n) if n < MAX_STACK_ENTRIES => n,
             Ok(_) => return Err(Why::Unreliable(TraceError::TooDeep)),
@@ -145,12 +154,19 @@ impl Scratch {
         // `klp_check_and_switch_task` under `task_call_func`: the check and the switch
         // with the task held, the message after.
         let mut checked = Ok(());
+        // The host hears that the core is done with the task's check once it has been
+        // switched, or left as it was (`Host::task_check_done`): a host that keeps a
+        // checked task stopped releases it there.
         host.task_call(t, &mut |h| {
-            checked = self.examine(h, t);
-            if checked.is_ok() {
+            let (result, traced) = self.examine(h, t);
+            if result.is_ok() {
                 h.set_patch_pending(t, false);
                 h.set_patch_state(t, target);
             }
+            if traced {
+                h.task_check_done(t);
+            }
+            checked = result;
         });
         if let Err(why) = checked {
             let (comm, pid) = host.task_ident(t);
@@ -326,8 +342,12 @@ impl<H: Host> Klp<H> {
             if h.patch_state(t) == target {
                 return;
             }
-            if let Err(why) = scratch.examine(h, t) {
+            let (result, traced) = scratch.examine(h, t);
+            if let Err(why) = result {
                 f(h, t, why.name(patches));
+            }
+            if traced {
+                h.task_check_done(t);
             }
         });
     }
