@@ -37,12 +37,33 @@
 //! trace itself is a superset of the return addresses (see [`stack`]), so code without
 //! frame pointers never makes a check pass wrongly.
 
+// The layering: each module uses only those on the lines below its own (the process
+// host ties them together; what a lower module needs from a higher one is registered
+// from above, never called upward).
+//
+//   ctl                     the control socket            → process, loader, thread
+//   process, loader         Host adapter, Process; patch  → everything below (one layer:
+//                           files                           the loader adds
+//                                                           `Process::load_file`, the host
+//                                                           calls it when objects arrive)
+//   redirect                views, decisions, sites       → stack, thread, symbols, sys
+//   stack                   stack checks, sync rounds     → thread, symbols, sys
+//                           (redirect registers its decision function, its resume rule
+//                           and its site ends: `stack::register_redirect`, `set_site_end`)
+//   thread                  records, registry, fork gate  → sys
+//                           (process registers the core's locks for fork: `set_core_lock`;
+//                           klp's signal handler is installed here, what it runs is
+//                           stack's: `sys::set_signal_fn`)
+//   symbols                 the symbol index
+//   sys                     POSIX primitives: futex, clock, klp's signal — nothing of klp-user
+
 pub mod ctl;
 pub mod loader;
 pub mod process;
 pub mod redirect;
 pub mod stack;
 pub mod symbols;
+mod sys;
 pub mod thread;
 
 pub use process::{

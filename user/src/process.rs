@@ -967,6 +967,9 @@ impl Process {
     /// Creates the process's host with `config`, unless it exists already (then the
     /// existing one is returned and `config` is ignored: see [`Process::configured`]).
     pub fn init(config: Config) -> &'static Process {
+        // The core's locks for `fork(2)`: the thread registry, below this module, asks
+        // for them through what is registered here.
+        thread::set_core_lock(fork_lock);
         let mut fresh = false;
         let p = GLOBAL.get_or_init(|| {
             fresh = true;
@@ -1024,6 +1027,7 @@ impl Process {
     /// and starts the worker thread.
     fn boot(&'static self) {
         stack::install_handler();
+        redirect::register_with_stack();
         self.refresh_modules();
         let spawned = std::thread::Builder::new()
             .name("klp-worker".into())
@@ -1043,14 +1047,14 @@ impl Process {
     /// lock, and publishes the target for late-registering threads.
     pub fn with_core<R>(&self, f: impl FnOnce(&mut Klp<ProcessHost>, &mut ProcessHost) -> R) -> R {
         thread::register_current();
-        let _gate = ForkGate::exclusive();
+        let gate = ForkGate::exclusive();
         let mut c = lock(&self.core);
         let Core { klp, host } = &mut *c;
         host.cache = thread::threads().into_iter().map(|r| (r.id, r)).collect();
         let r = f(klp, host);
         host.held = None;
         host.batch = None;
-        thread::publish_target(klp.target());
+        thread::publish_target(&gate, klp.target());
         r
     }
 
@@ -1337,9 +1341,9 @@ impl Process {
 }
 
 /// The core's locks (the core, then its log) for `fork(2)`'s prepare handler
-/// ([`thread::install_atfork`]), when the process host exists; released when the
-/// value drops.
-pub(crate) fn fork_lock() -> Option<Box<dyn std::any::Any>> {
+/// ([`thread::install_atfork`], registered with [`thread::set_core_lock`]), when the
+/// process host exists; released when the value drops.
+fn fork_lock() -> Option<Box<dyn std::any::Any>> {
     let p = GLOBAL.get()?;
     let core = lock(&p.core);
     let log = lock(&p.log);

@@ -316,10 +316,30 @@ pub fn find_tid(tid: i32) -> Option<Arc<ThreadRecord>> {
     lock_registry().iter().find(|r| r.tid() == tid).cloned()
 }
 
+/// The registered records, seen with the registry locked: a record in it cannot finish
+/// unregistering (its thread cannot have exited and its tid cannot have been reused)
+/// while this value lives. Only [`with_registry`] makes one, so functions that are only
+/// sound under the registry lock take it as a witness.
+#[derive(Debug)]
+pub(crate) struct Registered<'a> {
+    records: &'a [Arc<ThreadRecord>],
+}
+
+impl std::ops::Deref for Registered<'_> {
+    type Target = [Arc<ThreadRecord>];
+
+    fn deref(&self) -> &[Arc<ThreadRecord>] {
+        self.records
+    }
+}
+
 /// Runs `f` with the signal-safe view of the record registry locked (the registry is
 /// never locked from a signal handler).
-pub(crate) fn with_registry<R>(f: impl FnOnce(&[Arc<ThreadRecord>]) -> R) -> R {
-    f(&lock_registry())
+pub(crate) fn with_registry<R>(f: impl FnOnce(&Registered<'_>) -> R) -> R {
+    let g = lock_registry();
+    f(&Registered {
+        records: g.as_slice(),
+    })
 }
 
 fn gettid() -> i32 {
@@ -357,7 +377,7 @@ fn attach(rec: &Arc<ThreadRecord>, entry: u64) {
     let p = Arc::as_ptr(rec);
     CURRENT.with(|c| c.set(p));
     EXIT.with(|g| g.0.set(p));
-    crate::stack::install_handler();
+    crate::sys::install_signal_handler();
 }
 
 fn new_record(state: u8) -> Arc<ThreadRecord> {
@@ -371,15 +391,17 @@ fn new_record(state: u8) -> Arc<ThreadRecord> {
 /// (published by [`crate::Process`] while it holds the fork gate).
 static TARGET: AtomicU8 = AtomicU8::new(ST_IDLE);
 
-/// Publishes the core's target after a core operation (under the fork gate).
-pub(crate) fn publish_target(t: PatchState) {
+/// Publishes the core's target after a core operation, under the fork gate (`_gate`,
+/// the witness: a thread being created sees the target before or after the operation,
+/// never in between).
+pub(crate) fn publish_target(_gate: &ForkGate, t: PatchState) {
     TARGET.store(encode(t), Ordering::Release);
 }
 
 /// The state of a thread that joins without a registered creator: idle outside a
 /// transition, else not switched yet (`!target`, pending), like every task the
-/// transition has not checked. Called under the fork gate.
-fn late_state() -> u8 {
+/// transition has not checked. Under the fork gate (`_gate`, the witness).
+fn late_state(_gate: &ForkGate) -> u8 {
     let t = decode(TARGET.load(Ordering::Acquire));
     if t == PatchState::Idle {
         ST_IDLE
@@ -403,8 +425,8 @@ pub fn register_current() -> Arc<ThreadRecord> {
         return r;
     }
     let rec = {
-        let _gate = ForkGate::shared();
-        let rec = new_record(late_state());
+        let gate = ForkGate::shared();
+        let rec = new_record(late_state(&gate));
         lock_registry().push(rec.clone());
         rec
     };
@@ -460,7 +482,7 @@ pub fn idle_wait(timeout: std::time::Duration) -> bool {
             break false;
         }
         // Returns early on a wake-up, a signal, or spuriously: the loop decides.
-        crate::stack::futex_wait_for(&rec.wake, 0, deadline - now);
+        crate::sys::futex_wait_for(&rec.wake, 0, deadline - now);
     };
     rec.update_patch_state();
     woken
@@ -469,7 +491,7 @@ pub fn idle_wait(timeout: std::time::Duration) -> bool {
 /// Wakes `rec` from [`idle_wait`].
 pub fn wake(rec: &ThreadRecord) {
     rec.wake.store(1, Ordering::Release);
-    crate::stack::futex_wake(&rec.wake);
+    crate::sys::futex_wake(&rec.wake);
 }
 
 /// The calling thread's record without registering and without locks, for the signal
@@ -599,6 +621,18 @@ struct ForkHeld {
     registry: MutexGuard<'static, Vec<Arc<ThreadRecord>>>,
 }
 
+/// Takes the core's locks for [`fork_prepare`] (`None`: there is no core), registered
+/// by the process host, which sits above this module ([`set_core_lock`]).
+pub(crate) type CoreLock = fn() -> Option<Box<dyn std::any::Any>>;
+
+static CORE_LOCK: std::sync::OnceLock<CoreLock> = std::sync::OnceLock::new();
+
+/// Registers how [`fork_prepare`] takes the core's locks (the first registration
+/// stays).
+pub(crate) fn set_core_lock(lock: CoreLock) {
+    let _ = CORE_LOCK.set(lock);
+}
+
 thread_local! {
     /// The locks the forking thread holds between the prepare handler and the parent
     /// or child handler (a thread-local of the forking thread, which the child's only
@@ -620,7 +654,7 @@ extern "C" fn fork_prepare() {
     let core = if in_core {
         None
     } else {
-        crate::process::fork_lock()
+        CORE_LOCK.get().and_then(|lock| lock())
     };
     let registry = lock_registry();
     let held = ForkHeld {
@@ -774,7 +808,7 @@ pub unsafe extern "C" fn pthread_create(
     let parent = current_record();
     let state = parent
         .as_ref()
-        .map_or_else(late_state, |p| p.state.load(Ordering::Acquire));
+        .map_or_else(|| late_state(&gate), |p| p.state.load(Ordering::Acquire));
     let rec = new_record(state);
     lock_registry().push(rec.clone());
     drop(gate);
@@ -870,7 +904,7 @@ mod tests {
             // The stack pointer itself, not the address of a local: AddressSanitizer
             // puts address-taken locals on a stack of its own (use-after-return
             // detection), far from the machine stack.
-            let sp = crate::stack::capture_here().sp as usize;
+            let sp = <klp::arch::Native as klp_arch::Live>::capture().sp as usize;
             // The frame is above this function's frame, and close.
             assert!((frame as usize) > sp && (frame as usize) - sp < 1 << 16);
             (a as usize + 1) as *mut c_void
@@ -887,7 +921,7 @@ mod tests {
             let r = current_record().expect("registered by the interposed pthread_create");
             let (low, high) = r.stack();
             // (The stack pointer, not the address of a local: see above.)
-            let here = crate::stack::capture_here().sp;
+            let here = <klp::arch::Native as klp_arch::Live>::capture().sp;
             assert!(low < here && here < high, "{low:#x} {here:#x} {high:#x}");
             assert!(r.entry_frame() > here && r.entry_frame() < high);
             assert_eq!(r.tid(), gettid());
@@ -935,13 +969,13 @@ mod tests {
 
     #[test]
     fn late_threads_join_unswitched_during_a_transition() {
-        let _g = ForkGate::exclusive();
-        publish_target(PatchState::Patched);
-        let s = late_state();
-        publish_target(PatchState::Idle);
+        let g = ForkGate::exclusive();
+        publish_target(&g, PatchState::Patched);
+        let s = late_state(&g);
+        publish_target(&g, PatchState::Idle);
         assert_eq!(decode(s), PatchState::Unpatched);
         assert!(s & PENDING != 0);
-        assert_eq!(late_state(), ST_IDLE);
+        assert_eq!(late_state(&g), ST_IDLE);
     }
 
     #[test]

@@ -20,8 +20,8 @@
 //!   without its transition flag (the spec's HB-3), and a thread that sees the flag
 //!   sees the state the core set before (`!target`, HB-1): it never runs the new
 //!   function before it switched.
-//! * **The stop/hold/release handshake** (`user/src/stack.rs`, `stop`, the handler's
-//!   `on_signal` and `release`): a checker stops a thread, walks its stack while it
+//! * **The stop/hold/release handshake** (`user/src/stack/handshake.rs`, `stop`, the
+//!   handler's `on_signal` and `release`): a checker stops a thread, walks its stack while it
 //!   is held and releases it, while the handler may give up the hold (its deadline):
 //!   the registers read are the captured ones, a walk that `release` confirms read
 //!   the interrupted stack, and the slot always ends free.
@@ -78,8 +78,8 @@ const COPIED: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
-        "user/src/stack.rs",
-        include_str!("../src/stack.rs"),
+        "user/src/stack/handshake.rs",
+        include_str!("../src/stack/handshake.rs"),
         &[
             // on_signal: capture, then hold until released or the deadline
             "if rec.cap.load(Ordering::Acquire) != cap::REQUESTED {",
@@ -487,8 +487,8 @@ mod state_byte {
     }
 }
 
-/// The stop/hold/release handshake of a stack check (`user/src/stack.rs`: `stop`, the
-/// signal handler's `on_signal`, `release`) on a loom thread record.
+/// The stop/hold/release handshake of a stack check (`user/src/stack/handshake.rs`:
+/// `stop`, the signal handler's `on_signal`, `release`) on a loom thread record.
 #[cfg(loom)]
 mod handshake {
     use loom::cell::UnsafeCell;

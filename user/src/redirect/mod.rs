@@ -220,7 +220,7 @@ impl TrapHandler {
                 sa.sa_sigaction = handler as *const () as usize;
                 sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
                 libc::sigemptyset(&mut sa.sa_mask);
-                libc::sigaddset(&mut sa.sa_mask, crate::stack::signal_number());
+                libc::sigaddset(&mut sa.sa_mask, crate::sys::signal_number());
                 if libc::sigaction(sig, &sa, &mut old) == 0 {
                     self.old.store(old.sa_sigaction, Ordering::Release);
                     self.old_flags
@@ -277,6 +277,16 @@ impl TrapHandler {
 pub(crate) unsafe fn on_sync(uc: *mut libc::c_void) {
     // SAFETY: condition 1 is passed on.
     unsafe { sites::on_sync(uc) }
+}
+
+/// Tells the stack checks, which sit below the redirects, what they need from them
+/// ([`crate::stack::register_redirect`]): the decision function (a thread inside it
+/// gets no trace) and [`on_sync`]. Once per process; called before a site is first
+/// written ([`sites::set`]) or a view first published ([`publish`]), and when the
+/// process host boots.
+pub(crate) fn register_with_stack() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| crate::stack::register_redirect(decide_entry, on_sync));
 }
 
 // ------------------------------------------------------------------ the slot table
@@ -397,6 +407,7 @@ pub fn fast_entry_address() -> Option<u64> {
 /// Publishes `view` for `site` (`None`: no record). Returns `false` if the table is
 /// full (the site then decides "original").
 pub(crate) fn publish(site: u64, view: Option<RedirectView>) -> bool {
+    register_with_stack();
     let _w = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = slot(site, view.is_some()) else {
         return view.is_none();
@@ -438,31 +449,12 @@ pub(crate) fn publish(site: u64, view: Option<RedirectView>) -> bool {
     true
 }
 
-/// The addresses just past every registered site (`site + len`): the return address
-/// the site's branch-and-link leaves while it enters the trampoline. A thread inside
-/// the trampoline is refused by the stack check anyway (`stack::Machinery`), so such a
-/// word found on a stack is never the return address of a live frame — only a stale
-/// copy of one, which the conservative scan must not count (it would hold every
-/// transition a sleeping thread once called the function in).
-static SITE_ENDS: std::sync::RwLock<std::collections::BTreeSet<u64>> =
-    std::sync::RwLock::new(std::collections::BTreeSet::new());
-
-/// Records (or, with `present` false, forgets) the end of a registered site.
+/// Records (or, with `present` false, forgets) the end of a registered site
+/// (`site + len`): the return address the site's branch-and-link leaves while it enters
+/// the trampoline, which the stack checks' conservative scan never keeps (the set is
+/// theirs: [`crate::stack`]'s scan, below the redirects).
 pub(crate) fn set_site_end(end: u64, present: bool) {
-    let mut g = SITE_ENDS.write().unwrap_or_else(|e| e.into_inner());
-    if present {
-        g.insert(end);
-    } else {
-        g.remove(&end);
-    }
-}
-
-/// Whether `w` is just past a registered site (see [`set_site_end`]).
-pub(crate) fn is_site_end(w: u64) -> bool {
-    SITE_ENDS
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains(&w)
+    crate::stack::set_site_end(end, present);
 }
 
 /// The view published for `site`. Lock-free, no allocation.

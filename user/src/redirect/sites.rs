@@ -223,6 +223,7 @@ pub fn set(
     };
     let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
     Native::set_decision(super::decide_entry);
+    super::register_with_stack();
     tell_hwcap();
     let ctx = PlanCtx {
         addr,
