@@ -357,8 +357,8 @@ struct Plan {
 
 /// Writes `p` with one atomic compare-and-exchange of the aligned word that holds
 /// every byte that changes; `false` if they are not in one word (or the word is not
-/// as expected). `TEXT` is held by the caller.
-fn write_single(p: &Plan) -> bool {
+/// as expected). `TEXT` is held by the caller (`_text`, the witness).
+fn write_single(p: &Plan, _text: &sites::TextGuard<'_>) -> bool {
     let len = p.site.form.len();
     let differ = |i: &usize| p.old.get(*i) != p.new.get(*i);
     let (Some(first), Some(last)) = ((0..len).find(differ), (0..len).rev().find(differ)) else {
@@ -401,8 +401,14 @@ fn write_single(p: &Plan) -> bool {
 
 /// Writes `plans` (at most [`BATCH`]) with the breakpoint protocol (module
 /// documentation), sending a thread that traps to `func` (a call pushes its return
-/// address first). Returns the plans written. `TEXT` is held by the caller.
-fn write_breakpoint(plans: &[Plan], func: u64, sync: &mut dyn FnMut()) -> Vec<Plan> {
+/// address first). Returns the plans written. `TEXT` is held by the caller (`text`, the
+/// witness).
+fn write_breakpoint(
+    plans: &[Plan],
+    func: u64,
+    sync: &mut dyn FnMut(),
+    text: &sites::TextGuard<'_>,
+) -> Vec<Plan> {
     if plans.is_empty() || !sites::install_trap_handler() {
         return Vec::new();
     }
@@ -414,12 +420,15 @@ fn write_breakpoint(plans: &[Plan], func: u64, sync: &mut dyn FnMut()) -> Vec<Pl
             continue;
         };
         let kind = p.site.form.trap_kind();
-        let Some(armed) = sites::arm(TrapEntry {
-            at: p.site.addr,
-            pc: func,
-            link: None,
-            push: (kind != 0).then(|| p.site.addr + u64::from(kind)),
-        }) else {
+        let Some(armed) = sites::arm(
+            TrapEntry {
+                at: p.site.addr,
+                pc: func,
+                link: None,
+                push: (kind != 0).then(|| p.site.addr + u64::from(kind)),
+            },
+            text,
+        ) else {
             break;
         };
         live.push((armed, *p, w));
@@ -475,7 +484,7 @@ pub(crate) fn retarget_callers(
     sync: &mut dyn FnMut(),
 ) -> usize {
     let want = to.unwrap_or(func);
-    let _g = sites::TEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let text = sites::TEXT.lock().unwrap_or_else(|e| e.into_inner());
     let mut rewritten = REWRITTEN.lock().unwrap_or_else(|e| e.into_inner());
     let mut sites: BTreeMap<u64, Site> = sites_calling(index, func)
         .into_iter()
@@ -517,7 +526,7 @@ pub(crate) fn retarget_callers(
     let mut done = Vec::new();
     let mut slow = Vec::new();
     for p in plans {
-        if write_single(&p) {
+        if write_single(&p, &text) {
             done.push(p);
         } else {
             slow.push(p);
@@ -527,7 +536,7 @@ pub(crate) fn retarget_callers(
         sync();
     }
     for chunk in slow.chunks(BATCH) {
-        done.extend(write_breakpoint(chunk, func, sync));
+        done.extend(write_breakpoint(chunk, func, sync, &text));
     }
     for p in done {
         if p.target == func {
@@ -747,14 +756,17 @@ mod tests {
         // nor a retarget touches it.
         let other = klp_cs_other as *const () as u64;
         let by_hand = |from: u64, to: u64| {
-            let _g = sites::TEXT.lock().unwrap_or_else(|e| e.into_inner());
+            let text = sites::TEXT.lock().unwrap_or_else(|e| e.into_inner());
             let p = Plan {
                 site,
                 old: encode(&site, probe(), from).expect("reach"),
                 new: encode(&site, probe(), to).expect("reach"),
                 target: to,
             };
-            assert!(write_single(&p) || write_breakpoint(&[p], probe(), &mut sync).len() == 1);
+            assert!(
+                write_single(&p, &text)
+                    || write_breakpoint(&[p], probe(), &mut sync, &text).len() == 1
+            );
         };
         by_hand(repl(), other);
         assert_eq!(call_direct(2), 14);

@@ -32,6 +32,10 @@ use crate::symbols::SymbolIndex;
 /// Serialises text writes.
 pub(crate) static TEXT: Mutex<()> = Mutex::new(());
 
+/// A hold of [`TEXT`]: the witness taken by the functions that are only sound while no
+/// other text write is under way.
+pub(crate) type TextGuard<'a> = std::sync::MutexGuard<'a, ()>;
+
 /// How long a core serialisation waits for the threads' answers where `membarrier`
 /// is unavailable.
 const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -115,8 +119,9 @@ pub fn published_target(index: &SymbolIndex, site: u64, target: u64) -> u64 {
     Native::published_target(&target_info(index, site, target))
 }
 
-/// Reads the site's bytes now. `TEXT` is held by the caller (no write under way).
-fn read_site(site: &Site) -> Vec<u8> {
+/// Reads the site's bytes now. `TEXT` is held by the caller (`_text`: no write under
+/// way).
+fn read_site(site: &Site, _text: &TextGuard<'_>) -> Vec<u8> {
     let mut now = vec![0u8; site.len()];
     // SAFETY: the site is text of a loaded object (`find`), mapped and readable (klp
     // never maps text execute-only); `now` holds `site.len()` bytes and does not
@@ -167,8 +172,8 @@ fn stub_entry(site: u64) -> (u64, u64) {
     }
 }
 
-/// The stub of `site` ([`super::stubs`]; `TEXT` held by the caller).
-fn stub_for(site: &Site, sync: &mut dyn FnMut()) -> Result<u64, Errno> {
+/// The stub of `site` ([`super::stubs`]; `TEXT` held by the caller, `_text`).
+fn stub_for(site: &Site, sync: &mut dyn FnMut(), _text: &TextGuard<'_>) -> Result<u64, Errno> {
     let (value, entry) = stub_entry(site.addr());
     let mut bytes = [0u8; MAX_STUB];
     let n = Native::stub(value, entry, &mut bytes);
@@ -176,8 +181,8 @@ fn stub_for(site: &Site, sync: &mut dyn FnMut()) -> Result<u64, Errno> {
         .get(..n)
         .filter(|b| !b.is_empty())
         .ok_or(Errno::ENOSYS)?;
-    // SAFETY: `TEXT` is held by the caller (1); `write_text` copies and makes the
-    // bytes ready to execute (2).
+    // SAFETY: `TEXT` is held by the caller (`_text`, the witness) (1); `write_text`
+    // copies and makes the bytes ready to execute (2).
     unsafe {
         super::stubs::stub_for(
             site.addr(),
@@ -221,17 +226,17 @@ pub fn set(
         }
         s => s,
     };
-    let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let text = TEXT.lock().unwrap_or_else(|e| e.into_inner());
     Native::set_decision(super::decide_entry);
     super::register_with_stack();
     tell_hwcap();
     let ctx = PlanCtx {
         addr,
-        stub: stub_for(site, sync)?,
+        stub: stub_for(site, sync, &text)?,
         trampoline: Native::trampoline(),
     };
-    let plan =
-        Native::plan(site, &read_site(site), to, &ctx).map_err(|e| Errno::from_ret(e.errno()))?;
+    let plan = Native::plan(site, &read_site(site, &text), to, &ctx)
+        .map_err(|e| Errno::from_ret(e.errno()))?;
     if plan.is_empty() {
         return Ok(());
     }
@@ -240,12 +245,12 @@ pub fn set(
     }
     // SAFETY: the site is text of a loaded object (`find`) (1).
     let _w = unsafe { super::text::Writable::new(addr, site.len() as u64) }?;
-    let armed = plan.trap.and_then(arm);
+    let armed = plan.trap.and_then(|e| arm(e, &text));
     if plan.trap.is_some() && armed.is_none() {
         return Err(Errno::EBUSY);
     }
     if let Some(r) = plan.resume {
-        arm_resume(r);
+        arm_resume(r, &text);
     }
     let mut result = Ok(());
     for step in plan.steps() {
@@ -278,7 +283,8 @@ static RESUME_FROM: AtomicU64 = AtomicU64::new(0);
 static RESUME_END: AtomicU64 = AtomicU64::new(0);
 static RESUME_TO: AtomicU64 = AtomicU64::new(0);
 
-fn arm_resume(r: Resume) {
+/// Arms the plan's resume rule, under `TEXT` (`_text`: one plan at a time).
+fn arm_resume(r: Resume, _text: &TextGuard<'_>) {
     RESUME_END.store(r.end, Ordering::Release);
     RESUME_TO.store(r.to, Ordering::Release);
     RESUME_FROM.store(r.from, Ordering::SeqCst);
@@ -374,8 +380,9 @@ impl Drop for ArmedTrap {
     }
 }
 
-/// Arms `e` in a free slot (`TEXT` held by the caller); `None` when all are taken.
-pub(crate) fn arm(e: TrapEntry) -> Option<ArmedTrap> {
+/// Arms `e` in a free slot (`TEXT` held by the caller, `_text`: the slots have one
+/// writer); `None` when all are taken.
+pub(crate) fn arm(e: TrapEntry, _text: &TextGuard<'_>) -> Option<ArmedTrap> {
     let slot = TRAPS.iter().find(|s| s.at.load(Ordering::Acquire) == 0)?;
     slot.pc.store(e.pc, Ordering::Release);
     slot.link
@@ -494,8 +501,8 @@ mod tests {
     }
 
     fn bytes_at(site: &Site) -> Vec<u8> {
-        let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
-        read_site(site)
+        let g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
+        read_site(site, &g)
     }
 
     /// `find`, `body_of` and `set` on a real wrapper of this program, called in each
@@ -648,12 +655,15 @@ mod tests {
 
     #[test]
     fn the_resume_rule_moves_only_threads_in_its_range() {
-        let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
-        arm_resume(Resume {
-            from: 0x1004,
-            end: 0x1008,
-            to: 0x1000,
-        });
+        let g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
+        arm_resume(
+            Resume {
+                from: 0x1004,
+                end: 0x1008,
+                to: 0x1000,
+            },
+            &g,
+        );
         let rule = resume_rule().expect("armed");
         assert_eq!(rule.apply(0x1004), Some(0x1000));
         assert_eq!(rule.apply(0x1008), None);
@@ -663,13 +673,16 @@ mod tests {
 
     #[test]
     fn traps_are_armed_and_disarmed() {
-        let _g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
-        let a = arm(TrapEntry {
-            at: 0x7777_0000_9000,
-            pc: 0x42,
-            link: Some(7),
-            push: None,
-        })
+        let g = TEXT.lock().unwrap_or_else(|e| e.into_inner());
+        let a = arm(
+            TrapEntry {
+                at: 0x7777_0000_9000,
+                pc: 0x42,
+                link: Some(7),
+                push: None,
+            },
+            &g,
+        )
         .expect("a slot");
         let taken = TRAPS
             .iter()
