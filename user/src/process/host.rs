@@ -35,7 +35,6 @@ fn sigblk_has(status: &str, sig: libc::c_int) -> bool {
 
 impl Host for ProcessHost {
     fn log(&mut self, rec: &Record<'_>) {
-        self.held = None;
         if rec.level == Level::Debug
             && (!self.config.dyndbg || self.config.dyndbg_off.contains(&rec.func))
         {
@@ -165,9 +164,6 @@ impl Host for ProcessHost {
         if let Some(r) = self.rec(t) {
             r.set_patch_state(s);
         }
-        if self.held.as_ref().is_some_and(|h| h.record().id == t) {
-            self.held = None;
-        }
     }
 
     fn patch_pending(&self, t: TaskId) -> bool {
@@ -211,9 +207,11 @@ impl Host for ProcessHost {
         })
     }
 
-    /// The thread stays stopped after a successful check until the core switches it
-    /// ([`Host::set_patch_state`]) or asks anything else: the check and the switch are
-    /// one step for the thread, as under the kernel's runqueue lock.
+    /// The thread stays stopped after a successful check until the core is done with
+    /// it ([`Host::task_check_done`]: switched, or left as it was): the check and the
+    /// switch are one step for the thread, as under the kernel's runqueue lock. A hold
+    /// still kept (a core that did not say so) ends at the next check, at the next
+    /// batch, or when the core operation ends.
     fn stack_trace_reliable(
         &mut self,
         t: TaskId,
@@ -250,6 +248,12 @@ impl Host for ProcessHost {
                 })
             }
         }
+    }
+
+    /// Releases the thread held since its stack check (see
+    /// [`Host::stack_trace_reliable`]).
+    fn task_check_done(&mut self, _t: TaskId) {
+        self.held = None;
     }
 
     fn fake_signal(&mut self, t: TaskId) {

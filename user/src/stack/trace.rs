@@ -267,7 +267,8 @@ unsafe fn walk_stopped(
 /// returned [`Hold`] is dropped (`None` for the calling thread, or a thread not
 /// started or gone). The core's `klp_try_switch_task` checks a task and switches it
 /// with the task unable to run in between (the kernel holds its runqueue lock): the
-/// host drops the hold only after the switch, or when the check failed.
+/// host drops the hold when the core is done with the task (`Host::task_check_done`:
+/// after the switch, or the decision not to switch).
 pub fn trace_of_held(
     rec: &Arc<ThreadRecord>,
     index: &SymbolIndex,
