@@ -314,6 +314,74 @@ mod tests {
     use super::*;
     use crate::process::{Config, Process, lock};
 
+    /// The protocol of `Host::task_check_done`: a thread whose stack check succeeded
+    /// stays stopped — a log line in between does not release it — until the core says
+    /// it is done with it.
+    #[test]
+    #[cfg_attr(
+        klp_tsan,
+        ignore = "ThreadSanitizer defers signals: the handler's context is stale"
+    )]
+    fn a_checked_thread_stays_held_until_the_core_is_done_with_it() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        use std::time::{Duration, Instant};
+
+        use crate::symbols::SymbolIndex;
+        use crate::thread::cap;
+
+        stack::install_handler();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spinning = stop.clone();
+        let h = std::thread::spawn(move || {
+            let _ = tx.send(thread::current_record());
+            let mut n = 0u64;
+            while !spinning.load(Ordering::Acquire) {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+            n
+        });
+        let rec = rx.recv().ok().flatten().expect("registered");
+        let p = Process::new(Config::default());
+        let mut c = lock(&p.core);
+        let host = &mut c.host;
+        host.index = Arc::new(SymbolIndex::load());
+        let mut entries = [0; klp::MAX_STACK_ENTRIES];
+        match host.stack_trace_reliable(rec.id, &mut entries) {
+            Ok(_) => {
+                assert!(host.held.is_some(), "held after a successful check");
+                assert_eq!(rec.cap.load(Ordering::Acquire), cap::CAPTURED);
+                host.log(&Record {
+                    level: Level::Notice,
+                    func: "klp_try_switch_task",
+                    prefix: klp::log::PREFIX,
+                    args: format_args!("a line between the check and the switch"),
+                });
+                assert!(host.held.is_some(), "a log line releases nothing");
+                host.task_check_done(rec.id);
+                assert!(host.held.is_none(), "released once the core is done");
+                let start = Instant::now();
+                while rec.cap.load(Ordering::Acquire) != cap::IDLE {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(5),
+                        "the thread runs again"
+                    );
+                    std::thread::yield_now();
+                }
+            }
+            // The unwinder may refuse the stack (s390x without a back chain): then
+            // nothing is held and there is nothing to check.
+            Err(e) => eprintln!(
+                "no reliable trace of a spinning thread here ({e:?}, {:?}): nothing held",
+                host.last_failure(rec.id)
+            ),
+        }
+        drop(c);
+        stop.store(true, Ordering::Release);
+        let _ = h.join();
+    }
+
     #[test]
     fn dynamic_debug_starts_off_as_in_the_kernel() {
         let p = Process::new(Config::default());
