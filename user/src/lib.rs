@@ -15,7 +15,8 @@
 //!
 //! * [`redirect`]: [`patchable!`] functions, the published views, the entry
 //!   trampolines' decision and the site states (trampoline during transitions, a
-//!   direct branch in the steady state), on x86_64, aarch64, ppc64le and s390x.
+//!   direct branch in the steady state), on every architecture with a back-end in
+//!   `arch/backends`.
 //!
 //! ## Building a program that can be live-patched
 //!
@@ -23,7 +24,8 @@
 //!   the wrapper holds the patch site on every architecture, s390x included).
 //! * C: build with the architecture's patchable entry (x86_64
 //!   `-fpatchable-function-entry=5`, aarch64 `-fpatchable-function-entry=2`, ppc64le
-//!   `-pg -mprofile-kernel`, s390x `-pg -mfentry -mnop-mcount`); see the README.
+//!   `-pg -mprofile-kernel`, s390x `-pg -mfentry -mnop-mcount`; every back-end names
+//!   its own in `Arch::SITE_FLAGS`); see the README.
 //! * Replacements are ordinary `extern "C"` functions with the same signature, linked
 //!   into the program or in a shared object, described with `klp`'s patch model and
 //!   enabled with [`Process::enable_patch`].
@@ -35,7 +37,9 @@
 //! (`RUSTFLAGS="-C force-frame-pointers=yes"`; C: `-fno-omit-frame-pointer`) and, on
 //! s390x, with the back chain (`-C target-feature=+backchain`, `-mbackchain`). The
 //! trace itself is a superset of the return addresses (see [`stack`]), so code without
-//! frame pointers never makes a check pass wrongly.
+//! frame pointers never makes a check pass wrongly. Where the C library keeps no frame
+//! chain (the back-end's `Live::USER_STACK_WALKABLE` is false), checks rely on the scan
+//! alone.
 
 // The layering: each module uses only those on the lines below its own (the process
 // host ties them together; what a lower module needs from a higher one is registered
