@@ -775,10 +775,7 @@ fn read_entry(
     }
     // A partnered entry's label in the relocated section: the core takes the place of
     // its partner, no symbol to resolve.
-    if !sym.is_livepatch()
-        && arch.is_some_and(|a| reloc::partnered(a, r.r_type))
-        && sym.shndx == rela.info
-    {
+    if arch.is_some_and(|a| reloc::partnered(a, r.r_type)) && sym.is_label_in(rela.info as usize) {
         view.resolution = Resolution::Partner;
         return RawEntry { view, lookup: None };
     }

@@ -282,6 +282,13 @@ impl Symbol<'_> {
     pub fn is_livepatch(&self) -> bool {
         self.shndx == u32::from(SHN_LIVEPATCH)
     }
+
+    /// Whether it is a label of section `section`: defined there, not a livepatch
+    /// symbol. The symbol of a partnered relocation entry (`klp_arch::Arch::is_partnered`)
+    /// must be one, in the section the entry relocates: the place of its partner.
+    pub fn is_label_in(&self, section: usize) -> bool {
+        !self.is_livepatch() && usize::try_from(self.shndx) == Ok(section)
+    }
 }
 
 /// One section header, as read.

@@ -334,7 +334,7 @@ pub fn write_relocs<A: Arch, H: Host>(
             let label = obj
                 .symbol(r.sym as usize)
                 .ok()
-                .filter(|s| !s.is_livepatch() && usize::try_from(s.shndx) == Ok(sec.target));
+                .filter(|s| s.is_label_in(sec.target));
             let value = match label {
                 Some(s) => addr.wrapping_add(s.value),
                 None => symbol_value(host, module, obj, &mut resolved, &sec, entry, &r)?,

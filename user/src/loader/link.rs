@@ -341,10 +341,7 @@ pub(crate) fn link_klp<H: Host>(
             target,
             addr,
             |_, entry, r, sym| {
-                if Native::is_partnered(r.r_type)
-                    && !sym.is_livepatch()
-                    && usize::try_from(sym.shndx) == Ok(target)
-                {
+                if Native::is_partnered(r.r_type) && sym.is_label_in(target) {
                     // The label of its partner's place, in the section relocated.
                     return Ok(Value {
                         key: u64::from(r.sym) << 1,
