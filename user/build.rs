@@ -127,6 +127,24 @@ fn main() {
     if sanitize.split(',').any(|s| s == "thread") {
         println!("cargo:rustc-cfg=klp_tsan");
     }
+    // The target's back-end as klp-backends names it, `cfg(klp_arch = "<name>")`: the
+    // tests and benches select their per-back-end checks with it, never with
+    // `target_arch` (KLP_ARCH, the same name, lets a test check the choice).
+    let names: Vec<String> = klp_backends::NAMES
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect();
+    println!(
+        "cargo::rustc-check-cfg=cfg(klp_arch, values({}))",
+        names.join(", ")
+    );
+    let backend = klp_backends::target_name(
+        &var("CARGO_CFG_TARGET_ARCH"),
+        &var("CARGO_CFG_TARGET_ENDIAN"),
+    )
+    .to_owned();
+    println!("cargo::rustc-cfg=klp_arch=\"{backend}\"");
+    println!("cargo::rustc-env=KLP_ARCH={backend}");
     if var("CARGO_CFG_TARGET_ARCH") == "x86_64" && var("CARGO_CFG_TARGET_OS") == "linux" {
         // Keep the relocations in klp-user's own executables (tests, benches,
         // binaries): `redirect::callsites` finds the direct calls of a function in

@@ -187,7 +187,7 @@ fn transition(c: &mut Criterion) {
     });
     // The part of it spent in the decision (the wrapper's site is at its entry on
     // x86_64, aarch64 and s390x).
-    if !cfg!(target_arch = "powerpc64") {
+    if !cfg!(klp_arch = "ppc64le") {
         g.bench_function("full decision alone (trampoline path)", |b| {
             b.iter(|| klp_user::redirect::decide_entry(black_box(f)))
         });

@@ -78,11 +78,7 @@ fn plain_addr() -> u64 {
 /// 8 bytes at the function's patch site: its entry, or on ppc64le its local entry
 /// (past the global entry's two TOC instructions).
 fn site_bytes(f: u64) -> [u8; 8] {
-    let at = if cfg!(all(target_arch = "powerpc64", target_endian = "little")) {
-        f + 8
-    } else {
-        f
-    };
+    let at = if cfg!(klp_arch = "ppc64le") { f + 8 } else { f };
     // SAFETY: `f` is a function of this program at least 16 bytes long (every
     // wrapper is, and `klp_bad_plain` has a call and a frame): the bytes are mapped
     // text.

@@ -201,10 +201,7 @@ fn bytes(a: u64, n: usize) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts(a as *const u8, n) }.to_vec()
 }
 
-#[cfg(any(
-    target_arch = "aarch64",
-    all(target_arch = "powerpc64", target_endian = "little")
-))]
+#[cfg(any(klp_arch = "aarch64", klp_arch = "ppc64le"))]
 fn le32(a: u64) -> u32 {
     u32::from_le_bytes(bytes(a, 4).try_into().expect("4 bytes"))
 }
@@ -212,11 +209,11 @@ fn le32(a: u64) -> u32 {
 /// What the compiler put at a C function's site, per architecture.
 fn check_c_site(p: &Process, s: &klp::arch::Site) {
     let a = s.addr();
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(klp_arch = "x86_64")]
     assert_eq!(bytes(a, 5), [0x90; 5], "-fpatchable-function-entry=5");
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(klp_arch = "aarch64")]
     assert_eq!([le32(a), le32(a + 4)], [0xd503_201f; 2], "two nops");
-    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    #[cfg(klp_arch = "ppc64le")]
     {
         assert_eq!(le32(a), 0x7c08_02a6, "mflr r0");
         let bl = le32(a + 4);
@@ -225,7 +222,7 @@ fn check_c_site(p: &Process, s: &klp::arch::Site) {
         let name = p.symbols().lookup(to).map(|(_, s)| s.name.clone());
         assert_eq!(name.as_deref(), Some("_mcount"), "-pg -mprofile-kernel");
     }
-    #[cfg(target_arch = "s390x")]
+    #[cfg(klp_arch = "s390x")]
     assert_eq!(
         bytes(a, 6),
         [0xc0, 0x04, 0, 0, 0, 0],
@@ -242,12 +239,12 @@ fn check_c_site(p: &Process, s: &klp::arch::Site) {
 /// back to it; its plans are tested by hand in its own crate).
 fn check_restored(site: &klp::arch::Site, found: &[u8]) {
     let now = bytes(site.addr(), site.len());
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(klp_arch = "x86_64")]
     if found == [0x90; 5] {
         assert_eq!(now, [0x0f, 0x1f, 0x44, 0x00, 0x00], "restored");
         return;
     }
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(klp_arch = "aarch64")]
     if found.len() == 8 && found[..4] == [0x1f, 0x20, 0x03, 0xd5] {
         assert_eq!(
             now,
@@ -256,10 +253,10 @@ fn check_restored(site: &klp::arch::Site, found: &[u8]) {
         return;
     }
     if cfg!(any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "powerpc64",
-        target_arch = "s390x"
+        klp_arch = "x86_64",
+        klp_arch = "aarch64",
+        klp_arch = "ppc64le",
+        klp_arch = "s390x"
     )) {
         assert_eq!(now, found, "restored");
     } else {
@@ -277,7 +274,7 @@ fn check_restored(site: &klp::arch::Site, found: &[u8]) {
 /// Where the site at `a` branches in its trampoline state; checked to be the site's
 /// own stub (the architecture's stub bytes), not the trampoline itself.
 fn stub_of(a: u64) -> u64 {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(klp_arch = "x86_64")]
     {
         let b = bytes(a, 5);
         assert_eq!(b[0], 0xe9, "jmp rel32");
@@ -296,7 +293,7 @@ fn stub_of(a: u64) -> u64 {
         assert_eq!(bytes(stub, want.len()), want);
         stub
     }
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(klp_arch = "aarch64")]
     {
         assert_eq!(le32(a), 0xaa1e_03e9, "mov x9, x30");
         let bl = le32(a + 4);
@@ -306,7 +303,7 @@ fn stub_of(a: u64) -> u64 {
         assert_eq!(bytes(stub, want.len()), want);
         stub
     }
-    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    #[cfg(klp_arch = "ppc64le")]
     {
         assert_eq!(le32(a), 0x7c08_02a6, "mflr r0");
         let bl = le32(a + 4);
@@ -317,16 +314,16 @@ fn stub_of(a: u64) -> u64 {
         stub
     }
     #[cfg(not(any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "powerpc64",
-        target_arch = "s390x"
+        klp_arch = "x86_64",
+        klp_arch = "aarch64",
+        klp_arch = "ppc64le",
+        klp_arch = "s390x"
     )))]
     {
         // No hand-written decoder for this architecture's branch here.
         a
     }
-    #[cfg(target_arch = "s390x")]
+    #[cfg(klp_arch = "s390x")]
     {
         let b = bytes(a, 6);
         assert_eq!(b[..2], [0xc0, 0x05], "brasl %r0");
@@ -347,20 +344,20 @@ fn steady(a: u64, to: u64, same_object: bool) -> Option<SiteKind> {
     let d = |from: u64| i128::from(to) - i128::from(from);
     // (Not every architecture below uses all three.)
     let _ = (a, same_object, &d);
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(klp_arch = "x86_64")]
     let reach = Some((-(1i128 << 31)..(1i128 << 31)).contains(&d(a + 5)));
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(klp_arch = "aarch64")]
     let reach = Some((-(1i128 << 27)..(1i128 << 27)).contains(&d(a + 4)));
     // The jump goes to `to`'s local entry, at most 8 bytes further.
-    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    #[cfg(klp_arch = "ppc64le")]
     let reach = Some(same_object && (-(1i128 << 25)..(1i128 << 25) - 8).contains(&d(a)));
-    #[cfg(target_arch = "s390x")]
+    #[cfg(klp_arch = "s390x")]
     let reach = Some((-(1i128 << 32)..(1i128 << 32)).contains(&d(a)));
     #[cfg(not(any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        all(target_arch = "powerpc64", target_endian = "little"),
-        target_arch = "s390x"
+        klp_arch = "x86_64",
+        klp_arch = "aarch64",
+        klp_arch = "ppc64le",
+        klp_arch = "s390x"
     )))]
     let reach: Option<bool> = None;
     reach.map(|r| {
@@ -532,15 +529,15 @@ fn library_patched_when_it_loads(p: &Process) -> klp_user::Library {
 /// The site address of a function whose site may be patched now: past a landing pad
 /// (which no state changes); on ppc64le, its local entry.
 fn site_address_patched(p: &Process, f: u64) -> u64 {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(klp_arch = "x86_64")]
     let off = if bytes(f, 4) == [0xf3, 0x0f, 0x1e, 0xfa] {
         4
     } else {
         0
     };
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(klp_arch = "aarch64")]
     let off = if le32(f) == 0xd503_245f { 4 } else { 0 };
-    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    #[cfg(klp_arch = "ppc64le")]
     let off = {
         let sym = p
             .symbols()
@@ -549,11 +546,7 @@ fn site_address_patched(p: &Process, f: u64) -> u64 {
             .expect("a symbol");
         if sym.st_other >> 5 == 3 { 8 } else { 0 }
     };
-    #[cfg(not(any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "powerpc64"
-    )))]
+    #[cfg(not(any(klp_arch = "x86_64", klp_arch = "aarch64", klp_arch = "ppc64le")))]
     let off = 0;
     let _ = p;
     f + off
@@ -562,12 +555,12 @@ fn site_address_patched(p: &Process, f: u64) -> u64 {
 /// After a revert: the compiler's site again (aarch64: with `w0` = `mov x9, x30`;
 /// x86_64: the 5-byte nop for the five one-byte nops).
 fn check_c_site_or_restored(p: &Process, f: u64) {
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(klp_arch = "aarch64")]
     {
         let a = site_address_patched(p, f);
         assert_eq!([le32(a), le32(a + 4)], [0xaa1e_03e9, 0xd503_201f]);
     }
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(klp_arch = "x86_64")]
     {
         let a = site_of(p, f).addr();
         assert_eq!(
@@ -576,7 +569,7 @@ fn check_c_site_or_restored(p: &Process, f: u64) {
             "the 5-byte nop"
         );
     }
-    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
+    #[cfg(not(any(klp_arch = "aarch64", klp_arch = "x86_64")))]
     check_c_site(p, &site_of(p, f));
 }
 

@@ -26,9 +26,9 @@ use park::{Parker, maybe_park};
 const WAIT: Duration = Duration::from_secs(120);
 
 /// Worker threads: fewer under QEMU, where every thread is emulated on two cores.
-const WORKERS: usize = if cfg!(target_arch = "x86_64") { 8 } else { 4 };
+const WORKERS: usize = if cfg!(klp_arch = "x86_64") { 8 } else { 4 };
 /// Plain enable/disable rounds.
-const ROUNDS: usize = if cfg!(target_arch = "x86_64") { 8 } else { 6 };
+const ROUNDS: usize = if cfg!(klp_arch = "x86_64") { 8 } else { 6 };
 
 klp_user::patchable! {
     /// A, version 1: calls B.

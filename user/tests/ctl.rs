@@ -818,16 +818,19 @@ klp_user::patchable! {
     }
 }
 
-/// A patch file for this machine replacing `klp_ctl_loaded_target`, named `fixload`;
-/// `None` on a machine the test objects are not written for.
+/// A patch file for this machine replacing `klp_ctl_loaded_target`, named `fixload`,
+/// written with the native back-end's machine, byte order and 64-bit absolute
+/// relocation; `None` without a back-end.
 fn native_patch_file(dir: &Path) -> Option<PathBuf> {
-    let (machine, big, abs64) = match std::env::consts::ARCH {
-        "x86_64" => (62, false, 1),
-        "aarch64" => (183, false, 257),
-        "powerpc64" if cfg!(target_endian = "little") => (21, false, 38),
-        "s390x" => (22, true, 22),
-        _ => return None,
-    };
+    use klp::arch::{Arch, Endian, Native};
+    if !klp::arch::SUPPORTED {
+        return None;
+    }
+    let (machine, big, abs64) = (
+        Native::ELF_MACHINE,
+        Native::ENDIAN == Endian::Big,
+        Native::ABS64_RELOC,
+    );
     let bytes = elfbuild::patch(
         machine,
         big,

@@ -15,11 +15,7 @@ use std::time::{Duration, Instant};
 /// The C compiler of the target: the GNU cross compiler's name (Debian's native gcc
 /// has it too), `<arch>[le]-linux-gnu-gcc`.
 fn c_compiler() -> String {
-    let le = if cfg!(target_arch = "powerpc64") && cfg!(target_endian = "little") {
-        "le"
-    } else {
-        ""
-    };
+    let le = if cfg!(klp_arch = "ppc64le") { "le" } else { "" };
     format!("{}{le}-linux-gnu-gcc", std::env::consts::ARCH)
 }
 
@@ -27,7 +23,7 @@ fn c_compiler() -> String {
 /// position-independent (ppc64le: its default), and what the back-end's stack walk
 /// needs.
 fn patch_flags() -> Vec<&'static str> {
-    let pic: &[&str] = if cfg!(target_arch = "powerpc64") {
+    let pic: &[&str] = if cfg!(klp_arch = "ppc64le") {
         &[]
     } else {
         &["-fPIC"]

@@ -155,19 +155,29 @@ fn log_after(p: &Process, since: u64) -> String {
     p.log_since(since).join("\n")
 }
 
+/// The per-back-end checks of these tests select with `cfg(klp_arch)`, which the build
+/// script derives from the target: it must name the back-end this build runs on.
+#[test]
+fn the_tests_cfg_names_the_native_back_end() {
+    use klp::arch::{Arch, Native};
+    if klp::arch::SUPPORTED {
+        assert_eq!(env!("KLP_ARCH"), Native::NAME);
+    }
+}
+
 /// The first bytes of a `patchable!` wrapper (every arch's wrapper is longer).
 fn site_bytes(f: u64) -> [u8; 8] {
     // SAFETY: `f` is a wrapper of this program: its first 8 bytes are mapped text.
     unsafe { std::ptr::read_volatile(f as *const [u8; 8]) }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(klp_arch = "x86_64")]
 const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
-#[cfg(target_arch = "aarch64")]
+#[cfg(klp_arch = "aarch64")]
 const A64_NOPS: [u8; 8] = [0xe9, 0x03, 0x1e, 0xaa, 0x1f, 0x20, 0x03, 0xd5];
 
 /// The two words of an aarch64 site.
-#[cfg(target_arch = "aarch64")]
+#[cfg(klp_arch = "aarch64")]
 fn site_words(f: u64) -> [u32; 2] {
     let b = site_bytes(f);
     [
@@ -178,7 +188,7 @@ fn site_words(f: u64) -> [u32; 2] {
 
 /// The two words of a ppc64le site: at the local entry, 8 bytes past the global
 /// entry's TOC setup.
-#[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+#[cfg(klp_arch = "ppc64le")]
 fn ppc_site_words(f: u64) -> [u32; 2] {
     // SAFETY: `f` is a wrapper of this program: its first 16 bytes are mapped text.
     let b = unsafe { std::ptr::read_volatile((f + 8) as *const [u8; 8]) };
@@ -215,11 +225,11 @@ fn redirect_and_revert(p: &Process) {
     assert_eq!(p.symbols().candidates(None, "klp_redirect_target"), &[t]);
     assert!(p.symbols().size_of(t).is_some_and(|s| s >= 10), "sized");
     let before = site_bytes(t);
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(klp_arch = "x86_64")]
     assert_eq!(before[..5], NOP5, "the wrapper starts with the site");
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(klp_arch = "aarch64")]
     assert_eq!(before, A64_NOPS, "the wrapper starts with the site");
-    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    #[cfg(klp_arch = "ppc64le")]
     {
         let toc = u32::from_le_bytes([before[0], before[1], before[2], before[3]]);
         assert_eq!(
@@ -233,7 +243,7 @@ fn redirect_and_revert(p: &Process) {
             "nops at the local entry"
         );
     }
-    #[cfg(target_arch = "s390x")]
+    #[cfg(klp_arch = "s390x")]
     assert_eq!(before[..6], [0xc0, 0x04, 0, 0, 0, 0], "brcl 0,0: the site");
     assert_eq!(klp_redirect_target(1), 2);
     assert_eq!(many(), many_expected());
@@ -242,7 +252,7 @@ fn redirect_and_revert(p: &Process) {
     let mut callers = p.with_core(|_, h| h.callers_of(t));
     callers.sort_unstable();
     let callers_before: Vec<[u8; 6]> = callers.iter().map(|c| code_bytes(*c)).collect();
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(klp_arch = "x86_64")]
     assert!(
         !callers.is_empty(),
         "this test calls klp_redirect_target directly"
@@ -264,7 +274,7 @@ fn redirect_and_revert(p: &Process) {
         Some(SiteKind::Jump(v2)),
         "steady state: a direct jump"
     );
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(klp_arch = "x86_64")]
     {
         assert_eq!(site_bytes(t)[0], 0xe9, "jmp rel32");
         let rel = i32::from_le_bytes(site_bytes(t)[1..5].try_into().expect("4 bytes"));
@@ -284,7 +294,7 @@ fn redirect_and_revert(p: &Process) {
             );
         }
     }
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(klp_arch = "aarch64")]
     {
         let [w0, w1] = site_words(t);
         assert_eq!(w0, 0xaa1e_03e9, "mov x9, x30 stays");
@@ -292,7 +302,7 @@ fn redirect_and_revert(p: &Process) {
         let off = (((w1 & 0x03ff_ffff) << 6) as i32 >> 4) as i64;
         assert_eq!((t + 4).wrapping_add(off as u64), v2);
     }
-    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    #[cfg(klp_arch = "ppc64le")]
     {
         let [w0, _] = ppc_site_words(t);
         assert_eq!(w0 & 0xfc00_0003, 0x4800_0000, "b: {w0:#x}");
@@ -304,7 +314,7 @@ fn redirect_and_revert(p: &Process) {
         };
         assert_eq!((t + 8).wrapping_add(off as u64), local, "v2's local entry");
     }
-    #[cfg(target_arch = "s390x")]
+    #[cfg(klp_arch = "s390x")]
     {
         let b = site_bytes(t);
         assert_eq!(b[..2], [0xc0, 0xf4], "jg");
@@ -474,15 +484,15 @@ fn a_parked_thread_blocks_the_transition(p: &Process) {
     assert_eq!(b.thread.state, PatchState::Unpatched);
     let f = addr(klp_redirect_parked as *const ());
     assert_eq!(p.site_state(f), Some(SiteKind::Trampoline), "in transition");
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(klp_arch = "x86_64")]
     assert_eq!(site_bytes(f)[0], 0xe9, "the site jumps to its stub");
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(klp_arch = "aarch64")]
     {
         let [w0, w1] = site_words(f);
         assert_eq!(w0, 0xaa1e_03e9, "mov x9, x30");
         assert_eq!(w1 >> 26, 0b10_0101, "bl imm26 (the trampoline): {w1:#x}");
     }
-    #[cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+    #[cfg(klp_arch = "ppc64le")]
     {
         let [w0, w1] = ppc_site_words(f);
         assert_eq!(w0, 0x7c08_02a6, "mflr r0");
@@ -492,7 +502,7 @@ fn a_parked_thread_blocks_the_transition(p: &Process) {
             "bl (the trampoline): {w1:#x}"
         );
     }
-    #[cfg(target_arch = "s390x")]
+    #[cfg(klp_arch = "s390x")]
     assert_eq!(
         site_bytes(f)[..2],
         [0xc0, 0x05],

@@ -2,7 +2,7 @@
 //! with `-fpatchable-function-entry=2` gets its `mov x9, x30` once, with the
 //! second-word rule armed during the rounds, and keeps it. The plans themselves are
 //! tested on every host in `klp-arch-aarch64`.
-#![cfg(target_arch = "aarch64")]
+#![cfg(klp_arch = "aarch64")]
 
 use std::cell::RefCell;
 

@@ -2,7 +2,7 @@
 //! global and local entries, the back-end's plans run by the host (the words every
 //! synchronisation round sees), a `-mprofile-kernel` site, and replacements with
 //! another TOC. The plans themselves are tested on every host in `klp-arch-ppc64le`.
-#![cfg(all(target_arch = "powerpc64", target_endian = "little"))]
+#![cfg(klp_arch = "ppc64le")]
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
