@@ -137,7 +137,7 @@ pub trait Live: SitePlanner {
     fn trampoline() -> u64;
 
     /// Writes `bytes` to text at `dst` and runs the coherence sequence
-    /// ([`Arch::CACHE_SYNC`]) on this CPU.
+    /// ([`crate::Arch::CACHE_SYNC`]) on this CPU.
     ///
     /// # Safety
     ///

@@ -1,7 +1,7 @@
 //! The entry trampoline: where a redirected patch site goes.
 //!
 //! A patch site `S` (5 bytes: the nop of a patchable entry) is rewritten to
-//! `jmp stub`, where the stub is a small per-site piece of code ([`write_stub`],
+//! `jmp stub`, where the stub is a small per-site piece of code ([`stub_bytes`],
 //! [`STUB_LEN`] bytes, placed within ±2 GiB of the site by the host) that loads `S` into
 //! `r11` and jumps to [`entry_trampoline`]. The trampoline asks the host's decision
 //! function (see [`set_decision`]) which implementation the calling thread runs and
