@@ -4,6 +4,8 @@
 mod common;
 #[path = "../../klp/tests/common/elfbuild.rs"]
 mod elfbuild;
+#[path = "common/scratch.rs"]
+mod scratch;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
@@ -45,9 +47,7 @@ fn ctl(path: &Path, args: &[&str]) -> (i32, String) {
 }
 
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("klp-user-ctl-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+    scratch::scratch_dir("klp-user-ctl")
 }
 
 /// A process id that no process has (a child that has exited and was reaped).

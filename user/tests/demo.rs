@@ -6,6 +6,8 @@
 //! thread and the function), and the revert.
 
 mod common;
+#[path = "common/scratch.rs"]
+mod scratch;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -33,9 +35,7 @@ fn patch_flags() -> Vec<&'static str> {
 }
 
 fn work_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("klp-demo-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+    scratch::scratch_dir("klp-demo-test")
 }
 
 /// `user/demo/<name>.c` compiled and converted against klp-demo with its manifest:

@@ -3,6 +3,9 @@
 //! would, without bound, in a program patched for months). The log ring is kept small
 //! here, so that its filling is not counted.
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,8 +32,7 @@ const MANIFEST: &str = r#"{
 }"#;
 
 fn convert() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("klp-heap-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
+    let d = scratch::scratch_dir("klp-heap");
     loadfix::convert_loadfix(MANIFEST, &klp_convert::Options::default(), &d, "heapfix")
 }
 

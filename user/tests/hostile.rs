@@ -10,6 +10,8 @@
 
 #[path = "common/park.rs"]
 mod park;
+#[path = "common/scratch.rs"]
+mod scratch;
 
 #[path = "common/host.rs"]
 mod host;
@@ -769,9 +771,7 @@ fn mprotect_failing_leaves_everything_as_it_was() {
 }
 
 fn sock_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("klp-hostile-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+    scratch::scratch_dir(&format!("klp-hostile-{tag}"))
 }
 
 fn connect(path: &Path) -> UnixStream {

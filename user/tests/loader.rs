@@ -4,6 +4,9 @@
 //! library through the loader's symbol resolution), enabled, disabled, loaded again;
 //! and bad files refused with nothing left behind.
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,9 +46,7 @@ fn process() -> (&'static Process, std::sync::MutexGuard<'static, ()>) {
 }
 
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("klp-loader-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+    scratch::scratch_dir("klp-loader")
 }
 
 /// tests/c/loadfix.o converted against this executable and libklploadlib.so, with
