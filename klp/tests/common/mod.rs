@@ -3,3 +3,4 @@
 pub mod elfbuild;
 pub mod image;
 pub mod symhost;
+pub mod taskhost;
