@@ -88,16 +88,7 @@ fn object(label: Label, lo_first: bool) -> Vec<u8> {
         align: 8,
         entsize: 0,
     });
-    o.section(Sec {
-        name: ".modinfo".into(),
-        sh_type: SHT_PROGBITS,
-        flags: SHF_ALLOC,
-        data: b"license=GPL\0livepatch=Y\0".to_vec(),
-        link: 0,
-        info: 0,
-        align: 1,
-        entsize: 0,
-    });
+    o.modinfo();
     o.symbol(SymDef {
         name: String::new(),
         info: STB_LOCAL_SECTION,

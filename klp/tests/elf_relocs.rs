@@ -125,16 +125,7 @@ fn object(c: &Case, fn_sym: &str, var_sym: &str, rela_name: &str, extra_call: bo
         align: 16,
         entsize: 0,
     });
-    o.section(Sec {
-        name: ".modinfo".into(),
-        sh_type: SHT_PROGBITS,
-        flags: SHF_ALLOC,
-        data: b"license=GPL\0livepatch=Y\0".to_vec(),
-        link: 0,
-        info: 0,
-        align: 1,
-        entsize: 0,
-    });
+    o.modinfo();
     // Symbol 1: the section symbol of .text (local); then the livepatch symbols.
     o.symbol(SymDef {
         name: String::new(),

@@ -62,6 +62,20 @@ impl Obj {
         self.secs.len() as u32
     }
 
+    /// A livepatch module's `.modinfo` (`license=GPL`, `livepatch=Y`); its index.
+    pub fn modinfo(&mut self) -> u32 {
+        self.section(Sec {
+            name: ".modinfo".into(),
+            sh_type: SHT_PROGBITS,
+            flags: SHF_ALLOC,
+            data: b"license=GPL\0livepatch=Y\0".to_vec(),
+            link: 0,
+            info: 0,
+            align: 1,
+            entsize: 0,
+        })
+    }
+
     /// The number of symbols added so far.
     pub fn symbols_len(&self) -> u32 {
         self.syms.len() as u32
@@ -375,16 +389,7 @@ pub fn patch(
         align: 8,
         entsize: 0,
     });
-    o.section(Sec {
-        name: ".modinfo".into(),
-        sh_type: SHT_PROGBITS,
-        flags: SHF_ALLOC,
-        data: b"license=GPL\0livepatch=Y\0".to_vec(),
-        link: 0,
-        info: 0,
-        align: 1,
-        entsize: 0,
-    });
+    o.modinfo();
     // Symbols: section symbols, then the functions, then the livepatch symbols.
     let s_strs = o.symbol(SymDef {
         name: String::new(),
