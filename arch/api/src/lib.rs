@@ -30,6 +30,7 @@
 //! enum that carries the values involved and maps to the errno the kernel would use.
 
 mod bytes;
+pub mod callsite;
 pub mod conformance;
 mod link;
 pub mod live;
@@ -41,6 +42,7 @@ mod site;
 mod unwind;
 
 pub use bytes::{InsnBytes, read_u16, read_u32};
+pub use callsite::{CallSite, CallSites, CallTarget, RelocatedCall};
 pub use link::{LinkClass, MAX_CALL_STUB};
 pub use live::{Live, Regs, UcontextLayout};
 pub use patching::{Plan, PlanCtx, PlanError, SitePlanner, SiteState, TargetInfo};

@@ -187,6 +187,9 @@ impl Live for Unsupported {
 /// No site is rewritten live without a back-end (every item is the trait's refusal).
 impl klp_arch::SitePlanner for Unsupported {}
 
+/// No call site is retargeted without a back-end (every item is the trait's default).
+impl klp_arch::CallSites for Unsupported {}
+
 /// The wrapper of `klp_user::patchable!` without a back-end: a plain `extern "C"`
 /// function that calls its body (it has no site, so no patch can replace it).
 #[doc(hidden)]

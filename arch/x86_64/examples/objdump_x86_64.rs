@@ -4,7 +4,8 @@
 //! the bytes with binutils and compares, so the check does not trust the encoder.
 
 use klp_arch::{Arch, FuncInfo, Redirect, Reloc, RelocCtx};
-use klp_arch_x86_64::{X86_64, insn, reloc};
+use klp_arch::{CallSite, CallSites};
+use klp_arch_x86_64::{X86_64, callsite, insn, reloc};
 
 fn main() {
     // `objdump_<arch> sync`: the cache-coherence sequence the live code must execute.
@@ -73,6 +74,49 @@ fn main() {
         };
         X86_64::apply_relocation(&mut s, base, &r, &RelocCtx::default()).expect("fits");
         println!("{base:#x} {} call {sym:#x}", hex(&s));
+    }
+    // Call sites retargeted in the steady state (`callsite`): each form pointed at a
+    // target and back, including the relaxed forms of the GOT calls (`addr32 call`,
+    // `jmp; nop`).
+    let at = 0x5555_8000_1000u64;
+    let func = at + 0x2000;
+    let forms: [(u8, &[u8], &str); 4] = [
+        (callsite::form::CALL, &[0xe8, 0xfb, 0x1f, 0, 0], "call"),
+        (callsite::form::JMP, &[0xe9, 0xfb, 0x1f, 0, 0], "jmp"),
+        (
+            callsite::form::GOT_CALL,
+            &[0xff, 0x15, 0xfa, 0x0f, 0, 0],
+            "addr32 call",
+        ),
+        (
+            callsite::form::GOT_JMP,
+            &[0xff, 0x25, 0xfa, 0x0f, 0, 0],
+            "jmp",
+        ),
+    ];
+    for (form, original, m) in forms {
+        let site = CallSite::new(at, form, original).expect("a site");
+        let end = at + original.len() as u64;
+        let fill = if form == callsite::form::GOT_JMP {
+            ";nop"
+        } else {
+            ""
+        };
+        for t in [at + 0x1000, at - 0x40, end + (lim - 1), end - lim, func] {
+            // The `e9` of `jmp; nop` ends one byte before the site.
+            if fill == ";nop" && t == end + (lim - 1) {
+                continue;
+            }
+            let Some(b) = X86_64::encode_call(&site, func, t) else {
+                panic!("{t:#x} in reach of {at:#x}");
+            };
+            let shown = match (form, t == func) {
+                (callsite::form::GOT_CALL, true) => "call *0xffa(%rip)".to_string(),
+                (callsite::form::GOT_JMP, true) => "jmp *0xffa(%rip)".to_string(),
+                _ => format!("{m} {t:#x}{fill}"),
+            };
+            println!("{at:#x} {} {shown}", hex(b.as_slice()));
+        }
     }
 }
 

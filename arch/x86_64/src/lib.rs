@@ -16,6 +16,8 @@
 //!
 //! * [`site`]: the entry forms compilers emit (`-mfentry` call or 5-byte nop,
 //!   `-fpatchable-function-entry` nops, LLVM's byte-counted nops, optional `endbr64`).
+//! * [`callsite`]: the call sites a host retargets in the steady state (direct and
+//!   through the GOT), found from `--emit-relocs` relocations.
 //! * [`insn`]: `call`/`jmp rel32` encoders and the recommended multi-byte nops.
 //! * [`reloc`]: `apply_relocate_add` for the types a livepatch object uses.
 //! * [`unwind`]: the frame-pointer reliable walker.
@@ -25,6 +27,7 @@
 //! flush on the writing CPU; other CPUs must execute a serialising instruction before
 //! running the new bytes (the kernel's `text_poke_sync`), which the host provides.
 
+pub mod callsite;
 pub mod insn;
 pub mod link;
 pub mod patching;

@@ -201,25 +201,27 @@ impl ProcessHost {
     }
 
     /// In the jump state, the direct calls of `func` found in the relocations kept by
-    /// `--emit-relocs` call `to` itself (where the host retargets call sites: x86_64,
-    /// `redirect::callsites`); `None` points them back at `func` (before the site
-    /// leaves the jump state, so no thread can run a stale replacement once a
+    /// `--emit-relocs` call `to` itself (where the back-end retargets call sites:
+    /// x86_64, `redirect::callsites`); `None` points them back at `func` (before the
+    /// site leaves the jump state, so no thread can run a stale replacement once a
     /// transition starts).
     fn retarget_callers(&mut self, func: Addr, to: Option<Addr>) {
         let answer = self.config.checks.answer;
-        redirect::native::retarget_callers(&self.index, func, to, &mut || stack::sync_core(answer));
+        redirect::callsites::retarget_callers(&self.index, func, to, &mut || {
+            stack::sync_core(answer)
+        });
     }
 
     /// The direct call sites of `func` known from relocations (where the host
     /// retargets call sites; empty elsewhere).
     pub fn callers_of(&self, func: Addr) -> Vec<Addr> {
-        redirect::native::callers_of(&self.index, func)
+        redirect::callsites::callers_of(&self.index, func)
     }
 
     /// The call sites of `func` that call its replacement directly now (where the
     /// host retargets call sites; empty elsewhere).
     pub fn retargeted_callers(&self, func: Addr) -> Vec<Addr> {
-        redirect::native::retargeted(func)
+        redirect::callsites::retargeted(func)
     }
 }
 

@@ -1,34 +1,29 @@
-//! x86_64: call-site retargeting for the steady state.
+//! Call-site retargeting for the steady state, driven by the back-end's
+//! [`CallSites`] knowledge (x86_64 has it; on a back-end without it every function
+//! here does nothing and reads no file).
 //!
 //! In the jump state a call of a patched function runs the caller's call of `func`,
-//! then the site's `jmp replacement`. Retargeting rewrites the calls and tail jumps
-//! whose target is `func` so that they reach the replacement directly, and restores
-//! them later.
+//! then the site's branch to the replacement. Retargeting rewrites the calls and tail
+//! jumps whose target is `func` so that they reach the replacement directly, and
+//! restores them later. What a call site is, what its bytes encode, what bytes reach
+//! a target and what a thread that hits a site being rewritten does are the
+//! back-end's (`klp_arch::callsite`, implemented in `klp_arch_<arch>::callsite`); this
+//! module reads the files and the memory, and writes.
 //!
 //! ## Finding the sites
 //!
 //! Exactly, from the relocations the link editor keeps with `-Wl,--emit-relocs` (the
 //! build script passes it to klp-user's own executables): each `SHT_RELA` section
 //! whose `sh_info` names an executable section lists the relocated fields of that
-//! section. In a linked file (`ET_EXEC`, `ET_DYN`) `r_offset` is the field's virtual
+//! section, and the back-end says which relocations are call sites
+//! ([`CallSites::classify_call`]) and how their target derives from the symbol's
+//! value. In a linked file (`ET_EXEC`, `ET_DYN`) `r_offset` is the field's virtual
 //! address and a section symbol's value is its section's address (checked against
 //! `readelf`/`objdump` on a PIE), so the field is at `r_offset + bias`. The text is
-//! never scanned. Two families of sites:
-//!
-//! | relocation | bytes in the file | site | retargeted |
-//! |---|---|---|---|
-//! | `R_X86_64_PLT32`, `R_X86_64_PC32` | `e8 rel32` (`call`), `e9 rel32` (`jmp`) | `r_offset - 1`, target `S + A + 4` | the `rel32` only |
-//! | `R_X86_64_GOTPCREL`, `R_X86_64_GOTPCRELX` | `ff 15 disp32` (`call *GOT(%rip)`), `ff 25 disp32` (`jmp *GOT(%rip)`), `A = -4` | `r_offset - 2`, target `S` | `67 e8 rel32` (`addr32 call`), `e9 rel32 90` |
-//!
-//! The second family is how Rust code calls a `#[no_mangle]` function (every
-//! [`patchable!`](crate::patchable) function) in a position-independent executable:
-//! through its GOT entry. It is rewritten the way the link editor relaxes such a call
-//! (same length, and the same return address `site + 6`, so a thread that is inside
-//! the callee returns to the next instruction whichever form it finds there). A GOT
-//! site counts as calling `func` only while its GOT entry holds `func` (an
-//! interposed symbol is left alone). The byte before any other PC-relative field is a
-//! ModRM byte with `mod = 00`, so the opcode bytes in the file pick the sites exactly;
-//! the bytes in memory are checked again before every write.
+//! never scanned. A site whose original bytes read their target from a slot (x86_64's
+//! calls through a GOT entry, [`CallTarget::Slot`]) counts as calling `func` only while
+//! the slot holds `func` (an interposed symbol is left alone); the bytes in memory are
+//! checked again before every write.
 //!
 //! Only the object that contains `func` is read: a call from another object goes
 //! through its PLT or GOT, never straight to `func`'s address in a relocation of its
@@ -39,24 +34,25 @@
 //!
 //! When the bytes that change lie in one aligned 8-byte word, one atomic
 //! compare-and-exchange of that word replaces them (a thread sees the old or the new
-//! instruction). Otherwise the kernel's `text_poke_bp`: `int3` on the first byte, a
-//! synchronisation round, the other bytes, a round, the first byte, a round (batched,
-//! up to [`BATCH`] sites per batch). A thread that reaches the
-//! breakpoint meanwhile is emulated by the trap handler of [`super::sites`]:
-//! a call pushes its return address and continues at `func`, a jump continues at
-//! `func` — always right, because `func`'s entry leads to the current implementation
-//! in every state of its site.
+//! instruction). Otherwise the breakpoint protocol (the kernel's `text_poke_bp`): the
+//! back-end's trap ([`CallSites::CALL_TRAP_BYTES`], x86_64's `int3`) on the first byte,
+//! a synchronisation round, the other bytes, a round, the first byte, a round
+//! (batched, up to [`BATCH`] sites per batch). A thread that reaches the trap
+//! meanwhile is sent on by the trap handler of [`super::sites`] as the back-end's
+//! [`CallSites::call_trap`] says: a call pushes its return address and continues at
+//! `func`, a jump continues at `func` — always right, because `func`'s entry leads to
+//! the current implementation in every state of its site.
 //!
 //! Every rewritten site is remembered (site → `func`, target, original bytes): a
 //! restore only touches sites klp rewrote whose bytes still encode that target, so
 //! text reused by another object after a `dlclose` is never corrupted. A site whose
 //! bytes are not what klp expects is left alone and forgotten; a site that cannot
-//! reach the replacement (±2 GiB) keeps (or gets back) `func`.
+//! reach the replacement (x86_64: ±2 GiB) keeps (or gets back) `func`.
 //!
-//! While a breakpoint is in place, the bytes before a return address of the site do
-//! not look like a call: retargeting must not overlap a transition's stack checks (it
-//! runs in the steady state), and the memo of such answers is emptied after every
-//! breakpoint batch.
+//! While a trap is in place, the bytes before a return address of the site do not
+//! look like a call: retargeting must not overlap a transition's stack checks (it runs
+//! in the steady state), and the memo of such answers is emptied after every trap
+//! batch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -65,60 +61,24 @@ use std::sync::{Arc, LazyLock, Mutex};
 use object::elf;
 use object::read::elf::{FileHeader, Rela, SectionHeader, Sym};
 
-use klp_arch::patching::TrapEntry;
+use klp::arch::{Arch, InsnBytes, Native};
+use klp_arch::Live;
+use klp_arch::callsite::{CallSite, CallSites, CallTarget};
 
 use super::sites;
 use crate::symbols::SymbolIndex;
 
-const CALL: u8 = 0xe8;
-const JMP: u8 = 0xe9;
-const INT3: u8 = klp_arch_x86_64::patching::INT3;
-/// Threads that reached the breakpoint of a call site and were emulated.
+/// Threads that reached the trap of a call site and were sent on.
 static TRAPPED: AtomicU64 = AtomicU64::new(0);
 /// Call sites written with the breakpoint protocol at once (each arms a trap).
 const BATCH: usize = sites::TRAP_SLOTS / 2;
-const NOP: u8 = 0x90;
-const ADDR32: u8 = 0x67;
-/// The longest site (`ff 15 disp32`).
-const MAX_LEN: usize = 6;
 
-/// What a site is in the file (see the module documentation).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Form {
-    /// `e8 rel32`.
-    Call,
-    /// `e9 rel32`.
-    Jmp,
-    /// `ff 15 disp32`, retargeted as `67 e8 rel32`.
-    GotCall,
-    /// `ff 25 disp32`, retargeted as `e9 rel32 90`.
-    GotJmp,
-}
+/// One call site: its address, the back-end's form and its bytes in the file.
+type Site = CallSite;
 
-impl Form {
-    fn len(self) -> usize {
-        match self {
-            Form::Call | Form::Jmp => 5,
-            Form::GotCall | Form::GotJmp => 6,
-        }
-    }
-
-    /// The trap handler's kind: the length of a call, 0 for a jump.
-    fn trap_kind(self) -> u8 {
-        match self {
-            Form::Call => 5,
-            Form::GotCall => 6,
-            Form::Jmp | Form::GotJmp => 0,
-        }
-    }
-}
-
-/// One call site: its address, form and bytes in the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Site {
-    addr: u64,
-    form: Form,
-    orig: [u8; MAX_LEN],
+/// Whether the back-end retargets call sites (nothing here does anything otherwise).
+fn retargets() -> bool {
+    <Native as CallSites>::RETARGETS_CALLS
 }
 
 /// One object file's sites, by target.
@@ -156,11 +116,12 @@ fn force_breakpoint() -> bool {
     }
 }
 
-/// The call and jump sites of an ELF image loaded at `bias`, by target.
+/// The call and jump sites of an ELF image of the back-end's machine loaded at
+/// `bias`, by target.
 fn parse_sites(data: &[u8], bias: u64) -> Option<Sites> {
     let header = elf::FileHeader64::<object::Endianness>::parse(data).ok()?;
     let endian = header.endian().ok()?;
-    if header.e_machine(endian) != elf::EM_X86_64 {
+    if header.e_machine(endian) != elf::Machine(<Native as Arch>::ELF_MACHINE) {
         return None;
     }
     let sections = header.sections(endian, data).ok()?;
@@ -185,35 +146,15 @@ fn parse_sites(data: &[u8], bias: u64) -> Option<Sites> {
             continue;
         };
         for r in relas {
-            let ty = r.r_type(endian, false);
-            let addend = r.r_addend(endian);
-            let (back, got) = match ty {
-                elf::R_X86_64_PLT32 | elf::R_X86_64_PC32 => (1, false),
-                elf::R_X86_64_GOTPCREL | elf::R_X86_64_GOTPCRELX if addend == -4 => (2, true),
-                _ => continue,
-            };
-            let Some(at) = r.r_offset(endian).checked_sub(back) else {
+            let Some(call) = <Native as CallSites>::classify_call(
+                r.r_type(endian, false).0,
+                r.r_addend(endian),
+                r.r_offset(endian),
+                bytes,
+                base,
+            ) else {
                 continue;
             };
-            let Some(code) = at
-                .checked_sub(base)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| bytes.get(o..))
-            else {
-                continue;
-            };
-            let form = match (got, code) {
-                (false, [CALL, ..]) => Form::Call,
-                (false, [JMP, ..]) => Form::Jmp,
-                (true, [0xff, 0x15, ..]) => Form::GotCall,
-                (true, [0xff, 0x25, ..]) => Form::GotJmp,
-                _ => continue,
-            };
-            let mut orig = [0; MAX_LEN];
-            let (Some(o), Some(b)) = (orig.get_mut(..form.len()), code.get(..form.len())) else {
-                continue;
-            };
-            o.copy_from_slice(b);
             let Some(si) = r.symbol(endian, false) else {
                 continue;
             };
@@ -231,18 +172,9 @@ fn parse_sites(data: &[u8], bias: u64) -> Option<Sites> {
             } else {
                 sym.st_value(endian)
             };
-            let target = if got {
-                s
-            } else {
-                s.wrapping_add(addend as u64).wrapping_add(4)
-            };
-            out.entry(target.wrapping_add(bias))
+            out.entry(call.target_of(s).wrapping_add(bias))
                 .or_default()
-                .push(Site {
-                    addr: at.wrapping_add(bias),
-                    form,
-                    orig,
-                });
+                .push(call.site.at(call.site.addr.wrapping_add(bias)));
         }
     }
     for v in out.values_mut() {
@@ -254,6 +186,9 @@ fn parse_sites(data: &[u8], bias: u64) -> Option<Sites> {
 
 /// The sites of the object that contains `func` (parsed once per path and bias).
 fn sites_of(index: &SymbolIndex, func: u64) -> Option<Arc<Sites>> {
+    if !retargets() {
+        return None;
+    }
     let obj = index
         .objects()
         .iter()
@@ -278,79 +213,50 @@ fn sites_calling(index: &SymbolIndex, func: u64) -> Vec<Site> {
         .unwrap_or_default()
 }
 
-/// The call/jmp sites of `func` known from relocations (for tests and klpctl).
+/// The call/jmp sites of `func` known from relocations (for tests and klpctl; empty
+/// where the back-end retargets no call site).
 pub(crate) fn callers_of(index: &SymbolIndex, func: u64) -> Vec<u64> {
     sites_calling(index, func).iter().map(|s| s.addr).collect()
 }
 
-/// The `rel32` at `b[at..at + 4]`, relative to `next`.
-fn rel32(b: &[u8; MAX_LEN], at: usize, next: u64) -> Option<u64> {
-    let r: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
-    Some(next.wrapping_add(i64::from(i32::from_le_bytes(r)) as u64))
-}
-
 /// The bytes at `site` now, if they are loaded text.
-fn read(index: &SymbolIndex, site: &Site) -> Option<[u8; MAX_LEN]> {
-    let len = site.form.len();
+fn read(index: &SymbolIndex, site: &Site) -> Option<InsnBytes> {
+    let len = site.len();
     let last = site.addr.checked_add(len as u64 - 1)?;
     if !index.is_text(site.addr) || !index.is_text(last) {
         return None;
     }
-    let mut b = [0; MAX_LEN];
+    let mut b = [0; klp_arch::callsite::MAX_CALL_SITE];
     for (i, d) in b.iter_mut().take(len).enumerate() {
         // SAFETY: `site.addr..=last` lies in executable (hence mapped and readable: klp
         // never maps text execute-only) segments of loaded objects; volatile, since
         // other threads may execute (not write: `TEXT` is held) these bytes.
         *d = unsafe { std::ptr::read_volatile((site.addr + i as u64) as *const u8) };
     }
-    Some(b)
+    InsnBytes::from_slice(b.get(..len)?)
 }
 
-/// The target the bytes `b` at `site` encode, if they are one of its forms.
-fn target_of(site: &Site, b: &[u8; MAX_LEN]) -> Option<u64> {
-    let a = site.addr;
-    match site.form {
-        Form::Call | Form::Jmp => (b.first() == site.orig.first()).then(|| rel32(b, 1, a + 5))?,
-        Form::GotCall | Form::GotJmp if *b == site.orig => {
-            let slot = rel32(b, 2, a + 6)?;
-            // SAFETY: the bytes are the file's, so `slot` is the object's own GOT entry
-            // for the symbol, mapped (and no longer written) while the object is
-            // loaded, which it is (its text holds `site`).
+/// The target the bytes `now` at `site` encode, if they are one of its forms (the
+/// word in the slot the site reads, for its original bytes of that kind).
+fn target_of(site: &Site, now: &[u8]) -> Option<u64> {
+    match <Native as CallSites>::call_target(site, now)? {
+        CallTarget::Direct(t) => Some(t),
+        CallTarget::Slot(slot) => {
+            // SAFETY: the back-end gives a slot for the site's original bytes only, as
+            // the file has them: `slot` is the object's own GOT entry for the symbol,
+            // mapped (and no longer written) while the object is loaded, which it is
+            // (its text holds `site`).
             Some(unsafe { std::ptr::read_unaligned(slot as *const u64) })
         }
-        Form::GotCall => matches!(b, [ADDR32, CALL, ..]).then(|| rel32(b, 2, a + 6))?,
-        Form::GotJmp => matches!(b, [JMP, _, _, _, _, NOP]).then(|| rel32(b, 1, a + 5))?,
     }
-}
-
-/// The bytes of `site` reaching `to` (`func`: the original form), if in range.
-fn encode(site: &Site, func: u64, to: u64) -> Option<[u8; MAX_LEN]> {
-    let a = site.addr;
-    let (at, insn, extra) = match site.form {
-        Form::GotCall | Form::GotJmp if to == func => return Some(site.orig),
-        Form::Call => (0, klp_arch_x86_64::insn::call(a, to).ok()?, None),
-        Form::Jmp => (0, klp_arch_x86_64::insn::jmp(a, to).ok()?, None),
-        Form::GotCall => (
-            1,
-            klp_arch_x86_64::insn::call(a + 1, to).ok()?,
-            Some((0, ADDR32)),
-        ),
-        Form::GotJmp => (0, klp_arch_x86_64::insn::jmp(a, to).ok()?, Some((5, NOP))),
-    };
-    let mut b = site.orig;
-    b.get_mut(at..at + insn.len())?.copy_from_slice(&insn);
-    if let Some((i, v)) = extra {
-        *b.get_mut(i)? = v;
-    }
-    Some(b)
 }
 
 /// One planned rewrite.
 #[derive(Clone, Copy, Debug)]
 struct Plan {
     site: Site,
-    old: [u8; MAX_LEN],
-    new: [u8; MAX_LEN],
+    old: InsnBytes,
+    new: InsnBytes,
     /// The target after the write.
     target: u64,
 }
@@ -359,8 +265,12 @@ struct Plan {
 /// every byte that changes; `false` if they are not in one word (or the word is not
 /// as expected). `TEXT` is held by the caller (`_text`, the witness).
 fn write_single(p: &Plan, _text: &sites::TextGuard<'_>) -> bool {
-    let len = p.site.form.len();
-    let differ = |i: &usize| p.old.get(*i) != p.new.get(*i);
+    let (old, new) = (p.old.as_slice(), p.new.as_slice());
+    let len = p.site.len();
+    if old.len() != len || new.len() != len {
+        return false;
+    }
+    let differ = |i: &usize| old.get(*i) != new.get(*i);
     let (Some(first), Some(last)) = ((0..len).find(differ), (0..len).rev().find(differ)) else {
         return true;
     };
@@ -380,82 +290,106 @@ fn write_single(p: &Plan, _text: &sites::TextGuard<'_>) -> bool {
     // bytes: one atomic store changes them.
     let w = unsafe { &*(word as *const AtomicU64) };
     let cur = w.load(Ordering::Acquire);
-    let mut b = cur.to_le_bytes();
+    // The word's bytes in memory order.
+    let mut b = cur.to_ne_bytes();
     for i in first..=last {
         let Some(d) = b.get_mut((p.site.addr + i as u64 - word) as usize) else {
             return false;
         };
-        if Some(&*d) != p.old.get(i) {
+        if Some(&*d) != old.get(i) {
             return false;
         }
-        *d = p.new.get(i).copied().unwrap_or(*d);
+        *d = new.get(i).copied().unwrap_or(*d);
     }
     w.compare_exchange(
         cur,
-        u64::from_le_bytes(b),
+        u64::from_ne_bytes(b),
         Ordering::SeqCst,
         Ordering::SeqCst,
     )
     .is_ok()
 }
 
+/// Stores `bytes` (the trap, or the first bytes of the new ones) over the first bytes
+/// of `site`: one atomic store for one byte, else the back-end's text write.
+///
+/// # Safety
+///
+/// 1. The bytes are mapped and writable (the site's `Writable` is alive) and `TEXT`
+///    is held.
+/// 2. A thread may execute the bytes only if it sees the store whole (one byte), or
+///    none does (the bytes stored behind a trap that every thread has seen).
+unsafe fn store_head(site: &Site, bytes: &[u8]) {
+    match bytes {
+        [b] => {
+            // SAFETY: condition 1: a one-byte atomic view of writable text that `TEXT`
+            // serialises is sound.
+            let a = unsafe { &*(site.addr as *const AtomicU8) };
+            a.store(*b, Ordering::SeqCst);
+        }
+        // SAFETY: conditions 1 and 2 are `write_text`'s.
+        _ => unsafe { <Native as Live>::write_text(site.addr as *mut u8, bytes) },
+    }
+    <Native as Live>::sync_icache(site.addr as *const u8, bytes.len());
+}
+
 /// Writes `plans` (at most [`BATCH`]) with the breakpoint protocol (module
 /// documentation), sending a thread that traps to `func` (a call pushes its return
-/// address first). Returns the plans written. `TEXT` is held by the caller (`text`, the
-/// witness).
+/// address first, as the back-end's [`CallSites::call_trap`] says). Returns the plans
+/// written. `TEXT` is held by the caller (`text`, the witness).
 fn write_breakpoint(
     plans: &[Plan],
     func: u64,
     sync: &mut dyn FnMut(),
     text: &sites::TextGuard<'_>,
 ) -> Vec<Plan> {
-    if plans.is_empty() || !sites::install_trap_handler() {
+    let trap = <Native as CallSites>::CALL_TRAP_BYTES;
+    if plans.is_empty() || trap.is_empty() || !sites::install_trap_handler() {
         return Vec::new();
     }
+    let head = trap.len();
     let mut live: Vec<(sites::ArmedTrap, Plan, super::text::Writable)> = Vec::new();
     for p in plans.iter().take(BATCH) {
+        if p.new.len() != p.site.len() || head >= p.site.len() {
+            continue;
+        }
+        let Some(entry) = <Native as CallSites>::call_trap(&p.site, func) else {
+            continue;
+        };
         // SAFETY: the site's bytes are text (`read` checked them) (1).
-        let Ok(w) = (unsafe { super::text::Writable::new(p.site.addr, p.site.form.len() as u64) })
+        let Ok(w) = (unsafe { super::text::Writable::new(p.site.addr, p.site.len() as u64) })
         else {
             continue;
         };
-        let kind = p.site.form.trap_kind();
-        let Some(armed) = sites::arm(
-            TrapEntry {
-                at: p.site.addr,
-                pc: func,
-                link: None,
-                push: (kind != 0).then(|| p.site.addr + u64::from(kind)),
-            },
-            text,
-        ) else {
+        let Some(armed) = sites::arm(entry, text) else {
             break;
         };
         live.push((armed, *p, w));
     }
-    let first_byte = |p: &Plan| {
-        // SAFETY: the site's page is writable (its `Writable` is alive); a one-byte
-        // atomic view of text that `TEXT` serialises is sound.
-        unsafe { &*(p.site.addr as *const AtomicU8) }
-    };
     for (_, p, _) in &live {
-        first_byte(p).store(INT3, Ordering::SeqCst);
+        // SAFETY: the site's page is writable (its `Writable` is alive) and `TEXT` is
+        // held (1); the trap replaces the first instruction byte(s), which a thread
+        // sees whole (one byte) (2).
+        unsafe { store_head(&p.site, trap) };
     }
     sync();
     for (_, p, _) in &live {
-        if let Some(rest) = p.new.get(1..p.site.form.len()) {
-            // SAFETY: the bytes after the first are mapped and writable (1); a thread
-            // reaching the site stops at the breakpoint and is emulated, and the round
-            // above made every thread see the breakpoint (a site is one instruction,
-            // so no thread is inside it), so no one executes these bytes while they
-            // are written (2); `TEXT` serialises text writes (3).
-            unsafe { klp_arch_x86_64::live::write_text((p.site.addr + 1) as *mut u8, rest) };
+        if let Some(rest) = p.new.as_slice().get(head..) {
+            // SAFETY: the bytes after the trap are mapped and writable (1); a thread
+            // reaching the site stops at the trap and is sent on, and the round above
+            // made every thread see the trap (a site is one instruction, so no thread
+            // is inside it), so no one executes these bytes while they are written
+            // (2); `TEXT` serialises text writes (3).
+            unsafe { <Native as Live>::write_text((p.site.addr + head as u64) as *mut u8, rest) };
         }
     }
     sync();
     for (_, p, _) in &live {
-        first_byte(p).store(p.new[0], Ordering::SeqCst);
-        klp_arch_x86_64::live::sync_icache(p.site.addr as *const u8, 1);
+        if let Some(first) = p.new.as_slice().get(..head) {
+            // SAFETY: as for the trap (1, 2); the rest of the site holds the new bytes
+            // that every thread has seen (the round above).
+            unsafe { store_head(&p.site, first) };
+        }
     }
     sync();
     let mut done = Vec::new();
@@ -465,24 +399,29 @@ fn write_breakpoint(
         drop(w);
         done.push(p);
     }
-    // A stack check that read a site while its breakpoint was in place may have
-    // memoised that a return address there does not follow a call.
+    // A stack check that read a site while its trap was in place may have memoised
+    // that a return address there does not follow a call.
     crate::stack::forget_code();
     done
 }
 
-/// Points every direct call/jmp of `func` (found in the `.rela.text`-style sections
-/// kept by `--emit-relocs` in the loaded objects' ELF files) at `to` (`Some`) or back
-/// at `func` (`None`). Returns how many sites now point where asked. Sites whose
-/// current bytes are not what klp expects are left alone (and forgotten); a site that
-/// cannot reach `to` is pointed at `func`. `sync` runs a synchronisation round (a full
-/// barrier plus a core-serialising event on every thread that runs klp's code).
+/// Points every call and tail jump of `func` the back-end retargets (found in the
+/// `.rela.text`-style sections kept by `--emit-relocs` in the loaded objects' ELF
+/// files) at `to` (`Some`) or back at `func` (`None`). Returns how many sites now
+/// point where asked: 0, without reading any file, where the back-end retargets no
+/// call site. Sites whose current bytes are not what klp expects are left alone (and
+/// forgotten); a site that cannot reach `to` is pointed at `func`. `sync` runs a
+/// synchronisation round (a full barrier plus a core-serialising event on every thread
+/// that runs klp's code).
 pub(crate) fn retarget_callers(
     index: &SymbolIndex,
     func: u64,
     to: Option<u64>,
     sync: &mut dyn FnMut(),
 ) -> usize {
+    if !retargets() {
+        return 0;
+    }
     let want = to.unwrap_or(func);
     let text = sites::TEXT.lock().unwrap_or_else(|e| e.into_inner());
     let mut rewritten = REWRITTEN.lock().unwrap_or_else(|e| e.into_inner());
@@ -500,14 +439,17 @@ pub(crate) fn retarget_callers(
             Some(r) if r.func == func && r.site == site => r.to,
             _ => func,
         };
-        let Some(old) = read(index, &site).filter(|b| target_of(&site, b) == Some(expected)) else {
+        let Some(old) =
+            read(index, &site).filter(|b| target_of(&site, b.as_slice()) == Some(expected))
+        else {
             // Not what klp left there: leave it alone.
             rewritten.remove(&site.addr);
             continue;
         };
-        let (target, new) = match encode(&site, func, want) {
+        let encode = |to| <Native as CallSites>::encode_call(&site, func, to);
+        let (target, new) = match encode(want) {
             Some(b) => (want, b),
-            None => match encode(&site, func, func) {
+            None => match encode(func) {
                 Some(b) => (func, b),
                 None => continue,
             },
@@ -556,8 +498,12 @@ pub(crate) fn retarget_callers(
     count
 }
 
-/// The sites of `func` that klp points at a replacement now, in address order.
+/// The sites of `func` that klp points at a replacement now, in address order (empty
+/// where the back-end retargets no call site).
 pub(crate) fn retargeted(func: u64) -> Vec<u64> {
+    if !retargets() {
+        return Vec::new();
+    }
     let map = REWRITTEN.lock().unwrap_or_else(|e| e.into_inner());
     let mut v: Vec<u64> = map
         .iter()
@@ -568,7 +514,7 @@ pub(crate) fn retargeted(func: u64) -> Vec<u64> {
     v
 }
 
-/// How many threads the breakpoint of a call site sent on so far.
+/// How many threads the trap of a call site sent on so far.
 #[cfg(test)]
 pub(crate) fn trapped() -> u64 {
     TRAPPED.load(Ordering::Relaxed)
@@ -603,34 +549,79 @@ mod tests {
         klp_cs_probe(std::hint::black_box(x))
     }
 
-    /// A direct `call` (`e8`).
-    #[unsafe(naked)]
-    extern "C" fn call_direct(x: u64) -> u64 {
-        core::arch::naked_asm!("push rax", "call {f}", "pop rcx", "ret", f = sym klp_cs_probe)
-    }
-
-    /// A direct tail `jmp` (`e9`).
-    #[unsafe(naked)]
-    extern "C" fn jmp_direct(x: u64) -> u64 {
-        core::arch::naked_asm!("jmp {f}", f = sym klp_cs_probe)
-    }
-
-    /// A tail jump through the GOT (`ff 25`).
-    #[unsafe(naked)]
-    extern "C" fn jmp_got(x: u64) -> u64 {
-        core::arch::naked_asm!("jmp qword ptr [rip + {f}@GOTPCREL]", f = sym klp_cs_probe)
-    }
-
     type Caller = fn(u64) -> u64;
 
-    /// Every caller, with its entry.
-    fn callers() -> [(Caller, u64); 4] {
-        [
-            (call_probe, call_probe as *const () as u64),
-            (|x| call_direct(x), call_direct as *const () as u64),
-            (|x| jmp_direct(x), jmp_direct as *const () as u64),
-            (|x| jmp_got(x), jmp_got as *const () as u64),
-        ]
+    /// The hand-written x86_64 call sites: assembly, compiled where the back-end is
+    /// x86_64's only (the tests themselves run wherever the back-end retargets call
+    /// sites).
+    #[cfg(klp_arch = "x86_64")]
+    mod x86_64 {
+        use super::{Caller, klp_cs_probe};
+        use klp_arch_x86_64::callsite::{ADDR32, form};
+        use klp_arch_x86_64::insn::CALL_REL32;
+
+        /// A direct `call` (`e8`).
+        #[unsafe(naked)]
+        pub(super) extern "C" fn call_direct(x: u64) -> u64 {
+            core::arch::naked_asm!("push rax", "call {f}", "pop rcx", "ret", f = sym klp_cs_probe)
+        }
+
+        /// A direct tail `jmp` (`e9`).
+        #[unsafe(naked)]
+        extern "C" fn jmp_direct(x: u64) -> u64 {
+            core::arch::naked_asm!("jmp {f}", f = sym klp_cs_probe)
+        }
+
+        /// A tail jump through the GOT (`ff 25`).
+        #[unsafe(naked)]
+        extern "C" fn jmp_got(x: u64) -> u64 {
+            core::arch::naked_asm!("jmp qword ptr [rip + {f}@GOTPCREL]", f = sym klp_cs_probe)
+        }
+
+        /// The callers after `call_probe`, with their entries.
+        pub(super) fn callers() -> [(Caller, u64); 3] {
+            [
+                (|x| call_direct(x), call_direct as *const () as u64),
+                (|x| jmp_direct(x), jmp_direct as *const () as u64),
+                (|x| jmp_got(x), jmp_got as *const () as u64),
+            ]
+        }
+
+        /// The forms of `call_probe` (through the GOT: `ff 15`, `klp_cs_probe` being
+        /// exported) and [`callers`].
+        pub(super) const FORMS: [u8; 4] = [form::GOT_CALL, form::CALL, form::JMP, form::GOT_JMP];
+
+        /// The first bytes of a retargeted GOT call: `addr32 call`.
+        pub(super) const GOT_CALL_RETARGETED: [u8; 2] = [ADDR32, CALL_REL32];
+    }
+
+    /// Every caller, with its entry: a call from Rust, and on x86_64 the hand-written
+    /// forms.
+    fn callers() -> Vec<(Caller, u64)> {
+        #[allow(unused_mut)]
+        let mut v: Vec<(Caller, u64)> = vec![(call_probe, call_probe as *const () as u64)];
+        #[cfg(klp_arch = "x86_64")]
+        v.extend(x86_64::callers());
+        v
+    }
+
+    /// A caller whose site `unexpected_bytes_are_left_alone` rewrites by hand (x86_64:
+    /// the direct `call`).
+    fn by_hand_caller() -> (Caller, u64) {
+        #[cfg(klp_arch = "x86_64")]
+        return (
+            |x| x86_64::call_direct(x),
+            x86_64::call_direct as *const () as u64,
+        );
+        #[allow(unreachable_code)]
+        (call_probe, call_probe as *const () as u64)
+    }
+
+    /// Whether the tests run: on a back-end that retargets no call site there is none
+    /// to test (every function of the module returns early, tested in
+    /// `nothing_without_a_back_end_that_retargets`).
+    fn skip() -> bool {
+        !retargets()
     }
 
     /// Calls the probe through a pointer (not a call site).
@@ -666,22 +657,41 @@ mod tests {
     }
 
     fn now(index: &SymbolIndex, s: &Site) -> Option<u64> {
-        read(index, s).and_then(|b| target_of(s, &b))
+        read(index, s).and_then(|b| target_of(s, b.as_slice()))
+    }
+
+    #[test]
+    fn nothing_without_a_back_end_that_retargets() {
+        if !skip() {
+            return; // the other tests cover this back-end
+        }
+        let index = SymbolIndex::load();
+        assert_eq!(
+            retarget_callers(&index, probe(), Some(repl()), &mut sync),
+            0
+        );
+        assert!(callers_of(&index, probe()).is_empty());
+        assert!(retargeted(probe()).is_empty());
+        assert!(
+            FILES.lock().unwrap_or_else(|e| e.into_inner()).is_empty(),
+            "no file read"
+        );
     }
 
     #[test]
     fn relocations_give_the_call_sites() {
+        if skip() {
+            return;
+        }
         let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let index = SymbolIndex::load();
-        let forms: Vec<Form> = callers()
+        let forms: Vec<u8> = callers()
             .iter()
             .map(|&(_, f)| site_in(&index, f).form)
             .collect();
-        assert_eq!(
-            forms,
-            [Form::GotCall, Form::Call, Form::Jmp, Form::GotJmp],
-            "the forms of the callers"
-        );
+        #[cfg(klp_arch = "x86_64")]
+        assert_eq!(forms, x86_64::FORMS, "the forms of the callers");
+        assert_eq!(forms.len(), callers().len());
         for &(_, f) in &callers() {
             assert_eq!(now(&index, &site_in(&index, f)), Some(probe()));
         }
@@ -711,6 +721,9 @@ mod tests {
 
     #[test]
     fn retarget_and_restore() {
+        if skip() {
+            return;
+        }
         let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let index = SymbolIndex::load();
         let sites: Vec<Site> = callers().iter().map(|&(_, f)| site_in(&index, f)).collect();
@@ -728,8 +741,11 @@ mod tests {
             for s in &sites {
                 assert_eq!(now(&index, s), Some(repl()), "{s:x?}");
             }
-            let got_call = read(&index, &sites[0]).expect("text");
-            assert_eq!(got_call[..2], [ADDR32, CALL]);
+            #[cfg(klp_arch = "x86_64")]
+            {
+                let got_call = read(&index, &sites[0]).expect("text");
+                assert_eq!(got_call.as_slice()[..2], x86_64::GOT_CALL_RETARGETED);
+            }
             assert_eq!(probe_indirect(2), 6, "the function itself is untouched");
             assert_eq!(
                 retarget_callers(&index, probe(), Some(repl()), &mut sync),
@@ -748,9 +764,13 @@ mod tests {
 
     #[test]
     fn unexpected_bytes_are_left_alone() {
+        if skip() {
+            return;
+        }
         let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let index = SymbolIndex::load();
-        let site = site_in(&index, call_direct as *const () as u64);
+        let (caller, entry) = by_hand_caller();
+        let site = site_in(&index, entry);
         retarget_callers(&index, probe(), Some(repl()), &mut sync);
         // Someone else points the site elsewhere: klp forgets it and neither a restore
         // nor a retarget touches it.
@@ -759,8 +779,8 @@ mod tests {
             let text = sites::TEXT.lock().unwrap_or_else(|e| e.into_inner());
             let p = Plan {
                 site,
-                old: encode(&site, probe(), from).expect("reach"),
-                new: encode(&site, probe(), to).expect("reach"),
+                old: <Native as CallSites>::encode_call(&site, probe(), from).expect("reach"),
+                new: <Native as CallSites>::encode_call(&site, probe(), to).expect("reach"),
                 target: to,
             };
             assert!(
@@ -769,7 +789,7 @@ mod tests {
             );
         };
         by_hand(repl(), other);
-        assert_eq!(call_direct(2), 14);
+        assert_eq!(caller(2), 14);
         retarget_callers(&index, probe(), None, &mut sync);
         assert_eq!(now(&index, &site), Some(other), "left alone");
         retarget_callers(&index, probe(), Some(repl()), &mut sync);
@@ -781,7 +801,7 @@ mod tests {
                 .contains_key(&site.addr)
         );
         by_hand(other, probe());
-        assert_eq!(call_direct(2), 6);
+        assert_eq!(caller(2), 6);
         retarget_callers(&index, probe(), None, &mut sync);
         assert_eq!(call_probe(2), 6);
     }
@@ -796,6 +816,9 @@ mod tests {
         ignore = "ThreadSanitizer defers signals: synchronisation rounds time out"
     )]
     fn retarget_under_concurrent_calls() {
+        if skip() {
+            return;
+        }
         let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let index = SymbolIndex::load();
         let sites: Vec<Site> = callers().iter().map(|&(_, f)| site_in(&index, f)).collect();

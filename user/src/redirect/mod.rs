@@ -53,9 +53,10 @@
 //!   calls [`decide_entry`] with the site and continues at the chosen implementation;
 //! * **jump** — the steady state — once the view has one live implementation and no
 //!   transition: the site is a single direct branch to it, and a call costs one branch
-//!   more than calling the replacement directly — on x86_64 not even that for the
-//!   direct calls found in the relocations kept by `--emit-relocs`, which are pointed
-//!   at the replacement itself (`callsites`). The trampoline comes back (the callers
+//!   more than calling the replacement directly — not even that, where the back-end
+//!   retargets call sites (x86_64, `klp_arch::callsite`), for the calls found in the
+//!   relocations kept by `--emit-relocs`, which are pointed at the replacement itself
+//!   (`callsites`). The trampoline comes back (the callers
 //!   first, before the core lets any thread change state) when the next transition
 //!   starts. A branch that cannot reach the replacement keeps the trampoline (same
 //!   behaviour, slower);
@@ -169,17 +170,9 @@ pub(crate) mod stubs;
 pub(crate) mod text;
 pub use text::fail_text_write;
 
-// The one selection point of the host: call-site retargeting where it has it (x86_64,
-// `callsites.rs`), else none (`generic.rs`: the entry's jump serves every caller).
-cfg_if::cfg_if! {
-    if #[cfg(target_arch = "x86_64")] {
-        pub(crate) mod callsites;
-        pub(crate) use callsites as native;
-    } else {
-        #[path = "generic.rs"]
-        pub(crate) mod native;
-    }
-}
+// Call-site retargeting for the steady state, where the back-end has it
+// (`klp_arch::callsite`; none elsewhere: the entry's jump serves every caller).
+pub(crate) mod callsites;
 
 /// The signal handler of a plan's trap (x86_64's `SIGTRAP`, s390x's `SIGILL`):
 /// installed once, with klp's own signal blocked while it runs (a synchronisation round
