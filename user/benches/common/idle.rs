@@ -20,10 +20,10 @@ pub fn process() -> &'static Process {
     })
 }
 
-/// x86_64: the direct call of `f` in `caller` was retargeted to the replacement (the
-/// steady state's call site); other architectures have no call-site retargeting.
+/// On a back-end that retargets call sites (x86_64), the direct call of `f` in `caller`
+/// was retargeted to the replacement (the steady state's call site).
 pub fn assert_retargeted(p: &Process, f: u64, caller: &str) {
-    if cfg!(target_arch = "x86_64") {
+    if <klp::arch::Native as klp_arch::CallSites>::RETARGETS_CALLS {
         let callers = p.with_core(|_, h| h.retargeted_callers(f));
         assert!(
             callers.iter().any(|c| p
