@@ -69,9 +69,14 @@ pub fn rel32_target(code: &[u8], from: u64, op: u8) -> Option<u64> {
     if *code.first()? != op {
         return None;
     }
-    let r: [u8; 4] = code.get(1..5)?.try_into().ok()?;
-    let d = i64::from(i32::from_le_bytes(r));
-    Some(from.wrapping_add(BRANCH_LEN as u64).wrapping_add(d as u64))
+    rel32_at(code, 1, from.wrapping_add(BRANCH_LEN as u64))
+}
+
+/// The address that the 32-bit displacement at `code[at..at + 4]` (little-endian)
+/// gives relative to `next`, the address of the next instruction.
+pub fn rel32_at(code: &[u8], at: usize, next: u64) -> Option<u64> {
+    let r: [u8; 4] = code.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    Some(next.wrapping_add(i64::from(i32::from_le_bytes(r)) as u64))
 }
 
 #[cfg(test)]
